@@ -1,0 +1,327 @@
+//! The kit's catalog of test kernels. Each is built from scratch by the tests that use it; the
+//! `bt86-kit` binary writes any of them to a file.
+
+use iced_x86::code_asm::*;
+
+use crate::kit::{AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, reset_rom};
+
+/// A catalog entry.
+pub struct Entry {
+    /// Name used by `bt86-kit build NAME`.
+    pub name: &'static str,
+    /// What the kernel does and what a correct run shows.
+    pub about: &'static str,
+    /// Builds the image.
+    pub build: fn() -> AsmResult<Vec<u8>>,
+    /// Whether the image is firmware for the reset vector (`--bios`) rather than a kernel.
+    pub firmware: bool,
+}
+
+/// Every kernel the kit knows.
+pub const CATALOG: &[Entry] = &[
+    Entry {
+        name: "hello",
+        about: "prints \"hello\" and exits through port 0xF4 with value 3 (status 7)",
+        build: hello,
+        firmware: false,
+    },
+    Entry {
+        name: "hello-aout",
+        about: "hello, packaged as a flat image with the multiboot a.out kludge",
+        build: hello_aout,
+        firmware: false,
+    },
+    Entry {
+        name: "entry-dump",
+        about: "prints its entry state: registers, multiboot info, command line, modules, memory map",
+        build: entry_dump,
+        firmware: false,
+    },
+    Entry {
+        name: "fw-cfg",
+        about: "reads the fw_cfg signature, ID, CPU counts and RAM size and prints them",
+        build: fw_cfg,
+        firmware: false,
+    },
+    Entry {
+        name: "triple-fault",
+        about: "loads an empty IDT and executes UD2: #UD -> #GP -> #DF -> triple fault",
+        build: triple_fault,
+        firmware: false,
+    },
+    Entry {
+        name: "halt",
+        about: "prints a line, then CLI; HLT: nothing can ever wake it",
+        build: halt,
+        firmware: false,
+    },
+    Entry {
+        name: "poweroff",
+        about: "powers off through the ACPI PM1a control port 0x604 (SLP_EN, S5)",
+        build: poweroff,
+        firmware: false,
+    },
+    Entry {
+        name: "reset-rom",
+        about: "firmware for --bios: real-mode code at the reset vector prints, calls, and exits",
+        build: real_mode_rom,
+        firmware: true,
+    },
+];
+
+/// Looks a kernel up by name.
+pub fn find(name: &str) -> Option<&'static Entry> {
+    CATALOG.iter().find(|e| e.name == name)
+}
+
+/// Prints "hello" and exits with value 3.
+pub fn hello() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    k.print("hello\n")?;
+    k.exit(3)?;
+    k.build()
+}
+
+/// `hello` as an a.out-kludge flat image.
+pub fn hello_aout() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::with_header(Format::AoutKludge, MB_PAGE_ALIGN | MB_MEMORY_INFO)?;
+    k.print("hello\n")?;
+    k.exit(3)?;
+    k.build()
+}
+
+/// Prints everything the boot loader handed over, in a format meant to be diffed between
+/// loaders, then exits with value 0x10.
+pub fn entry_dump() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    for (i, name) in ENTRY_REGS.iter().enumerate() {
+        if matches!(*name, "eax" | "ebx") {
+            let op = k.entry_reg(i);
+            k.asm().mov(eax, op)?;
+            k.print_field(name, eax)?;
+        }
+    }
+    // Arithmetic flags are undefined at entry (Multiboot 0.6.96 §3.2): only system flags count.
+    let op = k.entry_eflags();
+    k.asm().mov(eax, op)?;
+    k.asm().and(eax, !0x8D5u32)?;
+    k.print_field("eflags_system", eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.print_field("cr0", eax)?;
+    k.asm().mov(eax, cr4)?;
+    k.print_field("cr4", eax)?;
+    for (name, seg) in [
+        ("cs", cs),
+        ("ds", ds),
+        ("es", es),
+        ("fs", fs),
+        ("gs", gs),
+        ("ss", ss),
+    ] {
+        k.asm().xor(eax, eax)?;
+        k.asm().mov(ax, seg)?;
+        k.print_field(name, eax)?;
+    }
+
+    // EBP = the multiboot information structure.
+    let op = k.entry_reg(3);
+    k.asm().mov(ebp, op)?;
+    for (name, off) in [
+        ("mbi_flags", 0),
+        ("mem_lower", 4),
+        ("mem_upper", 8),
+        ("boot_device", 12),
+        ("mods_count", 20),
+    ] {
+        k.asm().mov(eax, dword_ptr(ebp + off))?;
+        k.print_field(name, eax)?;
+    }
+
+    // Command line (flag bit 2).
+    let mut no_cmdline = k.asm().create_label();
+    k.asm().test(dword_ptr(ebp), 1u32 << 2)?;
+    k.asm().jz(no_cmdline)?;
+    k.print("cmdline='")?;
+    k.asm().mov(esi, dword_ptr(ebp + 16))?;
+    k.print_at_esi()?;
+    k.print("'\n")?;
+    k.asm().set_label(&mut no_cmdline)?;
+    k.asm().nop()?;
+
+    // Modules (flag bit 3): size, alignment, string, and up to 64 bytes of content.
+    let mut mods_done = k.asm().create_label();
+    k.asm().test(dword_ptr(ebp), 1u32 << 3)?;
+    k.asm().jz(mods_done)?;
+    k.asm().mov(ecx, dword_ptr(ebp + 20))?;
+    k.asm().mov(edi, dword_ptr(ebp + 24))?;
+    let mut next_mod = k.asm().create_label();
+    k.asm().set_label(&mut next_mod)?;
+    k.asm().test(ecx, ecx)?;
+    k.asm().jz(mods_done)?;
+    k.print("module size=")?;
+    k.asm().mov(eax, dword_ptr(edi + 4))?;
+    k.asm().sub(eax, dword_ptr(edi))?;
+    k.print_hex(eax)?;
+    k.print(" page_offset=")?;
+    k.asm().mov(eax, dword_ptr(edi))?;
+    k.asm().and(eax, 0xFFFu32)?;
+    k.print_hex(eax)?;
+    k.print(" string='")?;
+    k.asm().mov(esi, dword_ptr(edi + 8))?;
+    k.print_at_esi()?;
+    k.print("' data='")?;
+    k.asm().push(ecx)?;
+    k.asm().mov(esi, dword_ptr(edi))?;
+    k.asm().mov(ecx, dword_ptr(edi + 4))?;
+    k.asm().sub(ecx, esi)?;
+    let mut short = k.asm().create_label();
+    k.asm().cmp(ecx, 64u32)?;
+    k.asm().jbe(short)?;
+    k.asm().mov(ecx, 64u32)?;
+    k.asm().set_label(&mut short)?;
+    k.print_esi_ecx()?;
+    k.asm().pop(ecx)?;
+    k.print("'\n")?;
+    k.asm().add(edi, 16u32)?;
+    k.asm().dec(ecx)?;
+    k.asm().jmp(next_mod)?;
+    k.asm().set_label(&mut mods_done)?;
+    k.asm().nop()?;
+
+    // Memory map (flag bit 6): walk entries by their size field.
+    let mut mmap_done = k.asm().create_label();
+    k.asm().test(dword_ptr(ebp), 1u32 << 6)?;
+    k.asm().jz(mmap_done)?;
+    k.asm().mov(esi, dword_ptr(ebp + 48))?;
+    k.asm().mov(edx, esi)?;
+    k.asm().add(edx, dword_ptr(ebp + 44))?;
+    let mut next_entry = k.asm().create_label();
+    k.asm().set_label(&mut next_entry)?;
+    k.asm().cmp(esi, edx)?;
+    k.asm().jae(mmap_done)?;
+    k.print("mmap base=")?;
+    for off in [8, 4] {
+        k.asm().mov(eax, dword_ptr(esi + off))?;
+        k.print_hex(eax)?;
+    }
+    k.print(" length=")?;
+    for off in [16, 12] {
+        k.asm().mov(eax, dword_ptr(esi + off))?;
+        k.print_hex(eax)?;
+    }
+    k.print(" type=")?;
+    k.asm().mov(eax, dword_ptr(esi + 20))?;
+    k.print_hex(eax)?;
+    k.print("\n")?;
+    k.asm().mov(eax, dword_ptr(esi))?;
+    k.asm().lea(esi, dword_ptr(esi + eax + 4))?;
+    k.asm().jmp(next_entry)?;
+    k.asm().set_label(&mut mmap_done)?;
+    k.asm().nop()?;
+
+    k.print("end of dump\n")?;
+    k.exit(0x10)?;
+    k.build()
+}
+
+/// Reads fw_cfg items through the selector (0x510) and data (0x511) ports.
+pub fn fw_cfg() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    let mut read4 = k.asm().create_label();
+    let mut main = k.asm().create_label();
+    k.asm().jmp(main)?;
+    // read4: AX = key; returns the item's first 4 bytes (little-endian) in EAX, and the next 4
+    // in EDX.
+    k.asm().set_label(&mut read4)?;
+    k.asm().push(ecx)?;
+    k.asm().mov(dx, 0x510u32)?;
+    k.asm().out(dx, ax)?;
+    k.asm().inc(dx)?;
+    for _ in 0..4 {
+        k.asm().in_(al, dx)?;
+        k.asm().ror(eax, 8u32)?;
+    }
+    k.asm().mov(ecx, eax)?;
+    for _ in 0..4 {
+        k.asm().in_(al, dx)?;
+        k.asm().ror(eax, 8u32)?;
+    }
+    k.asm().mov(edx, eax)?;
+    k.asm().mov(eax, ecx)?;
+    k.asm().pop(ecx)?;
+    k.asm().ret()?;
+    k.asm().set_label(&mut main)?;
+    k.asm().nop()?;
+    for (name, key) in [
+        ("signature", 0x00u32),
+        ("id", 0x01),
+        ("ram_size", 0x03),
+        ("nb_cpus", 0x05),
+        ("max_cpus", 0x0F),
+    ] {
+        k.asm().mov(eax, key)?;
+        k.asm().call(read4)?;
+        k.print_field(&format!("{name}.lo"), eax)?;
+        k.print_field(&format!("{name}.hi"), edx)?;
+    }
+    k.exit(0x11)?;
+    k.build()
+}
+
+/// Triple-faults: no IDT, then an invalid opcode.
+pub fn triple_fault() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    let idtr = k.data(&[0, 0, 0, 0, 0, 0]); // limit 0, base 0
+    k.print("about to triple fault\n")?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().ud2()?;
+    k.exit(0x7F)?; // never reached
+    k.build()
+}
+
+/// Prints a line and halts with interrupts disabled.
+pub fn halt() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    k.print("halting with interrupts off\n")?;
+    k.halt_forever()?;
+    k.build()
+}
+
+/// Powers off through ACPI PM1a_CNT at port 0x604 (SLP_TYP=0, SLP_EN).
+pub fn poweroff() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    k.print("powering off\n")?;
+    k.asm().mov(dx, 0x604u32)?;
+    k.asm().mov(ax, 0x2000u32)?;
+    k.asm().out(dx, ax)?;
+    k.print("still running after power-off\n")?;
+    k.exit(0x7E)?;
+    k.build()
+}
+
+/// Real-mode firmware: starts at the reset vector, sets up a stack, calls a subroutine that prints
+/// through COM1, and exits with value 5.
+pub fn real_mode_rom() -> AsmResult<Vec<u8>> {
+    reset_rom(|a| {
+        let mut putc = a.create_label();
+        let mut main = a.create_label();
+        a.jmp(main)?;
+        a.set_label(&mut putc)?;
+        a.mov(dx, 0x3F8u32)?;
+        a.out(dx, al)?;
+        a.ret()?;
+        a.set_label(&mut main)?;
+        a.xor(ax, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(sp, 0x7000u32)?;
+        for &c in b"real mode at the reset vector\n" {
+            a.mov(al, u32::from(c))?;
+            a.call(putc)?;
+        }
+        a.mov(al, 5u32)?;
+        a.out(0xF4, al)?;
+        a.cli()?;
+        a.hlt()?;
+        Ok(())
+    })
+}

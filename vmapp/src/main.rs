@@ -1,0 +1,115 @@
+//! `bt86`: runs unmodified 32-bit x86 guests by binary translation, interpretation, or KVM.
+
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Process exit statuses bt86 itself chooses. Guest debug-exit statuses are always odd
+/// (`(value << 1) | 1`), so bt86's own are even and never collide with them.
+pub mod status {
+    /// The guest powered off.
+    pub const POWER_OFF: u8 = 0;
+    /// The command line or an input file is wrong.
+    pub const USAGE: u8 = 2;
+    /// The guest triple-faulted.
+    pub const TRIPLE_FAULT: u8 = 4;
+    /// The guest halted with nothing able to wake it.
+    pub const HALTED: u8 = 6;
+    /// bt86 or the host failed (not the guest's doing).
+    pub const INTERNAL: u8 = 8;
+}
+
+/// bt86 runs unmodified 32-bit x86 operating systems on x86-64 Linux, by binary translation
+/// (no VT-x/AMD-V needed), by interpretation, or on KVM for comparison.
+#[derive(Debug, Parser)]
+#[command(name = "bt86", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a guest and run it until it stops.
+    ///
+    /// Exit status: the guest's isa-debug-exit status ((value << 1) | 1, as QEMU), 0 when the
+    /// guest powers off, 2 for a bad command line or input file, 4 when the guest triple-faults,
+    /// 6 when it halts with nothing able to wake it, 8 when bt86 or the host fails.
+    Run(RunArgs),
+}
+
+/// Which engine runs guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    /// KVM (needs /dev/kvm; hardware-assisted on hosts with VT-x or AMD-V).
+    Kvm,
+    /// The IA-32 interpreter.
+    Interp,
+    /// The binary translator.
+    Bt,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Multiboot v1 kernel to boot (ELF32, or a flat image with the a.out kludge).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "bios",
+        conflicts_with = "bios"
+    )]
+    kernel: Option<PathBuf>,
+
+    /// Kernel command line. The kernel sees "FILE TEXT", its file name first, as under QEMU
+    /// and GRUB.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    append: String,
+
+    /// Multiboot module: a file, optionally followed by arguments ("FILE ARGS..."); the whole
+    /// text is the module's string. Repeat for more modules, in order.
+    #[arg(long, value_name = "FILE[ ARGS]")]
+    module: Vec<String>,
+
+    /// Initial ramdisk. For a multiboot kernel it becomes the first module, as with QEMU.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<String>,
+
+    /// Firmware image (at most 256 KiB) to start at the x86 reset vector, instead of a kernel.
+    #[arg(long, value_name = "FILE")]
+    bios: Option<PathBuf>,
+
+    /// Guest RAM in MiB (2 to 3072).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u64,
+
+    /// Engine that runs guest code.
+    #[arg(long, value_enum, default_value_t = EngineArg::Kvm)]
+    engine: EngineArg,
+
+    /// Where the guest's COM1 output goes: "stdio", "file:PATH", or "none".
+    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio", value_parser = run::parse_serial)]
+    serial: run::SerialSpec,
+
+    /// Print counters that explain the run (exits, device accesses, interrupts) to stderr at
+    /// the end.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BT86_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run::run(args),
+    };
+    ExitCode::from(code)
+}

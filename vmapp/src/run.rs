@@ -1,0 +1,260 @@
+//! `bt86 run`: builds the VM from the command line, runs it, and turns the outcome into an exit
+//! status and a one-line reason.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use vmm::{
+    BootModule, BootSource, EngineError, EngineKind, RunOutcome, Vm, VmConfig, VmError, VmStats,
+};
+
+use crate::status;
+use crate::{EngineArg, RunArgs};
+
+/// Where COM1's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSpec {
+    /// bt86's standard output.
+    Stdio,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+/// Parses `--serial`.
+pub fn parse_serial(s: &str) -> Result<SerialSpec, String> {
+    match s {
+        "stdio" => Ok(SerialSpec::Stdio),
+        "none" => Ok(SerialSpec::None),
+        _ => match s.strip_prefix("file:") {
+            Some("") => Err("file: needs a path, as in file:serial.log".into()),
+            Some(path) => Ok(SerialSpec::File(path.into())),
+            None => Err(format!(
+                "'{s}' is not a serial backend: use stdio, file:PATH or none"
+            )),
+        },
+    }
+}
+
+/// An error with the exit status it should produce.
+struct Failure {
+    status: u8,
+    error: anyhow::Error,
+}
+
+fn usage(error: anyhow::Error) -> Failure {
+    Failure {
+        status: status::USAGE,
+        error,
+    }
+}
+
+/// Runs `bt86 run` and returns the process exit status.
+pub fn run(args: RunArgs) -> u8 {
+    let stats = args.stats;
+    match build_and_run(args) {
+        Ok((outcome, vm_stats)) => {
+            if stats {
+                eprint!("{}", format_stats(&vm_stats));
+            }
+            report(&outcome)
+        }
+        Err(f) => {
+            eprintln!("bt86: {:#}", f.error);
+            f.status
+        }
+    }
+}
+
+fn read_input(what: &str, path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))
+        .map_err(usage)
+}
+
+/// A module argument "FILE ARGS...": the file is the first word, the string is the whole text.
+fn read_module(spec: &str) -> Result<BootModule, Failure> {
+    let file = spec.split_whitespace().next().unwrap_or("");
+    if file.is_empty() {
+        return Err(usage(anyhow::anyhow!("--module needs a file name")));
+    }
+    Ok(BootModule {
+        data: read_input("module", Path::new(file))?,
+        string: spec.to_string(),
+    })
+}
+
+fn serial_writer(spec: &SerialSpec) -> Result<Box<dyn Write + Send>, Failure> {
+    Ok(match spec {
+        SerialSpec::Stdio => Box::new(std::io::stdout()),
+        SerialSpec::None => Box::new(std::io::sink()),
+        SerialSpec::File(path) => Box::new(BufWriter::new(
+            File::create(path)
+                .with_context(|| format!("cannot create serial output file {}", path.display()))
+                .map_err(usage)?,
+        )),
+    })
+}
+
+fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
+    let engine = match args.engine {
+        EngineArg::Kvm => EngineKind::Kvm,
+        EngineArg::Interp => EngineKind::Interp,
+        EngineArg::Bt => EngineKind::Bt,
+    };
+    let (boot, what, path) = match (&args.kernel, &args.bios) {
+        (Some(kernel), _) => {
+            let mut modules = Vec::new();
+            if let Some(initrd) = &args.initrd {
+                modules.push(read_module(initrd)?);
+            }
+            for m in &args.module {
+                modules.push(read_module(m)?);
+            }
+            let boot = BootSource::Multiboot {
+                kernel: read_input("kernel", kernel)?,
+                name: kernel.display().to_string(),
+                cmdline: args.append.clone(),
+                modules,
+            };
+            (boot, "kernel", kernel.clone())
+        }
+        (None, Some(bios)) => {
+            let boot = BootSource::Firmware {
+                image: read_input("firmware", bios)?,
+            };
+            (boot, "firmware", bios.clone())
+        }
+        (None, None) => return Err(usage(anyhow::anyhow!("give --kernel FILE or --bios FILE"))),
+    };
+    let config = VmConfig {
+        memory_mib: args.memory,
+        engine,
+        boot,
+        serial: serial_writer(&args.serial)?,
+    };
+    let mut vm = Vm::new(config).map_err(|e| classify(e, what, &path))?;
+    let outcome = vm.run().map_err(|e| classify(e, what, &path))?;
+    Ok((outcome, vm.stats()))
+}
+
+/// Chooses the exit status for a VM error and words it for the user.
+fn classify(e: VmError, what: &str, path: &Path) -> Failure {
+    let status = match &e {
+        VmError::Kernel(_) | VmError::Firmware(_) => status::USAGE,
+        VmError::Memory(vmdriver_err) if is_config_error(vmdriver_err) => status::USAGE,
+        VmError::Engine(EngineError::NotBuilt { .. }) => status::USAGE,
+        _ => status::INTERNAL,
+    };
+    let error = match e {
+        VmError::Kernel(_) | VmError::Firmware(_) => {
+            anyhow::Error::new(e).context(format!("{what} {}", path.display()))
+        }
+        _ => anyhow::Error::new(e),
+    };
+    Failure { status, error }
+}
+
+fn is_config_error(e: &vmdriver::MemoryError) -> bool {
+    matches!(e, vmdriver::MemoryError::UnsupportedSize { .. })
+}
+
+/// Prints the reason a run ended (when it is not the guest's own choice) and returns the status.
+fn report(outcome: &RunOutcome) -> u8 {
+    match outcome {
+        RunOutcome::DebugExit { value } => ((value << 1) | 1) as u8,
+        RunOutcome::PowerOff => status::POWER_OFF,
+        RunOutcome::TripleFault { regs } => {
+            let at = regs.map(|r| format!(" ({r})")).unwrap_or_default();
+            eprintln!("bt86: the guest triple-faulted (CPU shutdown); the VM is stopped{at}");
+            status::TRIPLE_FAULT
+        }
+        RunOutcome::Halted {
+            interrupts_enabled,
+            regs,
+        } => {
+            let at = regs.map(|r| format!(" ({r})")).unwrap_or_default();
+            let why = if *interrupts_enabled {
+                "no device of this VM can interrupt it yet"
+            } else {
+                "interrupts are disabled"
+            };
+            eprintln!(
+                "bt86: the guest halted and nothing can wake it ({why}); the VM is stopped{at}"
+            );
+            status::HALTED
+        }
+    }
+}
+
+/// The `--stats` report.
+fn format_stats(s: &VmStats) -> String {
+    let mut out = String::new();
+    let engine = s.engine.map_or("none", EngineKind::name);
+    out += &format!("bt86 statistics (engine {engine})\n");
+    out += &format!(
+        "  run time             {:.3} ms\n",
+        s.run_time.as_secs_f64() * 1e3
+    );
+    out += &format!(
+        "  exits                io {}, halt {}, shutdown {}\n",
+        s.io_exits, s.halt_exits, s.shutdown_exits
+    );
+    out += "  port devices         reads / writes\n";
+    for d in &s.pio_devices {
+        out += &format!(
+            "    {:<18} {:#06x} {} / {}\n",
+            d.name, d.base, d.reads, d.writes
+        );
+    }
+    out += &format!(
+        "  unclaimed ports      {} / {}\n  unclaimed MMIO       {} / {}\n",
+        s.pio_unclaimed.0, s.pio_unclaimed.1, s.mmio_unclaimed.0, s.mmio_unclaimed.1
+    );
+    for (irq, n) in &s.irqs {
+        out += &format!("  irq {irq:<16} raised {n}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_specs_parse() {
+        assert_eq!(parse_serial("stdio"), Ok(SerialSpec::Stdio));
+        assert_eq!(parse_serial("none"), Ok(SerialSpec::None));
+        assert_eq!(
+            parse_serial("file:/tmp/x"),
+            Ok(SerialSpec::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tcp:1234").unwrap_err().contains("stdio"));
+    }
+
+    #[test]
+    fn debug_exit_status_is_odd_and_wraps_like_qemu() {
+        assert_eq!(report(&RunOutcome::DebugExit { value: 3 }), 7);
+        assert_eq!(report(&RunOutcome::DebugExit { value: 0 }), 1);
+        assert_eq!(report(&RunOutcome::DebugExit { value: 0x80 }), 1);
+        assert_eq!(report(&RunOutcome::PowerOff), 0);
+    }
+
+    #[test]
+    fn stats_report_names_every_counter() {
+        let s = VmStats {
+            engine: Some(EngineKind::Kvm),
+            io_exits: 42,
+            irqs: vec![(4, 2)],
+            ..Default::default()
+        };
+        let text = format_stats(&s);
+        assert!(text.contains("engine kvm"), "{text}");
+        assert!(text.contains("io 42"), "{text}");
+        assert!(text.contains("irq 4"), "{text}");
+    }
+}

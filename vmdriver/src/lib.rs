@@ -1,0 +1,16 @@
+//! The host side of the bt86 monitor (VMware's "VMDriver"): everything that touches the host kernel
+//! on behalf of the virtual machine.
+//!
+//! - [`memory`]: guest-physical memory as one memfd, laid out like a PC.
+//! - [`exit`]: the [`VmExit`] enum every engine returns, and the [`IoHandler`] through which engines
+//!   complete port and MMIO accesses.
+//! - [`kvm`]: the KVM engine (hardware-assisted on hosts with VT-x/AMD-V).
+//!
+//! This crate decides no policy: it never interprets what a guest does, it only carries it out.
+
+pub mod exit;
+pub mod kvm;
+pub mod memory;
+
+pub use exit::{GuestRegisters, IoHandler, VmExit};
+pub use memory::{GuestMemory, MemoryError, MemoryLayout, Region, RegionKind};

@@ -1,0 +1,109 @@
+//! The engines that run guest code, behind one trait.
+
+use std::sync::Arc;
+
+use vmdriver::kvm::{InitialCpu, KvmError, KvmVm};
+use vmdriver::{GuestMemory, GuestRegisters, IoHandler, VmExit};
+
+/// Which engine runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// KVM: hardware-assisted virtualization through /dev/kvm.
+    Kvm,
+    /// The IA-32 interpreter.
+    Interp,
+    /// The binary translator.
+    Bt,
+}
+
+impl EngineKind {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Kvm => "kvm",
+            EngineKind::Interp => "interp",
+            EngineKind::Bt => "bt",
+        }
+    }
+
+    /// Engines this build can run.
+    pub fn available() -> &'static [EngineKind] {
+        &[EngineKind::Kvm]
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors from an engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The KVM engine failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The engine is not part of this build.
+    #[error(
+        "the {kind} engine is not built yet in this version of bt86; available engines: {available}"
+    )]
+    NotBuilt {
+        /// The engine asked for.
+        kind: EngineKind,
+        /// What can be used instead.
+        available: String,
+    },
+}
+
+/// An engine: something that runs the vCPU until the VM must look at what happened.
+pub trait Engine {
+    /// The engine's kind.
+    fn kind(&self) -> EngineKind;
+    /// Runs guest code; port and MMIO accesses are completed through `io` before returning
+    /// [`VmExit::Io`].
+    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, EngineError>;
+    /// The vCPU's registers, for reports.
+    fn registers(&self) -> Result<GuestRegisters, EngineError>;
+}
+
+/// Creates the engine `kind` over `memory`, with the vCPU in `initial` state.
+pub fn create(
+    kind: EngineKind,
+    memory: Arc<GuestMemory>,
+    initial: InitialCpu,
+) -> Result<Box<dyn Engine>, EngineError> {
+    match kind {
+        EngineKind::Kvm => {
+            let mut vm = KvmVm::new(memory)?;
+            vm.set_initial_state(initial)?;
+            Ok(Box::new(KvmEngine { vm }))
+        }
+        EngineKind::Interp | EngineKind::Bt => Err(EngineError::NotBuilt {
+            kind,
+            available: EngineKind::available()
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+struct KvmEngine {
+    vm: KvmVm,
+}
+
+impl Engine for KvmEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Kvm
+    }
+
+    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, EngineError> {
+        Ok(self.vm.run(io)?)
+    }
+
+    fn registers(&self) -> Result<GuestRegisters, EngineError> {
+        Ok(self.vm.registers()?)
+    }
+}

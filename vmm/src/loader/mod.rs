@@ -1,0 +1,3 @@
+//! Kernel loaders: they place a guest kernel in guest memory and say how to enter it.
+
+pub mod multiboot;

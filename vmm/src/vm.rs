@@ -1,0 +1,305 @@
+//! The virtual machine: guest memory, the device buses, the stop control and an engine, and the
+//! run loop that ties them together.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmdriver::kvm::InitialCpu;
+use vmdriver::{GuestMemory, GuestRegisters, IoHandler, MemoryError, MemoryLayout, VmExit};
+
+use crate::bus::{Bus, BusError, DeviceStats};
+use crate::control::{StopRequest, VmControl};
+use crate::devices::IrqLine;
+use crate::devices::acpi_pm::{PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS, Pm1aControl};
+use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit};
+use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg};
+use crate::devices::serial::{COM1_BASE, COM1_IRQ, Uart};
+use crate::engine::{self, Engine, EngineError, EngineKind};
+use crate::loader::multiboot::{self, BOOTLOADER_MAGIC, BootModule, MultibootError};
+use crate::platform::e820_map;
+
+/// Guest-physical address of the GDT bt86 provides for a multiboot entry: the start of the
+/// firmware area's alias below 1 MiB (read-only, outside usable RAM, like QEMU's option ROM).
+pub const BOOT_GDT_ADDR: u32 = 0xE_0000;
+/// Flat code selector at multiboot entry (QEMU's value).
+pub const BOOT_CODE_SELECTOR: u16 = 0x08;
+/// Flat data selector at multiboot entry (QEMU's value).
+pub const BOOT_DATA_SELECTOR: u16 = 0x10;
+/// Null, flat 32-bit code (0x08), flat 32-bit data (0x10); accessed bits preset so the CPU never
+/// writes the read-only table.
+const BOOT_GDT: [u64; 3] = [0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
+
+/// What the VM boots.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A multiboot v1 kernel, entered in flat 32-bit protected mode.
+    Multiboot {
+        /// The kernel file's contents.
+        kernel: Vec<u8>,
+        /// The kernel's file name, which starts the command line as QEMU and GRUB pass it.
+        name: String,
+        /// The rest of the command line.
+        cmdline: String,
+        /// Modules, in order.
+        modules: Vec<BootModule>,
+    },
+    /// A firmware image placed at the top of the 4 GiB space, entered at the reset vector.
+    Firmware {
+        /// The image (at most 256 KiB).
+        image: Vec<u8>,
+    },
+}
+
+/// Everything needed to build a [`Vm`].
+pub struct VmConfig {
+    /// RAM size in MiB.
+    pub memory_mib: u64,
+    /// The engine to run on.
+    pub engine: EngineKind,
+    /// What to boot.
+    pub boot: BootSource,
+    /// Where COM1's output goes.
+    pub serial: Box<dyn Write + Send>,
+}
+
+/// Errors creating or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Kernel(#[from] MultibootError),
+    /// The firmware image could not be installed.
+    #[error("firmware image: {0}")]
+    Firmware(#[source] MemoryError),
+    /// Two devices were mapped over each other (a bt86 bug).
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// The engine failed to start or to run.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest wrote `value` to the isa-debug-exit port.
+    DebugExit {
+        /// The value written.
+        value: u32,
+    },
+    /// The guest powered the machine off.
+    PowerOff,
+    /// The CPU shut down (triple fault).
+    TripleFault {
+        /// Registers after the shutdown, if the engine could report them.
+        regs: Option<GuestRegisters>,
+    },
+    /// The CPU halted with nothing that could ever wake it.
+    Halted {
+        /// EFLAGS.IF at the HLT.
+        interrupts_enabled: bool,
+        /// Registers at the HLT.
+        regs: Option<GuestRegisters>,
+    },
+}
+
+/// Counters that explain a run, printed by `bt86 run --stats`.
+#[derive(Debug, Clone, Default)]
+pub struct VmStats {
+    /// Engine used.
+    pub engine: Option<EngineKind>,
+    /// Exits for completed port/MMIO accesses.
+    pub io_exits: u64,
+    /// HLT exits.
+    pub halt_exits: u64,
+    /// Shutdown exits.
+    pub shutdown_exits: u64,
+    /// Wall time spent in the run loop.
+    pub run_time: Duration,
+    /// Port devices and their access counts.
+    pub pio_devices: Vec<DeviceStats>,
+    /// Port reads/writes no device claimed.
+    pub pio_unclaimed: (u64, u64),
+    /// MMIO reads/writes no device claimed.
+    pub mmio_unclaimed: (u64, u64),
+    /// Interrupt lines and how often each was raised.
+    pub irqs: Vec<(u8, u64)>,
+}
+
+/// The port and MMIO buses, as the engines see them.
+struct Buses<'a> {
+    pio: &'a mut Bus,
+    mmio: &'a mut Bus,
+}
+
+impl IoHandler for Buses<'_> {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        self.pio.read(u64::from(port), data);
+    }
+    fn pio_write(&mut self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.mmio.read(addr, data);
+    }
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
+}
+
+/// A virtual PC with one CPU.
+pub struct Vm {
+    memory: Arc<GuestMemory>,
+    pio: Bus,
+    mmio: Bus,
+    control: VmControl,
+    irqs: Vec<IrqLine>,
+    engine: Box<dyn Engine>,
+    stats: VmStats,
+}
+
+impl Vm {
+    /// Builds the machine: memory, devices, the boot image, and the engine.
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        let layout = MemoryLayout::new(config.memory_mib)?;
+        let memory = Arc::new(GuestMemory::new(layout)?);
+        let control = VmControl::new();
+
+        let com1_irq = IrqLine::new(COM1_IRQ);
+        let mut pio = Bus::new();
+        pio.insert(
+            u64::from(COM1_BASE),
+            8,
+            "uart-com1",
+            Box::new(Uart::new(com1_irq.clone(), config.serial)),
+        )?;
+        pio.insert(
+            u64::from(DEBUG_EXIT_PORT),
+            u64::from(DEBUG_EXIT_PORTS),
+            "isa-debug-exit",
+            Box::new(DebugExit::new(control.clone())),
+        )?;
+        pio.insert(
+            u64::from(FW_CFG_PORT),
+            u64::from(FW_CFG_PORTS),
+            "fw_cfg",
+            Box::new(FwCfg::new(memory.clone(), 1, layout.ram_bytes())),
+        )?;
+        for port in [PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS] {
+            pio.insert(
+                u64::from(port),
+                2,
+                "acpi-pm1a-cnt",
+                Box::new(Pm1aControl::new(control.clone())),
+            )?;
+        }
+
+        let initial = match config.boot {
+            BootSource::Multiboot {
+                kernel,
+                name,
+                cmdline,
+                modules,
+            } => {
+                let entry = multiboot::load(
+                    &memory,
+                    &kernel,
+                    &name,
+                    &cmdline,
+                    &modules,
+                    &e820_map(&layout),
+                )?;
+                let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
+                memory.write(u64::from(BOOT_GDT_ADDR), &gdt)?;
+                InitialCpu::Flat32 {
+                    eip: entry.entry,
+                    eax: BOOTLOADER_MAGIC,
+                    ebx: entry.info,
+                    gdt_base: BOOT_GDT_ADDR,
+                    gdt_limit: (gdt.len() - 1) as u16,
+                    code_selector: BOOT_CODE_SELECTOR,
+                    data_selector: BOOT_DATA_SELECTOR,
+                }
+            }
+            BootSource::Firmware { image } => {
+                memory.load_firmware(&image).map_err(VmError::Firmware)?;
+                InitialCpu::Reset
+            }
+        };
+        let engine = engine::create(config.engine, memory.clone(), initial)?;
+        Ok(Self {
+            memory,
+            pio,
+            mmio: Bus::new(),
+            control,
+            irqs: vec![com1_irq],
+            engine,
+            stats: VmStats::default(),
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Runs the guest until it stops.
+    pub fn run(&mut self) -> Result<RunOutcome, VmError> {
+        let start = Instant::now();
+        let outcome = self.run_loop();
+        self.stats.run_time += start.elapsed();
+        outcome
+    }
+
+    fn run_loop(&mut self) -> Result<RunOutcome, VmError> {
+        loop {
+            let mut buses = Buses {
+                pio: &mut self.pio,
+                mmio: &mut self.mmio,
+            };
+            match self.engine.run(&mut buses)? {
+                VmExit::Io => {
+                    self.stats.io_exits += 1;
+                    match self.control.pending() {
+                        Some(StopRequest::DebugExit(value)) => {
+                            return Ok(RunOutcome::DebugExit { value });
+                        }
+                        Some(StopRequest::PowerOff) => return Ok(RunOutcome::PowerOff),
+                        None => {}
+                    }
+                }
+                VmExit::Halt { interrupts_enabled } => {
+                    self.stats.halt_exits += 1;
+                    // There is no interrupt controller yet, so no device can deliver an
+                    // interrupt: a halted CPU stays halted whatever IF says.
+                    return Ok(RunOutcome::Halted {
+                        interrupts_enabled,
+                        regs: self.engine.registers().ok(),
+                    });
+                }
+                VmExit::Shutdown => {
+                    self.stats.shutdown_exits += 1;
+                    return Ok(RunOutcome::TripleFault {
+                        regs: self.engine.registers().ok(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Counters for the run so far.
+    pub fn stats(&self) -> VmStats {
+        VmStats {
+            engine: Some(self.engine.kind()),
+            pio_devices: self.pio.stats(),
+            pio_unclaimed: self.pio.unclaimed(),
+            mmio_unclaimed: self.mmio.unclaimed(),
+            irqs: self.irqs.iter().map(|l| (l.irq(), l.raised())).collect(),
+            ..self.stats.clone()
+        }
+    }
+}
