@@ -36,7 +36,7 @@ const ELF_SEGMENT_OFFSET: u32 = 0x1000;
 #[derive(Debug, thiserror::Error)]
 pub enum KitError {
     /// iced-x86 rejected an instruction or could not encode the block.
-    #[error("assembler: {0}")]
+    #[error(transparent)]
     Asm(#[from] IcedError),
     /// The code does not fit below the kit's data area.
     #[error("kit kernel code is {0} bytes; at most 64 KiB fit below the data area")]
@@ -140,7 +140,7 @@ impl Kit {
 
     /// Places `bytes` in the kernel's data (4-byte aligned) and returns their address.
     pub fn data(&mut self, bytes: &[u8]) -> u32 {
-        while self.data.len() % 4 != 0 {
+        while !self.data.len().is_multiple_of(4) {
             self.data.push(0);
         }
         let addr = DATA_BASE + self.data.len() as u32;

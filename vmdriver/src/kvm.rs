@@ -27,12 +27,12 @@ const KVM_TSS_ADDRESS: usize = 0xFFF9_D000;
 pub enum KvmError {
     /// /dev/kvm could not be opened.
     #[error(
-        "cannot open /dev/kvm: {0}; the kvm engine needs a host with KVM (VT-x or AMD-V) and \
-         access to /dev/kvm: choose another engine with --engine"
+        "the kvm engine needs /dev/kvm (a host with VT-x or AMD-V, and permission to open it); \
+         choose another engine with --engine"
     )]
     Open(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed while setting the VM up.
-    #[error("KVM refused to {what}: {source}")]
+    #[error("KVM refused to {what}")]
     Setup {
         /// What was being set up.
         what: &'static str,
@@ -41,7 +41,7 @@ pub enum KvmError {
         source: kvm_ioctls::Error,
     },
     /// KVM_RUN itself failed.
-    #[error("KVM_RUN failed: {0}")]
+    #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),
     /// KVM could not enter the guest with the state it was given.
     #[error("KVM could not enter the guest (hardware entry failure reason {0:#x})")]

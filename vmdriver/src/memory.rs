@@ -61,8 +61,8 @@ pub enum MemoryError {
     },
     /// The host refused to create or size the memory file.
     #[error(
-        "the host refused to provide {mib} MiB of guest memory ({what}): {source}; \
-         try a smaller --memory or free host memory"
+        "the host refused to provide {mib} MiB of guest memory ({what}); try a smaller --memory \
+         or free host memory"
     )]
     HostRefused {
         /// Size asked for, in MiB.
@@ -82,7 +82,9 @@ pub enum MemoryError {
         len: usize,
     },
     /// Firmware image larger than the firmware area.
-    #[error("firmware image is {len} bytes; at most {FIRMWARE_SIZE} bytes fit in the BIOS area")]
+    #[error(
+        "firmware image is {len} bytes; at most {FIRMWARE_SIZE} bytes (256 KiB) fit in the BIOS area"
+    )]
     FirmwareTooLarge {
         /// Size of the image.
         len: usize,

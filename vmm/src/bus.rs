@@ -180,8 +180,10 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
+    type Log = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
     /// Records accesses; reads return the offset.
-    struct Probe(Arc<Mutex<Vec<(u64, Vec<u8>)>>>);
+    struct Probe(Log);
     impl BusDevice for Probe {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
@@ -191,7 +193,7 @@ mod tests {
         }
     }
 
-    fn probe() -> (Box<Probe>, Arc<Mutex<Vec<(u64, Vec<u8>)>>>) {
+    fn probe() -> (Box<Probe>, Log) {
         let log = Arc::new(Mutex::new(Vec::new()));
         (Box::new(Probe(log.clone())), log)
     }
@@ -204,7 +206,7 @@ mod tests {
         let mut b = [0u8; 1];
         assert!(bus.read(0x3FD, &mut b));
         assert_eq!(b, [5]);
-        assert!(bus.write(0x3F8, &[b'x']));
+        assert!(bus.write(0x3F8, b"x"));
         assert_eq!(log.lock().unwrap().as_slice(), &[(0, vec![b'x'])]);
         assert_eq!(bus.stats()[0].reads, 1);
         assert_eq!(bus.stats()[0].writes, 1);

@@ -73,10 +73,10 @@ pub enum VmError {
     #[error(transparent)]
     Kernel(#[from] MultibootError),
     /// The firmware image could not be installed.
-    #[error("firmware image: {0}")]
-    Firmware(#[source] MemoryError),
+    #[error(transparent)]
+    Firmware(MemoryError),
     /// Two devices were mapped over each other (a bt86 bug).
-    #[error("device layout: {0}")]
+    #[error(transparent)]
     Bus(#[from] BusError),
     /// The engine failed to start or to run.
     #[error(transparent)]

@@ -1,0 +1,120 @@
+//! The same kit kernels under bt86 and under QEMU's software emulator: same serial output, same
+//! exit status. QEMU (Debian's qemu-system-x86) is installed by scripts/setup.sh.
+
+use bt86_tests::runner::{
+    Guest, Outcome, kvm_unavailable, qemu_binary, run_bt86, run_qemu, skip_if, write_kit_kernel,
+};
+
+fn no_qemu() -> Option<String> {
+    qemu_binary()
+        .is_none()
+        .then(|| "qemu-system-i386 is not installed (run scripts/setup.sh)".to_string())
+}
+
+fn assert_same(what: &str, reference: &Outcome, ours: &Outcome) {
+    assert!(!reference.timed_out && !ours.timed_out, "{what}: timed out");
+    assert_eq!(
+        String::from_utf8_lossy(&ours.serial),
+        String::from_utf8_lossy(&reference.serial),
+        "{what}: serial output differs from QEMU's (bt86 stderr: {})",
+        ours.stderr
+    );
+    assert_eq!(
+        ours.status, reference.status,
+        "{what}: exit status differs from QEMU's"
+    );
+}
+
+/// Runs the guest under QEMU and under bt86's kvm engine and compares them.
+fn compare(what: &str, guest: &Guest) -> Option<(Outcome, Outcome)> {
+    if skip_if(what, no_qemu()) || skip_if(what, kvm_unavailable()) {
+        return None;
+    }
+    let reference = run_qemu(guest).expect("qemu present");
+    let ours = run_bt86(guest, "kvm", &[]);
+    assert_same(what, &reference, &ours);
+    Some((reference, ours))
+}
+
+#[test]
+fn reference_runner_reports_qemu_output_and_status() {
+    if skip_if("qemu reference", no_qemu()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "hello");
+    let o = run_qemu(&Guest::kernel(dir.path(), &k)).unwrap();
+    assert_eq!(o.serial_text(), "hello\n", "{o:?}");
+    assert_eq!(o.status, Some(7));
+}
+
+#[test]
+fn hello_matches_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    for k in ["hello", "hello-aout"] {
+        let name = write_kit_kernel(dir.path(), k);
+        compare(k, &Guest::kernel(dir.path(), &name));
+    }
+}
+
+#[test]
+fn entry_state_and_multiboot_info_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "entry-dump");
+    let blob = write_kit_kernel(dir.path(), "hello");
+    std::fs::write(dir.path().join("env"), "MEMSIZE=256\nQEMU_ACCEL=tcg\n").unwrap();
+    for memory_mib in [256, 19] {
+        let guest = Guest {
+            append: "console=ttyS0 answer=42".into(),
+            modules: vec!["env first second".into(), blob.clone()],
+            memory_mib,
+            ..Guest::kernel(dir.path(), &k)
+        };
+        let Some((_, ours)) = compare(&format!("entry-dump at {memory_mib} MiB"), &guest) else {
+            return;
+        };
+        let text = ours.serial_text();
+        // Beyond agreeing with QEMU, the values are the ones the spec and our layout require.
+        assert!(text.starts_with("eax=2badb002\n"), "{text}");
+        assert!(
+            text.contains("cmdline='entry-dump console=ttyS0 answer=42'"),
+            "{text}"
+        );
+        assert!(text.contains("string='env first second' data='MEMSIZE=256\nQEMU_ACCEL=tcg\n'"));
+        assert!(text.contains("mods_count=00000002"));
+        assert_eq!(
+            text.matches("page_offset=00000000").count(),
+            2,
+            "modules page aligned"
+        );
+        let upper = (memory_mib * 1024) - 1024 - 128;
+        assert!(text.contains(&format!("mem_upper={upper:08x}")), "{text}");
+    }
+}
+
+#[test]
+fn empty_command_line_and_no_modules_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "entry-dump");
+    compare("entry-dump, bare", &Guest::kernel(dir.path(), &k));
+}
+
+#[test]
+fn fw_cfg_matches_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "fw-cfg");
+    for memory_mib in [128, 3072] {
+        let guest = Guest {
+            memory_mib,
+            ..Guest::kernel(dir.path(), &k)
+        };
+        compare(&format!("fw-cfg at {memory_mib} MiB"), &guest);
+    }
+}
+
+#[test]
+fn reset_vector_firmware_matches_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let rom = write_kit_kernel(dir.path(), "reset-rom");
+    compare("reset-rom", &Guest::bios(dir.path(), &rom));
+}
