@@ -62,6 +62,18 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "mmio-nowhere",
+        about: "reads and writes addresses no device owns and the read-only BIOS area, prints what it reads back",
+        build: mmio_nowhere,
+        firmware: false,
+    },
+    Entry {
+        name: "wild-jump",
+        about: "jumps into the empty MMIO hole at 0xD0000000",
+        build: wild_jump,
+        firmware: false,
+    },
+    Entry {
         name: "reset-rom",
         about: "firmware for --bios: real-mode code at the reset vector prints, calls, and exits",
         build: real_mode_rom,
@@ -296,6 +308,41 @@ pub fn poweroff() -> AsmResult<Vec<u8>> {
     k.asm().out(dx, ax)?;
     k.print("still running after power-off\n")?;
     k.exit(0x7E)?;
+    k.build()
+}
+
+/// Touches memory nobody backs: the IOAPIC/MMIO hole, the VGA window, and the read-only
+/// firmware area (the boot GDT bt86 puts at 0xE0000), printing what reads return. Exits with
+/// value 0x12.
+pub fn mmio_nowhere() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    for (name, addr) in [
+        ("hole", 0xD000_0000u32),
+        ("vga", 0xB_8000),
+        ("rom_low", 0xE_0008),
+        ("rom_high", 0xFFFE_0008),
+    ] {
+        k.asm().mov(eax, dword_ptr(addr))?;
+        k.print_field(&format!("{name}.before"), eax)?;
+        k.asm().mov(dword_ptr(addr), 0x1234_5678u32)?;
+        k.asm().mov(eax, dword_ptr(addr))?;
+        k.print_field(&format!("{name}.after"), eax)?;
+    }
+    // A port nobody owns.
+    k.asm().mov(dx, 0x2F8u32)?;
+    k.asm().in_(eax, dx)?;
+    k.print_field("port", eax)?;
+    k.exit(0x12)?;
+    k.build()
+}
+
+/// Jumps to an address with nothing behind it.
+pub fn wild_jump() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    k.print("jumping into the MMIO hole\n")?;
+    k.asm().mov(eax, 0xD000_0000u32)?;
+    k.asm().jmp(eax)?;
+    k.exit(0x7D)?;
     k.build()
 }
 

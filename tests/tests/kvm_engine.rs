@@ -144,3 +144,42 @@ fn serial_output_can_go_to_a_file() {
     assert!(o.serial.is_empty(), "nothing on stdout");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\n");
 }
+
+#[test]
+fn accesses_to_nothing_and_to_rom_are_harmless() {
+    let Some(o) = run("mmio-nowhere", &["--stats"]) else {
+        return;
+    };
+    assert_eq!(o.status, Some(0x25), "{o:?}");
+    // Unbacked addresses read as all ones and ignore writes; the BIOS area keeps its bytes
+    // (the boot GDT's code descriptor, low dword 0x0000FFFF) at both of its addresses.
+    let expected = "hole.before=ffffffff\nhole.after=ffffffff\n\
+                    vga.before=ffffffff\nvga.after=ffffffff\n\
+                    rom_low.before=0000ffff\nrom_low.after=0000ffff\n\
+                    rom_high.before=0000ffff\nrom_high.after=0000ffff\n\
+                    port=ffffffff\n";
+    assert_eq!(o.serial_text(), expected);
+    assert!(
+        o.stderr.contains("unclaimed ports      1 / 0"),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.contains("unclaimed MMIO       4 / 4"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn a_wild_jump_stops_the_vm_with_a_reason() {
+    let Some(o) = run("wild-jump", &[]) else {
+        return;
+    };
+    assert!(!o.timed_out, "{o:?}");
+    // Real hardware would fetch all-ones bytes and triple-fault; KVM refuses to execute from
+    // MMIO. Either way the run ends with a guest-caused status and one line saying why.
+    assert!(matches!(o.status, Some(4) | Some(8)), "{o:?}");
+    assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
+    assert!(o.stderr.contains("d0000000"), "{}", o.stderr);
+}

@@ -185,3 +185,25 @@ fn oversized_firmware_is_refused() {
     let r = bt86(dir.path(), &["run", "--bios", "rom"]);
     assert_user_error(&r, &["firmware rom", "256"]);
 }
+
+#[test]
+fn host_refusing_guest_memory_gets_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    hello(dir.path());
+    // An address-space limit far below 3 GiB makes the host refuse the guest-memory mapping.
+    let out = Command::new("prlimit")
+        .arg("--as=1000000000")
+        .arg(env!("CARGO_BIN_EXE_bt86"))
+        .args(["run", "--memory", "3072", "--kernel", "hello"])
+        .current_dir(dir.path())
+        .output();
+    let Ok(out) = out else {
+        eprintln!("SKIPPED host refusal: prlimit (util-linux) is not installed");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("refused to provide 3072 MiB"), "{stderr}");
+    assert!(stderr.contains("smaller --memory"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

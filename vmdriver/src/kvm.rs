@@ -47,7 +47,10 @@ pub enum KvmError {
     #[error("KVM could not enter the guest (hardware entry failure reason {0:#x})")]
     FailEntry(u64),
     /// KVM gave up on an instruction it had to emulate (or another internal error).
-    #[error("KVM internal error (it could not emulate a guest instruction) at {0}")]
+    #[error(
+        "KVM could not execute or emulate the guest's next instruction (is the guest running \
+         code from device memory?) at {0}"
+    )]
     Internal(GuestRegisters),
     /// An exit bt86 does not expect from a guest without in-kernel devices.
     #[error("unexpected KVM exit {what} at {regs}")]
