@@ -162,6 +162,17 @@ pub fn kvm_unavailable() -> Option<String> {
     }
 }
 
+/// The engines this machine can run, printing why any is left out: the interpreter always, kvm
+/// where /dev/kvm opens.
+pub fn engines() -> Vec<&'static str> {
+    let mut v = vec!["interp"];
+    match kvm_unavailable() {
+        None => v.push("kvm"),
+        Some(why) => eprintln!("SKIPPED engine kvm: {why}"),
+    }
+    v
+}
+
 fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut buf = Vec::new();

@@ -203,6 +203,19 @@ fn format_stats(s: &VmStats) -> String {
         "  exits                io {}, halt {}, shutdown {}\n",
         s.io_exits, s.halt_exits, s.shutdown_exits
     );
+    for (name, value) in &s.engine_counters {
+        out += &format!("  {name:<20} {value}\n");
+    }
+    if let (Some(n), secs) = (
+        s.engine_counters
+            .iter()
+            .find(|(name, _)| *name == "guest instructions")
+            .map(|(_, v)| *v),
+        s.run_time.as_secs_f64(),
+    ) && secs > 0.0
+    {
+        out += &format!("  instructions/s       {:.0}\n", n as f64 / secs);
+    }
     out += "  port devices         reads / writes\n";
     for d in &s.pio_devices {
         out += &format!(

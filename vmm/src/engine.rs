@@ -5,6 +5,8 @@ use std::sync::Arc;
 use vmdriver::kvm::{InitialCpu, KvmError, KvmVm};
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, VmExit};
 
+use crate::interp::{Interp, InterpError};
+
 /// Which engine runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EngineKind {
@@ -28,7 +30,7 @@ impl EngineKind {
 
     /// Engines this build can run.
     pub fn available() -> &'static [EngineKind] {
-        &[EngineKind::Kvm]
+        &[EngineKind::Kvm, EngineKind::Interp]
     }
 }
 
@@ -44,6 +46,9 @@ pub enum EngineError {
     /// The KVM engine failed.
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    /// The interpreter stopped.
+    #[error(transparent)]
+    Interp(#[from] InterpError),
     /// The engine is not part of this build.
     #[error(
         "the {kind} engine is not built yet in this version of bt86; available engines: {available}"
@@ -65,6 +70,10 @@ pub trait Engine {
     fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, EngineError>;
     /// The vCPU's registers, for reports.
     fn registers(&self) -> Result<GuestRegisters, EngineError>;
+    /// Engine-specific counters for `--stats` (name, value).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Creates the engine `kind` over `memory`, with the vCPU in `initial` state.
@@ -79,7 +88,8 @@ pub fn create(
             vm.set_initial_state(initial)?;
             Ok(Box::new(KvmEngine { vm }))
         }
-        EngineKind::Interp | EngineKind::Bt => Err(EngineError::NotBuilt {
+        EngineKind::Interp => Ok(Box::new(Interp::new(memory, initial))),
+        EngineKind::Bt => Err(EngineError::NotBuilt {
             kind,
             available: EngineKind::available()
                 .iter()
@@ -105,5 +115,23 @@ impl Engine for KvmEngine {
 
     fn registers(&self) -> Result<GuestRegisters, EngineError> {
         Ok(self.vm.registers()?)
+    }
+}
+
+impl Engine for Interp {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Interp
+    }
+
+    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, EngineError> {
+        Ok(Interp::run(self, io)?)
+    }
+
+    fn registers(&self) -> Result<GuestRegisters, EngineError> {
+        Ok(Interp::registers(self))
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Interp::counters(self).to_vec()
     }
 }

@@ -6,8 +6,10 @@
 
 pub mod bus;
 pub mod control;
+pub mod cpu;
 pub mod devices;
 pub mod engine;
+pub mod interp;
 pub mod loader;
 pub mod platform;
 pub mod vm;

@@ -128,6 +128,8 @@ pub struct VmStats {
     pub mmio_unclaimed: (u64, u64),
     /// Interrupt lines and how often each was raised.
     pub irqs: Vec<(u8, u64)>,
+    /// The engine's own counters (name, value).
+    pub engine_counters: Vec<(&'static str, u64)>,
 }
 
 /// The port and MMIO buses, as the engines see them.
@@ -299,6 +301,7 @@ impl Vm {
             pio_unclaimed: self.pio.unclaimed(),
             mmio_unclaimed: self.mmio.unclaimed(),
             irqs: self.irqs.iter().map(|l| (l.irq(), l.raised())).collect(),
+            engine_counters: self.engine.counters(),
             ..self.stats.clone()
         }
     }

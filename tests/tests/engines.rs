@@ -1,0 +1,208 @@
+//! Every engine on the kit's kernels: flat 32-bit code, port I/O, real mode, and the ways a run
+//! ends. Each test runs on every engine this machine has — the interpreter always, kvm where
+//! /dev/kvm opens (on bt86's build machines that is the PVM module, which runs exactly these) —
+//! and expects the same result from each.
+
+use bt86_tests::runner::{Guest, Outcome, engines, run_bt86, write_kit_kernel};
+
+fn run_on(engine: &str, kernel: &str, memory_mib: u64, extra: &[&str]) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let name = write_kit_kernel(dir.path(), kernel);
+    let mut guest = if kernel == "reset-rom" {
+        Guest::bios(dir.path(), &name)
+    } else {
+        Guest::kernel(dir.path(), &name)
+    };
+    guest.memory_mib = memory_mib;
+    run_bt86(&guest, engine, extra)
+}
+
+/// Runs the kit kernel on every available engine and hands each outcome to `check`.
+fn each_engine(kernel: &str, memory_mib: u64, extra: &[&str], check: impl Fn(&str, &Outcome)) {
+    for engine in engines() {
+        check(engine, &run_on(engine, kernel, memory_mib, extra));
+    }
+}
+
+#[test]
+fn hello_prints_and_exits_with_status_7() {
+    each_engine("hello", 256, &[], |e, o| {
+        assert_eq!(o.serial_text(), "hello\n", "{e}: {o:?}");
+        assert_eq!(o.status, Some(7), "{e}: {o:?}");
+    });
+}
+
+#[test]
+fn aout_kludge_kernel_runs() {
+    each_engine("hello-aout", 256, &[], |e, o| {
+        assert_eq!(
+            (o.serial_text().as_str(), o.status),
+            ("hello\n", Some(7)),
+            "{e}: {o:?}"
+        );
+    });
+}
+
+#[test]
+fn triple_fault_stops_the_vm_with_status_4_and_a_reason() {
+    each_engine("triple-fault", 256, &[], |e, o| {
+        assert!(!o.timed_out, "{e}: a triple fault must not hang: {o:?}");
+        assert_eq!(o.status, Some(4), "{e}: {o:?}");
+        assert_eq!(o.serial_text(), "about to triple fault\n");
+        assert!(o.stderr.contains("triple-faulted"), "{e}: {}", o.stderr);
+        assert_eq!(
+            o.stderr.lines().count(),
+            1,
+            "{e}: one-line reason: {}",
+            o.stderr
+        );
+    });
+}
+
+#[test]
+fn halt_with_interrupts_disabled_stops_with_status_6() {
+    each_engine("halt", 256, &[], |e, o| {
+        assert!(!o.timed_out, "{e}: {o:?}");
+        assert_eq!(o.status, Some(6), "{e}: {o:?}");
+        assert!(
+            o.stderr.contains("interrupts are disabled"),
+            "{e}: {}",
+            o.stderr
+        );
+    });
+}
+
+#[test]
+fn acpi_power_off_exits_0_at_once() {
+    each_engine("poweroff", 256, &[], |e, o| {
+        assert_eq!(o.status, Some(0), "{e}: {o:?}");
+        assert_eq!(
+            o.serial_text(),
+            "powering off\n",
+            "{e}: nothing runs after power-off"
+        );
+    });
+}
+
+#[test]
+fn real_mode_firmware_runs_from_the_reset_vector() {
+    each_engine("reset-rom", 256, &[], |e, o| {
+        assert_eq!(
+            o.serial_text(),
+            "real mode at the reset vector\n",
+            "{e}: {o:?}"
+        );
+        assert_eq!(o.status, Some(11), "{e}: {o:?}");
+    });
+}
+
+#[test]
+fn fw_cfg_reports_this_vms_ram_and_cpus() {
+    each_engine("fw-cfg", 96, &[], |e, o| {
+        let text = o.serial_text();
+        assert!(text.contains("signature.lo=554d4551"), "{e}: {text}"); // "QEMU"
+        assert!(
+            text.contains("ram_size.lo=06000000\nram_size.hi=00000000"),
+            "{e}: {text}"
+        );
+        assert!(text.contains("nb_cpus.lo=00000001"), "{e}: {text}");
+        assert_eq!(o.status, Some(0x23), "{e}: {o:?}");
+    });
+}
+
+#[test]
+fn stats_count_exits_and_device_accesses() {
+    each_engine("hello", 256, &["--stats"], |e, o| {
+        assert_eq!(o.status, Some(7));
+        let line = |name: &str| {
+            o.stderr
+                .lines()
+                .find(|l| l.contains(name))
+                .unwrap_or_else(|| panic!("{e}: no {name} line in {}", o.stderr))
+                .to_string()
+        };
+        assert!(line(&format!("engine {e}")).contains("statistics"));
+        // "hello\n" is 6 bytes: 6 THR writes, each after an LSR poll.
+        assert!(
+            line("uart-com1").ends_with("6 / 6"),
+            "{e}: {}",
+            line("uart-com1")
+        );
+        assert!(
+            line("isa-debug-exit").ends_with("0 / 1"),
+            "{e}: {}",
+            o.stderr
+        );
+        if e == "interp" {
+            let n: u64 = line("guest instructions")
+                .split_whitespace()
+                .last()
+                .and_then(|w| w.parse().ok())
+                .expect("instruction count");
+            assert!(
+                n > 100,
+                "{e}: the hello kernel runs more than 100 instructions: {n}"
+            );
+        }
+    });
+}
+
+#[test]
+fn serial_output_can_go_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = write_kit_kernel(dir.path(), "hello");
+    let log = dir.path().join("serial.log");
+    let spec = format!("file:{}", log.display());
+    let o = run_bt86(
+        &Guest::kernel(dir.path(), &name),
+        "interp",
+        &["--serial", &spec],
+    );
+    assert_eq!(o.status, Some(7), "{o:?}");
+    assert!(o.serial.is_empty(), "nothing on stdout");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\n");
+}
+
+#[test]
+fn accesses_to_nothing_and_to_rom_are_harmless() {
+    each_engine("mmio-nowhere", 256, &["--stats"], |e, o| {
+        assert_eq!(o.status, Some(0x25), "{e}: {o:?}");
+        // Unbacked addresses read as all ones and ignore writes; the BIOS area keeps its bytes
+        // (the boot GDT's code descriptor, low dword 0x0000FFFF) at both of its addresses.
+        let expected = "hole.before=ffffffff\nhole.after=ffffffff\n\
+                        vga.before=ffffffff\nvga.after=ffffffff\n\
+                        rom_low.before=0000ffff\nrom_low.after=0000ffff\n\
+                        rom_high.before=0000ffff\nrom_high.after=0000ffff\n\
+                        port=ffffffff\n";
+        assert_eq!(o.serial_text(), expected, "{e}");
+        assert!(
+            o.stderr.contains("unclaimed ports      1 / 0"),
+            "{e}: {}",
+            o.stderr
+        );
+        assert!(
+            o.stderr.contains("unclaimed MMIO       4 / 4"),
+            "{e}: {}",
+            o.stderr
+        );
+    });
+}
+
+#[test]
+fn a_wild_jump_stops_the_vm_with_a_reason() {
+    each_engine("wild-jump", 256, &[], |e, o| {
+        assert!(!o.timed_out, "{e}: {o:?}");
+        // Real hardware fetches all-ones bytes (FF FF is invalid: #UD, no IDT, triple fault),
+        // as the interpreter does; KVM refuses to execute from MMIO. Either way the run ends
+        // with a guest-caused status and one line saying why.
+        let expected = if e == "interp" {
+            Some(4)
+        } else {
+            o.status.filter(|s| *s == 4 || *s == 8)
+        };
+        assert_eq!(o.status, expected, "{e}: {o:?}");
+        assert!(o.status.is_some());
+        assert_eq!(o.stderr.lines().count(), 1, "{e}: {}", o.stderr);
+        assert!(o.stderr.contains("d0000000"), "{e}: {}", o.stderr);
+    });
+}

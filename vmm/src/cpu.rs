@@ -1,0 +1,247 @@
+//! The architectural state of the guest CPU (a P6-class IA-32 processor), as the interpreter and
+//! (later) the translator's callouts see it.
+
+/// EFLAGS bits.
+pub mod flags {
+    /// Carry.
+    pub const CF: u32 = 1 << 0;
+    /// Reserved, always 1.
+    pub const FIXED: u32 = 1 << 1;
+    /// Parity (of the low byte of a result).
+    pub const PF: u32 = 1 << 2;
+    /// Auxiliary carry (out of bit 3).
+    pub const AF: u32 = 1 << 4;
+    /// Zero.
+    pub const ZF: u32 = 1 << 6;
+    /// Sign.
+    pub const SF: u32 = 1 << 7;
+    /// Trap (single step).
+    pub const TF: u32 = 1 << 8;
+    /// Interrupt enable.
+    pub const IF: u32 = 1 << 9;
+    /// Direction.
+    pub const DF: u32 = 1 << 10;
+    /// Overflow.
+    pub const OF: u32 = 1 << 11;
+    /// I/O privilege level (2 bits).
+    pub const IOPL: u32 = 3 << 12;
+    /// Nested task.
+    pub const NT: u32 = 1 << 14;
+    /// Resume.
+    pub const RF: u32 = 1 << 16;
+    /// Virtual-8086 mode.
+    pub const VM: u32 = 1 << 17;
+    /// Alignment check.
+    pub const AC: u32 = 1 << 18;
+    /// Virtual interrupt flag.
+    pub const VIF: u32 = 1 << 19;
+    /// Virtual interrupt pending.
+    pub const VIP: u32 = 1 << 20;
+    /// CPUID available (writable).
+    pub const ID: u32 = 1 << 21;
+    /// The arithmetic flags.
+    pub const ARITH: u32 = CF | PF | AF | ZF | SF | OF;
+    /// Bits software can change on a P6 (the rest read as fixed values).
+    pub const WRITABLE: u32 = ARITH | TF | IF | DF | IOPL | NT | RF | VM | AC | VIF | VIP | ID;
+}
+
+/// CR0 bits.
+pub mod cr0 {
+    /// Protection enable.
+    pub const PE: u32 = 1 << 0;
+    /// Extension type (hard-wired to 1 on a P6).
+    pub const ET: u32 = 1 << 4;
+    /// Paging.
+    pub const PG: u32 = 1 << 31;
+}
+
+/// Index of a segment register in [`CpuState::seg`], in encoding order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum SegReg {
+    /// ES.
+    Es = 0,
+    /// CS.
+    Cs = 1,
+    /// SS.
+    Ss = 2,
+    /// DS.
+    Ds = 3,
+    /// FS.
+    Fs = 4,
+    /// GS.
+    Gs = 5,
+}
+
+/// A segment register: the visible selector and the hidden descriptor cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Segment {
+    /// Visible selector.
+    pub selector: u16,
+    /// Base address.
+    pub base: u32,
+    /// Limit in bytes (already scaled by G).
+    pub limit: u32,
+    /// Access byte: type (bits 0–3), S (4), DPL (5–6), P (7).
+    pub access: u8,
+    /// D/B: 32-bit default operand size (code) or stack pointer size (stack).
+    pub big: bool,
+}
+
+impl Segment {
+    /// A real-mode segment for `selector` (base = selector × 16, 64 KiB limit), as loaded by a
+    /// real-mode segment load. `access` is kept from before, as on real hardware.
+    pub fn real(selector: u16, access: u8) -> Self {
+        Self {
+            selector,
+            base: u32::from(selector) << 4,
+            limit: 0xFFFF,
+            access,
+            big: false,
+        }
+    }
+
+    /// Builds the cached form of an 8-byte descriptor loaded with `selector`.
+    pub fn from_descriptor(selector: u16, d: u64) -> Self {
+        let base = ((d >> 16) & 0xFF_FFFF) as u32 | (((d >> 56) & 0xFF) as u32) << 24;
+        let raw_limit = (d & 0xFFFF) as u32 | (((d >> 48) & 0xF) as u32) << 16;
+        let granular = d & (1 << 55) != 0;
+        Self {
+            selector,
+            base,
+            limit: if granular {
+                (raw_limit << 12) | 0xFFF
+            } else {
+                raw_limit
+            },
+            access: ((d >> 40) & 0xFF) as u8,
+            big: d & (1 << 54) != 0,
+        }
+    }
+
+    /// Whether the descriptor is present.
+    pub fn present(&self) -> bool {
+        self.access & 0x80 != 0
+    }
+}
+
+/// A descriptor-table register (GDTR or IDTR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TableReg {
+    /// Linear base.
+    pub base: u32,
+    /// Limit (last valid byte offset).
+    pub limit: u16,
+}
+
+/// The CPU's architectural state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuState {
+    /// EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI.
+    pub gpr: [u32; 8],
+    /// Instruction pointer (offset in CS).
+    pub eip: u32,
+    /// EFLAGS.
+    pub eflags: u32,
+    /// ES, CS, SS, DS, FS, GS.
+    pub seg: [Segment; 6],
+    /// Global descriptor table register.
+    pub gdtr: TableReg,
+    /// Interrupt descriptor table register.
+    pub idtr: TableReg,
+    /// CR0.
+    pub cr0: u32,
+    /// CR2 (page-fault address).
+    pub cr2: u32,
+    /// CR3.
+    pub cr3: u32,
+    /// CR4.
+    pub cr4: u32,
+}
+
+impl CpuState {
+    /// The state after RESET: real mode at F000:FFF0 with CS base FFFF0000, EDX = the P6 family
+    /// signature, CR0 = CD|NW|ET.
+    pub fn reset() -> Self {
+        let data = Segment {
+            access: 0x93,
+            ..Segment::real(0, 0x93)
+        };
+        let mut seg = [data; 6];
+        seg[SegReg::Cs as usize] = Segment {
+            base: 0xFFFF_0000,
+            access: 0x9B,
+            ..Segment::real(0xF000, 0x9B)
+        };
+        let mut gpr = [0; 8];
+        gpr[2] = 0x600;
+        Self {
+            gpr,
+            eip: 0xFFF0,
+            eflags: flags::FIXED,
+            seg,
+            gdtr: TableReg::default(),
+            idtr: TableReg {
+                base: 0,
+                limit: 0x3FF,
+            },
+            cr0: 0x6000_0010,
+            cr2: 0,
+            cr3: 0,
+            cr4: 0,
+        }
+    }
+
+    /// Whether the CPU is in protected mode.
+    pub fn protected(&self) -> bool {
+        self.cr0 & cr0::PE != 0
+    }
+
+    /// The current segment register `s`.
+    pub fn seg(&self, s: SegReg) -> &Segment {
+        &self.seg[s as usize]
+    }
+
+    /// EFLAGS.IOPL.
+    pub fn iopl(&self) -> u8 {
+        ((self.eflags & flags::IOPL) >> 12) as u8
+    }
+
+    /// Current privilege level (CS.RPL in protected mode).
+    pub fn cpl(&self) -> u8 {
+        if self.protected() {
+            (self.seg(SegReg::Cs).selector & 3) as u8
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_descriptors_decode() {
+        let code = Segment::from_descriptor(0x08, 0x00CF_9B00_0000_FFFF);
+        assert_eq!(
+            (code.base, code.limit, code.access, code.big),
+            (0, 0xFFFF_FFFF, 0x9B, true)
+        );
+        let odd = Segment::from_descriptor(0x10, 0x12C0_9312_3456_0FFF);
+        assert_eq!(odd.base, 0x1212_3456);
+        assert_eq!(odd.limit, 0x00FF_FFFF);
+        assert!(odd.present() && odd.big);
+        let bytes = Segment::from_descriptor(0x18, 0x0000_9300_0000_1000);
+        assert_eq!(bytes.limit, 0x1000, "byte granularity");
+    }
+
+    #[test]
+    fn reset_state_is_the_p6_one() {
+        let s = CpuState::reset();
+        assert_eq!(s.seg(SegReg::Cs).base.wrapping_add(s.eip), 0xFFFF_FFF0);
+        assert_eq!(s.gpr[2], 0x600);
+        assert!(!s.protected());
+        assert_eq!(s.cpl(), 0);
+    }
+}

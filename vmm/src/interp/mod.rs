@@ -1,0 +1,1169 @@
+//! The interpreter engine: executes guest code one instruction at a time on the architectural
+//! state in [`CpuState`], decoding with iced-x86.
+//!
+//! This is the first step of the interpreter: real mode and 32-bit protected mode with paging
+//! off, the integer core (moves, ALU with exact flags, shifts and rotates, stack, near and far
+//! control flow, conditional jumps), port I/O, the descriptor-table and control-register
+//! instructions a boot path uses, and exception delivery through the IVT/IDT with double- and
+//! triple-fault escalation. An instruction this step does not execute yet stops the VM with a
+//! message naming it (it is never turned into a silent #UD).
+
+pub mod alu;
+
+use std::sync::Arc;
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use vmdriver::kvm::InitialCpu;
+use vmdriver::{GuestMemory, GuestRegisters, IoHandler, RegionKind, VmExit};
+
+use crate::cpu::{CpuState, SegReg, Segment, TableReg, cr0, flags};
+use alu::Shift;
+
+/// Exception vectors.
+mod vector {
+    pub const DE: u8 = 0;
+    pub const UD: u8 = 6;
+    pub const DF: u8 = 8;
+    pub const NP: u8 = 11;
+    pub const SS: u8 = 12;
+    pub const GP: u8 = 13;
+}
+
+/// Why the interpreter stopped without a VM exit.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InterpError {
+    /// The guest executed something this interpreter does not implement yet.
+    #[error("the interp engine cannot execute {what} yet, at {regs}")]
+    Unsupported {
+        /// The instruction or feature.
+        what: String,
+        /// Where.
+        regs: GuestRegisters,
+    },
+}
+
+/// An event that ends an instruction early.
+#[derive(Debug)]
+enum Fault {
+    /// A CPU exception, with its error code if it has one.
+    Exception(u8, Option<u32>),
+    /// Something not implemented yet (the text names it).
+    Unsupported(String),
+}
+
+type Step<T = ()> = Result<T, Fault>;
+
+fn gp0<T>() -> Step<T> {
+    Err(Fault::Exception(vector::GP, Some(0)))
+}
+
+fn unsupported<T>(what: impl Into<String>) -> Step<T> {
+    Err(Fault::Unsupported(what.into()))
+}
+
+/// Exceptions whose delivery failure in turn makes a double fault (Intel SDM vol. 3, table 6-5).
+fn contributory(v: u8) -> bool {
+    matches!(v, 0 | 10..=13)
+}
+
+/// The interpreter engine.
+pub struct Interp {
+    cpu: CpuState,
+    memory: Arc<GuestMemory>,
+    instructions: u64,
+    exceptions: u64,
+}
+
+impl Interp {
+    /// An interpreter over `memory` starting in `initial` state.
+    pub fn new(memory: Arc<GuestMemory>, initial: InitialCpu) -> Self {
+        let cpu = match initial {
+            InitialCpu::Reset => CpuState::reset(),
+            InitialCpu::Flat32 {
+                eip,
+                eax,
+                ebx,
+                gdt_base,
+                gdt_limit,
+                code_selector,
+                data_selector,
+            } => {
+                let mut cpu = CpuState::reset();
+                cpu.cr0 = cr0::PE | cr0::ET;
+                cpu.eip = eip;
+                cpu.gpr = [0; 8];
+                cpu.gpr[0] = eax;
+                cpu.gpr[3] = ebx;
+                cpu.gdtr = TableReg {
+                    base: gdt_base,
+                    limit: gdt_limit,
+                };
+                cpu.idtr = TableReg::default();
+                let flat = |selector, access| Segment {
+                    selector,
+                    base: 0,
+                    limit: u32::MAX,
+                    access,
+                    big: true,
+                };
+                cpu.seg = [flat(data_selector, 0x93); 6];
+                cpu.seg[SegReg::Cs as usize] = flat(code_selector, 0x9B);
+                cpu
+            }
+        };
+        Self {
+            cpu,
+            memory,
+            instructions: 0,
+            exceptions: 0,
+        }
+    }
+
+    /// The CPU state.
+    pub fn cpu(&self) -> &CpuState {
+        &self.cpu
+    }
+
+    /// Guest instructions executed and exceptions delivered so far.
+    pub fn counters(&self) -> [(&'static str, u64); 2] {
+        [
+            ("guest instructions", self.instructions),
+            ("exceptions delivered", self.exceptions),
+        ]
+    }
+
+    /// The registers, for reports.
+    pub fn registers(&self) -> GuestRegisters {
+        let c = &self.cpu;
+        GuestRegisters {
+            gpr: c.gpr,
+            eip: c.eip,
+            eflags: c.eflags,
+            cs: c.seg(SegReg::Cs).selector,
+            cs_base: c.seg(SegReg::Cs).base,
+            cr0: c.cr0,
+            cr3: c.cr3,
+        }
+    }
+
+    /// Runs until an instruction needs the VM's attention.
+    pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, InterpError> {
+        loop {
+            let start_eip = self.cpu.eip;
+            match self.step(io) {
+                Ok(None) => {}
+                Ok(Some(exit)) => return Ok(exit),
+                Err(Fault::Exception(v, code)) => {
+                    self.cpu.eip = start_eip;
+                    if let Some(exit) = self.raise(v, code, io)? {
+                        return Ok(exit);
+                    }
+                }
+                Err(Fault::Unsupported(what)) => {
+                    self.cpu.eip = start_eip;
+                    return Err(InterpError::Unsupported {
+                        what,
+                        regs: self.registers(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Delivers exception `v`, escalating to #DF and to shutdown when delivery itself faults.
+    fn raise(
+        &mut self,
+        v: u8,
+        code: Option<u32>,
+        io: &mut dyn IoHandler,
+    ) -> Result<Option<VmExit>, InterpError> {
+        let (mut v, mut code) = (v, code);
+        loop {
+            self.exceptions += 1;
+            match self.deliver(v, code, None, io) {
+                Ok(()) => return Ok(None),
+                Err(Fault::Unsupported(what)) => {
+                    return Err(InterpError::Unsupported {
+                        what,
+                        regs: self.registers(),
+                    });
+                }
+                Err(Fault::Exception(second, second_code)) => {
+                    if v == vector::DF {
+                        return Ok(Some(VmExit::Shutdown));
+                    }
+                    if contributory(v) && contributory(second) {
+                        (v, code) = (vector::DF, Some(0));
+                    } else {
+                        (v, code) = (second, second_code);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- memory -------------------------------------------------------------------------
+
+    fn read_phys(&self, addr: u32, buf: &mut [u8], io: &mut dyn IoHandler) {
+        let addr = u64::from(addr);
+        if self.memory.read(addr, buf).is_ok() {
+            return;
+        }
+        let backed = |a: u64| self.memory.layout().region_of(a & 0xFFFF_FFFF, 1).is_some();
+        if !(0..buf.len()).any(|i| backed(addr + i as u64)) {
+            // Entirely device memory: one access of the full width, as the CPU makes it.
+            io.mmio_read(addr, buf);
+            return;
+        }
+        for (i, b) in buf.iter_mut().enumerate() {
+            let a = (addr + i as u64) & 0xFFFF_FFFF;
+            let mut one = [0u8];
+            if self.memory.read(a, &mut one).is_err() {
+                io.mmio_read(a, &mut one);
+            }
+            *b = one[0];
+        }
+    }
+
+    fn write_phys(&self, addr: u32, data: &[u8], io: &mut dyn IoHandler) {
+        let addr = u64::from(addr);
+        let ram = |a: u64, len: usize| {
+            self.memory
+                .layout()
+                .region_of(a, len)
+                .is_some_and(|r| r.kind == RegionKind::Ram)
+        };
+        if ram(addr, data.len()) {
+            let _ = self.memory.write(addr, data);
+            return;
+        }
+        if !(0..data.len()).any(|i| ram((addr + i as u64) & 0xFFFF_FFFF, 1)) {
+            // Entirely outside RAM (device memory, or the read-only firmware area).
+            io.mmio_write(addr, data);
+            return;
+        }
+        for (i, b) in data.iter().enumerate() {
+            let a = (addr + i as u64) & 0xFFFF_FFFF;
+            if ram(a, 1) {
+                let _ = self.memory.write(a, &[*b]);
+            } else {
+                io.mmio_write(a, &[*b]);
+            }
+        }
+    }
+
+    /// Checks `offset..offset+len` against segment `s` and returns the linear address.
+    fn linear(&self, s: SegReg, offset: u32, len: u32) -> Step<u32> {
+        let seg = self.cpu.seg(s);
+        let last = u64::from(offset) + u64::from(len) - 1;
+        let expand_down = seg.access & 0x1C == 0x14; // data segment, E bit
+        let ok = if expand_down {
+            let top = if seg.big { 0xFFFF_FFFF } else { 0xFFFF };
+            u64::from(offset) > u64::from(seg.limit) && last <= top
+        } else {
+            last <= u64::from(seg.limit)
+        };
+        if !ok {
+            let v = if s == SegReg::Ss {
+                vector::SS
+            } else {
+                vector::GP
+            };
+            return Err(Fault::Exception(v, Some(0)));
+        }
+        Ok(seg.base.wrapping_add(offset))
+    }
+
+    fn read_mem(&self, s: SegReg, offset: u32, len: u32, io: &mut dyn IoHandler) -> Step<u32> {
+        let lin = self.linear(s, offset, len)?;
+        let mut b = [0u8; 4];
+        self.read_phys(lin, &mut b[..len as usize], io);
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn write_mem(&self, s: SegReg, offset: u32, len: u32, v: u32, io: &mut dyn IoHandler) -> Step {
+        let lin = self.linear(s, offset, len)?;
+        self.write_phys(lin, &v.to_le_bytes()[..len as usize], io);
+        Ok(())
+    }
+
+    fn stack_big(&self) -> bool {
+        self.cpu.seg(SegReg::Ss).big
+    }
+
+    fn sp(&self) -> u32 {
+        if self.stack_big() {
+            self.cpu.gpr[4]
+        } else {
+            self.cpu.gpr[4] & 0xFFFF
+        }
+    }
+
+    fn set_sp(&mut self, v: u32) {
+        if self.stack_big() {
+            self.cpu.gpr[4] = v;
+        } else {
+            self.cpu.gpr[4] = (self.cpu.gpr[4] & 0xFFFF_0000) | (v & 0xFFFF);
+        }
+    }
+
+    fn push(&mut self, v: u32, len: u32, io: &mut dyn IoHandler) -> Step {
+        let sp = self.sp().wrapping_sub(len);
+        let sp = if self.stack_big() { sp } else { sp & 0xFFFF };
+        self.write_mem(SegReg::Ss, sp, len, v, io)?;
+        self.set_sp(sp);
+        Ok(())
+    }
+
+    fn pop(&mut self, len: u32, io: &mut dyn IoHandler) -> Step<u32> {
+        let sp = self.sp();
+        let v = self.read_mem(SegReg::Ss, sp, len, io)?;
+        self.set_sp(sp.wrapping_add(len));
+        Ok(v)
+    }
+
+    // ---- registers and operands ---------------------------------------------------------
+
+    fn reg(&self, r: Register) -> u32 {
+        let n = r.number();
+        if r.is_gpr8() {
+            if n < 4 {
+                self.cpu.gpr[n] & 0xFF
+            } else {
+                (self.cpu.gpr[n - 4] >> 8) & 0xFF
+            }
+        } else if r.is_gpr16() {
+            self.cpu.gpr[n] & 0xFFFF
+        } else if r.is_gpr32() {
+            self.cpu.gpr[n]
+        } else if r.is_segment_register() {
+            u32::from(self.cpu.seg[n].selector)
+        } else {
+            0
+        }
+    }
+
+    fn set_reg(&mut self, r: Register, v: u32) {
+        let n = r.number();
+        let g = &mut self.cpu.gpr;
+        if r.is_gpr8() {
+            if n < 4 {
+                g[n] = (g[n] & !0xFF) | (v & 0xFF);
+            } else {
+                g[n - 4] = (g[n - 4] & !0xFF00) | ((v & 0xFF) << 8);
+            }
+        } else if r.is_gpr16() {
+            g[n] = (g[n] & !0xFFFF) | (v & 0xFFFF);
+        } else {
+            g[n] = v;
+        }
+    }
+
+    /// Segment and offset of the instruction's memory operand.
+    fn address(&self, ins: &Instruction) -> (SegReg, u32) {
+        let base = ins.memory_base();
+        let index = ins.memory_index();
+        let mut off = ins.memory_displacement32();
+        if base != Register::None {
+            off = off.wrapping_add(self.reg(base));
+        }
+        if index != Register::None {
+            off = off.wrapping_add(self.reg(index).wrapping_mul(ins.memory_index_scale()));
+        }
+        let addr16 = base.is_gpr16()
+            || index.is_gpr16()
+            || (base == Register::None && index == Register::None && ins.memory_displ_size() == 2);
+        if addr16 {
+            off &= 0xFFFF;
+        }
+        (seg_of(ins.memory_segment()), off)
+    }
+
+    /// Size in bytes of operand `i`.
+    fn op_size(ins: &Instruction, i: u32) -> u32 {
+        match ins.op_kind(i) {
+            OpKind::Register => ins.op_register(i).size() as u32,
+            OpKind::Memory => ins.memory_size().size() as u32,
+            OpKind::Immediate8 => 1,
+            OpKind::Immediate16 | OpKind::Immediate8to16 => 2,
+            _ => 4,
+        }
+    }
+
+    fn read_op(&self, ins: &Instruction, i: u32, io: &mut dyn IoHandler) -> Step<u32> {
+        Ok(match ins.op_kind(i) {
+            OpKind::Register => self.reg(ins.op_register(i)),
+            OpKind::Memory => {
+                let (s, off) = self.address(ins);
+                self.read_mem(s, off, Self::op_size(ins, i), io)?
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32 => ins.immediate(i) as u32,
+            OpKind::Immediate8_2nd => u32::from(ins.immediate8_2nd()),
+            k => return unsupported(format!("operand kind {k:?} of {ins}")),
+        })
+    }
+
+    fn write_op(&mut self, ins: &Instruction, i: u32, v: u32, io: &mut dyn IoHandler) -> Step {
+        match ins.op_kind(i) {
+            OpKind::Register => {
+                let r = ins.op_register(i);
+                if r.is_segment_register() {
+                    return self.load_segment(seg_of(r), v as u16, io);
+                }
+                self.set_reg(r, v);
+                Ok(())
+            }
+            OpKind::Memory => {
+                let (s, off) = self.address(ins);
+                self.write_mem(s, off, Self::op_size(ins, 0), v, io)
+            }
+            k => unsupported(format!("destination kind {k:?} of {ins}")),
+        }
+    }
+
+    // ---- segments and descriptor tables -------------------------------------------------
+
+    fn descriptor(&self, selector: u16, io: &mut dyn IoHandler) -> Step<u64> {
+        if selector & 4 != 0 {
+            return unsupported("an LDT selector");
+        }
+        let index = u32::from(selector & !7);
+        if index + 7 > u32::from(self.cpu.gdtr.limit) {
+            return Err(Fault::Exception(vector::GP, Some(index)));
+        }
+        let mut d = [0u8; 8];
+        self.read_phys(self.cpu.gdtr.base.wrapping_add(index), &mut d, io);
+        Ok(u64::from_le_bytes(d))
+    }
+
+    /// MOV/POP to a data or stack segment register.
+    fn load_segment(&mut self, s: SegReg, selector: u16, io: &mut dyn IoHandler) -> Step {
+        if !self.cpu.protected() || self.cpu.eflags & flags::VM != 0 {
+            let access = self.cpu.seg(s).access;
+            self.cpu.seg[s as usize] = Segment::real(selector, access);
+            return Ok(());
+        }
+        if s == SegReg::Cs {
+            return Err(Fault::Exception(vector::UD, None));
+        }
+        if selector & !3 == 0 {
+            if s == SegReg::Ss {
+                return gp0();
+            }
+            self.cpu.seg[s as usize] = Segment {
+                selector,
+                ..Segment::default()
+            };
+            return Ok(());
+        }
+        let seg = Segment::from_descriptor(selector, self.descriptor(selector, io)?);
+        let code = seg.access & 0x08 != 0;
+        let readable = !code || seg.access & 0x02 != 0;
+        let writable_data = !code && seg.access & 0x02 != 0;
+        let err = Some(u32::from(selector & !3));
+        if seg.access & 0x10 == 0 || (s == SegReg::Ss && !writable_data) || !readable {
+            return Err(Fault::Exception(vector::GP, err));
+        }
+        if !seg.present() {
+            let v = if s == SegReg::Ss {
+                vector::SS
+            } else {
+                vector::NP
+            };
+            return Err(Fault::Exception(v, err));
+        }
+        self.cpu.seg[s as usize] = seg;
+        Ok(())
+    }
+
+    /// Loads CS for a far transfer to `selector:offset` at the current privilege level.
+    fn far_jump(&mut self, selector: u16, offset: u32, io: &mut dyn IoHandler) -> Step {
+        if !self.cpu.protected() || self.cpu.eflags & flags::VM != 0 {
+            self.cpu.seg[SegReg::Cs as usize] = Segment::real(selector, 0x9B);
+            self.cpu.eip = offset & 0xFFFF;
+            return Ok(());
+        }
+        let err = Some(u32::from(selector & !3));
+        if selector & !3 == 0 {
+            return gp0();
+        }
+        let seg = Segment::from_descriptor(selector, self.descriptor(selector, io)?);
+        if seg.access & 0x18 != 0x18 {
+            return unsupported("a far transfer through a gate or to a task");
+        }
+        let dpl = (seg.access >> 5) & 3;
+        let conforming = seg.access & 0x04 != 0;
+        let cpl = self.cpu.cpl();
+        if (conforming && dpl > cpl) || (!conforming && dpl != cpl) {
+            return Err(Fault::Exception(vector::GP, err));
+        }
+        if !seg.present() {
+            return Err(Fault::Exception(vector::NP, err));
+        }
+        if offset > seg.limit {
+            return gp0();
+        }
+        self.cpu.seg[SegReg::Cs as usize] = Segment {
+            selector: (selector & !3) | u16::from(cpl),
+            ..seg
+        };
+        self.cpu.eip = offset;
+        Ok(())
+    }
+
+    /// Delivers interrupt or exception `v` through the IVT (real mode) or IDT (protected mode).
+    /// `next_eip` is Some for software interrupts (the return address).
+    fn deliver(
+        &mut self,
+        v: u8,
+        code: Option<u32>,
+        next_eip: Option<u32>,
+        io: &mut dyn IoHandler,
+    ) -> Step {
+        let ret = next_eip.unwrap_or(self.cpu.eip);
+        if !self.cpu.protected() {
+            let entry = u32::from(v) * 4;
+            if entry + 3 > u32::from(self.cpu.idtr.limit) {
+                return gp0();
+            }
+            let mut e = [0u8; 4];
+            self.read_phys(self.cpu.idtr.base.wrapping_add(entry), &mut e, io);
+            let cs = self.cpu.seg(SegReg::Cs).selector;
+            self.push(self.cpu.eflags & 0xFFFF, 2, io)?;
+            self.push(u32::from(cs), 2, io)?;
+            self.push(ret & 0xFFFF, 2, io)?;
+            self.cpu.eflags &= !(flags::IF | flags::TF | flags::AC);
+            self.cpu.seg[SegReg::Cs as usize] =
+                Segment::real(u16::from_le_bytes([e[2], e[3]]), 0x9B);
+            self.cpu.eip = u32::from(u16::from_le_bytes([e[0], e[1]]));
+            return Ok(());
+        }
+        let ext = u32::from(next_eip.is_none());
+        let idt_err = Some(u32::from(v) * 8 + 2 + ext);
+        let entry = u32::from(v) * 8;
+        if entry + 7 > u32::from(self.cpu.idtr.limit) {
+            return Err(Fault::Exception(vector::GP, idt_err));
+        }
+        let mut g = [0u8; 8];
+        self.read_phys(self.cpu.idtr.base.wrapping_add(entry), &mut g, io);
+        let gate = u64::from_le_bytes(g);
+        let gate_type = ((gate >> 40) & 0x1F) as u8;
+        let gate_dpl = ((gate >> 45) & 3) as u8;
+        let present = gate & (1 << 47) != 0;
+        let trap = match gate_type {
+            0x0E => false,
+            0x0F => true,
+            0x05 => return unsupported("an interrupt through a task gate"),
+            0x06 | 0x07 => return unsupported("a 16-bit interrupt gate"),
+            _ => return Err(Fault::Exception(vector::GP, idt_err)),
+        };
+        if next_eip.is_some() && gate_dpl < self.cpu.cpl() {
+            return Err(Fault::Exception(vector::GP, idt_err));
+        }
+        if !present {
+            return Err(Fault::Exception(vector::NP, idt_err));
+        }
+        let selector = (gate >> 16) as u16;
+        let offset = (gate & 0xFFFF) as u32 | ((gate >> 32) as u32 & 0xFFFF_0000);
+        if selector & !3 == 0 {
+            return gp0();
+        }
+        let target = Segment::from_descriptor(selector, self.descriptor(selector, io)?);
+        let target_dpl = (target.access >> 5) & 3;
+        if target.access & 0x18 != 0x18 {
+            return Err(Fault::Exception(vector::GP, Some(u32::from(selector & !3))));
+        }
+        if target_dpl < self.cpu.cpl() && target.access & 0x04 == 0 {
+            return unsupported("an interrupt that changes privilege level (needs a TSS)");
+        }
+        if !target.present() {
+            return Err(Fault::Exception(vector::NP, Some(u32::from(selector & !3))));
+        }
+        let cs = self.cpu.seg(SegReg::Cs).selector;
+        let eflags = self.cpu.eflags;
+        self.push(eflags, 4, io)?;
+        self.push(u32::from(cs), 4, io)?;
+        self.push(ret, 4, io)?;
+        if let Some(c) = code {
+            self.push(c, 4, io)?;
+        }
+        self.cpu.seg[SegReg::Cs as usize] = Segment {
+            selector: (selector & !3) | u16::from(self.cpu.cpl()),
+            ..target
+        };
+        self.cpu.eip = offset;
+        self.cpu.eflags &= !(flags::TF | flags::NT | flags::RF | flags::VM);
+        if !trap {
+            self.cpu.eflags &= !flags::IF;
+        }
+        Ok(())
+    }
+
+    // ---- the instruction loop -----------------------------------------------------------
+
+    fn fetch(&self, io: &mut dyn IoHandler) -> Step<Instruction> {
+        let cs = *self.cpu.seg(SegReg::Cs);
+        let bitness = if cs.big { 32 } else { 16 };
+        let mut bytes = [0u8; 15];
+        // Fetch what the CS limit allows (a shorter fetch that cuts an instruction is #GP).
+        let room = u64::from(cs.limit) + 1 - u64::from(self.cpu.eip).min(u64::from(cs.limit) + 1);
+        let n = room.min(15) as usize;
+        if n == 0 {
+            return gp0();
+        }
+        self.read_phys(cs.base.wrapping_add(self.cpu.eip), &mut bytes[..n], io);
+        let mut d = Decoder::with_ip(
+            bitness,
+            &bytes[..n],
+            u64::from(self.cpu.eip),
+            DecoderOptions::NONE,
+        );
+        let ins = d.decode();
+        if ins.is_invalid() {
+            return if n < 15 && ins.len() == 0 {
+                gp0()
+            } else {
+                Err(Fault::Exception(vector::UD, None))
+            };
+        }
+        Ok(ins)
+    }
+
+    /// Executes one instruction. Returns the VM exit it causes, if any.
+    fn step(&mut self, io: &mut dyn IoHandler) -> Step<Option<VmExit>> {
+        let ins = self.fetch(io)?;
+        let mut next = ins.next_ip32();
+        if !self.cpu.seg(SegReg::Cs).big {
+            next &= 0xFFFF;
+        }
+        let exit = self.execute(&ins, next, io)?;
+        self.instructions += 1;
+        Ok(exit)
+    }
+
+    fn execute(
+        &mut self,
+        ins: &Instruction,
+        next: u32,
+        io: &mut dyn IoHandler,
+    ) -> Step<Option<VmExit>> {
+        use Mnemonic as M;
+        let fl = self.cpu.eflags;
+        let bits = Self::op_size(ins, 0) * 8;
+        let mut exit = None;
+        let mut branch: Option<u32> = None;
+        match ins.mnemonic() {
+            M::Nop => {}
+            M::Mov => {
+                let r0 = ins.op0_register();
+                let r1 = ins.op1_register();
+                if r0.is_cr() || r1.is_cr() || r0.is_dr() || r1.is_dr() {
+                    self.mov_control(ins)?;
+                } else {
+                    let v = self.read_op(ins, 1, io)?;
+                    self.write_op(ins, 0, v, io)?;
+                }
+            }
+            M::Movzx | M::Movsx => {
+                let v = self.read_op(ins, 1, io)?;
+                let src_bits = Self::op_size(ins, 1) * 8;
+                let v = if ins.mnemonic() == M::Movsx {
+                    (((v << (32 - src_bits)) as i32) >> (32 - src_bits)) as u32
+                } else {
+                    v
+                };
+                self.write_op(ins, 0, v, io)?;
+            }
+            M::Lea => {
+                let (_, off) = self.address(ins);
+                self.write_op(ins, 0, off, io)?;
+            }
+            M::Xchg => {
+                let a = self.read_op(ins, 0, io)?;
+                let b = self.read_op(ins, 1, io)?;
+                self.write_op(ins, 0, b, io)?;
+                if let Err(f) = self.write_op(ins, 1, a, io) {
+                    self.write_op(ins, 0, a, io)?;
+                    return Err(f);
+                }
+            }
+            M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
+                let a = self.read_op(ins, 0, io)?;
+                let b = self.read_op(ins, 1, io)?;
+                let carry = fl & flags::CF != 0;
+                let (r, f) = match ins.mnemonic() {
+                    M::Add => alu::add(a, b, false, bits, fl),
+                    M::Adc => alu::add(a, b, carry, bits, fl),
+                    M::Sub | M::Cmp => alu::sub(a, b, false, bits, fl),
+                    M::Sbb => alu::sub(a, b, carry, bits, fl),
+                    M::And | M::Test => alu::logic(a & b, bits, fl),
+                    M::Or => alu::logic(a | b, bits, fl),
+                    _ => alu::logic(a ^ b, bits, fl),
+                };
+                if !matches!(ins.mnemonic(), M::Cmp | M::Test) {
+                    self.write_op(ins, 0, r, io)?;
+                }
+                self.cpu.eflags = f;
+            }
+            M::Inc | M::Dec | M::Neg | M::Not => {
+                let a = self.read_op(ins, 0, io)?;
+                let (r, f) = match ins.mnemonic() {
+                    M::Inc => alu::inc(a, bits, fl),
+                    M::Dec => alu::dec(a, bits, fl),
+                    M::Neg => alu::neg(a, bits, fl),
+                    _ => (!a, fl),
+                };
+                self.write_op(ins, 0, r, io)?;
+                self.cpu.eflags = f;
+            }
+            M::Rol | M::Ror | M::Shl | M::Sal | M::Shr | M::Sar => {
+                let op = match ins.mnemonic() {
+                    M::Rol => Shift::Rol,
+                    M::Ror => Shift::Ror,
+                    M::Shr => Shift::Shr,
+                    M::Sar => Shift::Sar,
+                    _ => Shift::Shl,
+                };
+                let a = self.read_op(ins, 0, io)?;
+                let count = if ins.op_count() > 1 {
+                    self.read_op(ins, 1, io)?
+                } else {
+                    1
+                };
+                let (r, f) = alu::shift(op, a, count, bits, fl);
+                self.write_op(ins, 0, r, io)?;
+                self.cpu.eflags = f;
+            }
+            M::Cwde | M::Cbw => {
+                let a = self.cpu.gpr[0];
+                self.cpu.gpr[0] = if ins.mnemonic() == M::Cwde {
+                    a as u16 as i16 as i32 as u32
+                } else {
+                    (a & 0xFFFF_0000) | (a as u8 as i8 as i16 as u16 as u32)
+                };
+            }
+            M::Cdq | M::Cwd => {
+                if ins.mnemonic() == M::Cdq {
+                    self.cpu.gpr[2] = ((self.cpu.gpr[0] as i32) >> 31) as u32;
+                } else {
+                    let hi = ((self.cpu.gpr[0] as i16) >> 15) as u16;
+                    self.cpu.gpr[2] = (self.cpu.gpr[2] & 0xFFFF_0000) | u32::from(hi);
+                }
+            }
+            M::Push => {
+                let len = if ins.op0_kind() == OpKind::Register || ins.op0_kind() == OpKind::Memory
+                {
+                    Self::op_size(ins, 0)
+                } else if ins.code() == Code::Push_imm16 || ins.code() == Code::Pushw_imm8 {
+                    2
+                } else {
+                    4
+                };
+                let len = if ins.op0_register().is_segment_register() {
+                    if self.cpu.seg(SegReg::Cs).big { 4 } else { 2 }
+                } else {
+                    len
+                };
+                let v = self.read_op(ins, 0, io)?;
+                self.push(v, len, io)?;
+            }
+            M::Pop => {
+                let len = Self::op_size(ins, 0);
+                let len = if ins.op0_register().is_segment_register() {
+                    if self.cpu.seg(SegReg::Cs).big { 4 } else { 2 }
+                } else {
+                    len
+                };
+                let saved = self.cpu.gpr[4];
+                let v = self.pop(len, io)?;
+                if let Err(f) = self.write_op(ins, 0, v, io) {
+                    self.cpu.gpr[4] = saved;
+                    return Err(f);
+                }
+            }
+            M::Pushf | M::Pushfd => {
+                let len = if ins.mnemonic() == M::Pushfd { 4 } else { 2 };
+                self.push(fl & !(flags::RF | flags::VM), len, io)?;
+            }
+            M::Popf | M::Popfd => {
+                let len = if ins.mnemonic() == M::Popfd { 4 } else { 2 };
+                let v = self.pop(len, io)?;
+                let mut writable =
+                    flags::WRITABLE & !(flags::VM | flags::RF | flags::VIF | flags::VIP);
+                if self.cpu.cpl() > 0 {
+                    writable &= !flags::IOPL;
+                }
+                if self.cpu.cpl() > self.cpu.iopl() {
+                    writable &= !flags::IF;
+                }
+                if len == 2 {
+                    writable &= 0xFFFF;
+                }
+                self.cpu.eflags = (fl & !writable) | (v & writable) | flags::FIXED;
+            }
+            M::Clc => self.cpu.eflags &= !flags::CF,
+            M::Stc => self.cpu.eflags |= flags::CF,
+            M::Cmc => self.cpu.eflags ^= flags::CF,
+            M::Cld => self.cpu.eflags &= !flags::DF,
+            M::Std => self.cpu.eflags |= flags::DF,
+            M::Cli | M::Sti => {
+                if self.cpu.protected() && self.cpu.cpl() > self.cpu.iopl() {
+                    return gp0();
+                }
+                if ins.mnemonic() == M::Cli {
+                    self.cpu.eflags &= !flags::IF;
+                } else {
+                    self.cpu.eflags |= flags::IF;
+                }
+            }
+            M::Jmp => match ins.op0_kind() {
+                OpKind::NearBranch16 | OpKind::NearBranch32 => {
+                    branch = Some(ins.near_branch_target() as u32);
+                }
+                OpKind::FarBranch16 | OpKind::FarBranch32 => {
+                    self.far_jump(ins.far_branch_selector(), ins.far_branch32(), io)?;
+                    return Ok(None);
+                }
+                OpKind::Register | OpKind::Memory if !ins.is_jmp_far_indirect() => {
+                    branch = Some(self.read_op(ins, 0, io)?);
+                }
+                _ => return unsupported(format!("{ins}")),
+            },
+            M::Call => {
+                let len = if self.cpu.seg(SegReg::Cs).big { 4 } else { 2 };
+                let target = match ins.op0_kind() {
+                    OpKind::NearBranch16 | OpKind::NearBranch32 => ins.near_branch_target() as u32,
+                    OpKind::Register | OpKind::Memory if !ins.is_call_far_indirect() => {
+                        self.read_op(ins, 0, io)?
+                    }
+                    _ => return unsupported(format!("{ins}")),
+                };
+                let len = if ins.code() == Code::Call_rel16 || ins.code() == Code::Call_rm16 {
+                    2
+                } else if ins.code() == Code::Call_rel32_32 || ins.code() == Code::Call_rm32 {
+                    4
+                } else {
+                    len
+                };
+                self.push(next, len, io)?;
+                branch = Some(target);
+            }
+            M::Ret => {
+                let len = if ins.code() == Code::Retnw || ins.code() == Code::Retnw_imm16 {
+                    2
+                } else {
+                    4
+                };
+                let saved = self.cpu.gpr[4];
+                let target = self.pop(len, io)?;
+                let release = if ins.op_count() > 0 {
+                    ins.immediate16() as u32
+                } else {
+                    0
+                };
+                self.set_sp(self.sp().wrapping_add(release));
+                if target > self.cpu.seg(SegReg::Cs).limit {
+                    self.cpu.gpr[4] = saved;
+                    return gp0();
+                }
+                branch = Some(target);
+            }
+            M::In | M::Out => {
+                let port = if matches!(
+                    ins.op_kind(if ins.mnemonic() == M::In { 1 } else { 0 }),
+                    OpKind::Immediate8
+                ) {
+                    ins.immediate8() as u16
+                } else {
+                    self.cpu.gpr[2] as u16
+                };
+                if self.cpu.protected() && (self.cpu.cpl() > self.cpu.iopl() || fl & flags::VM != 0)
+                {
+                    return unsupported("port I/O checked against the TSS I/O permission bitmap");
+                }
+                if ins.mnemonic() == M::In {
+                    let r = ins.op0_register();
+                    let mut b = [0u8; 4];
+                    let len = r.size();
+                    io.pio_read(port, &mut b[..len]);
+                    self.set_reg(r, u32::from_le_bytes(b));
+                } else {
+                    let r = ins.op1_register();
+                    let v = self.reg(r).to_le_bytes();
+                    io.pio_write(port, &v[..r.size()]);
+                }
+                exit = Some(VmExit::Io);
+            }
+            M::Hlt => {
+                if self.cpu.cpl() != 0 {
+                    return gp0();
+                }
+                exit = Some(VmExit::Halt {
+                    interrupts_enabled: fl & flags::IF != 0,
+                });
+            }
+            M::Lgdt | M::Lidt => {
+                if self.cpu.cpl() != 0 {
+                    return gp0();
+                }
+                let (s, off) = self.address(ins);
+                let limit = self.read_mem(s, off, 2, io)? as u16;
+                let mut base = self.read_mem(s, off.wrapping_add(2), 4, io)?;
+                if !self.cpu.seg(SegReg::Cs).big {
+                    base &= 0x00FF_FFFF; // 16-bit operand size loads a 24-bit base
+                }
+                let t = TableReg { base, limit };
+                if ins.mnemonic() == M::Lgdt {
+                    self.cpu.gdtr = t;
+                } else {
+                    self.cpu.idtr = t;
+                }
+            }
+            M::Ud2 => return Err(Fault::Exception(vector::UD, None)),
+            M::Int3 | M::Int | M::Into => {
+                let v = match ins.mnemonic() {
+                    M::Int3 => 3,
+                    M::Into => {
+                        if fl & flags::OF == 0 {
+                            self.cpu.eip = next;
+                            return Ok(None);
+                        }
+                        4
+                    }
+                    _ => ins.immediate8(),
+                };
+                if self.cpu.eflags & flags::VM != 0 {
+                    return unsupported("a software interrupt in virtual-8086 mode");
+                }
+                self.deliver(v, None, Some(next), io)?;
+                return Ok(None);
+            }
+            M::Iret | M::Iretd => {
+                if self.cpu.protected() && self.cpu.eflags & flags::NT != 0 {
+                    return unsupported("IRET to a task (NT set)");
+                }
+                let len = if ins.mnemonic() == M::Iretd { 4 } else { 2 };
+                let saved = self.cpu.gpr[4];
+                let eip = self.pop(len, io)?;
+                let cs = self.pop(len, io)? as u16;
+                let new_flags = self.pop(len, io)?;
+                if self.cpu.protected() && (cs & 3) as u8 != self.cpu.cpl() {
+                    self.cpu.gpr[4] = saved;
+                    return unsupported("IRET to another privilege level");
+                }
+                if let Err(f) = self.far_jump(cs, eip, io) {
+                    self.cpu.gpr[4] = saved;
+                    return Err(f);
+                }
+                let mut writable = flags::WRITABLE & !(flags::VM | flags::VIF | flags::VIP);
+                if len == 2 {
+                    writable &= 0xFFFF;
+                }
+                self.cpu.eflags = (fl & !writable) | (new_flags & writable) | flags::FIXED;
+                return Ok(None);
+            }
+            M::Div | M::Idiv | M::Mul | M::Imul if ins.op_count() == 1 => {
+                self.mul_div(ins, io)?;
+            }
+            m => {
+                if let Some(cc) = jcc(ins) {
+                    if alu::condition(cc, fl) {
+                        branch = Some(ins.near_branch_target() as u32);
+                    }
+                } else if let Some(cc) = setcc(m) {
+                    let v = u32::from(alu::condition(cc, fl));
+                    self.write_op(ins, 0, v, io)?;
+                } else {
+                    return unsupported(format!("'{ins}'"));
+                }
+            }
+        }
+        match branch {
+            Some(target) => {
+                let target = if self.cpu.seg(SegReg::Cs).big {
+                    target
+                } else {
+                    target & 0xFFFF
+                };
+                if target > self.cpu.seg(SegReg::Cs).limit {
+                    return gp0();
+                }
+                self.cpu.eip = target;
+            }
+            None => self.cpu.eip = next,
+        }
+        Ok(exit)
+    }
+
+    fn mul_div(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let bits = Self::op_size(ins, 0) * 8;
+        let src = u64::from(self.read_op(ins, 0, io)?);
+        let g = self.cpu.gpr;
+        // The implicit double-width operand: AX, DX:AX or EDX:EAX.
+        let (lo, hi) = match bits {
+            8 => (u64::from(g[0] & 0xFF), u64::from((g[0] >> 8) & 0xFF)),
+            16 => (u64::from(g[0] & 0xFFFF), u64::from(g[2] & 0xFFFF)),
+            _ => (u64::from(g[0]), u64::from(g[2])),
+        };
+        let m = if bits == 32 {
+            u64::from(u32::MAX)
+        } else {
+            (1 << bits) - 1
+        };
+        let sx = |v: u64, b: u32| ((v << (64 - b)) as i64) >> (64 - b);
+        let (q, r): (u64, u64) = match ins.mnemonic() {
+            Mnemonic::Mul | Mnemonic::Imul => {
+                let (prod, overflow) = if ins.mnemonic() == Mnemonic::Mul {
+                    let p = lo * src;
+                    (p, p >> bits != 0)
+                } else {
+                    let p = (sx(lo, bits) * sx(src, bits)) as u64;
+                    (p, sx(p & ((m << bits) | m), 2 * bits) != sx(p & m, bits))
+                };
+                let f = if overflow { flags::CF | flags::OF } else { 0 };
+                self.cpu.eflags = (self.cpu.eflags & !(flags::CF | flags::OF)) | f;
+                (prod & m, (prod >> bits) & m)
+            }
+            _ => {
+                if src == 0 {
+                    return Err(Fault::Exception(vector::DE, None));
+                }
+                let dividend = (hi << bits) | lo;
+                if ins.mnemonic() == Mnemonic::Div {
+                    let q = dividend / src;
+                    if q > m {
+                        return Err(Fault::Exception(vector::DE, None));
+                    }
+                    (q, dividend % src)
+                } else {
+                    let n = sx(dividend, 2 * bits);
+                    let d = sx(src, bits);
+                    let q = n.checked_div(d).ok_or(Fault::Exception(vector::DE, None))?;
+                    if q > (m >> 1) as i64 || q < -((m >> 1) as i64) - 1 {
+                        return Err(Fault::Exception(vector::DE, None));
+                    }
+                    (q as u64 & m, (n % d) as u64 & m)
+                }
+            }
+        };
+        let g = &mut self.cpu.gpr;
+        match bits {
+            8 => g[0] = (g[0] & !0xFFFF) | ((r as u32) << 8) | q as u32,
+            16 => {
+                g[0] = (g[0] & !0xFFFF) | q as u32;
+                g[2] = (g[2] & !0xFFFF) | r as u32;
+            }
+            _ => {
+                g[0] = q as u32;
+                g[2] = r as u32;
+            }
+        }
+        Ok(())
+    }
+
+    fn mov_control(&mut self, ins: &Instruction) -> Step {
+        if self.cpu.cpl() != 0 {
+            return gp0();
+        }
+        let (dst, src) = (ins.op0_register(), ins.op1_register());
+        if dst.is_dr() || src.is_dr() {
+            return unsupported("debug registers");
+        }
+        if src.is_cr() {
+            let v = match src {
+                Register::CR0 => self.cpu.cr0,
+                Register::CR2 => self.cpu.cr2,
+                Register::CR3 => self.cpu.cr3,
+                Register::CR4 => self.cpu.cr4,
+                _ => return Err(Fault::Exception(vector::UD, None)),
+            };
+            self.set_reg(dst, v);
+            return Ok(());
+        }
+        let v = self.reg(src);
+        match dst {
+            Register::CR0 => {
+                if v & cr0::PG != 0 {
+                    return unsupported("paging (CR0.PG) in the interpreter");
+                }
+                self.cpu.cr0 = v | cr0::ET;
+            }
+            Register::CR2 => self.cpu.cr2 = v,
+            Register::CR3 => self.cpu.cr3 = v,
+            Register::CR4 => {
+                if v != 0 {
+                    return unsupported(format!("CR4 features {v:#x}"));
+                }
+                self.cpu.cr4 = v;
+            }
+            _ => return Err(Fault::Exception(vector::UD, None)),
+        }
+        Ok(())
+    }
+}
+
+/// The segment register an iced register names (DS for none).
+fn seg_of(r: Register) -> SegReg {
+    match r {
+        Register::ES => SegReg::Es,
+        Register::CS => SegReg::Cs,
+        Register::SS => SegReg::Ss,
+        Register::FS => SegReg::Fs,
+        Register::GS => SegReg::Gs,
+        _ => SegReg::Ds,
+    }
+}
+
+/// The condition code of a Jcc, if `ins` is one.
+fn jcc(ins: &Instruction) -> Option<u8> {
+    use Mnemonic as M;
+    let cc = match ins.mnemonic() {
+        M::Jo => 0,
+        M::Jno => 1,
+        M::Jb => 2,
+        M::Jae => 3,
+        M::Je => 4,
+        M::Jne => 5,
+        M::Jbe => 6,
+        M::Ja => 7,
+        M::Js => 8,
+        M::Jns => 9,
+        M::Jp => 10,
+        M::Jnp => 11,
+        M::Jl => 12,
+        M::Jge => 13,
+        M::Jle => 14,
+        M::Jg => 15,
+        _ => return None,
+    };
+    Some(cc)
+}
+
+/// The condition code of a SETcc mnemonic.
+fn setcc(m: Mnemonic) -> Option<u8> {
+    use Mnemonic as M;
+    let cc = match m {
+        M::Seto => 0,
+        M::Setno => 1,
+        M::Setb => 2,
+        M::Setae => 3,
+        M::Sete => 4,
+        M::Setne => 5,
+        M::Setbe => 6,
+        M::Seta => 7,
+        M::Sets => 8,
+        M::Setns => 9,
+        M::Setp => 10,
+        M::Setnp => 11,
+        M::Setl => 12,
+        M::Setge => 13,
+        M::Setle => 14,
+        M::Setg => 15,
+        _ => return None,
+    };
+    Some(cc)
+}
