@@ -173,6 +173,24 @@ pub fn engines() -> Vec<&'static str> {
     v
 }
 
+/// Whether /dev/kvm is the PVM module (software nested virtualization) rather than hardware KVM.
+pub fn kvm_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The engines that can run 32-bit protected-mode kernels with interrupt handlers here: like
+/// [`engines`], but without kvm when it is PVM, which cannot emulate 32-bit IRET.
+pub fn protected_mode_engines() -> Vec<&'static str> {
+    let mut v = engines();
+    if kvm_is_pvm() && v.contains(&"kvm") {
+        eprintln!(
+            "SKIPPED engine kvm: /dev/kvm is PVM, which cannot run 32-bit IRET (DESIGN.md §2)"
+        );
+        v.retain(|e| *e != "kvm");
+    }
+    v
+}
+
 fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut buf = Vec::new();

@@ -61,6 +61,12 @@ fn unsupported<T>(what: impl Into<String>) -> Step<T> {
     Err(Fault::Unsupported(what.into()))
 }
 
+/// Fault-class exceptions: they restart the faulting instruction, and the EFLAGS image they push
+/// has RF = 1 (Intel SDM vol. 3, "RF flag").
+fn fault_class(v: u8) -> bool {
+    matches!(v, 0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19)
+}
+
 /// Exceptions whose delivery failure in turn makes a double fault (Intel SDM vol. 3, table 6-5).
 fn contributory(v: u8) -> bool {
     matches!(v, 0 | 10..=13)
@@ -124,11 +130,11 @@ impl Interp {
         &self.cpu
     }
 
-    /// Guest instructions executed and exceptions delivered so far.
+    /// Guest instructions executed and exceptions raised (delivery attempts) so far.
     pub fn counters(&self) -> [(&'static str, u64); 2] {
         [
             ("guest instructions", self.instructions),
-            ("exceptions delivered", self.exceptions),
+            ("exceptions raised", self.exceptions),
         ]
     }
 
@@ -584,7 +590,11 @@ impl Interp {
             return Err(Fault::Exception(vector::NP, Some(u32::from(selector & !3))));
         }
         let cs = self.cpu.seg(SegReg::Cs).selector;
-        let eflags = self.cpu.eflags;
+        let eflags = if next_eip.is_none() && fault_class(v) {
+            self.cpu.eflags | flags::RF
+        } else {
+            self.cpu.eflags & !flags::RF
+        };
         self.push(eflags, 4, io)?;
         self.push(u32::from(cs), 4, io)?;
         self.push(ret, 4, io)?;
@@ -641,6 +651,10 @@ impl Interp {
             next &= 0xFFFF;
         }
         let exit = self.execute(&ins, next, io)?;
+        // RF suppresses instruction breakpoints for one instruction only; IRET may set it.
+        if !matches!(ins.mnemonic(), Mnemonic::Iret | Mnemonic::Iretd) {
+            self.cpu.eflags &= !flags::RF;
+        }
         self.instructions += 1;
         Ok(exit)
     }
@@ -1166,4 +1180,194 @@ fn setcc(m: Mnemonic) -> Option<u8> {
         _ => return None,
     };
     Some(cc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::BlockEncoderOptions;
+    use iced_x86::IcedError;
+    use iced_x86::code_asm::*;
+    use vmdriver::MemoryLayout;
+
+    const CODE: u32 = 0x10_0000;
+    const GDT: u32 = 0x1000;
+    const IDT: u32 = 0x2000;
+    const STACK: u32 = 0x9_0000;
+
+    /// Records port writes; reads return all ones.
+    #[derive(Default)]
+    struct Ports(Vec<(u16, u32)>);
+    impl IoHandler for Ports {
+        fn pio_read(&mut self, _: u16, data: &mut [u8]) {
+            data.fill(0xFF);
+        }
+        fn pio_write(&mut self, port: u16, data: &[u8]) {
+            let mut b = [0u8; 4];
+            b[..data.len()].copy_from_slice(data);
+            self.0.push((port, u32::from_le_bytes(b)));
+        }
+        fn mmio_read(&mut self, _: u64, data: &mut [u8]) {
+            data.fill(0xFF);
+        }
+        fn mmio_write(&mut self, _: u64, _: &[u8]) {}
+    }
+
+    /// A flat 32-bit machine running the assembled code at CODE, with an IDT whose `gates`
+    /// (vector, type byte) all point at the `handler` label of that code.
+    fn machine(
+        build: impl FnOnce(&mut CodeAssembler, &mut CodeLabel) -> Result<(), IcedError>,
+        gates: &[(u8, u8)],
+    ) -> (Interp, Ports) {
+        let mem = Arc::new(GuestMemory::new(MemoryLayout::new(4).unwrap()).unwrap());
+        let gdt: [u64; 3] = [0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
+        let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+        mem.write(u64::from(GDT), &bytes).unwrap();
+        let mut a = CodeAssembler::new(32).unwrap();
+        let mut handler = a.create_label();
+        build(&mut a, &mut handler).unwrap();
+        let r = a
+            .assemble_options(
+                u64::from(CODE),
+                BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+            )
+            .unwrap();
+        let h = r.label_ip(&handler).unwrap() as u32;
+        mem.write(u64::from(CODE), &r.inner.code_buffer).unwrap();
+        for (v, ty) in gates {
+            let gate = u64::from(h & 0xFFFF)
+                | (0x08 << 16)
+                | (u64::from(*ty) << 40)
+                | (u64::from(h >> 16) << 48);
+            mem.write(u64::from(IDT) + u64::from(*v) * 8, &gate.to_le_bytes())
+                .unwrap();
+        }
+        let mut interp = Interp::new(
+            mem,
+            InitialCpu::Flat32 {
+                eip: CODE,
+                eax: 0,
+                ebx: 0,
+                gdt_base: GDT,
+                gdt_limit: 23,
+                code_selector: 0x08,
+                data_selector: 0x10,
+            },
+        );
+        interp.cpu.idtr = TableReg {
+            base: IDT,
+            limit: 0x7FF,
+        };
+        interp.cpu.gpr[4] = STACK;
+        (interp, Ports::default())
+    }
+
+    /// Runs until the guest writes port 0xF4; returns the values it wrote to port 0x80.
+    fn run_to_exit(interp: &mut Interp, ports: &mut Ports) -> Vec<u32> {
+        for _ in 0..1000 {
+            assert_eq!(interp.run(ports), Ok(VmExit::Io));
+            if ports.0.iter().any(|(p, _)| *p == 0xF4) {
+                return ports
+                    .0
+                    .iter()
+                    .filter(|(p, _)| *p == 0x80)
+                    .map(|(_, v)| *v)
+                    .collect();
+            }
+        }
+        panic!("guest did not finish");
+    }
+
+    #[test]
+    fn faults_push_rf_and_software_interrupts_do_not() {
+        // The handler reports the pushed EFLAGS, steps past UD2 (a fault) and returns.
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.ud2()?;
+                a.int(0x30)?;
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                a.set_label(handler)?;
+                a.mov(eax, dword_ptr(esp + 8))?;
+                a.out(0x80, eax)?;
+                a.mov(eax, dword_ptr(esp))?;
+                a.cmp(byte_ptr(eax), 0x0Fu32)?; // UD2 starts with 0F: skip it
+                let mut done = a.create_label();
+                a.jne(done)?;
+                a.add(dword_ptr(esp), 2u32)?;
+                a.set_label(&mut done)?;
+                a.iretd()?;
+                Ok(())
+            },
+            &[(6, 0x8E), (0x30, 0x8F)],
+        );
+        let seen = run_to_exit(&mut i, &mut p);
+        assert_eq!(seen.len(), 2);
+        assert_ne!(seen[0] & flags::RF, 0, "#UD is a fault: RF pushed as 1");
+        assert_eq!(seen[1] & flags::RF, 0, "INT n pushes RF as 0");
+        assert_eq!(
+            i.cpu.eflags & flags::RF,
+            0,
+            "RF lasts one instruction after IRET"
+        );
+    }
+
+    #[test]
+    fn interrupt_gates_clear_if_and_trap_gates_keep_it() {
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.sti()?;
+                a.int(0x30)?;
+                a.int(0x31)?;
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                a.set_label(handler)?;
+                a.pushfd()?;
+                a.pop(eax)?;
+                a.out(0x80, eax)?;
+                a.iretd()?;
+                Ok(())
+            },
+            &[(0x30, 0x8E), (0x31, 0x8F)],
+        );
+        let f = run_to_exit(&mut i, &mut p);
+        assert_eq!(f[0] & flags::IF, 0, "interrupt gate");
+        assert_ne!(f[1] & flags::IF, 0, "trap gate");
+        assert_ne!(i.cpu.eflags & flags::IF, 0, "IRET restored IF");
+    }
+
+    #[test]
+    fn a_missing_handler_escalates_to_a_triple_fault() {
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.set_label(handler)?;
+                a.xor(ecx, ecx)?;
+                a.div(ecx)?;
+                Ok(())
+            },
+            &[],
+        );
+        i.cpu.idtr.limit = 0;
+        assert_eq!(i.run(&mut p), Ok(VmExit::Shutdown));
+        assert_eq!(
+            i.counters()[1].1,
+            2,
+            "#DE, then #DF, whose failure is the shutdown"
+        );
+    }
+
+    #[test]
+    fn unimplemented_instructions_stop_with_their_name() {
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.set_label(handler)?;
+                a.cpuid()?;
+                Ok(())
+            },
+            &[],
+        );
+        let err = i.run(&mut p).unwrap_err();
+        assert!(err.to_string().contains("cpuid"), "{err}");
+        assert_eq!(i.cpu.eip, CODE, "EIP stays on the instruction");
+    }
 }
