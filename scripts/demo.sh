@@ -10,9 +10,10 @@ out=target/demo
 mkdir -p "$out"
 target/release/bt86-kit build entry-dump "$out/demo-kernel"
 printf 'GREETING=hello from a multiboot module\n' > "$out/demo-env"
-echo "== booting $out/demo-kernel on bt86 (engine: ${BT86_ENGINE:-kvm})" >&2
+engine=${BT86_ENGINE:-interp}
+echo "== booting $out/demo-kernel on bt86 (engine: $engine; set BT86_ENGINE=kvm to compare)" >&2
 set +e
-target/release/bt86 run --engine "${BT86_ENGINE:-kvm}" --memory 128 \
+target/release/bt86 run --engine "$engine" --memory 128 \
     --kernel "$out/demo-kernel" --append "console=ttyS0 demo=1" \
     --module "$out/demo-env first-arg" --stats "$@"
 status=$?

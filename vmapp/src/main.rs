@@ -46,7 +46,7 @@ enum Command {
 enum EngineArg {
     /// KVM (needs /dev/kvm; hardware-assisted on hosts with VT-x or AMD-V).
     Kvm,
-    /// The IA-32 interpreter.
+    /// The IA-32 interpreter (first step: real mode and 32-bit protected mode without paging).
     Interp,
     /// The binary translator.
     Bt,
@@ -85,8 +85,9 @@ struct RunArgs {
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     memory: u64,
 
-    /// Engine that runs guest code.
-    #[arg(long, value_enum, default_value_t = EngineArg::Kvm)]
+    /// Engine that runs guest code. The interpreter is the default until the binary translator
+    /// lands: it needs nothing from the host.
+    #[arg(long, value_enum, default_value_t = EngineArg::Interp)]
     engine: EngineArg,
 
     /// Where the guest's COM1 output goes: "stdio", "file:PATH", or "none".

@@ -281,6 +281,9 @@ impl Interp {
     }
 
     fn read_mem(&self, s: SegReg, offset: u32, len: u32, io: &mut dyn IoHandler) -> Step<u32> {
+        if !(1..=4).contains(&len) {
+            return unsupported(format!("a {len}-byte memory access"));
+        }
         let lin = self.linear(s, offset, len)?;
         let mut b = [0u8; 4];
         self.read_phys(lin, &mut b[..len as usize], io);
@@ -288,6 +291,9 @@ impl Interp {
     }
 
     fn write_mem(&self, s: SegReg, offset: u32, len: u32, v: u32, io: &mut dyn IoHandler) -> Step {
+        if !(1..=4).contains(&len) {
+            return unsupported(format!("a {len}-byte memory access"));
+        }
         let lin = self.linear(s, offset, len)?;
         self.write_phys(lin, &v.to_le_bytes()[..len as usize], io);
         Ok(())
@@ -1354,6 +1360,30 @@ mod tests {
             2,
             "#DE, then #DF, whose failure is the shutdown"
         );
+    }
+
+    #[test]
+    fn wide_memory_operands_stop_cleanly_instead_of_panicking() {
+        // An 8-byte operand (MOVQ-sized) reaches no 1-4 byte path: the VM stops, naming it.
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.set_label(handler)?;
+                a.cmpxchg8b(qword_ptr(0x5000u32))?;
+                Ok(())
+            },
+            &[],
+        );
+        let err = i.run(&mut p).unwrap_err();
+        assert!(err.to_string().contains("cannot execute"), "{err}");
+        let (s, off) = (SegReg::Ds, 0x5000);
+        assert!(matches!(
+            i.read_mem(s, off, 8, &mut p),
+            Err(Fault::Unsupported(_))
+        ));
+        assert!(matches!(
+            i.write_mem(s, off, 0, 0, &mut p),
+            Err(Fault::Unsupported(_))
+        ));
     }
 
     #[test]
