@@ -9,6 +9,7 @@
 //! message naming it (it is never turned into a silent #UD).
 
 pub mod alu;
+pub mod snippet;
 
 use std::sync::Arc;
 
@@ -78,6 +79,7 @@ pub struct Interp {
     memory: Arc<GuestMemory>,
     instructions: u64,
     exceptions: u64,
+    first_exception: Option<u8>,
 }
 
 impl Interp {
@@ -122,12 +124,23 @@ impl Interp {
             memory,
             instructions: 0,
             exceptions: 0,
+            first_exception: None,
         }
     }
 
     /// The CPU state.
     pub fn cpu(&self) -> &CpuState {
         &self.cpu
+    }
+
+    /// The CPU state, for setting up tests and snippets.
+    pub fn cpu_mut(&mut self) -> &mut CpuState {
+        &mut self.cpu
+    }
+
+    /// The first exception raised since the interpreter was created, if any.
+    pub fn first_exception(&self) -> Option<u8> {
+        self.first_exception
     }
 
     /// Guest instructions executed and exceptions raised (delivery attempts) so far.
@@ -184,6 +197,7 @@ impl Interp {
         io: &mut dyn IoHandler,
     ) -> Result<Option<VmExit>, InterpError> {
         let (mut v, mut code) = (v, code);
+        self.first_exception.get_or_insert(v);
         loop {
             self.exceptions += 1;
             match self.deliver(v, code, None, io) {
