@@ -53,6 +53,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "descriptors",
+        about: "loads its own GDT, LDT and TSS, and prints SGDT/SIDT/SLDT/STR/SMSW and LAR/LSL/VERR/VERW results",
+        build: descriptors,
+        firmware: false,
+    },
+    Entry {
         name: "triple-fault",
         about: "loads an empty IDT and executes UD2: #UD -> #GP -> #DF -> triple fault",
         build: triple_fault,
@@ -399,6 +405,114 @@ pub fn exceptions() -> AsmResult<Vec<u8>> {
     k.asm().add(dword_ptr(esp + 8), eax)?;
     k.asm().add(esp, 8u32)?;
     k.asm().iretd()?;
+    k.build()
+}
+
+/// Descriptors for the `descriptors` kernel's GDT, by selector.
+const DESCRIPTOR_GDT: [(u16, u64); 10] = [
+    (0x00, 0),
+    (0x08, 0x00CF_9B00_0000_FFFF), // flat code, DPL 0
+    (0x10, 0x00CF_9300_0000_FFFF), // flat data, DPL 0
+    (0x18, 0x00CF_F300_0000_FFFF), // flat data, DPL 3
+    (0x20, 0x00CF_9F00_0000_FFFF), // conforming code, DPL 0
+    (0x28, 0x0000_8200_0000_0017), // LDT: filled in with its base at run time
+    (0x30, 0x0000_8900_0000_0067), // 32-bit available TSS: base filled in at run time
+    (0x38, 0x00CF_1300_0000_FFFF), // data, not present
+    (0x40, 0x0040_9300_0000_0FFF), // byte-granular data, limit 0xFFF
+    (0x48, 0x00CF_FB00_0000_FFFF), // flat code, DPL 3
+];
+
+/// Loads a GDT of its own with an LDT and a TSS, then prints what the system instructions
+/// report about it. Exits with value 0x14.
+pub fn descriptors() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    let mut gdt = Vec::new();
+    for (_, d) in DESCRIPTOR_GDT {
+        gdt.extend_from_slice(&d.to_le_bytes());
+    }
+    let gdt_addr = k.data(&gdt);
+    let ldt_addr = k.data(
+        &[0x00CF_9300_0000_FFFFu64, 0, 0]
+            .map(u64::to_le_bytes)
+            .concat(),
+    );
+    let tss_addr = k.data(&[0u8; 104]);
+    let mut gdtr = ((gdt.len() - 1) as u16).to_le_bytes().to_vec();
+    gdtr.extend_from_slice(&gdt_addr.to_le_bytes());
+    let gdtr = k.data(&gdtr);
+    let idtr = k.data(&[0xFF, 0x07, 0x00, 0x00, 0x01, 0x00]); // limit 0x7FF, base 0x10000
+    let scratch = k.data(&[0u8; 8]);
+    // Put the LDT's and TSS's bases into their descriptors (bits 16..39 and 56..63).
+    for (sel, base) in [(0x28u32, ldt_addr), (0x30, tss_addr)] {
+        let low = gdt_addr + sel;
+        k.asm().mov(eax, base << 16)?;
+        k.asm().or(dword_ptr(low), eax)?;
+        k.asm().mov(eax, (base >> 16) & 0xFF)?;
+        k.asm().or(dword_ptr(low + 4), eax)?;
+        k.asm().mov(eax, base & 0xFF00_0000)?;
+        k.asm().or(dword_ptr(low + 4), eax)?;
+    }
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().mov(eax, 0x10u32)?;
+    k.asm().mov(ds, eax)?;
+    k.asm().mov(ss, eax)?;
+    k.asm().sgdt(ptr(scratch))?;
+    k.asm().movzx(eax, word_ptr(scratch))?;
+    k.print_field("sgdt.limit", eax)?;
+    k.asm().mov(eax, dword_ptr(scratch + 2))?;
+    k.asm().sub(eax, gdt_addr)?;
+    k.print_field("sgdt.base-gdt", eax)?;
+    k.asm().sidt(ptr(scratch))?;
+    k.asm().movzx(eax, word_ptr(scratch))?;
+    k.print_field("sidt.limit", eax)?;
+    k.asm().mov(eax, dword_ptr(scratch + 2))?;
+    k.print_field("sidt.base", eax)?;
+    k.asm().mov(eax, 0x28u32)?;
+    k.asm().lldt(ax)?;
+    k.asm().mov(eax, 0x30u32)?;
+    k.asm().ltr(ax)?;
+    k.asm().mov(eax, 0xFFFF_FFFFu32)?;
+    k.asm().sldt(eax)?;
+    k.print_field("sldt", eax)?;
+    k.asm().mov(eax, 0xFFFF_FFFFu32)?;
+    k.asm().str(eax)?;
+    k.print_field("str", eax)?;
+    k.asm().mov(eax, dword_ptr(gdt_addr + 0x34))?;
+    k.asm().and(eax, 0x0000_FF00u32)?;
+    k.print_field("tss.access-after-ltr", eax)?;
+    k.asm().smsw(eax)?;
+    k.print_field("smsw", eax)?;
+    // An LDT selector (index 0, TI=1) loads the LDT's flat data descriptor.
+    k.asm().mov(eax, 0x04u32)?;
+    k.asm().mov(es, eax)?;
+    k.asm().xor(eax, eax)?;
+    k.asm().mov(ax, es)?;
+    k.print_field("es-from-ldt", eax)?;
+    for sel in [
+        0x00u32, 0x08, 0x10, 0x18, 0x1B, 0x20, 0x28, 0x30, 0x38, 0x40, 0x48, 0x04, 0x0C, 0x50,
+    ] {
+        for (name, m) in [("lar", 0), ("lsl", 1), ("verr", 2), ("verw", 3)] {
+            k.asm().mov(ecx, sel)?;
+            k.asm().mov(eax, 0xDEAD_BEEFu32)?;
+            match m {
+                0 => k.asm().lar(eax, ecx)?,
+                1 => k.asm().lsl(eax, ecx)?,
+                2 => k.asm().verr(cx)?,
+                _ => k.asm().verw(cx)?,
+            }
+            k.asm().setz(dl)?;
+            k.asm().movzx(edx, dl)?;
+            k.print(&format!("{name}({sel:#x}) zf="))?;
+            k.print_hex(edx)?;
+            if m < 2 {
+                k.print(" value=")?;
+                k.print_hex(eax)?;
+            }
+            k.print("\n")?;
+        }
+    }
+    k.exit(0x14)?;
     k.build()
 }
 

@@ -178,8 +178,8 @@ pub fn kvm_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// The engines that can run 32-bit protected-mode kernels with interrupt handlers here: like
-/// [`engines`], but without kvm when it is PVM, which cannot emulate 32-bit IRET.
+/// The engines that can run 32-bit protected-mode system code here: like [`engines`], but
+/// without kvm when it is PVM, which cannot emulate 32-bit IRET, LAR and similar instructions.
 pub fn protected_mode_engines() -> Vec<&'static str> {
     let mut v = engines();
     if kvm_is_pvm() && v.contains(&"kvm") {

@@ -160,3 +160,25 @@ fn exceptions_through_the_idt_match_qemu() {
     assert!(text.ends_with("all exceptions returned\n"), "{text}");
     assert_eq!(ours.status, Some(0x27));
 }
+
+#[test]
+fn descriptor_instructions_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "descriptors");
+    let guest = Guest::kernel(dir.path(), &k);
+    let Some((_, ours)) = compare_on("descriptors", &guest, &protected_mode_engines()) else {
+        return;
+    };
+    let text = ours.serial_text();
+    assert!(text.contains("str=00000030"), "{text}");
+    // LTR marks the TSS busy: type 9 becomes 0xB.
+    assert!(text.contains("tss.access-after-ltr=00008b00"), "{text}");
+    assert!(
+        text.contains("lsl(0x40) zf=00000001 value=00000fff"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lar(0x50) zf=00000000 value=deadbeef"),
+        "{text}"
+    );
+}

@@ -119,6 +119,16 @@ impl Segment {
         }
     }
 
+    /// Whether this is a code segment (S=1, type bit 3 set).
+    pub fn is_code(&self) -> bool {
+        self.access & 0x18 == 0x18
+    }
+
+    /// Descriptor privilege level.
+    pub fn dpl(&self) -> u8 {
+        (self.access >> 5) & 3
+    }
+
     /// Whether the descriptor is present.
     pub fn present(&self) -> bool {
         self.access & 0x80 != 0
@@ -157,6 +167,14 @@ pub struct CpuState {
     pub cr3: u32,
     /// CR4.
     pub cr4: u32,
+    /// LDTR: selector and cached LDT descriptor.
+    pub ldtr: Segment,
+    /// TR: selector and cached TSS descriptor.
+    pub tr: Segment,
+    /// DR0–DR7 (DR4/DR5 alias DR6/DR7).
+    pub dr: [u32; 8],
+    /// Model-specific registers the guest has written (see `interp::system` for which exist).
+    pub msrs: std::collections::BTreeMap<u32, u64>,
 }
 
 impl CpuState {
@@ -189,6 +207,18 @@ impl CpuState {
             cr2: 0,
             cr3: 0,
             cr4: 0,
+            ldtr: Segment {
+                access: 0x82,
+                limit: 0xFFFF,
+                ..Segment::default()
+            },
+            tr: Segment {
+                access: 0x8B,
+                limit: 0xFFFF,
+                ..Segment::default()
+            },
+            dr: [0, 0, 0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
+            msrs: std::collections::BTreeMap::new(),
         }
     }
 

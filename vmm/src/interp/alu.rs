@@ -152,6 +152,133 @@ pub fn shift(op: Shift, a: u32, count: u32, bits: Bits, flags: u32) -> (u32, u32
     }
 }
 
+/// RCL / RCR: rotate through CF. The masked count is taken modulo size+1 for 8- and 16-bit
+/// operands. OF is computed as the SDM specifies for 1-bit rotates (and the same formula
+/// otherwise, where it is undefined).
+pub fn rotate_carry(left: bool, a: u32, count: u32, bits: Bits, flags: u32) -> (u32, u32) {
+    let m = mask(bits);
+    let a = a & m;
+    let masked = count & 0x1F;
+    let n = if bits < 32 {
+        masked % (bits + 1)
+    } else {
+        masked
+    };
+    // A full turn of CF:a moves nothing; like QEMU, leave every flag alone (OF is undefined).
+    if n == 0 {
+        return (a, flags);
+    }
+    let msb = |v: u32| v & sign(bits) != 0;
+    let cf_in = flags & CF != 0;
+    // Rotate the (bits+1)-bit quantity CF:a.
+    let wide = (u64::from(cf_in) << bits) | u64::from(a);
+    let width = u64::from(bits) + 1;
+    let full = (1u64 << width) - 1;
+    let n64 = u64::from(n);
+    let rotated = if left {
+        ((wide << n64) | (wide >> (width - n64))) & full
+    } else {
+        ((wide >> n64) | (wide << (width - n64))) & full
+    };
+    let r = rotated as u32 & m;
+    let cf = (rotated >> bits) & 1 != 0;
+    let of = if left { msb(r) ^ cf } else { msb(a) ^ cf_in };
+    (r, (flags & !(CF | OF)) | set(cf, CF) | set(of, OF))
+}
+
+/// SHLD (`left`) / SHRD: shifts `a`, filling from `b`. 16-bit counts above 16 shift the 48-bit
+/// pattern a:b:a, as Intel processors do (the result is undefined in the manuals).
+pub fn double_shift(left: bool, a: u32, b: u32, count: u32, bits: Bits, flags: u32) -> (u32, u32) {
+    let m = mask(bits);
+    let (a, b) = (a & m, b & m);
+    let c = count & 0x1F;
+    if c == 0 {
+        return (a, flags);
+    }
+    let msb = |v: u32| v & sign(bits) != 0;
+    let (r, cf) = if bits == 32 {
+        if left {
+            let x = (u64::from(a) << 32) | u64::from(b);
+            (((x << c) >> 32) as u32, (x >> (64 - c)) & 1 != 0)
+        } else {
+            let x = (u64::from(b) << 32) | u64::from(a);
+            ((x >> c) as u32, (x >> (c - 1)) & 1 != 0)
+        }
+    } else if left {
+        // a:b:a, most significant first.
+        let x = (u64::from(a) << 32) | (u64::from(b) << 16) | u64::from(a);
+        (((x << c) >> 32) as u32 & m, (x >> (48 - c)) & 1 != 0)
+    } else {
+        // a:b:a, least significant first.
+        let x = u64::from(a) | (u64::from(b) << 16) | (u64::from(a) << 32);
+        ((x >> c) as u32 & m, (x >> (c - 1)) & 1 != 0)
+    };
+    let f = szp(r, bits) | set(cf, CF) | set(msb(r) ^ msb(a), OF);
+    (r, (flags & !ARITH) | f)
+}
+
+/// The decimal-adjust group, on AL (and AH for the ASCII adjusts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bcd {
+    /// DAA.
+    Daa,
+    /// DAS.
+    Das,
+    /// AAA.
+    Aaa,
+    /// AAS.
+    Aas,
+}
+
+/// DAA/DAS/AAA/AAS on AX (the SDM's pseudo-code). Returns the new AX and EFLAGS.
+pub fn bcd_adjust(op: Bcd, ax: u16, flags: u32) -> (u16, u32) {
+    let al = ax as u8;
+    let ah = (ax >> 8) as u8;
+    let af_in = flags & AF != 0;
+    let cf_in = flags & CF != 0;
+    match op {
+        Bcd::Daa | Bcd::Das => {
+            let mut r = al;
+            let mut cf = false;
+            let mut af = false;
+            if al & 0xF > 9 || af_in {
+                let (v, carry) = if op == Bcd::Daa {
+                    al.overflowing_add(6)
+                } else {
+                    al.overflowing_sub(6)
+                };
+                r = v;
+                cf = cf_in || carry;
+                af = true;
+            }
+            if al > 0x99 || cf_in {
+                r = if op == Bcd::Daa {
+                    r.wrapping_add(0x60)
+                } else {
+                    r.wrapping_sub(0x60)
+                };
+                cf = true;
+            }
+            let f = szp(u32::from(r), 8) | set(cf, CF) | set(af, AF);
+            ((u16::from(ah) << 8) | u16::from(r), (flags & !ARITH) | f)
+        }
+        Bcd::Aaa | Bcd::Aas => {
+            let adjust = al & 0xF > 9 || af_in;
+            let ax = if !adjust {
+                ax
+            } else if op == Bcd::Aaa {
+                ax.wrapping_add(0x106)
+            } else {
+                let ax = ax.wrapping_sub(6);
+                ((u16::from((ax >> 8) as u8).wrapping_sub(1)) << 8) | (ax & 0xFF)
+            };
+            let ax = ax & 0xFF0F;
+            let f = szp(u32::from(ax as u8), 8) | set(adjust, CF) | set(adjust, AF);
+            (ax, (flags & !ARITH) | f)
+        }
+    }
+}
+
 /// Evaluates condition code `cc` (the low nibble of Jcc/SETcc/CMOVcc opcodes) against `flags`.
 pub fn condition(cc: u8, flags: u32) -> bool {
     let f = |bit| flags & bit != 0;
@@ -226,6 +353,51 @@ mod tests {
         assert_eq!(shift(Shift::Shl, 1, 32, 32, F | OF), (1, F | OF));
         // 8-bit shift past the width.
         assert_eq!(shift(Shift::Shl, 0xFF, 9, 8, F).0, 0);
+    }
+
+    #[test]
+    fn rotates_through_carry() {
+        assert_eq!(rotate_carry(true, 0x80, 1, 8, F), (0, F | CF | OF));
+        assert_eq!(rotate_carry(true, 0, 1, 8, F | CF), (1, F));
+        assert_eq!(rotate_carry(false, 1, 1, 8, F), (0, F | CF));
+        assert_eq!(rotate_carry(false, 0, 1, 8, F | CF), (0x80, F | OF));
+        // 8-bit by 9 is a full turn of CF:a: nothing moves, flags keep CF.
+        assert_eq!(rotate_carry(true, 0x5A, 9, 8, F | CF), (0x5A, F | CF));
+        assert_eq!(rotate_carry(true, 0x8000_0000, 1, 32, F).0, 0);
+        assert_eq!(rotate_carry(false, 0x1234, 0, 16, F | OF), (0x1234, F | OF));
+    }
+
+    #[test]
+    fn double_shifts() {
+        assert_eq!(
+            double_shift(true, 0x1234_5678, 0x9ABC_DEF0, 8, 32, F).0,
+            0x3456_789A
+        );
+        assert_eq!(
+            double_shift(false, 0x1234_5678, 0x9ABC_DEF0, 8, 32, F).0,
+            0xF012_3456
+        );
+        let (r, f) = double_shift(true, 0x8000_0000, 0, 1, 32, F);
+        assert_eq!((r, f & (CF | OF | ZF)), (0, CF | OF | ZF));
+        assert_eq!(double_shift(true, 0x1234, 0xABCD, 4, 16, F).0, 0x234A);
+        assert_eq!(double_shift(false, 0x1234, 0xABCD, 4, 16, F).0, 0xD123);
+        assert_eq!(double_shift(true, 7, 7, 0, 32, F | CF), (7, F | CF));
+    }
+
+    #[test]
+    fn decimal_adjusts() {
+        // 0x19 + 0x28 = 0x41 with AF: DAA gives 0x47.
+        assert_eq!(bcd_adjust(Bcd::Daa, 0x41, F | AF), (0x47, F | AF | PF));
+        // 0x99 + 0x01 = 0x9A: DAA gives 0x00 with CF.
+        assert_eq!(bcd_adjust(Bcd::Daa, 0x9A, F).0, 0x00);
+        assert_ne!(bcd_adjust(Bcd::Daa, 0x9A, F).1 & CF, 0);
+        // 0x47 - 0x28 = 0x1F with AF: DAS gives 0x19.
+        assert_eq!(bcd_adjust(Bcd::Das, 0x1F, F | AF).0, 0x19);
+        // '9' + '5' = 0x6E: AAA gives AX = 0x0104.
+        assert_eq!(bcd_adjust(Bcd::Aaa, 0x006E, F), (0x0104, F | AF | CF));
+        // AAS after 0x03 - 0x08 = 0xFB with AF: AX 0x01FB -> 0x0005.
+        assert_eq!(bcd_adjust(Bcd::Aas, 0x01FB, F | AF).0, 0x0005);
+        assert_eq!(bcd_adjust(Bcd::Aaa, 0x0005, F), (0x0005, F | PF));
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! message naming it (it is never turned into a silent #UD).
 
 pub mod alu;
+mod ops;
 pub mod snippet;
+pub mod system;
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ use alu::Shift;
 /// Exception vectors.
 mod vector {
     pub const DE: u8 = 0;
+    pub const BR: u8 = 5;
     pub const UD: u8 = 6;
     pub const DF: u8 = 8;
     pub const NP: u8 = 11;
@@ -80,6 +83,8 @@ pub struct Interp {
     instructions: u64,
     exceptions: u64,
     first_exception: Option<u8>,
+    started: std::time::Instant,
+    tsc_offset: u64,
 }
 
 impl Interp {
@@ -125,6 +130,8 @@ impl Interp {
             instructions: 0,
             exceptions: 0,
             first_exception: None,
+            started: std::time::Instant::now(),
+            tsc_offset: 0,
         }
     }
 
@@ -454,15 +461,21 @@ impl Interp {
     // ---- segments and descriptor tables -------------------------------------------------
 
     fn descriptor(&self, selector: u16, io: &mut dyn IoHandler) -> Step<u64> {
-        if selector & 4 != 0 {
-            return unsupported("an LDT selector");
-        }
         let index = u32::from(selector & !7);
-        if index + 7 > u32::from(self.cpu.gdtr.limit) {
-            return Err(Fault::Exception(vector::GP, Some(index)));
+        let (base, limit) = if selector & 4 != 0 {
+            let ldt = &self.cpu.ldtr;
+            if !ldt.present() {
+                return Err(Fault::Exception(vector::GP, Some(u32::from(selector & !3))));
+            }
+            (ldt.base, ldt.limit)
+        } else {
+            (self.cpu.gdtr.base, u32::from(self.cpu.gdtr.limit))
+        };
+        if index + 7 > limit {
+            return Err(Fault::Exception(vector::GP, Some(u32::from(selector & !3))));
         }
         let mut d = [0u8; 8];
-        self.read_phys(self.cpu.gdtr.base.wrapping_add(index), &mut d, io);
+        self.read_phys(base.wrapping_add(index), &mut d, io);
         Ok(u64::from_le_bytes(d))
     }
 
@@ -692,10 +705,11 @@ impl Interp {
         let mut branch: Option<u32> = None;
         match ins.mnemonic() {
             M::Nop => {}
+            _ if self.system(ins, io)? => {}
             M::Mov => {
                 let r0 = ins.op0_register();
                 let r1 = ins.op1_register();
-                if r0.is_cr() || r1.is_cr() || r0.is_dr() || r1.is_dr() {
+                if r0.is_cr() || r1.is_cr() {
                     self.mov_control(ins)?;
                 } else {
                     let v = self.read_op(ins, 1, io)?;
@@ -1003,8 +1017,94 @@ impl Interp {
             M::Div | M::Idiv | M::Mul | M::Imul if ins.op_count() == 1 => {
                 self.mul_div(ins, io)?;
             }
+            M::Imul => self.imul_n(ins, io)?,
+            M::Movsb
+            | M::Movsw
+            | M::Stosb
+            | M::Stosw
+            | M::Stosd
+            | M::Lodsb
+            | M::Lodsw
+            | M::Lodsd
+            | M::Cmpsb
+            | M::Cmpsw
+            | M::Scasb
+            | M::Scasw
+            | M::Scasd
+            | M::Insb
+            | M::Insw
+            | M::Insd
+            | M::Outsb
+            | M::Outsw
+            | M::Outsd => {
+                self.string_op(ins, io)?;
+                if m_io(ins.mnemonic()) {
+                    exit = Some(VmExit::Io);
+                }
+            }
+            M::Movsd | M::Cmpsd if ins.op_count() == 2 && is_string_form(ins) => {
+                self.string_op(ins, io)?;
+            }
+            M::Bt | M::Bts | M::Btr | M::Btc => self.bit_test(ins, io)?,
+            M::Bsf | M::Bsr => self.bit_scan(ins, io)?,
+            M::Shld | M::Shrd => {
+                let a = self.read_op(ins, 0, io)?;
+                let b = self.read_op(ins, 1, io)?;
+                let count = self.read_op(ins, 2, io)?;
+                let (r, f) = alu::double_shift(ins.mnemonic() == M::Shld, a, b, count, bits, fl);
+                self.write_op(ins, 0, r, io)?;
+                self.cpu.eflags = f;
+            }
+            M::Rcl | M::Rcr => {
+                let a = self.read_op(ins, 0, io)?;
+                let count = if ins.op_count() > 1 {
+                    self.read_op(ins, 1, io)?
+                } else {
+                    1
+                };
+                let (r, f) = alu::rotate_carry(ins.mnemonic() == M::Rcl, a, count, bits, fl);
+                self.write_op(ins, 0, r, io)?;
+                self.cpu.eflags = f;
+            }
+            M::Cmpxchg => self.cmpxchg(ins, io)?,
+            M::Cmpxchg8b => self.cmpxchg8b(ins, io)?,
+            M::Xadd => self.xadd(ins, io)?,
+            M::Bswap => {
+                let r = ins.op0_register();
+                let v = self.reg(r);
+                self.set_reg(r, if r.is_gpr16() { 0 } else { v.swap_bytes() });
+            }
+            M::Enter => self.enter(ins, io)?,
+            M::Leave => self.leave(ins, io)?,
+            M::Pusha | M::Pushad | M::Popa | M::Popad => self.push_pop_all(ins, io)?,
+            M::Daa | M::Das | M::Aaa | M::Aas | M::Aam | M::Aad => self.decimal(ins)?,
+            M::Lahf | M::Sahf => self.ah_flags(ins),
+            M::Salc => {
+                let v = if fl & flags::CF != 0 { 0xFF } else { 0 };
+                self.set_reg(Register::AL, v);
+            }
+            M::Xlatb => {
+                let v = self.read_op(ins, 0, io)?;
+                self.set_reg(Register::AL, v);
+            }
+            M::Loop | M::Loope | M::Loopne | M::Jcxz | M::Jecxz => {
+                if self.loop_branch(ins) {
+                    branch = Some(ins.near_branch_target() as u32);
+                }
+            }
+            M::Bound => self.bound(ins, io)?,
+            M::Pause | M::Wait => {}
+            M::Int1 => {
+                self.deliver(1, None, Some(next), io)?;
+                return Ok(None);
+            }
             m => {
-                if let Some(cc) = jcc(ins) {
+                if let Some(cc) = cmovcc(m) {
+                    let v = self.read_op(ins, 1, io)?;
+                    if alu::condition(cc, fl) {
+                        self.write_op(ins, 0, v, io)?;
+                    }
+                } else if let Some(cc) = jcc(ins) {
                     if alu::condition(cc, fl) {
                         branch = Some(ins.near_branch_target() as u32);
                     }
@@ -1104,9 +1204,6 @@ impl Interp {
             return gp0();
         }
         let (dst, src) = (ins.op0_register(), ins.op1_register());
-        if dst.is_dr() || src.is_dr() {
-            return unsupported("debug registers");
-        }
         if src.is_cr() {
             let v = match src {
                 Register::CR0 => self.cpu.cr0,
@@ -1172,6 +1269,49 @@ fn jcc(ins: &Instruction) -> Option<u8> {
         M::Jge => 13,
         M::Jle => 14,
         M::Jg => 15,
+        _ => return None,
+    };
+    Some(cc)
+}
+
+/// Whether a string mnemonic does port I/O.
+fn m_io(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd
+    )
+}
+
+/// MOVSD and CMPSD name both the string instructions and SSE2 instructions: the string forms
+/// have ES:EDI operands.
+fn is_string_form(ins: &Instruction) -> bool {
+    matches!(
+        ins.op0_kind(),
+        OpKind::MemoryESEDI | OpKind::MemoryESDI | OpKind::MemorySegESI | OpKind::MemorySegSI
+    ) || matches!(ins.op1_kind(), OpKind::MemoryESEDI | OpKind::MemoryESDI)
+}
+
+/// The condition code of a CMOVcc mnemonic.
+fn cmovcc(m: Mnemonic) -> Option<u8> {
+    use Mnemonic as M;
+    let cc = match m {
+        M::Cmovo => 0,
+        M::Cmovno => 1,
+        M::Cmovb => 2,
+        M::Cmovae => 3,
+        M::Cmove => 4,
+        M::Cmovne => 5,
+        M::Cmovbe => 6,
+        M::Cmova => 7,
+        M::Cmovs => 8,
+        M::Cmovns => 9,
+        M::Cmovp => 10,
+        M::Cmovnp => 11,
+        M::Cmovl => 12,
+        M::Cmovge => 13,
+        M::Cmovle => 14,
+        M::Cmovg => 15,
         _ => return None,
     };
     Some(cc)
@@ -1378,11 +1518,12 @@ mod tests {
 
     #[test]
     fn wide_memory_operands_stop_cleanly_instead_of_panicking() {
-        // An 8-byte operand (MOVQ-sized) reaches no 1-4 byte path: the VM stops, naming it.
+        // An 8-byte operand reaches no 1-4 byte path: the VM stops, naming it, and the memory
+        // helpers refuse sizes they cannot carry instead of indexing past their buffers.
         let (mut i, mut p) = machine(
             |a, handler| {
                 a.set_label(handler)?;
-                a.cmpxchg8b(qword_ptr(0x5000u32))?;
+                a.fld(qword_ptr(0x5000u32))?;
                 Ok(())
             },
             &[],
@@ -1405,13 +1546,13 @@ mod tests {
         let (mut i, mut p) = machine(
             |a, handler| {
                 a.set_label(handler)?;
-                a.cpuid()?;
+                a.fninit()?;
                 Ok(())
             },
             &[],
         );
         let err = i.run(&mut p).unwrap_err();
-        assert!(err.to_string().contains("cpuid"), "{err}");
+        assert!(err.to_string().contains("fninit"), "{err}");
         assert_eq!(i.cpu.eip, CODE, "EIP stays on the instruction");
     }
 }

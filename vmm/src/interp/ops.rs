@@ -1,0 +1,481 @@
+//! Instruction groups that need more than a line in [`Interp::execute`]: string instructions
+//! with their REP prefixes, bit tests and scans, exchanges, stack frames, decimal adjusts,
+//! LOOP/JCXZ and BOUND.
+
+use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+use vmdriver::IoHandler;
+
+use super::alu::{self, Bcd};
+use super::{Fault, Interp, Step, gp0, seg_of, unsupported, vector};
+use crate::cpu::{SegReg, flags};
+
+impl Interp {
+    /// Value of the register sized like operand `size` bytes of the accumulator (AL/AX/EAX).
+    fn accumulator(&self, size: u32) -> u32 {
+        match size {
+            1 => self.cpu.gpr[0] & 0xFF,
+            2 => self.cpu.gpr[0] & 0xFFFF,
+            _ => self.cpu.gpr[0],
+        }
+    }
+
+    fn set_accumulator(&mut self, size: u32, v: u32) {
+        let r = match size {
+            1 => Register::AL,
+            2 => Register::AX,
+            _ => Register::EAX,
+        };
+        self.set_reg(r, v);
+    }
+
+    /// Adds `delta` to general register `n` within an address size of `mask`.
+    fn bump(&mut self, n: usize, delta: u32, mask: u32) {
+        let g = &mut self.cpu.gpr[n];
+        *g = (*g & !mask) | (g.wrapping_add(delta) & mask);
+    }
+
+    /// MOVS, STOS, LODS, CMPS, SCAS, INS, OUTS, with REP/REPE/REPNE.
+    ///
+    /// Each iteration updates ESI/EDI/ECX only after its memory accesses succeed, so a fault in
+    /// the middle leaves the registers describing the work left and EIP on the instruction: the
+    /// restart carries on where it stopped, as on the CPU.
+    pub(super) fn string_op(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        use Mnemonic as M;
+        let kinds = [ins.op0_kind(), ins.op1_kind()];
+        let a32 = kinds
+            .iter()
+            .any(|k| matches!(k, OpKind::MemorySegESI | OpKind::MemoryESEDI));
+        let amask = if a32 { u32::MAX } else { 0xFFFF };
+        let size = ins.memory_size().size() as u32;
+        if !(1..=4).contains(&size) {
+            return unsupported(format!("'{ins}'"));
+        }
+        let step = if self.cpu.eflags & flags::DF != 0 {
+            size.wrapping_neg()
+        } else {
+            size
+        };
+        let src = seg_of(ins.memory_segment());
+        let rep = ins.has_rep_prefix() || ins.has_repne_prefix();
+        let m = ins.mnemonic();
+        let io_op = matches!(
+            m,
+            M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd
+        );
+        if io_op && self.cpu.protected() && self.cpu.cpl() > self.cpu.iopl() {
+            return unsupported("port I/O checked against the TSS I/O permission bitmap");
+        }
+        let (esi, edi) = (6, 7);
+        loop {
+            if rep && self.cpu.gpr[1] & amask == 0 {
+                break;
+            }
+            let si = self.cpu.gpr[esi] & amask;
+            let di = self.cpu.gpr[edi] & amask;
+            let mut compared = false;
+            match m {
+                M::Movsb | M::Movsw | M::Movsd => {
+                    let v = self.read_mem(src, si, size, io)?;
+                    self.write_mem(SegReg::Es, di, size, v, io)?;
+                    self.bump(esi, step, amask);
+                    self.bump(edi, step, amask);
+                }
+                M::Stosb | M::Stosw | M::Stosd => {
+                    self.write_mem(SegReg::Es, di, size, self.accumulator(size), io)?;
+                    self.bump(edi, step, amask);
+                }
+                M::Lodsb | M::Lodsw | M::Lodsd => {
+                    let v = self.read_mem(src, si, size, io)?;
+                    self.set_accumulator(size, v);
+                    self.bump(esi, step, amask);
+                }
+                M::Cmpsb | M::Cmpsw | M::Cmpsd => {
+                    let a = self.read_mem(src, si, size, io)?;
+                    let b = self.read_mem(SegReg::Es, di, size, io)?;
+                    self.cpu.eflags = alu::sub(a, b, false, size * 8, self.cpu.eflags).1;
+                    self.bump(esi, step, amask);
+                    self.bump(edi, step, amask);
+                    compared = true;
+                }
+                M::Scasb | M::Scasw | M::Scasd => {
+                    let b = self.read_mem(SegReg::Es, di, size, io)?;
+                    let a = self.accumulator(size);
+                    self.cpu.eflags = alu::sub(a, b, false, size * 8, self.cpu.eflags).1;
+                    self.bump(edi, step, amask);
+                    compared = true;
+                }
+                M::Insb | M::Insw | M::Insd => {
+                    // The destination is checked before the port is read.
+                    self.linear(SegReg::Es, di, size)?;
+                    let mut b = [0u8; 4];
+                    io.pio_read(self.cpu.gpr[2] as u16, &mut b[..size as usize]);
+                    self.write_mem(SegReg::Es, di, size, u32::from_le_bytes(b), io)?;
+                    self.bump(edi, step, amask);
+                }
+                M::Outsb | M::Outsw | M::Outsd => {
+                    let v = self.read_mem(src, si, size, io)?;
+                    io.pio_write(self.cpu.gpr[2] as u16, &v.to_le_bytes()[..size as usize]);
+                    self.bump(esi, step, amask);
+                }
+                _ => return unsupported(format!("'{ins}'")),
+            }
+            if !rep {
+                break;
+            }
+            self.bump(1, u32::MAX, amask);
+            if compared {
+                let zf = self.cpu.eflags & flags::ZF != 0;
+                if (ins.has_repe_prefix() && !zf) || (ins.has_repne_prefix() && zf) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// BT, BTS, BTR, BTC. With a memory operand and a register bit offset, the offset reaches
+    /// any bit of the bit string starting at the operand (a signed offset).
+    pub(super) fn bit_test(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let size = Self::op_size(ins, 0);
+        let bits = size * 8;
+        let offset = self.read_op(ins, 1, io)?;
+        let (value, bit, target) = if ins.op0_kind() == OpKind::Memory {
+            let (seg, off) = self.address(ins);
+            let off = if ins.op1_kind() == OpKind::Register {
+                let signed = if bits == 16 {
+                    i64::from(offset as u16 as i16)
+                } else {
+                    i64::from(offset as i32)
+                };
+                let units = signed.div_euclid(i64::from(bits));
+                off.wrapping_add((units * i64::from(size)) as u32)
+            } else {
+                off
+            };
+            let v = self.read_mem(seg, off, size, io)?;
+            (v, offset & (bits - 1), Some((seg, off)))
+        } else {
+            (self.read_op(ins, 0, io)?, offset & (bits - 1), None)
+        };
+        let was_set = value & (1 << bit) != 0;
+        let new = match ins.mnemonic() {
+            Mnemonic::Bts => Some(value | (1 << bit)),
+            Mnemonic::Btr => Some(value & !(1 << bit)),
+            Mnemonic::Btc => Some(value ^ (1 << bit)),
+            _ => None,
+        };
+        if let Some(v) = new {
+            match target {
+                Some((seg, off)) => self.write_mem(seg, off, size, v, io)?,
+                None => self.write_op(ins, 0, v, io)?,
+            }
+        }
+        self.cpu.eflags = (self.cpu.eflags & !flags::CF) | if was_set { flags::CF } else { 0 };
+        Ok(())
+    }
+
+    /// BSF, BSR: ZF=1 and the destination unchanged for a zero source.
+    pub(super) fn bit_scan(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let src = self.read_op(ins, 1, io)?;
+        let bits = Self::op_size(ins, 0) * 8;
+        let src = if bits == 32 { src } else { src & 0xFFFF };
+        if src == 0 {
+            self.cpu.eflags |= flags::ZF;
+            return Ok(());
+        }
+        let index = if ins.mnemonic() == Mnemonic::Bsf {
+            src.trailing_zeros()
+        } else {
+            31 - src.leading_zeros()
+        };
+        self.write_op(ins, 0, index, io)?;
+        self.cpu.eflags &= !flags::ZF;
+        Ok(())
+    }
+
+    /// CMPXCHG r/m, r.
+    pub(super) fn cmpxchg(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let size = Self::op_size(ins, 0);
+        let dest = self.read_op(ins, 0, io)?;
+        let acc = self.accumulator(size);
+        let (_, f) = alu::sub(acc, dest, false, size * 8, self.cpu.eflags);
+        if f & flags::ZF != 0 {
+            let src = self.read_op(ins, 1, io)?;
+            self.write_op(ins, 0, src, io)?;
+        } else {
+            // The processor writes the destination back even when the comparison fails.
+            self.write_op(ins, 0, dest, io)?;
+            self.set_accumulator(size, dest);
+        }
+        self.cpu.eflags = f;
+        Ok(())
+    }
+
+    /// CMPXCHG8B m64.
+    pub(super) fn cmpxchg8b(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        if ins.op0_kind() != OpKind::Memory {
+            return Err(Fault::Exception(vector::UD, None));
+        }
+        let (seg, off) = self.address(ins);
+        self.linear(seg, off, 8)?;
+        let lo = self.read_mem(seg, off, 4, io)?;
+        let hi = self.read_mem(seg, off.wrapping_add(4), 4, io)?;
+        let g = self.cpu.gpr;
+        let equal = lo == g[0] && hi == g[2];
+        let (new_lo, new_hi) = if equal { (g[3], g[1]) } else { (lo, hi) };
+        self.write_mem(seg, off, 4, new_lo, io)?;
+        self.write_mem(seg, off.wrapping_add(4), 4, new_hi, io)?;
+        if equal {
+            self.cpu.eflags |= flags::ZF;
+        } else {
+            self.cpu.gpr[0] = lo;
+            self.cpu.gpr[2] = hi;
+            self.cpu.eflags &= !flags::ZF;
+        }
+        Ok(())
+    }
+
+    /// XADD r/m, r.
+    pub(super) fn xadd(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let size = Self::op_size(ins, 0);
+        let dest = self.read_op(ins, 0, io)?;
+        let src = self.read_op(ins, 1, io)?;
+        let (sum, f) = alu::add(dest, src, false, size * 8, self.cpu.eflags);
+        self.write_op(ins, 0, sum, io)?;
+        // The source register takes the old destination (after the sum, so XADD r, r works).
+        let r = ins.op1_register();
+        self.set_reg(r, dest);
+        if ins.op0_kind() == OpKind::Register && ins.op0_register() != r {
+            self.set_reg(ins.op0_register(), sum);
+        }
+        self.cpu.eflags = f;
+        Ok(())
+    }
+
+    /// IMUL with two or three operands: truncated signed product, CF=OF=overflow.
+    pub(super) fn imul_n(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let bits = Self::op_size(ins, 0) * 8;
+        let (a, b) = if ins.op_count() == 3 {
+            (self.read_op(ins, 1, io)?, self.read_op(ins, 2, io)?)
+        } else {
+            (self.read_op(ins, 0, io)?, self.read_op(ins, 1, io)?)
+        };
+        let sx = |v: u32| i64::from(((v << (32 - bits)) as i32) >> (32 - bits));
+        let product = sx(a) * sx(b);
+        let truncated = product as u32
+            & if bits == 32 {
+                u32::MAX
+            } else {
+                (1 << bits) - 1
+            };
+        let overflow = sx(truncated) != product;
+        self.write_op(ins, 0, truncated, io)?;
+        let f = if overflow { flags::CF | flags::OF } else { 0 };
+        self.cpu.eflags = (self.cpu.eflags & !(flags::CF | flags::OF)) | f;
+        Ok(())
+    }
+
+    /// ENTER imm16, imm8.
+    pub(super) fn enter(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let size = if ins.code() == Code::Enterw_imm16_imm8 {
+            2
+        } else {
+            4
+        };
+        let alloc = u32::from(ins.immediate16());
+        let level = u32::from(ins.immediate8_2nd()) & 0x1F;
+        let saved = (self.cpu.gpr[4], self.cpu.gpr[5]);
+        let result = (|| {
+            let ebp = self.cpu.gpr[5];
+            self.push(ebp, size, io)?;
+            let frame = self.sp();
+            let mut walk = ebp;
+            for _ in 1..level {
+                walk = walk.wrapping_sub(size);
+                let off = if self.stack_big() {
+                    walk
+                } else {
+                    walk & 0xFFFF
+                };
+                let v = self.read_mem(SegReg::Ss, off, size, io)?;
+                self.push(v, size, io)?;
+            }
+            if level > 0 {
+                self.push(frame, size, io)?;
+            }
+            let sp = self.sp().wrapping_sub(alloc);
+            let sp = if self.stack_big() { sp } else { sp & 0xFFFF };
+            // The new stack top must be writable: check it before committing.
+            if alloc > 0 {
+                self.linear(SegReg::Ss, sp, 1)?;
+            }
+            if size == 2 {
+                self.set_reg(Register::BP, frame);
+            } else {
+                self.cpu.gpr[5] = frame;
+            }
+            self.set_sp(sp);
+            Ok(())
+        })();
+        if result.is_err() {
+            (self.cpu.gpr[4], self.cpu.gpr[5]) = saved;
+        }
+        result
+    }
+
+    /// LEAVE.
+    pub(super) fn leave(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let size = if ins.code() == Code::Leavew { 2 } else { 4 };
+        let saved = self.cpu.gpr[4];
+        let bp = self.cpu.gpr[5];
+        self.set_sp(bp);
+        match self.pop(size, io) {
+            Ok(v) => {
+                if size == 2 {
+                    self.set_reg(Register::BP, v);
+                } else {
+                    self.cpu.gpr[5] = v;
+                }
+                Ok(())
+            }
+            Err(f) => {
+                self.cpu.gpr[4] = saved;
+                Err(f)
+            }
+        }
+    }
+
+    /// PUSHA/PUSHAD and POPA/POPAD.
+    pub(super) fn push_pop_all(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        let size = if matches!(ins.mnemonic(), Mnemonic::Pushad | Mnemonic::Popad) {
+            4
+        } else {
+            2
+        };
+        let mask = if size == 4 { u32::MAX } else { 0xFFFF };
+        let saved = self.cpu.gpr;
+        let result = (|| {
+            if matches!(ins.mnemonic(), Mnemonic::Pusha | Mnemonic::Pushad) {
+                let regs = self.cpu.gpr;
+                for v in regs {
+                    self.push(v & mask, size, io)?;
+                }
+            } else {
+                for n in (0..8).rev() {
+                    let v = self.pop(size, io)?;
+                    if n != 4 {
+                        let g = &mut self.cpu.gpr[n];
+                        *g = (*g & !mask) | (v & mask);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            self.cpu.gpr = saved;
+        }
+        result
+    }
+
+    /// DAA, DAS, AAA, AAS, AAM, AAD.
+    pub(super) fn decimal(&mut self, ins: &Instruction) -> Step {
+        let ax = self.cpu.gpr[0] as u16;
+        let fl = self.cpu.eflags;
+        let (ax, f) = match ins.mnemonic() {
+            Mnemonic::Daa => alu::bcd_adjust(Bcd::Daa, ax, fl),
+            Mnemonic::Das => alu::bcd_adjust(Bcd::Das, ax, fl),
+            Mnemonic::Aaa => alu::bcd_adjust(Bcd::Aaa, ax, fl),
+            Mnemonic::Aas => alu::bcd_adjust(Bcd::Aas, ax, fl),
+            Mnemonic::Aam => {
+                let base = ins.immediate8();
+                if base == 0 {
+                    return Err(Fault::Exception(vector::DE, None));
+                }
+                let al = ax as u8;
+                let ax = (u16::from(al / base) << 8) | u16::from(al % base);
+                (ax, alu::logic(u32::from(ax as u8), 8, fl).1)
+            }
+            Mnemonic::Aad => {
+                let base = ins.immediate8();
+                let al = (ax as u8).wrapping_add(((ax >> 8) as u8).wrapping_mul(base));
+                (u16::from(al), alu::logic(u32::from(al), 8, fl).1)
+            }
+            _ => return unsupported(format!("'{ins}'")),
+        };
+        self.set_reg(Register::AX, u32::from(ax));
+        self.cpu.eflags = f;
+        Ok(())
+    }
+
+    /// LOOP, LOOPE, LOOPNE, JCXZ, JECXZ: returns whether to branch.
+    pub(super) fn loop_branch(&mut self, ins: &Instruction) -> bool {
+        let ecx = matches!(
+            ins.code(),
+            Code::Loop_rel8_16_ECX
+                | Code::Loop_rel8_32_ECX
+                | Code::Loope_rel8_16_ECX
+                | Code::Loope_rel8_32_ECX
+                | Code::Loopne_rel8_16_ECX
+                | Code::Loopne_rel8_32_ECX
+                | Code::Jecxz_rel8_16
+                | Code::Jecxz_rel8_32
+        );
+        let mask = if ecx { u32::MAX } else { 0xFFFF };
+        let zf = self.cpu.eflags & flags::ZF != 0;
+        match ins.mnemonic() {
+            Mnemonic::Jcxz | Mnemonic::Jecxz => self.cpu.gpr[1] & mask == 0,
+            m => {
+                self.bump(1, u32::MAX, mask);
+                let more = self.cpu.gpr[1] & mask != 0;
+                match m {
+                    Mnemonic::Loope => more && zf,
+                    Mnemonic::Loopne => more && !zf,
+                    _ => more,
+                }
+            }
+        }
+    }
+
+    /// BOUND r, m: #BR when the signed index lies outside [lower, upper].
+    pub(super) fn bound(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        if ins.op1_kind() != OpKind::Memory {
+            return Err(Fault::Exception(vector::UD, None));
+        }
+        let size = ins.op0_register().size() as u32;
+        let (seg, off) = self.address(ins);
+        let lower = self.read_mem(seg, off, size, io)?;
+        let upper = self.read_mem(seg, off.wrapping_add(size), size, io)?;
+        let sx = |v: u32| {
+            if size == 2 {
+                i32::from(v as u16 as i16)
+            } else {
+                v as i32
+            }
+        };
+        let index = sx(self.reg(ins.op0_register()));
+        if index < sx(lower) || index > sx(upper) {
+            return Err(Fault::Exception(vector::BR, None));
+        }
+        Ok(())
+    }
+
+    /// LAHF, SAHF.
+    pub(super) fn ah_flags(&mut self, ins: &Instruction) {
+        const LOW: u32 = flags::SF | flags::ZF | flags::AF | flags::PF | flags::CF;
+        if ins.mnemonic() == Mnemonic::Lahf {
+            let v = (self.cpu.eflags & LOW) | flags::FIXED;
+            self.set_reg(Register::AH, v);
+        } else {
+            let ah = self.reg(Register::AH);
+            self.cpu.eflags = (self.cpu.eflags & !LOW) | (ah & LOW);
+        }
+    }
+
+    /// Checks privileged instructions: CPL must be 0.
+    pub(super) fn require_cpl0(&self) -> Step {
+        if self.cpu.cpl() != 0 {
+            return gp0();
+        }
+        Ok(())
+    }
+}
