@@ -5,12 +5,15 @@
 //! - [`exit`]: the [`VmExit`] enum every engine returns, and the [`IoHandler`] through which engines
 //!   complete port and MMIO accesses.
 //! - [`kvm`]: the KVM engine (hardware-assisted on hosts with VT-x/AMD-V).
+//! - [`native`]: runs unprivileged 32-bit snippets on the host CPU in a 32-bit compatibility-mode
+//!   sandbox, the reference the engines' instruction semantics are checked against.
 //!
 //! This crate decides no policy: it never interprets what a guest does, it only carries it out.
 
 pub mod exit;
 pub mod kvm;
 pub mod memory;
+pub mod native;
 
 pub use exit::{GuestRegisters, IoHandler, VmExit};
 pub use memory::{GuestMemory, MemoryError, MemoryLayout, Region, RegionKind};
