@@ -2,4 +2,9 @@
 //! shadow page tables), hidden vs true page faults, traces on guest page-table pages, accessed and
 //! dirty bits, INVLPG and CR3 semantics (DESIGN.md section 3).
 //!
-//! Nothing is here yet: it lands with the shadow-MMU issue, after the translator.
+//! Built so far: [`walk`], the guest page-table walk the interpreter uses today and the shadow
+//! address spaces will use when the translator needs them.
+
+pub mod walk;
+
+pub use walk::{Access, Mode, PageFault, PhysMem, Translation};
