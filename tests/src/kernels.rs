@@ -59,6 +59,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "paging",
+        about: "identity, alias, 4 MiB and PAE mappings, #PF with fix-up, A/D bits, INVLPG, CR3 switches",
+        build: paging,
+        firmware: false,
+    },
+    Entry {
         name: "triple-fault",
         about: "loads an empty IDT and executes UD2: #UD -> #GP -> #DF -> triple fault",
         build: triple_fault,
@@ -513,6 +519,201 @@ pub fn descriptors() -> AsmResult<Vec<u8>> {
         }
     }
     k.exit(0x14)?;
+    k.build()
+}
+
+/// Physical addresses of the `paging` kernel's tables (identity-mapped, below 4 MiB).
+mod pt {
+    pub const PD: u32 = 0x20_0000;
+    pub const PT0: u32 = 0x20_1000; // identity 0..4 MiB
+    pub const PT1: u32 = 0x20_2000; // linear 0x4000_0000..
+    pub const PD_B: u32 = 0x20_3000; // second address space
+    pub const PT2: u32 = 0x20_4000;
+    pub const PDPT: u32 = 0x20_5000;
+    pub const PAE_PD0: u32 = 0x20_6000;
+    pub const PAE_PT: u32 = 0x20_7000;
+    pub const PAE_PD1: u32 = 0x20_8000;
+    pub const END: u32 = 0x20_9000;
+    /// Where markers live.
+    pub const MARK: u32 = 0x30_0000;
+    pub const ALIAS: u32 = 0x4000_0000;
+}
+
+/// Exercises paging against a #PF handler that prints each fault and either applies a pending
+/// fix-up (a PTE to write, then INVLPG and retry) or skips the faulting instruction. Exits with
+/// value 0x15.
+pub fn paging() -> AsmResult<Vec<u8>> {
+    use pt::*;
+    let mut k = Kit::new()?;
+    let idt = k.data(&[0u8; 256 * 8]);
+    let mut idtr = 2047u16.to_le_bytes().to_vec();
+    idtr.extend_from_slice(&idt.to_le_bytes());
+    let idtr = k.data(&idtr);
+    let skip = k.data(&[0; 4]);
+    let fix_addr = k.data(&[0; 4]);
+    let fix_value = k.data(&[0; 4]);
+
+    // The #PF handler, installed with the call/pop trick for its address.
+    let mut install = k.asm().create_label();
+    k.asm().call(install)?;
+    {
+        k.asm().pushad()?;
+        k.print("pf cr2=")?;
+        k.asm().mov(eax, cr2)?;
+        k.print_hex(eax)?;
+        k.print(" error=")?;
+        k.asm().mov(eax, dword_ptr(esp + 32))?;
+        k.print_hex(eax)?;
+        k.print(" eip=+")?;
+        k.asm().mov(eax, dword_ptr(esp + 36))?;
+        k.asm().sub(eax, crate::kit::KERNEL_BASE)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        let mut skip_path = k.asm().create_label();
+        k.asm().mov(eax, dword_ptr(fix_addr))?;
+        k.asm().test(eax, eax)?;
+        k.asm().jz(skip_path)?;
+        k.asm().mov(ecx, dword_ptr(fix_value))?;
+        k.asm().mov(dword_ptr(eax), ecx)?;
+        k.asm().mov(dword_ptr(fix_addr), 0u32)?;
+        k.asm().mov(eax, cr2)?;
+        k.asm().invlpg(ptr(eax))?;
+        k.asm().popad()?;
+        k.asm().add(esp, 4u32)?;
+        k.asm().iretd()?;
+        k.asm().set_label(&mut skip_path)?;
+        k.asm().mov(eax, dword_ptr(skip))?;
+        k.asm().add(dword_ptr(esp + 36), eax)?;
+        k.asm().popad()?;
+        k.asm().add(esp, 4u32)?;
+        k.asm().iretd()?;
+    }
+    k.asm().set_label(&mut install)?;
+    k.asm().pop(eax)?;
+    k.asm().mov(edx, eax)?;
+    k.asm().and(edx, 0xFFFF_0000u32)?;
+    k.asm().or(edx, 0x8E00u32)?;
+    k.asm().mov(dword_ptr(idt + 14 * 8 + 4), edx)?;
+    k.asm().and(eax, 0xFFFFu32)?;
+    k.asm().or(eax, 0x0008_0000u32)?;
+    k.asm().mov(dword_ptr(idt + 14 * 8), eax)?;
+    k.asm().lidt(ptr(idtr))?;
+
+    // Zero the tables, fill the identity map, and set the markers.
+    k.asm().cld()?;
+    k.asm().mov(edi, PD)?;
+    k.asm().xor(eax, eax)?;
+    k.asm().mov(ecx, (END - PD) / 4)?;
+    k.asm().rep().stosd()?;
+    k.asm().mov(edi, PT0)?;
+    k.asm().mov(eax, 3u32)?;
+    k.asm().mov(ecx, 1024u32)?;
+    let mut fill = k.asm().create_label();
+    k.asm().set_label(&mut fill)?;
+    k.asm().stosd()?;
+    k.asm().add(eax, 0x1000u32)?;
+    k.asm().loop_(fill)?;
+    let put = |k: &mut Kit, addr: u32, v: u32| k.asm().mov(dword_ptr(addr), v);
+    put(&mut k, PD, PT0 | 3)?;
+    put(&mut k, PD + 4 * 0x100, PT1 | 3)?;
+    put(&mut k, PD + 4 * 2, 0x40_0000 | 0x83)?; // 4 MiB page at 8 MiB -> 4 MiB
+    put(&mut k, PT1, MARK | 3)?;
+    put(&mut k, PT1 + 4, 0x40_1000 | 3)?;
+    put(&mut k, PT1 + 12, 0x40_3000 | 1)?; // read-only
+    put(&mut k, MARK + 0x1000, 0xAAAA_0001)?;
+    put(&mut k, MARK + 0x2000, 0xBBBB_0002)?;
+
+    k.asm().mov(eax, cr4)?;
+    k.asm().or(eax, 0x10u32)?; // PSE
+    k.asm().mov(cr4, eax)?;
+    k.asm().mov(eax, PD)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 0x8001_0000u32)?; // PG | WP
+    k.asm().mov(cr0, eax)?;
+    k.print("paging on\n")?;
+
+    // An alias: write through 0x4000_0000, read through the identity map.
+    k.asm().mov(dword_ptr(ALIAS), 0x1122_3344u32)?;
+    k.asm().mov(eax, dword_ptr(MARK))?;
+    k.print_field("identity-read-of-alias-write", eax)?;
+    // A 4 MiB page: write at 8 MiB + 0x1234, read through a 4 KiB alias of the same frame.
+    k.asm().mov(dword_ptr(0x80_1234u32), 0x5555_6666u32)?;
+    k.asm().mov(eax, dword_ptr(ALIAS + 0x1234))?;
+    k.print_field("4m-page-through-4k-alias", eax)?;
+    // Not present: skipped.
+    k.asm().mov(dword_ptr(skip), 6u32)?; // mov eax, [abs32] is 5 bytes; 6 with a nop after
+    k.asm().mov(eax, dword_ptr(0x5000_0000u32))?;
+    k.asm().nop()?;
+    // Read-only page with WP=1: fixed up to writable, then the write is retried.
+    k.asm().mov(dword_ptr(fix_addr), PT1 + 12)?;
+    k.asm().mov(dword_ptr(fix_value), 0x40_3000u32 | 3)?;
+    k.asm().mov(dword_ptr(ALIAS + 0x3000), 0x7777_8888u32)?;
+    k.asm().mov(eax, dword_ptr(ALIAS + 0x3000))?;
+    k.print_field("after-fixup", eax)?;
+    // Accessed and dirty bits.
+    for (name, addr) in [
+        ("pde-alias.ad", PD + 4 * 0x100),
+        ("pte-alias.ad", PT1),
+        ("pte-fixed-up.ad", PT1 + 12),
+        ("pte-code.ad", PT0 + 4 * 0x100),
+        ("pde-4m.ad", PD + 8),
+        ("pte-4k-alias-of-4m.ad", PT1 + 4),
+    ] {
+        k.asm().mov(eax, dword_ptr(addr))?;
+        k.asm().and(eax, 0x60u32)?;
+        k.print_field(name, eax)?;
+    }
+    // INVLPG makes a changed PTE visible.
+    put(&mut k, PT1, (MARK + 0x1000) | 3)?;
+    k.asm().mov(eax, ALIAS)?;
+    k.asm().invlpg(ptr(eax))?;
+    k.asm().mov(eax, dword_ptr(ALIAS))?;
+    k.print_field("after-invlpg", eax)?;
+    // A second address space: copy the directory, repoint the alias, switch CR3 and back.
+    k.asm().mov(esi, PD)?;
+    k.asm().mov(edi, PD_B)?;
+    k.asm().mov(ecx, 1024u32)?;
+    k.asm().rep().movsd()?;
+    put(&mut k, PD_B + 4 * 0x100, PT2 | 3)?;
+    put(&mut k, PT2, (MARK + 0x2000) | 3)?;
+    k.asm().mov(eax, PD_B)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, dword_ptr(ALIAS))?;
+    k.print_field("space-b", eax)?;
+    k.asm().mov(eax, PD)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, dword_ptr(ALIAS))?;
+    k.print_field("space-a", eax)?;
+
+    // PAE: paging off, build a PDPT with 2 MiB identity pages and a 4 KiB alias, paging on.
+    k.asm().mov(eax, cr0)?;
+    k.asm().and(eax, 0x7FFF_FFFFu32)?;
+    k.asm().mov(cr0, eax)?;
+    put(&mut k, PDPT, PAE_PD0 | 1)?;
+    put(&mut k, PDPT + 8, PAE_PD1 | 1)?;
+    put(&mut k, PAE_PD0, 0x83)?; // 0..2 MiB
+    put(&mut k, PAE_PD0 + 8, 0x20_0000 | 0x83)?; // 2..4 MiB
+    put(&mut k, PAE_PD1, PAE_PT | 3)?;
+    put(&mut k, PAE_PT, (MARK + 0x2000) | 3)?;
+    k.asm().mov(eax, cr4)?;
+    k.asm().or(eax, 0x20u32)?; // PAE
+    k.asm().mov(cr4, eax)?;
+    k.asm().mov(eax, PDPT)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 0x8000_0000u32)?;
+    k.asm().mov(cr0, eax)?;
+    k.asm().mov(eax, dword_ptr(ALIAS))?;
+    k.print_field("pae-alias", eax)?;
+    k.asm().mov(eax, dword_ptr(PAE_PD0))?;
+    k.asm().and(eax, 0x60u32)?;
+    k.print_field("pae-2m-pde.ad", eax)?;
+    // A PAE not-present fault in the second gigabyte.
+    k.asm().mov(dword_ptr(skip), 6u32)?;
+    k.asm().mov(eax, dword_ptr(ALIAS + 0x5000))?;
+    k.asm().nop()?;
+    k.exit(0x15)?;
     k.build()
 }
 

@@ -182,3 +182,36 @@ fn descriptor_instructions_match_qemu() {
         "{text}"
     );
 }
+
+#[test]
+fn paging_matches_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "paging");
+    let guest = Guest::kernel(dir.path(), &k);
+    let Some((_, ours)) = compare_on("paging", &guest, &protected_mode_engines()) else {
+        return;
+    };
+    let text = ours.serial_text();
+    assert!(
+        text.contains("identity-read-of-alias-write=11223344"),
+        "{text}"
+    );
+    assert!(text.contains("4m-page-through-4k-alias=55556666"), "{text}");
+    // Not present, supervisor read; then a supervisor write to a read-only page with WP=1.
+    assert!(text.contains("pf cr2=50000000 error=00000000"), "{text}");
+    assert!(text.contains("pf cr2=40003000 error=00000003"), "{text}");
+    assert!(text.contains("after-fixup=77778888"), "{text}");
+    assert!(
+        text.contains("pte-alias.ad=00000060"),
+        "accessed and dirty: {text}"
+    );
+    assert!(
+        text.contains("pde-alias.ad=00000020"),
+        "directory entries get A only: {text}"
+    );
+    assert!(text.contains("after-invlpg=aaaa0001"), "{text}");
+    assert!(text.contains("space-b=bbbb0002"), "{text}");
+    assert!(text.contains("pae-alias=bbbb0002"), "{text}");
+    assert!(text.contains("pf cr2=40005000 error=00000000"), "{text}");
+    assert_eq!(ours.status, Some(0x2B));
+}

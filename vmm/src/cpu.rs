@@ -51,8 +51,26 @@ pub mod cr0 {
     pub const PE: u32 = 1 << 0;
     /// Extension type (hard-wired to 1 on a P6).
     pub const ET: u32 = 1 << 4;
+    /// Task switched.
+    pub const TS: u32 = 1 << 3;
+    /// Write protect: supervisor writes honour read-only pages.
+    pub const WP: u32 = 1 << 16;
     /// Paging.
     pub const PG: u32 = 1 << 31;
+}
+
+/// CR4 bits.
+pub mod cr4 {
+    /// Time-stamp disable: RDTSC is privileged.
+    pub const TSD: u32 = 1 << 2;
+    /// Page size extensions: 4 MiB pages.
+    pub const PSE: u32 = 1 << 4;
+    /// Physical address extension.
+    pub const PAE: u32 = 1 << 5;
+    /// Page global enable.
+    pub const PGE: u32 = 1 << 7;
+    /// The bits this CPU model implements; setting any other is #GP.
+    pub const SUPPORTED: u32 = TSD | PSE | PAE | PGE;
 }
 
 /// Index of a segment register in [`CpuState::seg`], in encoding order.

@@ -13,14 +13,17 @@ mod ops;
 pub mod snippet;
 pub mod system;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use vmdriver::kvm::InitialCpu;
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, RegionKind, VmExit};
 
-use crate::cpu::{CpuState, SegReg, Segment, TableReg, cr0, flags};
+use crate::cpu::{CpuState, SegReg, Segment, TableReg, cr0, cr4, flags};
 use alu::Shift;
+use shadow_mmu::walk::{self as pagewalk, PhysMem};
 
 /// Exception vectors.
 mod vector {
@@ -31,6 +34,7 @@ mod vector {
     pub const NP: u8 = 11;
     pub const SS: u8 = 12;
     pub const GP: u8 = 13;
+    pub const PF: u8 = 14;
 }
 
 /// Why the interpreter stopped without a VM exit.
@@ -51,6 +55,13 @@ pub enum InterpError {
 enum Fault {
     /// A CPU exception, with its error code if it has one.
     Exception(u8, Option<u32>),
+    /// A page fault at `linear` (CR2) with its error code.
+    Page {
+        /// The faulting linear address.
+        linear: u32,
+        /// The #PF error code.
+        error: u32,
+    },
     /// Something not implemented yet (the text names it).
     Unsupported(String),
 }
@@ -76,6 +87,46 @@ fn contributory(v: u8) -> bool {
     matches!(v, 0 | 10..=13)
 }
 
+/// Whether a `second` exception while delivering `first` is a double fault (SDM table 6-5).
+fn double_fault(first: u8, second: u8) -> bool {
+    (contributory(first) && contributory(second))
+        || (first == vector::PF && (contributory(second) || second == vector::PF))
+}
+
+/// One cached translation of a 4 KiB linear page.
+#[derive(Debug, Clone, Copy)]
+struct TlbEntry {
+    frame: u64,
+    user: bool,
+    writable: bool,
+    dirty: bool,
+    global: bool,
+}
+
+/// The software TLB: translations by linear page number, flushed the way the hardware's is.
+#[derive(Debug, Default)]
+struct Tlb {
+    entries: HashMap<u32, TlbEntry>,
+    /// Whether any entry came from a large page (INVLPG must then flush more than one page).
+    has_large: bool,
+}
+
+/// Entries kept before the TLB is emptied (guests never rely on capacity).
+const TLB_CAPACITY: usize = 8192;
+
+/// Guest physical memory for the page walker: page tables live in RAM; anything else reads as
+/// all ones and ignores A/D updates.
+struct WalkMem<'a>(&'a GuestMemory);
+
+impl PhysMem for WalkMem<'_> {
+    fn read_u32(&mut self, addr: u64) -> u32 {
+        self.0.read_u32(addr).unwrap_or(u32::MAX)
+    }
+    fn write_u32(&mut self, addr: u64, value: u32) {
+        let _ = self.0.write_ram(addr, &value.to_le_bytes());
+    }
+}
+
 /// The interpreter engine.
 pub struct Interp {
     cpu: CpuState,
@@ -85,6 +136,8 @@ pub struct Interp {
     first_exception: Option<u8>,
     started: std::time::Instant,
     tsc_offset: u64,
+    tlb: RefCell<Tlb>,
+    pdptes: [u64; 4],
 }
 
 impl Interp {
@@ -132,6 +185,8 @@ impl Interp {
             first_exception: None,
             started: std::time::Instant::now(),
             tsc_offset: 0,
+            tlb: RefCell::default(),
+            pdptes: [0; 4],
         }
     }
 
@@ -185,6 +240,13 @@ impl Interp {
                         return Ok(exit);
                     }
                 }
+                Err(Fault::Page { linear, error }) => {
+                    self.cpu.eip = start_eip;
+                    self.cpu.cr2 = linear;
+                    if let Some(exit) = self.raise(vector::PF, Some(error), io)? {
+                        return Ok(exit);
+                    }
+                }
                 Err(Fault::Unsupported(what)) => {
                     self.cpu.eip = start_eip;
                     return Err(InterpError::Unsupported {
@@ -215,11 +277,19 @@ impl Interp {
                         regs: self.registers(),
                     });
                 }
-                Err(Fault::Exception(second, second_code)) => {
+                Err(fault @ (Fault::Exception(..) | Fault::Page { .. })) => {
+                    let (second, second_code) = match fault {
+                        Fault::Page { linear, error } => {
+                            self.cpu.cr2 = linear;
+                            (vector::PF, Some(error))
+                        }
+                        Fault::Exception(v, c) => (v, c),
+                        Fault::Unsupported(_) => unreachable!("matched above"),
+                    };
                     if v == vector::DF {
                         return Ok(Some(VmExit::Shutdown));
                     }
-                    if contributory(v) && contributory(second) {
+                    if double_fault(v, second) {
                         (v, code) = (vector::DF, Some(0));
                     } else {
                         (v, code) = (second, second_code);
@@ -231,8 +301,7 @@ impl Interp {
 
     // ---- memory -------------------------------------------------------------------------
 
-    fn read_phys(&self, addr: u32, buf: &mut [u8], io: &mut dyn IoHandler) {
-        let addr = u64::from(addr);
+    fn read_phys(&self, addr: u64, buf: &mut [u8], io: &mut dyn IoHandler) {
         if self.memory.read(addr, buf).is_ok() {
             return;
         }
@@ -252,8 +321,7 @@ impl Interp {
         }
     }
 
-    fn write_phys(&self, addr: u32, data: &[u8], io: &mut dyn IoHandler) {
-        let addr = u64::from(addr);
+    fn write_phys(&self, addr: u64, data: &[u8], io: &mut dyn IoHandler) {
         let ram = |a: u64, len: usize| {
             self.memory
                 .layout()
@@ -277,6 +345,134 @@ impl Interp {
                 io.mmio_write(a, &[*b]);
             }
         }
+    }
+
+    fn paging(&self) -> bool {
+        self.cpu.cr0 & cr0::PG != 0
+    }
+
+    /// Empties the TLB; with `keep_global`, translations marked global survive (a CR3 load).
+    fn flush_tlb(&self, keep_global: bool) {
+        let mut tlb = self.tlb.borrow_mut();
+        if keep_global {
+            tlb.entries.retain(|_, e| e.global);
+        } else {
+            tlb.entries.clear();
+            tlb.has_large = false;
+        }
+    }
+
+    /// INVLPG: drops the translation of the page holding `linear` (all of them if a large page
+    /// might cover it).
+    fn invalidate_page(&self, linear: u32) {
+        let mut tlb = self.tlb.borrow_mut();
+        if tlb.has_large {
+            tlb.entries.clear();
+            tlb.has_large = false;
+        } else {
+            tlb.entries.remove(&(linear >> 12));
+        }
+    }
+
+    /// Translates `linear` for an access, through the TLB or a page walk.
+    fn translate(&self, linear: u32, write: bool, user: bool) -> Step<u64> {
+        if !self.paging() {
+            return Ok(u64::from(linear));
+        }
+        let wp = self.cpu.cr0 & cr0::WP != 0;
+        let page = linear >> 12;
+        let offset = u64::from(linear & 0xFFF);
+        if let Some(e) = self.tlb.borrow().entries.get(&page) {
+            let allowed = (!user || e.user) && (!write || e.writable || (!user && !wp));
+            if allowed && (!write || e.dirty) {
+                return Ok(e.frame | offset);
+            }
+        }
+        let mode = pagewalk::Mode {
+            cr3: self.cpu.cr3,
+            pae: self.cpu.cr4 & cr4::PAE != 0,
+            pse: self.cpu.cr4 & cr4::PSE != 0,
+            wp,
+            pge: self.cpu.cr4 & cr4::PGE != 0,
+        };
+        let access = pagewalk::Access { write, user };
+        let t = pagewalk::walk(
+            &mut WalkMem(&self.memory),
+            mode,
+            &self.pdptes,
+            linear,
+            access,
+        )
+        .map_err(|pf| Fault::Page {
+            linear,
+            error: pf.error,
+        })?;
+        let mut tlb = self.tlb.borrow_mut();
+        if tlb.entries.len() >= TLB_CAPACITY {
+            tlb.entries.clear();
+            tlb.has_large = false;
+        }
+        tlb.has_large |= t.page_size > 4096;
+        tlb.entries.insert(
+            page,
+            TlbEntry {
+                frame: t.frame,
+                user: t.user,
+                writable: t.writable,
+                dirty: t.dirty,
+                global: t.global,
+            },
+        );
+        Ok(t.phys)
+    }
+
+    /// The pieces of `linear..linear+len` that lie in one page each: (linear, length).
+    fn page_pieces(linear: u32, len: usize) -> impl Iterator<Item = (u32, usize)> {
+        let mut at = 0usize;
+        std::iter::from_fn(move || {
+            if at >= len {
+                return None;
+            }
+            let lin = linear.wrapping_add(at as u32);
+            let n = (4096 - (lin & 0xFFF) as usize).min(len - at);
+            at += n;
+            Some((lin, n))
+        })
+    }
+
+    /// Reads linear memory (through paging when it is on). `user` marks a CPL 3 access.
+    fn read_lin(&self, linear: u32, buf: &mut [u8], user: bool, io: &mut dyn IoHandler) -> Step {
+        let mut at = 0;
+        for (lin, n) in Self::page_pieces(linear, buf.len()) {
+            let phys = self.translate(lin, false, user)?;
+            self.read_phys(phys, &mut buf[at..at + n], io);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Writes linear memory; every page is translated (and may fault) before any byte is
+    /// written, so a faulting write changes nothing.
+    fn write_lin(&self, linear: u32, data: &[u8], user: bool, io: &mut dyn IoHandler) -> Step {
+        let mut phys = [(0u64, 0usize); 4];
+        let mut count = 0;
+        for (lin, n) in Self::page_pieces(linear, data.len()) {
+            if count == phys.len() {
+                return unsupported("a write spanning more than four pages");
+            }
+            phys[count] = (self.translate(lin, true, user)?, n);
+            count += 1;
+        }
+        let mut at = 0;
+        for (p, n) in &phys[..count] {
+            self.write_phys(*p, &data[at..at + n], io);
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn user_access(&self) -> bool {
+        self.cpu.cpl() == 3
     }
 
     /// Checks `offset..offset+len` against segment `s` and returns the linear address.
@@ -307,7 +503,7 @@ impl Interp {
         }
         let lin = self.linear(s, offset, len)?;
         let mut b = [0u8; 4];
-        self.read_phys(lin, &mut b[..len as usize], io);
+        self.read_lin(lin, &mut b[..len as usize], self.user_access(), io)?;
         Ok(u32::from_le_bytes(b))
     }
 
@@ -316,8 +512,12 @@ impl Interp {
             return unsupported(format!("a {len}-byte memory access"));
         }
         let lin = self.linear(s, offset, len)?;
-        self.write_phys(lin, &v.to_le_bytes()[..len as usize], io);
-        Ok(())
+        self.write_lin(
+            lin,
+            &v.to_le_bytes()[..len as usize],
+            self.user_access(),
+            io,
+        )
     }
 
     fn stack_big(&self) -> bool {
@@ -475,7 +675,7 @@ impl Interp {
             return Err(Fault::Exception(vector::GP, Some(u32::from(selector & !3))));
         }
         let mut d = [0u8; 8];
-        self.read_phys(base.wrapping_add(index), &mut d, io);
+        self.read_lin(base.wrapping_add(index), &mut d, false, io)?;
         Ok(u64::from_le_bytes(d))
     }
 
@@ -570,7 +770,7 @@ impl Interp {
                 return gp0();
             }
             let mut e = [0u8; 4];
-            self.read_phys(self.cpu.idtr.base.wrapping_add(entry), &mut e, io);
+            self.read_lin(self.cpu.idtr.base.wrapping_add(entry), &mut e, false, io)?;
             let cs = self.cpu.seg(SegReg::Cs).selector;
             self.push(self.cpu.eflags & 0xFFFF, 2, io)?;
             self.push(u32::from(cs), 2, io)?;
@@ -588,7 +788,7 @@ impl Interp {
             return Err(Fault::Exception(vector::GP, idt_err));
         }
         let mut g = [0u8; 8];
-        self.read_phys(self.cpu.idtr.base.wrapping_add(entry), &mut g, io);
+        self.read_lin(self.cpu.idtr.base.wrapping_add(entry), &mut g, false, io)?;
         let gate = u64::from_le_bytes(g);
         let gate_type = ((gate >> 40) & 0x1F) as u8;
         let gate_dpl = ((gate >> 45) & 3) as u8;
@@ -658,14 +858,38 @@ impl Interp {
         if n == 0 {
             return gp0();
         }
-        self.read_phys(cs.base.wrapping_add(self.cpu.eip), &mut bytes[..n], io);
+        let lin = cs.base.wrapping_add(self.cpu.eip);
+        let user = self.user_access();
+        // The bytes in the first page are needed; the next page only if the instruction
+        // continues into it (a fault there is reported only then).
+        let first = (4096 - (lin & 0xFFF) as usize).min(n);
+        self.read_lin(lin, &mut bytes[..first], user, io)?;
+        let mut avail = first;
+        let mut second_fault = None;
+        if n > first {
+            match self.read_lin(
+                lin.wrapping_add(first as u32),
+                &mut bytes[first..n],
+                user,
+                io,
+            ) {
+                Ok(()) => avail = n,
+                Err(f) => second_fault = Some(f),
+            }
+        }
         let mut d = Decoder::with_ip(
             bitness,
-            &bytes[..n],
+            &bytes[..avail],
             u64::from(self.cpu.eip),
             DecoderOptions::NONE,
         );
         let ins = d.decode();
+        if let Some(f) = second_fault
+            && ins.is_invalid()
+            && d.last_error() == iced_x86::DecoderError::NoMoreBytes
+        {
+            return Err(f);
+        }
         if ins.is_invalid() {
             return if n < 15 && ins.len() == 0 {
                 gp0()
@@ -1218,22 +1442,58 @@ impl Interp {
         let v = self.reg(src);
         match dst {
             Register::CR0 => {
-                if v & cr0::PG != 0 {
-                    return unsupported("paging (CR0.PG) in the interpreter");
+                // Reserved bits are ignored; ET is hard-wired to 1 on a P6.
+                const DEFINED: u32 = 0xE005_003F;
+                let v = (v & DEFINED) | cr0::ET;
+                let (pg, pe, cd, nw) = (1 << 31, 1, 1 << 30, 1 << 29);
+                if (v & pg != 0 && v & pe == 0) || (v & nw != 0 && v & cd == 0) {
+                    return gp0();
                 }
-                self.cpu.cr0 = v | cr0::ET;
+                let old = self.cpu.cr0;
+                if v & pg != 0 && old & pg == 0 && self.cpu.cr4 & cr4::PAE != 0 {
+                    self.load_pdptes(self.cpu.cr3)?;
+                }
+                self.cpu.cr0 = v;
+                if (old ^ v) & (pg | pe | cr0::WP) != 0 {
+                    self.flush_tlb(false);
+                }
             }
             Register::CR2 => self.cpu.cr2 = v,
-            Register::CR3 => self.cpu.cr3 = v,
-            Register::CR4 => {
-                if v != 0 {
-                    return unsupported(format!("CR4 features {v:#x}"));
+            Register::CR3 => {
+                if self.paging() && self.cpu.cr4 & cr4::PAE != 0 {
+                    self.load_pdptes(v)?;
                 }
+                self.cpu.cr3 = v;
+                self.flush_tlb(true);
+            }
+            Register::CR4 => {
+                if v & !cr4::SUPPORTED != 0 {
+                    return gp0();
+                }
+                if self.paging() && v & cr4::PAE != 0 && self.cpu.cr4 & cr4::PAE == 0 {
+                    self.load_pdptes(self.cpu.cr3)?;
+                }
+                let old = self.cpu.cr4;
                 self.cpu.cr4 = v;
+                if (old ^ v) & (cr4::PSE | cr4::PAE | cr4::PGE) != 0 {
+                    self.flush_tlb(false);
+                }
             }
             _ => return Err(Fault::Exception(vector::UD, None)),
         }
         Ok(())
+    }
+
+    /// Loads the four PAE page-directory-pointer entries from the table at `cr3`, as MOV to CR3
+    /// (or enabling PAE paging) does: #GP if a present entry has reserved bits set.
+    fn load_pdptes(&mut self, cr3: u32) -> Step {
+        match pagewalk::load_pdptes(&mut WalkMem(&self.memory), cr3) {
+            Some(p) => {
+                self.pdptes = p;
+                Ok(())
+            }
+            None => gp0(),
+        }
     }
 }
 

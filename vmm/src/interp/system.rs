@@ -12,8 +12,10 @@ pub const TSC_HZ: u64 = 1_000_000_000;
 
 /// CPUID leaf 0/1 identity: a Pentium II class P6 (family 6, model 3, stepping 3).
 const SIGNATURE: u32 = 0x0000_0633;
-/// CPUID.1:EDX bits for what this interpreter really implements: TSC, MSR, CX8, CMOV.
-const FEATURES_EDX: u32 = (1 << 4) | (1 << 5) | (1 << 8) | (1 << 15);
+/// CPUID.1:EDX bits for what this interpreter really implements: PSE, TSC, MSR, PAE, CX8, PGE,
+/// CMOV.
+const FEATURES_EDX: u32 =
+    (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15);
 /// The highest basic leaf.
 const MAX_LEAF: u32 = 2;
 
@@ -98,11 +100,12 @@ impl Interp {
             // LTR marks the TSS busy, in the descriptor and in the cache.
             let busy = raw | (1 << 41);
             let addr = self.cpu.gdtr.base.wrapping_add(u32::from(selector & !7));
-            self.write_phys(
+            self.write_lin(
                 addr.wrapping_add(4),
                 &((busy >> 32) as u32).to_le_bytes(),
+                false,
                 io,
-            );
+            )?;
             self.cpu.tr = Segment {
                 access: seg.access | 0x02,
                 ..seg
@@ -234,9 +237,14 @@ impl Interp {
                 self.require_cpl0()?;
                 self.cpu.cr0 &= !(1 << 3);
             }
-            M::Invd | M::Wbinvd | M::Invlpg => {
-                // No caches or TLB to maintain while paging is off.
+            M::Invd | M::Wbinvd => {
+                // There are no caches to write back or discard.
                 self.require_cpl0()?;
+            }
+            M::Invlpg => {
+                self.require_cpl0()?;
+                let (seg, off) = self.address(ins);
+                self.invalidate_page(self.cpu.seg(seg).base.wrapping_add(off));
             }
             M::Lar | M::Lsl | M::Verr | M::Verw => self.inspect_segment(ins, io)?,
             M::Cpuid => {
