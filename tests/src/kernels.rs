@@ -65,6 +65,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "rings",
+        about: "ring 3 through IRET: syscalls, #GP and #PF from user mode, an I/O bitmap, a call gate, SYSENTER/SYSEXIT",
+        build: rings,
+        firmware: false,
+    },
+    Entry {
         name: "triple-fault",
         about: "loads an empty IDT and executes UD2: #UD -> #GP -> #DF -> triple fault",
         build: triple_fault,
@@ -714,6 +720,270 @@ pub fn paging() -> AsmResult<Vec<u8>> {
     k.asm().mov(eax, dword_ptr(ALIAS + 0x5000))?;
     k.asm().nop()?;
     k.exit(0x15)?;
+    k.build()
+}
+
+/// Emits `call over; <handler>; over: pop eax` and returns with EAX = the handler's address:
+/// how kit kernels find their own code addresses at run time.
+fn handler_address(k: &mut Kit, body: impl FnOnce(&mut Kit) -> AsmResult) -> AsmResult {
+    let mut over = k.asm().create_label();
+    k.asm().call(over)?;
+    body(k)?;
+    k.asm().set_label(&mut over)?;
+    k.asm().pop(eax)?;
+    Ok(())
+}
+
+/// Emits code that stores an interrupt gate for vector `v` at `idt`, pointing at EAX through
+/// selector 0x08, with `access` (0x8E: DPL 0 interrupt gate; 0xEE: DPL 3).
+fn set_gate(k: &mut Kit, idt: u32, v: u32, access: u32) -> AsmResult {
+    k.asm().mov(edx, eax)?;
+    k.asm().and(edx, 0xFFFF_0000u32)?;
+    k.asm().or(edx, access << 8)?;
+    k.asm().mov(dword_ptr(idt + v * 8 + 4), edx)?;
+    k.asm().and(eax, 0xFFFFu32)?;
+    k.asm().or(eax, 0x0008_0000u32)?;
+    k.asm().mov(dword_ptr(idt + v * 8), eax)?;
+    Ok(())
+}
+
+/// Enters ring 3 and exercises the ways back into ring 0. Exits with value 0x16.
+pub fn rings() -> AsmResult<Vec<u8>> {
+    use pt::*;
+    const GDT_ENTRIES: [u64; 11] = [
+        0,
+        0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0
+        0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
+        0x00CF_FB00_0000_FFFF, // 0x18 code, DPL 3
+        0x00CF_F300_0000_FFFF, // 0x20 data, DPL 3
+        0,                     // 0x28 TSS, built at run time
+        0,                     // 0x30 call gate, built at run time
+        0x00CF_9B00_0000_FFFF, // 0x38 SYSENTER_CS: code, DPL 0
+        0x00CF_9300_0000_FFFF, // 0x40 data, DPL 0
+        0x00CF_FB00_0000_FFFF, // 0x48 code, DPL 3
+        0x00CF_F300_0000_FFFF, // 0x50 data, DPL 3
+    ];
+    let mut k = Kit::new()?;
+    let gdt = k.data(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
+    let mut gdtr = ((GDT_ENTRIES.len() * 8 - 1) as u16).to_le_bytes().to_vec();
+    gdtr.extend_from_slice(&gdt.to_le_bytes());
+    let gdtr = k.data(&gdtr);
+    // TSS with an I/O bitmap allowing only COM1 (ports 0x3F8-0x3FF), then the terminator.
+    let mut tss = vec![0u8; 104];
+    tss[4..8].copy_from_slice(&0x0011_4000u32.to_le_bytes()); // ESP0: the kit's stack top
+    tss[8..10].copy_from_slice(&0x10u16.to_le_bytes()); // SS0
+    tss[0x66..0x68].copy_from_slice(&104u16.to_le_bytes());
+    let mut bitmap = vec![0xFFu8; 8192 + 1];
+    bitmap[0x3F8 / 8] = 0;
+    tss.extend_from_slice(&bitmap);
+    let tss_limit = (tss.len() - 1) as u32;
+    let tss = k.data(&tss);
+    let idt = k.data(&[0u8; 256 * 8]);
+    let mut idtr = 2047u16.to_le_bytes().to_vec();
+    idtr.extend_from_slice(&idt.to_le_bytes());
+    let idtr = k.data(&idtr);
+    let skip = k.data(&[0; 4]);
+    let done = k.data(&[0; 4]);
+    let user_stack = k.data(&[0u8; 4096]) + 4096;
+    let mut common = k.asm().create_label();
+
+    // Exception stubs: (vector, pushes an error code).
+    for (v, has_error) in [(6u32, false), (13, true), (14, true)] {
+        handler_address(&mut k, |k| {
+            if !has_error {
+                k.asm().push(0u32)?;
+            }
+            k.asm().push(v)?;
+            Ok(k.asm().jmp(common)?)
+        })?;
+        set_gate(&mut k, idt, v, 0x8E)?;
+    }
+    // INT 0x80: a system call, callable from ring 3.
+    handler_address(&mut k, |k| {
+        k.print("syscall eax=")?;
+        k.print_hex(eax)?;
+        k.print(" from-cs=")?;
+        k.asm().mov(eax, dword_ptr(esp + 4))?;
+        k.print_hex(eax)?;
+        k.print(" from-ss=")?;
+        k.asm().mov(eax, dword_ptr(esp + 16))?;
+        k.print_hex(eax)?;
+        k.print(" now-cs=")?;
+        k.asm().xor(eax, eax)?;
+        k.asm().mov(ax, cs)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 0x80, 0xEE)?;
+    // INT 0x81: leave the test.
+    handler_address(&mut k, |k| {
+        k.print("exit requested from ring 3\n")?;
+        k.exit(0x16)
+    })?;
+    set_gate(&mut k, idt, 0x81, 0xEE)?;
+    // The call gate's target: prints its parameter and returns to ring 3 dropping it.
+    handler_address(&mut k, |k| {
+        k.print("call gate: cs=")?;
+        k.asm().xor(eax, eax)?;
+        k.asm().mov(ax, cs)?;
+        k.print_hex(eax)?;
+        k.print(" param=")?;
+        k.asm().mov(eax, dword_ptr(esp + 8))?;
+        k.print_hex(eax)?;
+        k.print(" caller-ss=")?;
+        k.asm().mov(eax, dword_ptr(esp + 16))?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        Ok(k.asm().retf_1(4)?)
+    })?;
+    // Call gate descriptor at 0x30: DPL 3, 32-bit, one parameter, to 0x08:EAX.
+    k.asm().mov(edx, eax)?;
+    k.asm().and(edx, 0xFFFF_0000u32)?;
+    k.asm().or(edx, 0xEC01u32)?;
+    k.asm().mov(dword_ptr(gdt + 0x34), edx)?;
+    k.asm().and(eax, 0xFFFFu32)?;
+    k.asm().or(eax, 0x0008_0000u32)?;
+    k.asm().mov(dword_ptr(gdt + 0x30), eax)?;
+    // SYSENTER's target.
+    handler_address(&mut k, |k| {
+        k.asm().mov(dword_ptr(done), 1u32)?;
+        k.print("sysenter: cs=")?;
+        k.asm().xor(eax, eax)?;
+        k.asm().mov(ax, cs)?;
+        k.print_hex(eax)?;
+        k.print(" ss=")?;
+        k.asm().mov(ax, ss)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        Ok(k.asm().sysexit()?)
+    })?;
+    k.asm().mov(ecx, 0x176u32)?;
+    k.asm().xor(edx, edx)?;
+    k.asm().wrmsr()?;
+    k.asm().mov(ecx, 0x174u32)?;
+    k.asm().mov(eax, 0x38u32)?;
+    k.asm().wrmsr()?;
+    k.asm().mov(ecx, 0x175u32)?;
+    k.asm().mov(eax, 0x0011_3000u32)?;
+    k.asm().wrmsr()?;
+
+    // TSS descriptor at 0x28: base `tss`, byte-granular limit, available 32-bit TSS.
+    let tss_low = (tss << 16) | (tss_limit & 0xFFFF);
+    let tss_high = (tss & 0xFF00_0000) | ((tss >> 16) & 0xFF) | 0x8900 | (tss_limit & 0xF_0000);
+    k.asm().mov(dword_ptr(gdt + 0x28), tss_low)?;
+    k.asm().mov(dword_ptr(gdt + 0x2C), tss_high)?;
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().mov(eax, 0x28u32)?;
+    k.asm().ltr(ax)?;
+
+    // Paging: identity 0..4 MiB, user-accessible except the page at MARK.
+    k.asm().cld()?;
+    k.asm().mov(edi, PD)?;
+    k.asm().xor(eax, eax)?;
+    k.asm().mov(ecx, 2048u32)?;
+    k.asm().rep().stosd()?;
+    k.asm().mov(edi, PT0)?;
+    k.asm().mov(eax, 7u32)?;
+    k.asm().mov(ecx, 1024u32)?;
+    let mut fill = k.asm().create_label();
+    k.asm().set_label(&mut fill)?;
+    k.asm().stosd()?;
+    k.asm().add(eax, 0x1000u32)?;
+    k.asm().loop_(fill)?;
+    k.asm().mov(dword_ptr(PD), PT0 | 7)?;
+    k.asm().mov(dword_ptr(PT0 + 4 * (MARK >> 12)), MARK | 3)?;
+    k.asm().mov(eax, PD)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 0x8001_0000u32)?;
+    k.asm().mov(cr0, eax)?;
+
+    // Into ring 3 with IRET: SS:ESP, EFLAGS (IOPL 0), CS:EIP.
+    k.print("entering ring 3\n")?;
+    k.asm().push(0x23u32)?;
+    k.asm().push(user_stack)?;
+    k.asm().push(0x2u32)?;
+    k.asm().push(0x1Bu32)?;
+    handler_address(&mut k, |k| {
+        // Ring 3 from here on.
+        k.asm().mov(eax, 0x23u32)?;
+        k.asm().mov(ds, eax)?;
+        k.asm().mov(es, eax)?;
+        k.print("ring 3: cs=")?;
+        k.asm().xor(eax, eax)?;
+        k.asm().mov(ax, cs)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().mov(eax, 0x1234u32)?;
+        k.asm().int(0x80)?;
+        k.print("cli: ")?;
+        k.asm().mov(dword_ptr(skip), 1u32)?;
+        k.asm().cli()?;
+        k.print("out to a denied port: ")?;
+        k.asm().mov(dword_ptr(skip), 2u32)?;
+        k.asm().out(0xF4, al)?;
+        k.print("supervisor page: ")?;
+        k.asm().mov(dword_ptr(skip), 5u32)?;
+        k.asm().mov(eax, dword_ptr(MARK))?;
+        k.print("ring-0 data segment: ")?;
+        k.asm().mov(dword_ptr(skip), 2u32)?;
+        k.asm().mov(eax, 0x10u32)?;
+        k.asm().mov(ds, eax)?;
+        k.asm().push(0x5678u32)?;
+        k.asm().call_far(0x30, 0)?;
+        k.print("back from the call gate: esp-ok=")?;
+        k.asm().mov(eax, esp)?;
+        k.asm().sub(eax, user_stack - 4)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        // SYSENTER, returning to the `cmp` through EDX: `here` + 1 (POP EDX) + 3 (ADD imm8).
+        let mut after = k.asm().create_label();
+        let mut here = k.asm().create_label();
+        k.asm().call(here)?;
+        k.asm().set_label(&mut here)?;
+        k.asm().pop(edx)?;
+        k.asm().add(edx, 4u32)?;
+        k.asm().cmp(dword_ptr(done), 0u32)?;
+        k.asm().jne(after)?;
+        k.asm().mov(ecx, esp)?;
+        k.asm().sysenter()?;
+        k.asm().set_label(&mut after)?;
+        k.print("after sysexit: cs=")?;
+        k.asm().xor(eax, eax)?;
+        k.asm().mov(ax, cs)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().int(0x81)?;
+        k.halt_forever()
+    })?;
+    k.asm().push(eax)?;
+    k.asm().iretd()?;
+
+    // The common exception handler: prints the frame and skips the faulting instruction.
+    // [esp] vector, [esp+4] error, then EIP, CS, EFLAGS, ESP, SS of the interrupted ring 3.
+    k.asm().set_label(&mut common)?;
+    k.print("vector=")?;
+    k.asm().mov(eax, dword_ptr(esp))?;
+    k.print_hex(eax)?;
+    k.print(" error=")?;
+    k.asm().mov(eax, dword_ptr(esp + 4))?;
+    k.print_hex(eax)?;
+    k.print(" cs=")?;
+    k.asm().mov(eax, dword_ptr(esp + 12))?;
+    k.print_hex(eax)?;
+    k.print(" ss=")?;
+    k.asm().mov(eax, dword_ptr(esp + 24))?;
+    k.print_hex(eax)?;
+    k.print(" cr2=")?;
+    k.asm().mov(eax, cr2)?;
+    k.print_hex(eax)?;
+    k.print("\n")?;
+    k.asm().mov(eax, dword_ptr(skip))?;
+    k.asm().add(dword_ptr(esp + 8), eax)?;
+    k.asm().add(esp, 8u32)?;
+    k.asm().iretd()?;
     k.build()
 }
 

@@ -215,3 +215,32 @@ fn paging_matches_qemu() {
     assert!(text.contains("pf cr2=40005000 error=00000000"), "{text}");
     assert_eq!(ours.status, Some(0x2B));
 }
+
+#[test]
+fn ring_3_and_back_matches_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "rings");
+    let guest = Guest::kernel(dir.path(), &k);
+    let Some((_, ours)) = compare_on("rings", &guest, &protected_mode_engines()) else {
+        return;
+    };
+    let text = ours.serial_text();
+    assert!(text.contains("ring 3: cs=0000001b"), "{text}");
+    assert!(
+        text.contains("syscall eax=00001234 from-cs=0000001b from-ss=00000023 now-cs=00000008")
+    );
+    assert!(
+        text.contains("supervisor page: vector=0000000e error=00000005"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ring-0 data segment: vector=0000000d error=00000010"),
+        "{text}"
+    );
+    assert!(
+        text.contains("call gate: cs=00000008 param=00005678"),
+        "{text}"
+    );
+    assert!(text.contains("after sysexit: cs=0000004b"), "{text}");
+    assert_eq!(ours.status, Some(0x2D));
+}

@@ -12,6 +12,7 @@ pub mod alu;
 mod ops;
 pub mod snippet;
 pub mod system;
+mod transfer;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -704,7 +705,18 @@ impl Interp {
         let readable = !code || seg.access & 0x02 != 0;
         let writable_data = !code && seg.access & 0x02 != 0;
         let err = Some(u32::from(selector & !3));
-        if seg.access & 0x10 == 0 || (s == SegReg::Ss && !writable_data) || !readable {
+        let (cpl, rpl, dpl) = (self.cpu.cpl(), (selector & 3) as u8, seg.dpl());
+        let conforming_code = code && seg.access & 0x04 != 0;
+        let privilege_ok = if s == SegReg::Ss {
+            rpl == cpl && dpl == cpl
+        } else {
+            conforming_code || (dpl >= cpl && dpl >= rpl)
+        };
+        if seg.access & 0x10 == 0
+            || (s == SegReg::Ss && !writable_data)
+            || !readable
+            || !privilege_ok
+        {
             return Err(Fault::Exception(vector::GP, err));
         }
         if !seg.present() {
@@ -719,39 +731,14 @@ impl Interp {
         Ok(())
     }
 
-    /// Loads CS for a far transfer to `selector:offset` at the current privilege level.
-    fn far_jump(&mut self, selector: u16, offset: u32, io: &mut dyn IoHandler) -> Step {
-        if !self.cpu.protected() || self.cpu.eflags & flags::VM != 0 {
-            self.cpu.seg[SegReg::Cs as usize] = Segment::real(selector, 0x9B);
-            self.cpu.eip = offset & 0xFFFF;
-            return Ok(());
-        }
-        let err = Some(u32::from(selector & !3));
-        if selector & !3 == 0 {
-            return gp0();
-        }
-        let seg = Segment::from_descriptor(selector, self.descriptor(selector, io)?);
-        if seg.access & 0x18 != 0x18 {
-            return unsupported("a far transfer through a gate or to a task");
-        }
-        let dpl = (seg.access >> 5) & 3;
-        let conforming = seg.access & 0x04 != 0;
-        let cpl = self.cpu.cpl();
-        if (conforming && dpl > cpl) || (!conforming && dpl != cpl) {
-            return Err(Fault::Exception(vector::GP, err));
-        }
-        if !seg.present() {
-            return Err(Fault::Exception(vector::NP, err));
-        }
-        if offset > seg.limit {
-            return gp0();
-        }
-        self.cpu.seg[SegReg::Cs as usize] = Segment {
-            selector: (selector & !3) | u16::from(cpl),
-            ..seg
-        };
-        self.cpu.eip = offset;
-        Ok(())
+    /// Reads the far pointer (offset, then selector) of an indirect far JMP/CALL: returns
+    /// (selector, offset, operand size).
+    fn far_pointer(&self, ins: &Instruction, io: &mut dyn IoHandler) -> Step<(u16, u32, u32)> {
+        let size = if ins.memory_size().size() == 4 { 2 } else { 4 };
+        let (seg, off) = self.address(ins);
+        let offset = self.read_mem(seg, off, size, io)?;
+        let selector = self.read_mem(seg, off.wrapping_add(size), 2, io)? as u16;
+        Ok((selector, offset, size))
     }
 
     /// Delivers interrupt or exception `v` through the IVT (real mode) or IDT (protected mode).
@@ -816,29 +803,18 @@ impl Interp {
         if target.access & 0x18 != 0x18 {
             return Err(Fault::Exception(vector::GP, Some(u32::from(selector & !3))));
         }
-        if target_dpl < self.cpu.cpl() && target.access & 0x04 == 0 {
-            return unsupported("an interrupt that changes privilege level (needs a TSS)");
+        if target_dpl > self.cpu.cpl() {
+            return Err(Fault::Exception(vector::GP, Some(u32::from(selector & !3))));
         }
         if !target.present() {
             return Err(Fault::Exception(vector::NP, Some(u32::from(selector & !3))));
         }
-        let cs = self.cpu.seg(SegReg::Cs).selector;
         let eflags = if next_eip.is_none() && fault_class(v) {
             self.cpu.eflags | flags::RF
         } else {
             self.cpu.eflags & !flags::RF
         };
-        self.push(eflags, 4, io)?;
-        self.push(u32::from(cs), 4, io)?;
-        self.push(ret, 4, io)?;
-        if let Some(c) = code {
-            self.push(c, 4, io)?;
-        }
-        self.cpu.seg[SegReg::Cs as usize] = Segment {
-            selector: (selector & !3) | u16::from(self.cpu.cpl()),
-            ..target
-        };
-        self.cpu.eip = offset;
+        self.enter_handler(target, offset, eflags, ret, code, io)?;
         self.cpu.eflags &= !(flags::TF | flags::NT | flags::RF | flags::VM);
         if !trap {
             self.cpu.eflags &= !flags::IF;
@@ -1062,20 +1038,13 @@ impl Interp {
                 self.push(fl & !(flags::RF | flags::VM), len, io)?;
             }
             M::Popf | M::Popfd => {
+                if fl & flags::VM != 0 && self.cpu.iopl() < 3 {
+                    return unsupported("POPF in virtual-8086 mode with IOPL < 3");
+                }
                 let len = if ins.mnemonic() == M::Popfd { 4 } else { 2 };
                 let v = self.pop(len, io)?;
-                let mut writable =
-                    flags::WRITABLE & !(flags::VM | flags::RF | flags::VIF | flags::VIP);
-                if self.cpu.cpl() > 0 {
-                    writable &= !flags::IOPL;
-                }
-                if self.cpu.cpl() > self.cpu.iopl() {
-                    writable &= !flags::IF;
-                }
-                if len == 2 {
-                    writable &= 0xFFFF;
-                }
-                self.cpu.eflags = (fl & !writable) | (v & writable) | flags::FIXED;
+                let cpl = self.cpu.cpl();
+                self.load_flags(v & !flags::RF, len, cpl);
             }
             M::Clc => self.cpu.eflags &= !flags::CF,
             M::Stc => self.cpu.eflags |= flags::CF,
@@ -1097,14 +1066,61 @@ impl Interp {
                     branch = Some(ins.near_branch_target() as u32);
                 }
                 OpKind::FarBranch16 | OpKind::FarBranch32 => {
-                    self.far_jump(ins.far_branch_selector(), ins.far_branch32(), io)?;
+                    let size = if ins.op0_kind() == OpKind::FarBranch16 {
+                        2
+                    } else {
+                        4
+                    };
+                    let (sel, off) = (ins.far_branch_selector(), ins.far_branch32());
+                    self.far_transfer(false, sel, off, size, next, io)?;
                     return Ok(None);
                 }
-                OpKind::Register | OpKind::Memory if !ins.is_jmp_far_indirect() => {
+                OpKind::Memory if ins.is_jmp_far_indirect() => {
+                    let (sel, off, size) = self.far_pointer(ins, io)?;
+                    self.far_transfer(false, sel, off, size, next, io)?;
+                    return Ok(None);
+                }
+                OpKind::Register | OpKind::Memory => {
                     branch = Some(self.read_op(ins, 0, io)?);
                 }
                 _ => return unsupported(format!("{ins}")),
             },
+            M::Call if ins.is_call_far() || ins.is_call_far_indirect() => {
+                let (sel, off, size) = if ins.is_call_far() {
+                    let size = if ins.op0_kind() == OpKind::FarBranch16 {
+                        2
+                    } else {
+                        4
+                    };
+                    (ins.far_branch_selector(), ins.far_branch32(), size)
+                } else {
+                    self.far_pointer(ins, io)?
+                };
+                self.far_transfer(true, sel, off, size, next, io)?;
+                return Ok(None);
+            }
+            M::Retf => {
+                let size = if matches!(ins.code(), Code::Retfw | Code::Retfw_imm16) {
+                    2
+                } else {
+                    4
+                };
+                let release = if ins.op_count() > 0 {
+                    u32::from(ins.immediate16())
+                } else {
+                    0
+                };
+                self.far_return(size, release, io)?;
+                return Ok(None);
+            }
+            M::Sysenter => {
+                self.sysenter()?;
+                return Ok(None);
+            }
+            M::Sysexit => {
+                self.sysexit()?;
+                return Ok(None);
+            }
             M::Call => {
                 let len = if self.cpu.seg(SegReg::Cs).big { 4 } else { 2 };
                 let target = match ins.op0_kind() {
@@ -1153,10 +1169,12 @@ impl Interp {
                 } else {
                     self.cpu.gpr[2] as u16
                 };
-                if self.cpu.protected() && (self.cpu.cpl() > self.cpu.iopl() || fl & flags::VM != 0)
-                {
-                    return unsupported("port I/O checked against the TSS I/O permission bitmap");
-                }
+                let width = if ins.mnemonic() == M::In {
+                    ins.op0_register().size()
+                } else {
+                    ins.op1_register().size()
+                };
+                self.io_permitted(port, width, io)?;
                 if ins.mnemonic() == M::In {
                     let r = ins.op0_register();
                     let mut b = [0u8; 4];
@@ -1215,27 +1233,8 @@ impl Interp {
                 return Ok(None);
             }
             M::Iret | M::Iretd => {
-                if self.cpu.protected() && self.cpu.eflags & flags::NT != 0 {
-                    return unsupported("IRET to a task (NT set)");
-                }
-                let len = if ins.mnemonic() == M::Iretd { 4 } else { 2 };
-                let saved = self.cpu.gpr[4];
-                let eip = self.pop(len, io)?;
-                let cs = self.pop(len, io)? as u16;
-                let new_flags = self.pop(len, io)?;
-                if self.cpu.protected() && (cs & 3) as u8 != self.cpu.cpl() {
-                    self.cpu.gpr[4] = saved;
-                    return unsupported("IRET to another privilege level");
-                }
-                if let Err(f) = self.far_jump(cs, eip, io) {
-                    self.cpu.gpr[4] = saved;
-                    return Err(f);
-                }
-                let mut writable = flags::WRITABLE & !(flags::VM | flags::VIF | flags::VIP);
-                if len == 2 {
-                    writable &= 0xFFFF;
-                }
-                self.cpu.eflags = (fl & !writable) | (new_flags & writable) | flags::FIXED;
+                let size = if ins.mnemonic() == M::Iretd { 4 } else { 2 };
+                self.iret(size, io)?;
                 return Ok(None);
             }
             M::Div | M::Idiv | M::Mul | M::Imul if ins.op_count() == 1 => {

@@ -62,8 +62,8 @@ impl Interp {
             m,
             M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd
         );
-        if io_op && self.cpu.protected() && self.cpu.cpl() > self.cpu.iopl() {
-            return unsupported("port I/O checked against the TSS I/O permission bitmap");
+        if io_op {
+            self.io_permitted(self.cpu.gpr[2] as u16, size as usize, io)?;
         }
         let (esi, edi) = (6, 7);
         loop {

@@ -12,10 +12,10 @@ pub const TSC_HZ: u64 = 1_000_000_000;
 
 /// CPUID leaf 0/1 identity: a Pentium II class P6 (family 6, model 3, stepping 3).
 const SIGNATURE: u32 = 0x0000_0633;
-/// CPUID.1:EDX bits for what this interpreter really implements: PSE, TSC, MSR, PAE, CX8, PGE,
-/// CMOV.
+/// CPUID.1:EDX bits for what this interpreter really implements: PSE, TSC, MSR, PAE, CX8, SEP,
+/// PGE, CMOV.
 const FEATURES_EDX: u32 =
-    (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15);
+    (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 11) | (1 << 13) | (1 << 15);
 /// The highest basic leaf.
 const MAX_LEAF: u32 = 2;
 

@@ -1,0 +1,495 @@
+//! Control transfers between code segments and privilege levels: far JMP/CALL (directly and
+//! through call gates, with the stack switch and parameter copy), far RET, IRET, the TSS stack
+//! switch used by interrupts, SYSENTER/SYSEXIT, and the TSS I/O permission bitmap.
+//!
+//! Every transfer that touches more than one register snapshots the state first and puts it
+//! back if a check or a stack access faults, so the faulting instruction restarts cleanly.
+
+use vmdriver::IoHandler;
+
+use super::{Fault, Interp, Step, gp0, unsupported, vector};
+use crate::cpu::{SegReg, Segment, flags};
+
+/// #TS, invalid TSS.
+const TS: u8 = 10;
+
+/// What a transfer may have to put back.
+#[derive(Clone, Copy)]
+pub(super) struct Saved {
+    esp: u32,
+    seg: [Segment; 6],
+    eip: u32,
+    eflags: u32,
+}
+
+impl Interp {
+    pub(super) fn save(&self) -> Saved {
+        Saved {
+            esp: self.cpu.gpr[4],
+            seg: self.cpu.seg,
+            eip: self.cpu.eip,
+            eflags: self.cpu.eflags,
+        }
+    }
+
+    pub(super) fn restore(&mut self, s: Saved) {
+        self.cpu.gpr[4] = s.esp;
+        self.cpu.seg = s.seg;
+        self.cpu.eip = s.eip;
+        self.cpu.eflags = s.eflags;
+    }
+
+    /// Runs `f`, restoring the snapshot if it fails.
+    fn atomically(&mut self, f: impl FnOnce(&mut Self) -> Step) -> Step {
+        let saved = self.save();
+        let r = f(self);
+        if r.is_err() {
+            self.restore(saved);
+        }
+        r
+    }
+
+    /// Reads `len` bytes of the current TSS at `offset` (an implicit supervisor access).
+    fn tss_read(&self, offset: u32, len: u32, io: &mut dyn IoHandler) -> Step<u32> {
+        let tr = self.cpu.tr;
+        if offset + len - 1 > tr.limit {
+            return Err(Fault::Exception(TS, Some(u32::from(tr.selector & !3))));
+        }
+        let mut b = [0u8; 4];
+        self.read_lin(
+            tr.base.wrapping_add(offset),
+            &mut b[..len as usize],
+            false,
+            io,
+        )?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// The stack for privilege level `dpl` from the current 32-bit TSS: (SS, ESP).
+    fn tss_stack(&self, dpl: u8, io: &mut dyn IoHandler) -> Step<(u16, u32)> {
+        if self.cpu.tr.access & 0x0F != 0x0B {
+            return unsupported("a stack switch through a 16-bit or missing TSS");
+        }
+        let esp = self.tss_read(4 + 8 * u32::from(dpl), 4, io)?;
+        let ss = self.tss_read(8 + 8 * u32::from(dpl), 2, io)? as u16;
+        Ok((ss, esp))
+    }
+
+    /// Checks `selector` as the stack segment for privilege level `cpl` and returns its cache.
+    /// Errors are `err_vector` (#TS for stacks from the TSS, #GP for returns), or #SS when the
+    /// segment is not present.
+    fn stack_segment(
+        &self,
+        selector: u16,
+        cpl: u8,
+        err_vector: u8,
+        io: &mut dyn IoHandler,
+    ) -> Step<Segment> {
+        let err = Some(u32::from(selector & !3));
+        if selector & !3 == 0 || (selector & 3) as u8 != cpl {
+            return Err(Fault::Exception(err_vector, err));
+        }
+        let seg = Segment::from_descriptor(selector, self.descriptor(selector, io)?);
+        let writable_data = seg.access & 0x1A == 0x12;
+        if !writable_data || seg.dpl() != cpl {
+            return Err(Fault::Exception(err_vector, err));
+        }
+        if !seg.present() {
+            return Err(Fault::Exception(vector::SS, err));
+        }
+        Ok(seg)
+    }
+
+    /// Checks a code-segment descriptor as the target of a return to privilege `rpl`.
+    fn return_code_segment(&self, selector: u16, io: &mut dyn IoHandler) -> Step<Segment> {
+        let err = Some(u32::from(selector & !3));
+        if selector & !3 == 0 {
+            return gp0();
+        }
+        let rpl = (selector & 3) as u8;
+        if rpl < self.cpu.cpl() {
+            return Err(Fault::Exception(vector::GP, err));
+        }
+        let seg = Segment::from_descriptor(selector, self.descriptor(selector, io)?);
+        let conforming = seg.access & 0x04 != 0;
+        if !seg.is_code() || (conforming && seg.dpl() > rpl) || (!conforming && seg.dpl() != rpl) {
+            return Err(Fault::Exception(vector::GP, err));
+        }
+        if !seg.present() {
+            return Err(Fault::Exception(vector::NP, err));
+        }
+        Ok(seg)
+    }
+
+    /// Loads CS with `seg` at privilege `cpl` (CS.RPL is the CPL).
+    fn set_cs(&mut self, seg: Segment, cpl: u8) {
+        self.cpu.seg[SegReg::Cs as usize] = Segment {
+            selector: (seg.selector & !3) | u16::from(cpl),
+            ..seg
+        };
+    }
+
+    /// After a return to an outer level: data segment registers the new CPL may not use become
+    /// null.
+    fn null_outer_segments(&mut self) {
+        let cpl = self.cpu.cpl();
+        for s in [SegReg::Es, SegReg::Ds, SegReg::Fs, SegReg::Gs] {
+            let seg = self.cpu.seg(s);
+            let conforming_code = seg.is_code() && seg.access & 0x04 != 0;
+            if !conforming_code && seg.dpl() < cpl {
+                self.cpu.seg[s as usize] = Segment::default();
+            }
+        }
+    }
+
+    /// Switches to the stack for `new_cpl` from the TSS and pushes the old SS:ESP there (with
+    /// `size`-byte pushes); CS must already hold the new privilege level. Returns the old SS:ESP.
+    fn switch_to_inner_stack(
+        &mut self,
+        new_cpl: u8,
+        size: u32,
+        io: &mut dyn IoHandler,
+    ) -> Step<(u16, u32)> {
+        let (ss_sel, esp) = self.tss_stack(new_cpl, io)?;
+        let ss = self.stack_segment(ss_sel, new_cpl, TS, io)?;
+        let old = (self.cpu.seg(SegReg::Ss).selector, self.cpu.gpr[4]);
+        self.cpu.seg[SegReg::Ss as usize] = ss;
+        self.cpu.gpr[4] = esp;
+        self.push(u32::from(old.0), size, io)?;
+        self.push(old.1, size, io)?;
+        Ok(old)
+    }
+
+    /// Far JMP or CALL to `selector:offset` (`size` = operand size in bytes, `next` = the return
+    /// address for calls).
+    pub(super) fn far_transfer(
+        &mut self,
+        call: bool,
+        selector: u16,
+        offset: u32,
+        size: u32,
+        next: u32,
+        io: &mut dyn IoHandler,
+    ) -> Step {
+        if !self.cpu.protected() || self.cpu.eflags & flags::VM != 0 {
+            return self.atomically(|s| {
+                if call {
+                    let cs = s.cpu.seg(SegReg::Cs).selector;
+                    s.push(u32::from(cs), size, io)?;
+                    s.push(next, size, io)?;
+                }
+                let access = s.cpu.seg(SegReg::Cs).access;
+                s.cpu.seg[SegReg::Cs as usize] = Segment::real(selector, access);
+                s.cpu.eip = if size == 2 { offset & 0xFFFF } else { offset };
+                Ok(())
+            });
+        }
+        let err = Some(u32::from(selector & !3));
+        if selector & !3 == 0 {
+            return gp0();
+        }
+        let cpl = self.cpu.cpl();
+        let rpl = (selector & 3) as u8;
+        let raw = self.descriptor(selector, io)?;
+        let desc = Segment::from_descriptor(selector, raw);
+        if desc.is_code() {
+            let conforming = desc.access & 0x04 != 0;
+            if (conforming && desc.dpl() > cpl) || (!conforming && (rpl > cpl || desc.dpl() != cpl))
+            {
+                return Err(Fault::Exception(vector::GP, err));
+            }
+            if !desc.present() {
+                return Err(Fault::Exception(vector::NP, err));
+            }
+            if offset > desc.limit {
+                return gp0();
+            }
+            return self.atomically(|s| {
+                if call {
+                    let cs = s.cpu.seg(SegReg::Cs).selector;
+                    s.push(u32::from(cs), size, io)?;
+                    s.push(next, size, io)?;
+                }
+                s.set_cs(desc, cpl);
+                s.cpu.eip = offset;
+                Ok(())
+            });
+        }
+        match desc.access & 0x1F {
+            0x04 | 0x0C => {}
+            0x05 | 0x01 | 0x09 => return unsupported("a task switch through a far JMP or CALL"),
+            _ => return Err(Fault::Exception(vector::GP, err)),
+        }
+        // A call gate.
+        if desc.dpl() < cpl || desc.dpl() < rpl {
+            return Err(Fault::Exception(vector::GP, err));
+        }
+        if !desc.present() {
+            return Err(Fault::Exception(vector::NP, err));
+        }
+        let gate_size = if desc.access & 0x08 != 0 { 4 } else { 2 };
+        let target_sel = (raw >> 16) as u16;
+        let target_off = if gate_size == 4 {
+            (raw & 0xFFFF) as u32 | ((raw >> 32) as u32 & 0xFFFF_0000)
+        } else {
+            (raw & 0xFFFF) as u32
+        };
+        let params = ((raw >> 32) & 0x1F) as u32;
+        let terr = Some(u32::from(target_sel & !3));
+        if target_sel & !3 == 0 {
+            return gp0();
+        }
+        let target = Segment::from_descriptor(target_sel, self.descriptor(target_sel, io)?);
+        let conforming = target.access & 0x04 != 0;
+        if !target.is_code() || target.dpl() > cpl || (!call && !conforming && target.dpl() != cpl)
+        {
+            return Err(Fault::Exception(vector::GP, terr));
+        }
+        if !target.present() {
+            return Err(Fault::Exception(vector::NP, terr));
+        }
+        if target_off > target.limit {
+            return gp0();
+        }
+        let inner = call && !conforming && target.dpl() < cpl;
+        self.atomically(|s| {
+            let old_cs = s.cpu.seg(SegReg::Cs).selector;
+            if inner {
+                // Copy the parameters from the caller's stack before switching.
+                let (old_ss, old_esp) = (SegReg::Ss, s.sp());
+                let mut copied = [0u32; 31];
+                for (i, slot) in copied.iter_mut().enumerate().take(params as usize) {
+                    let off = old_esp.wrapping_add(i as u32 * gate_size);
+                    *slot = s.read_mem(old_ss, off, gate_size, io)?;
+                }
+                let new_cpl = target.dpl();
+                s.set_cs(target, new_cpl);
+                s.switch_to_inner_stack(new_cpl, gate_size, io)?;
+                for v in copied[..params as usize].iter().rev() {
+                    s.push(*v, gate_size, io)?;
+                }
+            } else {
+                s.set_cs(target, cpl);
+            }
+            if call {
+                s.push(u32::from(old_cs), gate_size, io)?;
+                s.push(next, gate_size, io)?;
+            }
+            s.cpu.eip = target_off;
+            Ok(())
+        })
+    }
+
+    /// Far RET (`release` = the immediate: bytes of parameters to drop).
+    pub(super) fn far_return(&mut self, size: u32, release: u32, io: &mut dyn IoHandler) -> Step {
+        self.atomically(|s| {
+            let eip = s.pop(size, io)?;
+            let cs = s.pop(size, io)? as u16;
+            if !s.cpu.protected() || s.cpu.eflags & flags::VM != 0 {
+                let access = s.cpu.seg(SegReg::Cs).access;
+                s.cpu.seg[SegReg::Cs as usize] = Segment::real(cs, access);
+                s.cpu.eip = eip;
+                s.set_sp(s.sp().wrapping_add(release));
+                return Ok(());
+            }
+            let code = s.return_code_segment(cs, io)?;
+            if eip > code.limit {
+                return gp0();
+            }
+            let rpl = (cs & 3) as u8;
+            s.set_sp(s.sp().wrapping_add(release));
+            if rpl > s.cpu.cpl() {
+                let esp = s.pop(size, io)?;
+                let ss_sel = s.pop(size, io)? as u16;
+                let ss = s.stack_segment(ss_sel, rpl, vector::GP, io)?;
+                s.set_cs(code, rpl);
+                s.cpu.seg[SegReg::Ss as usize] = ss;
+                s.cpu.gpr[4] = esp;
+                s.set_sp(s.sp().wrapping_add(release));
+                s.null_outer_segments();
+            } else {
+                s.set_cs(code, rpl);
+            }
+            s.cpu.eip = eip;
+            Ok(())
+        })
+    }
+
+    /// IRET / IRETD.
+    pub(super) fn iret(&mut self, size: u32, io: &mut dyn IoHandler) -> Step {
+        if !self.cpu.protected() {
+            return self.atomically(|s| {
+                let eip = s.pop(size, io)?;
+                let cs = s.pop(size, io)? as u16;
+                let fl = s.pop(size, io)?;
+                let access = s.cpu.seg(SegReg::Cs).access;
+                s.cpu.seg[SegReg::Cs as usize] = Segment::real(cs, access);
+                s.cpu.eip = eip;
+                s.load_flags(fl, size, 0);
+                Ok(())
+            });
+        }
+        if self.cpu.eflags & flags::VM != 0 {
+            return unsupported("IRET in virtual-8086 mode");
+        }
+        if self.cpu.eflags & flags::NT != 0 {
+            return unsupported("IRET to a task (NT set)");
+        }
+        self.atomically(|s| {
+            let old_cpl = s.cpu.cpl();
+            let eip = s.pop(size, io)?;
+            let cs = s.pop(size, io)? as u16;
+            let fl = s.pop(size, io)?;
+            if size == 4 && fl & flags::VM != 0 && old_cpl == 0 {
+                return unsupported("IRET to virtual-8086 mode");
+            }
+            let code = s.return_code_segment(cs, io)?;
+            if eip > code.limit {
+                return gp0();
+            }
+            let rpl = (cs & 3) as u8;
+            if rpl > old_cpl {
+                let esp = s.pop(size, io)?;
+                let ss_sel = s.pop(size, io)? as u16;
+                let ss = s.stack_segment(ss_sel, rpl, vector::GP, io)?;
+                s.set_cs(code, rpl);
+                s.cpu.seg[SegReg::Ss as usize] = ss;
+                s.cpu.gpr[4] = esp;
+                s.load_flags(fl, size, old_cpl);
+                s.null_outer_segments();
+            } else {
+                s.set_cs(code, rpl);
+                s.load_flags(fl, size, old_cpl);
+            }
+            s.cpu.eip = eip;
+            Ok(())
+        })
+    }
+
+    /// Loads EFLAGS from an IRET or POPF image under the rules for privilege `cpl`: IOPL only
+    /// at CPL 0, IF only at CPL <= IOPL; VM, VIF and VIP are never loaded here.
+    pub(super) fn load_flags(&mut self, value: u32, size: u32, cpl: u8) {
+        let mut writable = flags::WRITABLE & !(flags::VM | flags::VIF | flags::VIP);
+        if self.cpu.protected() {
+            if cpl > 0 {
+                writable &= !flags::IOPL;
+            }
+            if cpl > self.cpu.iopl() {
+                writable &= !flags::IF;
+            }
+        }
+        if size == 2 {
+            writable &= 0xFFFF;
+        }
+        self.cpu.eflags = (self.cpu.eflags & !writable) | (value & writable) | flags::FIXED;
+    }
+
+    /// Delivers through a gate to `target` (a checked, present code segment) at `offset`,
+    /// switching to the TSS stack if the handler is more privileged. `eflags` is the image to
+    /// push; `ret` the return EIP; `code` the error code.
+    pub(super) fn enter_handler(
+        &mut self,
+        target: Segment,
+        offset: u32,
+        eflags: u32,
+        ret: u32,
+        code: Option<u32>,
+        io: &mut dyn IoHandler,
+    ) -> Step {
+        if self.cpu.eflags & flags::VM != 0 {
+            return unsupported("an interrupt in virtual-8086 mode");
+        }
+        let cpl = self.cpu.cpl();
+        let inner = target.access & 0x04 == 0 && target.dpl() < cpl;
+        self.atomically(|s| {
+            let old_cs = s.cpu.seg(SegReg::Cs).selector;
+            if inner {
+                let new_cpl = target.dpl();
+                s.set_cs(target, new_cpl);
+                s.switch_to_inner_stack(new_cpl, 4, io)?;
+            } else {
+                s.set_cs(target, cpl);
+            }
+            s.push(eflags, 4, io)?;
+            s.push(u32::from(old_cs), 4, io)?;
+            s.push(ret, 4, io)?;
+            if let Some(c) = code {
+                s.push(c, 4, io)?;
+            }
+            s.cpu.eip = offset;
+            Ok(())
+        })
+    }
+
+    /// Whether the current task may access `size` ports at `port`: always at CPL <= IOPL outside
+    /// virtual-8086 mode, otherwise only if the TSS I/O permission bitmap clears every bit.
+    pub(super) fn io_permitted(&self, port: u16, size: usize, io: &mut dyn IoHandler) -> Step {
+        let v86 = self.cpu.eflags & flags::VM != 0;
+        if !self.cpu.protected() || (!v86 && self.cpu.cpl() <= self.cpu.iopl()) {
+            return Ok(());
+        }
+        let tr = self.cpu.tr;
+        if tr.access & 0x0F != 0x0B || tr.limit < 0x67 {
+            return gp0();
+        }
+        let base = self
+            .tss_read(0x66, 2, io)
+            .map_err(|_| Fault::Exception(vector::GP, Some(0)))?;
+        let byte = base + u32::from(port) / 8;
+        if byte + 1 > tr.limit {
+            return gp0();
+        }
+        let bits = self.tss_read(byte, 2, io)?;
+        let mask = ((1u32 << size) - 1) << (port & 7);
+        if bits & mask != 0 {
+            return gp0();
+        }
+        Ok(())
+    }
+
+    /// SYSENTER: to CPL 0 at SYSENTER_CS:SYSENTER_EIP with the stack SYSENTER_CS+8:SYSENTER_ESP.
+    pub(super) fn sysenter(&mut self) -> Step {
+        let cs = self.msr(0x174) as u16 & !3;
+        if !self.cpu.protected() || cs == 0 {
+            return gp0();
+        }
+        self.cpu.eflags &= !(flags::VM | flags::IF | flags::RF);
+        let flat = |selector, access| Segment {
+            selector,
+            base: 0,
+            limit: u32::MAX,
+            access,
+            big: true,
+        };
+        self.cpu.seg[SegReg::Cs as usize] = flat(cs, 0x9B);
+        self.cpu.seg[SegReg::Ss as usize] = flat(cs + 8, 0x93);
+        self.cpu.gpr[4] = self.msr(0x175) as u32;
+        self.cpu.eip = self.msr(0x176) as u32;
+        Ok(())
+    }
+
+    /// SYSEXIT: to CPL 3 at SYSENTER_CS+16:EDX with the stack SYSENTER_CS+24:ECX.
+    pub(super) fn sysexit(&mut self) -> Step {
+        let cs = self.msr(0x174) as u16 & !3;
+        if !self.cpu.protected() || self.cpu.cpl() != 0 || cs == 0 {
+            return gp0();
+        }
+        let flat = |selector, access| Segment {
+            selector,
+            base: 0,
+            limit: u32::MAX,
+            access,
+            big: true,
+        };
+        self.cpu.seg[SegReg::Cs as usize] = flat((cs + 16) | 3, 0xFB);
+        self.cpu.seg[SegReg::Ss as usize] = flat((cs + 24) | 3, 0xF3);
+        self.cpu.gpr[4] = self.cpu.gpr[1];
+        self.cpu.eip = self.cpu.gpr[2];
+        Ok(())
+    }
+
+    /// An MSR's current value (0 if never written).
+    pub(super) fn msr(&self, index: u32) -> u64 {
+        self.cpu.msrs.get(&index).copied().unwrap_or(0)
+    }
+}
