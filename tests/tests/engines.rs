@@ -206,3 +206,26 @@ fn a_wild_jump_stops_the_vm_with_a_reason() {
         assert!(o.stderr.contains("d0000000"), "{e}: {}", o.stderr);
     });
 }
+
+#[test]
+fn interp_traces_each_instruction_with_the_registers_it_changed() {
+    let o = run_on("interp", "hello", 256, &["--trace"]);
+    assert_eq!(o.status, Some(7), "{}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    // The entry stub's first store, then the exit: AL=3 written to port 0xF4.
+    assert!(
+        lines[0].starts_with("0008:0010000c  mov [0x114000],eax"),
+        "{}",
+        lines[0]
+    );
+    let exit = lines
+        .iter()
+        .position(|l| l.contains("out 0xF4,al"))
+        .expect("exit traced");
+    assert!(
+        lines[exit - 1].ends_with("eax=2badb003"),
+        "{}",
+        lines[exit - 1]
+    );
+    assert!(lines.len() > 100, "every instruction is logged");
+}

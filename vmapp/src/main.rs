@@ -94,6 +94,11 @@ struct RunArgs {
     #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio", value_parser = run::parse_serial)]
     serial: run::SerialSpec,
 
+    /// Log every instruction the interpreter executes to stderr: address, disassembly, and the
+    /// registers it changed (interp engine only; slow).
+    #[arg(long)]
+    trace: bool,
+
     /// Print counters that explain the run (exits, device accesses, interrupts) to stderr at
     /// the end.
     #[arg(long)]

@@ -135,6 +135,9 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
         engine,
         boot,
         serial: serial_writer(&args.serial)?,
+        trace: args.trace.then(|| {
+            Box::new(BufWriter::with_capacity(1 << 16, std::io::stderr())) as Box<dyn Write + Send>
+        }),
     };
     let mut vm = Vm::new(config).map_err(|e| classify(e, what, &path))?;
     let outcome = vm.run().map_err(|e| classify(e, what, &path))?;
@@ -146,7 +149,7 @@ fn classify(e: VmError, what: &str, path: &Path) -> Failure {
     let status = match &e {
         VmError::Kernel(_) | VmError::Firmware(_) => status::USAGE,
         VmError::Memory(vmdriver_err) if is_config_error(vmdriver_err) => status::USAGE,
-        VmError::Engine(EngineError::NotBuilt { .. }) => status::USAGE,
+        VmError::Engine(EngineError::NotBuilt { .. } | EngineError::NoTrace(_)) => status::USAGE,
         _ => status::INTERNAL,
     };
     let error = match e {

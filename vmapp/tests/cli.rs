@@ -199,3 +199,14 @@ fn host_refusing_guest_memory_gets_a_clear_message() {
     assert!(stderr.contains("smaller --memory"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn trace_needs_the_interpreter() {
+    let dir = tempfile::tempdir().unwrap();
+    hello(dir.path());
+    let r = bt86(
+        dir.path(),
+        &["run", "--engine", "kvm", "--trace", "--kernel", "hello"],
+    );
+    assert_user_error(&r, &["--trace", "interp"]);
+}

@@ -49,6 +49,9 @@ pub enum EngineError {
     /// The interpreter stopped.
     #[error(transparent)]
     Interp(#[from] InterpError),
+    /// The engine cannot trace instructions.
+    #[error("--trace is only available with the interp engine, not {0}")]
+    NoTrace(EngineKind),
     /// The engine is not part of this build.
     #[error(
         "the {kind} engine is not built yet in this version of bt86; available engines: {available}"
@@ -81,14 +84,24 @@ pub fn create(
     kind: EngineKind,
     memory: Arc<GuestMemory>,
     initial: InitialCpu,
+    trace: Option<Box<dyn std::io::Write + Send>>,
 ) -> Result<Box<dyn Engine>, EngineError> {
+    if trace.is_some() && kind != EngineKind::Interp {
+        return Err(EngineError::NoTrace(kind));
+    }
     match kind {
         EngineKind::Kvm => {
             let mut vm = KvmVm::new(memory)?;
             vm.set_initial_state(initial)?;
             Ok(Box::new(KvmEngine { vm }))
         }
-        EngineKind::Interp => Ok(Box::new(Interp::new(memory, initial))),
+        EngineKind::Interp => {
+            let mut interp = Interp::new(memory, initial);
+            if let Some(out) = trace {
+                interp.set_trace(out);
+            }
+            Ok(Box::new(interp))
+        }
         EngineKind::Bt => Err(EngineError::NotBuilt {
             kind,
             available: EngineKind::available()

@@ -61,6 +61,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// Where COM1's output goes.
     pub serial: Box<dyn Write + Send>,
+    /// Where to log every executed instruction (interp only), if anywhere.
+    pub trace: Option<Box<dyn Write + Send>>,
 }
 
 /// Errors creating or running a VM.
@@ -232,7 +234,7 @@ impl Vm {
                 InitialCpu::Reset
             }
         };
-        let engine = engine::create(config.engine, memory.clone(), initial)?;
+        let engine = engine::create(config.engine, memory.clone(), initial, config.trace)?;
         Ok(Self {
             memory,
             pio,

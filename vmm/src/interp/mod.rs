@@ -139,6 +139,14 @@ pub struct Interp {
     tsc_offset: u64,
     tlb: RefCell<Tlb>,
     pdptes: [u64; 4],
+    trace: Option<Tracer>,
+}
+
+/// The `--trace` log: one line per instruction with the registers it changed.
+struct Tracer {
+    out: Box<dyn std::io::Write + Send>,
+    formatter: iced_x86::IntelFormatter,
+    failed: bool,
 }
 
 impl Interp {
@@ -188,12 +196,87 @@ impl Interp {
             tsc_offset: 0,
             tlb: RefCell::default(),
             pdptes: [0; 4],
+            trace: None,
         }
     }
 
     /// The CPU state.
     pub fn cpu(&self) -> &CpuState {
         &self.cpu
+    }
+
+    /// Logs every instruction to `out`: address, disassembly, and the registers it changed.
+    pub fn set_trace(&mut self, out: Box<dyn std::io::Write + Send>) {
+        use iced_x86::Formatter;
+        let mut formatter = iced_x86::IntelFormatter::new();
+        formatter.options_mut().set_hex_prefix("0x");
+        formatter.options_mut().set_hex_suffix("");
+        self.trace = Some(Tracer {
+            out,
+            formatter,
+            failed: false,
+        });
+    }
+
+    fn trace_line(&mut self, ins: &Instruction, before: &CpuState, fault: Option<&Fault>) {
+        use iced_x86::Formatter;
+        use std::fmt::Write as _;
+        let Some(t) = self.trace.as_mut() else {
+            return;
+        };
+        let mut text = String::new();
+        t.formatter.format(ins, &mut text);
+        let mut line = format!(
+            "{:04x}:{:08x}  {:<40}",
+            before.seg(SegReg::Cs).selector,
+            before.eip,
+            text
+        );
+        const NAMES: [&str; 8] = ["eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi"];
+        for (i, name) in NAMES.iter().enumerate() {
+            if self.cpu.gpr[i] != before.gpr[i] {
+                let _ = write!(line, " {name}={:08x}", self.cpu.gpr[i]);
+            }
+        }
+        if self.cpu.eflags != before.eflags {
+            let _ = write!(line, " eflags={:08x}", self.cpu.eflags);
+        }
+        for (i, name) in ["es", "cs", "ss", "ds", "fs", "gs"].iter().enumerate() {
+            if self.cpu.seg[i].selector != before.seg[i].selector {
+                let _ = write!(line, " {name}={:04x}", self.cpu.seg[i].selector);
+            }
+        }
+        for (name, new, old) in [
+            ("cr0", self.cpu.cr0, before.cr0),
+            ("cr2", self.cpu.cr2, before.cr2),
+            ("cr3", self.cpu.cr3, before.cr3),
+            ("cr4", self.cpu.cr4, before.cr4),
+        ] {
+            if new != old {
+                let _ = write!(line, " {name}={new:08x}");
+            }
+        }
+        match fault {
+            Some(Fault::Exception(v, code)) => {
+                let _ = write!(line, " => exception {v}");
+                if let Some(c) = code {
+                    let _ = write!(line, " ({c:#x})");
+                }
+            }
+            Some(Fault::Page { linear, error }) => {
+                let _ = write!(line, " => #PF at {linear:08x} ({error:#x})");
+            }
+            Some(Fault::Unsupported(what)) => {
+                let _ = write!(line, " => cannot execute {what}");
+            }
+            None => {}
+        }
+        line.truncate(line.trim_end().len());
+        line.push('\n');
+        if !t.failed && t.out.write_all(line.as_bytes()).is_err() {
+            t.failed = true;
+            tracing::warn!("the instruction trace could not be written; tracing stops");
+        }
     }
 
     /// The CPU state, for setting up tests and snippets.
@@ -879,11 +962,21 @@ impl Interp {
     /// Executes one instruction. Returns the VM exit it causes, if any.
     fn step(&mut self, io: &mut dyn IoHandler) -> Step<Option<VmExit>> {
         let ins = self.fetch(io)?;
+        if self.trace.is_some() {
+            let before = self.cpu.clone();
+            let r = self.step_decoded(&ins, io);
+            self.trace_line(&ins, &before, r.as_ref().err());
+            return r;
+        }
+        self.step_decoded(&ins, io)
+    }
+
+    fn step_decoded(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step<Option<VmExit>> {
         let mut next = ins.next_ip32();
         if !self.cpu.seg(SegReg::Cs).big {
             next &= 0xFFFF;
         }
-        let exit = self.execute(&ins, next, io)?;
+        let exit = self.execute(ins, next, io)?;
         // RF suppresses instruction breakpoints for one instruction only; IRET may set it.
         if !matches!(ins.mnemonic(), Mnemonic::Iret | Mnemonic::Iretd) {
             self.cpu.eflags &= !flags::RF;
