@@ -29,6 +29,7 @@ use shadow_mmu::walk::{self as pagewalk, PhysMem};
 /// Exception vectors.
 mod vector {
     pub const DE: u8 = 0;
+    pub const DB: u8 = 1;
     pub const BR: u8 = 5;
     pub const UD: u8 = 6;
     pub const DF: u8 = 8;
@@ -140,6 +141,19 @@ pub struct Interp {
     tlb: RefCell<Tlb>,
     pdptes: [u64; 4],
     trace: Option<Tracer>,
+    /// The one-instruction shadow after MOV SS, POP SS and STI.
+    shadow: Shadow,
+    /// Set by an instruction that must not be followed by a single-step trap.
+    trap_suppressed: bool,
+}
+
+/// What the instruction just executed holds off until after the next one.
+#[derive(Debug, Default, Clone, Copy)]
+struct Shadow {
+    /// Maskable interrupts (after STI that set IF, and after MOV SS/POP SS).
+    interrupts: bool,
+    /// A pending single-step trap (after MOV SS/POP SS with TF set).
+    trap: bool,
 }
 
 /// The `--trace` log: one line per instruction with the registers it changed.
@@ -197,6 +211,8 @@ impl Interp {
             tlb: RefCell::default(),
             pdptes: [0; 4],
             trace: None,
+            shadow: Shadow::default(),
+            trap_suppressed: false,
         }
     }
 
@@ -315,9 +331,27 @@ impl Interp {
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, InterpError> {
         loop {
             let start_eip = self.cpu.eip;
+            let single_step = self.cpu.eflags & flags::TF != 0;
+            let delayed = std::mem::take(&mut self.shadow);
+            self.trap_suppressed = false;
             match self.step(io) {
-                Ok(None) => {}
-                Ok(Some(exit)) => return Ok(exit),
+                Ok(exit) => {
+                    // Single-step: a #DB trap after the instruction if TF was set before it,
+                    // unless the instruction delivered a software interrupt (which clears TF)
+                    // or is MOV/POP SS, whose trap waits one instruction.
+                    let step_trap = (single_step || delayed.trap) && !self.trap_suppressed;
+                    if step_trap && !self.shadow.trap {
+                        self.cpu.dr[6] |= 1 << 14; // DR6.BS
+                        if let Some(shutdown) = self.raise(vector::DB, None, io)? {
+                            return Ok(shutdown);
+                        }
+                    } else if step_trap {
+                        self.shadow.trap = true;
+                    }
+                    if let Some(exit) = exit {
+                        return Ok(exit);
+                    }
+                }
                 Err(Fault::Exception(v, code)) => {
                     self.cpu.eip = start_eip;
                     if let Some(exit) = self.raise(v, code, io)? {
@@ -977,6 +1011,13 @@ impl Interp {
             next &= 0xFFFF;
         }
         let exit = self.execute(ins, next, io)?;
+        if matches!(ins.mnemonic(), Mnemonic::Mov | Mnemonic::Pop)
+            && ins.op0_kind() == OpKind::Register
+            && ins.op0_register() == Register::SS
+        {
+            self.shadow.interrupts = true;
+            self.shadow.trap = self.cpu.eflags & flags::TF != 0;
+        }
         // RF suppresses instruction breakpoints for one instruction only; IRET may set it.
         if !matches!(ins.mnemonic(), Mnemonic::Iret | Mnemonic::Iretd) {
             self.cpu.eflags &= !flags::RF;
@@ -1151,6 +1192,8 @@ impl Interp {
                 if ins.mnemonic() == M::Cli {
                     self.cpu.eflags &= !flags::IF;
                 } else {
+                    // STI holds interrupts off until after the next instruction.
+                    self.shadow.interrupts |= fl & flags::IF == 0;
                     self.cpu.eflags |= flags::IF;
                 }
             }
@@ -1323,6 +1366,7 @@ impl Interp {
                     return unsupported("a software interrupt in virtual-8086 mode");
                 }
                 self.deliver(v, None, Some(next), io)?;
+                self.trap_suppressed = true;
                 return Ok(None);
             }
             M::Iret | M::Iretd => {
@@ -1891,6 +1935,45 @@ mod tests {
             i.write_mem(s, off, 0, 0, &mut p),
             Err(Fault::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn single_step_traps_after_the_instruction_and_waits_out_mov_ss() {
+        // The handler reports the trapped EIP and DR6, then clears TF in the saved EFLAGS.
+        // Both traps must land right after a NOP.
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.pushfd()?;
+                a.or(dword_ptr(esp), 0x100u32)?;
+                a.popfd()?; // TF=1 from here: the next instruction traps
+                a.nop()?;
+                a.mov(ebx, 0x10u32)?;
+                a.pushfd()?;
+                a.or(dword_ptr(esp), 0x100u32)?;
+                a.popfd()?;
+                a.mov(ss, ebx)?; // the trap after MOV SS waits ...
+                a.nop()?; // ... until after this one
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                a.set_label(handler)?;
+                a.mov(eax, dword_ptr(esp))?;
+                a.out(0x80, eax)?;
+                a.mov(eax, dr6)?;
+                a.out(0x80, eax)?;
+                a.and(dword_ptr(esp + 8), !0x100u32)?;
+                a.iretd()?;
+                Ok(())
+            },
+            &[(1, 0x8E)],
+        );
+        let seen = run_to_exit(&mut i, &mut p);
+        assert_eq!(seen.len(), 4, "two traps: {seen:x?}");
+        for trap in [seen[0], seen[2]] {
+            let mut b = [0u8];
+            i.memory.read(u64::from(trap - 1), &mut b).unwrap();
+            assert_eq!(b[0], 0x90, "trap at {trap:#x} follows a NOP");
+        }
+        assert_ne!(seen[1] & (1 << 14), 0, "DR6.BS");
     }
 
     #[test]
