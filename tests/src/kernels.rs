@@ -71,6 +71,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "v86",
+        about: "a virtual-8086 monitor: #GP on IOPL-sensitive instructions at IOPL 0, INT through the IDT at IOPL 3",
+        build: v86,
+        firmware: false,
+    },
+    Entry {
         name: "triple-fault",
         about: "loads an empty IDT and executes UD2: #UD -> #GP -> #DF -> triple fault",
         build: triple_fault,
@@ -983,6 +989,202 @@ pub fn rings() -> AsmResult<Vec<u8>> {
     k.asm().mov(eax, dword_ptr(skip))?;
     k.asm().add(dword_ptr(esp + 8), eax)?;
     k.asm().add(esp, 8u32)?;
+    k.asm().iretd()?;
+    k.build()
+}
+
+/// Runs 16-bit code in virtual-8086 mode under a small monitor. Exits with value 0x17.
+pub fn v86() -> AsmResult<Vec<u8>> {
+    const CODE16: u32 = 0x2_0000; // 2000:0000
+    const PHASE2: u32 = 0x100; // 2000:0100
+    let mut a = CodeAssembler::new(16)?;
+    let out = |a: &mut CodeAssembler, text: &str| -> AsmResult {
+        a.mov(dx, 0x3F8u32)?;
+        for c in text.bytes() {
+            a.mov(al, u32::from(c))?;
+            a.out(dx, al)?;
+        }
+        Ok(())
+    };
+    // Phase 1, IOPL 0.
+    out(&mut a, "v86: hello\n")?;
+    a.mov(ax, 0x1234u32)?;
+    a.mov(bx, 0x1111u32)?;
+    a.add(ax, bx)?;
+    a.mov(word_ptr(0x10u32), ax)?; // DS = 0x3000: linear 0x30010
+    a.push(ax)?;
+    a.pop(cx)?;
+    a.int(0x30)?;
+    a.cli()?;
+    a.pushf()?;
+    a.hlt()?;
+    let phase1 = a.assemble(0)?;
+    assert!(
+        phase1.len() <= PHASE2 as usize,
+        "phase 1 of the v86 code is too long"
+    );
+    // Phase 2, IOPL 3.
+    let mut a = CodeAssembler::new(16)?;
+    out(&mut a, "v86: iopl 3\n")?;
+    a.cli()?;
+    a.sti()?;
+    a.pushf()?;
+    a.pop(ax)?;
+    a.mov(word_ptr(0x12u32), ax)?;
+    a.int(0x31)?;
+    a.hlt()?;
+    let phase2 = a.assemble(u64::from(PHASE2))?;
+    let mut code16 = phase1;
+    code16.resize(PHASE2 as usize, 0x90);
+    code16.extend_from_slice(&phase2);
+
+    let mut k = Kit::new()?;
+    let code16_len = code16.len() as u32;
+    let code16_src = k.data(&code16);
+    let gdt: [u64; 4] = [0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF, 0];
+    let gdt_addr = k.data(&gdt.map(u64::to_le_bytes).concat());
+    let mut gdtr = 31u16.to_le_bytes().to_vec();
+    gdtr.extend_from_slice(&gdt_addr.to_le_bytes());
+    let gdtr = k.data(&gdtr);
+    let mut tss = vec![0u8; 104];
+    tss[4..8].copy_from_slice(&0x0011_4000u32.to_le_bytes());
+    tss[8..10].copy_from_slice(&0x10u16.to_le_bytes());
+    tss[0x66..0x68].copy_from_slice(&104u16.to_le_bytes());
+    let mut bitmap = vec![0xFFu8; 8192 + 1];
+    bitmap[0x3F8 / 8] = 0;
+    tss.extend_from_slice(&bitmap);
+    let tss_limit = (tss.len() - 1) as u32;
+    let tss = k.data(&tss);
+    let idt = k.data(&[0u8; 256 * 8]);
+    let mut idtr = 2047u16.to_le_bytes().to_vec();
+    idtr.extend_from_slice(&idt.to_le_bytes());
+    let idtr = k.data(&idtr);
+    let phase = k.data(&[0; 4]);
+
+    // INT 0x31 from v86 at IOPL 3 arrives here through a DPL 3 gate.
+    handler_address(&mut k, |k| {
+        k.asm().pushad()?;
+        k.asm().mov(eax, 0x10u32)?;
+        k.asm().mov(ds, eax)?;
+        k.asm().mov(es, eax)?;
+        k.print("int 0x31 from v86: cs=")?;
+        k.asm().mov(eax, dword_ptr(esp + 32 + 4))?;
+        k.print_hex(eax)?;
+        k.print(" eflags=")?;
+        k.asm().mov(eax, dword_ptr(esp + 32 + 8))?;
+        k.asm().and(eax, !0x8D5u32)?;
+        k.print_hex(eax)?;
+        k.print(" ds=")?;
+        k.asm().mov(eax, dword_ptr(esp + 32 + 24))?;
+        k.print_hex(eax)?;
+        k.print(" saved-flags-word=")?;
+        k.asm().movzx(eax, word_ptr(0x3_0012u32))?;
+        k.asm().and(eax, !0x8D5u32)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().popad()?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 0x31, 0xEE)?;
+    // The monitor: #GP from v86. Frame after PUSHAD (32 bytes): error, EIP, CS, EFLAGS, ESP, SS,
+    // ES, DS, FS, GS.
+    handler_address(&mut k, |k| {
+        let f = |n: u32| 32 + 4 * n;
+        k.asm().pushad()?;
+        k.asm().mov(eax, 0x10u32)?;
+        k.asm().mov(ds, eax)?;
+        k.asm().mov(es, eax)?;
+        // EBX = linear address of the faulting instruction: CS * 16 + IP.
+        k.asm().mov(ebx, dword_ptr(esp + f(2)))?;
+        k.asm().shl(ebx, 4u32)?;
+        k.asm().add(ebx, dword_ptr(esp + f(1)))?;
+        k.asm().movzx(ecx, byte_ptr(ebx))?;
+        k.print("monitor: #GP cs:ip=")?;
+        k.asm().mov(eax, dword_ptr(esp + f(2)))?;
+        k.print_hex(eax)?;
+        k.print(":")?;
+        k.asm().mov(eax, dword_ptr(esp + f(1)))?;
+        k.print_hex(eax)?;
+        k.print(" opcode=")?;
+        k.print_hex(ecx)?;
+        k.print(" ss:sp=")?;
+        k.asm().mov(eax, dword_ptr(esp + f(5)))?;
+        k.print_hex(eax)?;
+        k.print(":")?;
+        k.asm().mov(eax, dword_ptr(esp + f(4)))?;
+        k.print_hex(eax)?;
+        k.print(" ds=")?;
+        k.asm().mov(eax, dword_ptr(esp + f(7)))?;
+        k.print_hex(eax)?;
+        k.print(" ax=")?;
+        k.asm().mov(eax, dword_ptr(esp + 28))?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        let mut not_int = k.asm().create_label();
+        let mut not_hlt = k.asm().create_label();
+        let mut resume = k.asm().create_label();
+        k.asm().cmp(ecx, 0xCDu32)?;
+        k.asm().jne(not_int)?;
+        k.print("monitor: emulating int ")?;
+        k.asm().movzx(eax, byte_ptr(ebx + 1))?;
+        k.print_hex(eax)?;
+        k.print(", memory at 3000:0010=")?;
+        k.asm().movzx(eax, word_ptr(0x3_0010u32))?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().add(dword_ptr(esp + f(1)), 2u32)?;
+        k.asm().jmp(resume)?;
+        k.asm().set_label(&mut not_int)?;
+        k.asm().cmp(ecx, 0xF4u32)?;
+        k.asm().jne(not_hlt)?;
+        // HLT ends a phase: the first re-enters at 2000:0100 with IOPL 3, the second exits.
+        let mut finish = k.asm().create_label();
+        k.asm().cmp(dword_ptr(phase), 0u32)?;
+        k.asm().jne(finish)?;
+        k.asm().mov(dword_ptr(phase), 1u32)?;
+        k.asm().mov(dword_ptr(esp + f(1)), PHASE2)?;
+        k.asm().mov(dword_ptr(esp + f(3)), 0x0002_3002u32)?; // VM | IOPL 3
+        k.asm().jmp(resume)?;
+        k.asm().set_label(&mut finish)?;
+        k.print("monitor: done\n")?;
+        k.exit(0x17)?;
+        k.asm().set_label(&mut not_hlt)?;
+        k.asm().add(dword_ptr(esp + f(1)), 1u32)?;
+        k.asm().set_label(&mut resume)?;
+        k.asm().popad()?;
+        k.asm().add(esp, 4u32)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 13, 0x8E)?;
+
+    let tss_low = (tss << 16) | (tss_limit & 0xFFFF);
+    let tss_high = (tss & 0xFF00_0000) | ((tss >> 16) & 0xFF) | 0x8900 | (tss_limit & 0xF_0000);
+    k.asm().mov(dword_ptr(gdt_addr + 0x18), tss_low)?;
+    k.asm().mov(dword_ptr(gdt_addr + 0x1C), tss_high)?;
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().mov(eax, 0x18u32)?;
+    k.asm().ltr(ax)?;
+    k.asm().cld()?;
+    k.asm().mov(esi, code16_src)?;
+    k.asm().mov(edi, CODE16)?;
+    k.asm().mov(ecx, code16_len)?;
+    k.asm().rep().movsb()?;
+    k.print("entering virtual-8086 mode\n")?;
+    // IRET pops EIP, CS, EFLAGS, ESP, SS, ES, DS, FS, GS.
+    for v in [
+        0u32,
+        0,
+        0x3000,
+        0,
+        0x3000,
+        0x1000,
+        0x0002_0002,
+        CODE16 >> 4,
+        0,
+    ] {
+        k.asm().push(v)?;
+    }
     k.asm().iretd()?;
     k.build()
 }

@@ -244,3 +244,26 @@ fn ring_3_and_back_matches_qemu() {
     assert!(text.contains("after sysexit: cs=0000004b"), "{text}");
     assert_eq!(ours.status, Some(0x2D));
 }
+
+#[test]
+fn virtual_8086_mode_matches_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "v86");
+    let guest = Guest::kernel(dir.path(), &k);
+    let Some((_, ours)) = compare_on("v86", &guest, &protected_mode_engines()) else {
+        return;
+    };
+    let text = ours.serial_text();
+    // IOPL 0: INT n, CLI, PUSHF and HLT all trap to the monitor, in order.
+    for opcode in ["cd", "fa", "9c", "f4"] {
+        assert!(
+            text.contains(&format!("opcode=000000{opcode}")),
+            "{opcode}: {text}"
+        );
+    }
+    assert!(text.contains("memory at 3000:0010=00002345"), "{text}");
+    // IOPL 3: INT 0x31 goes through the IDT with VM and IOPL 3 in the saved EFLAGS.
+    assert!(text.contains("int 0x31 from v86: cs=00002000 eflags=00023202 ds=00003000"));
+    assert!(text.ends_with("monitor: done\n"), "{text}");
+    assert_eq!(ours.status, Some(0x2F));
+}

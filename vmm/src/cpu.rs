@@ -257,7 +257,9 @@ impl CpuState {
 
     /// Current privilege level (CS.RPL in protected mode).
     pub fn cpl(&self) -> u8 {
-        if self.protected() {
+        if self.eflags & flags::VM != 0 {
+            3
+        } else if self.protected() {
             (self.seg(SegReg::Cs).selector & 3) as u8
         } else {
             0

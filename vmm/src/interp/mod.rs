@@ -1168,12 +1168,15 @@ impl Interp {
                 }
             }
             M::Pushf | M::Pushfd => {
+                if fl & flags::VM != 0 && self.cpu.iopl() < 3 {
+                    return gp0();
+                }
                 let len = if ins.mnemonic() == M::Pushfd { 4 } else { 2 };
                 self.push(fl & !(flags::RF | flags::VM), len, io)?;
             }
             M::Popf | M::Popfd => {
                 if fl & flags::VM != 0 && self.cpu.iopl() < 3 {
-                    return unsupported("POPF in virtual-8086 mode with IOPL < 3");
+                    return gp0();
                 }
                 let len = if ins.mnemonic() == M::Popfd { 4 } else { 2 };
                 let v = self.pop(len, io)?;
@@ -1362,8 +1365,9 @@ impl Interp {
                     }
                     _ => ins.immediate8(),
                 };
-                if self.cpu.eflags & flags::VM != 0 {
-                    return unsupported("a software interrupt in virtual-8086 mode");
+                // In virtual-8086 mode INT n (not INT3 or INTO) is IOPL-sensitive.
+                if fl & flags::VM != 0 && ins.mnemonic() == M::Int && self.cpu.iopl() < 3 {
+                    return gp0();
                 }
                 self.deliver(v, None, Some(next), io)?;
                 self.trap_suppressed = true;

@@ -330,7 +330,20 @@ impl Interp {
             });
         }
         if self.cpu.eflags & flags::VM != 0 {
-            return unsupported("IRET in virtual-8086 mode");
+            // Only with IOPL 3, and then as in real mode (VM and IOPL stay as they are).
+            if self.cpu.iopl() < 3 {
+                return gp0();
+            }
+            return self.atomically(|s| {
+                let eip = s.pop(size, io)?;
+                let cs = s.pop(size, io)? as u16;
+                let fl = s.pop(size, io)?;
+                let access = s.cpu.seg(SegReg::Cs).access;
+                s.cpu.seg[SegReg::Cs as usize] = Segment::real(cs, access);
+                s.cpu.eip = eip & 0xFFFF;
+                s.load_flags(fl, size, 3);
+                Ok(())
+            });
         }
         if self.cpu.eflags & flags::NT != 0 {
             return unsupported("IRET to a task (NT set)");
@@ -341,7 +354,7 @@ impl Interp {
             let cs = s.pop(size, io)? as u16;
             let fl = s.pop(size, io)?;
             if size == 4 && fl & flags::VM != 0 && old_cpl == 0 {
-                return unsupported("IRET to virtual-8086 mode");
+                return s.enter_v86(eip, cs, fl, io);
             }
             let code = s.return_code_segment(cs, io)?;
             if eip > code.limit {
@@ -397,7 +410,7 @@ impl Interp {
         io: &mut dyn IoHandler,
     ) -> Step {
         if self.cpu.eflags & flags::VM != 0 {
-            return unsupported("an interrupt in virtual-8086 mode");
+            return self.enter_handler_from_v86(target, offset, eflags, ret, code, io);
         }
         let cpl = self.cpu.cpl();
         let inner = target.access & 0x04 == 0 && target.dpl() < cpl;
@@ -415,6 +428,78 @@ impl Interp {
             s.push(ret, 4, io)?;
             if let Some(c) = code {
                 s.push(c, 4, io)?;
+            }
+            s.cpu.eip = offset;
+            Ok(())
+        })
+    }
+
+    /// The rest of an IRET that returns to virtual-8086 mode (EIP, CS and EFLAGS are popped):
+    /// pops ESP, SS, ES, DS, FS, GS and loads every segment the real-mode way.
+    fn enter_v86(&mut self, eip: u32, cs: u16, fl: u32, io: &mut dyn IoHandler) -> Step {
+        let esp = self.pop(4, io)?;
+        let ss = self.pop(4, io)? as u16;
+        let mut data = [0u16; 4];
+        for sel in data.iter_mut() {
+            *sel = self.pop(4, io)? as u16;
+        }
+        // All of EFLAGS is loaded at CPL 0, VM included.
+        let writable = flags::WRITABLE & !(flags::VIF | flags::VIP);
+        self.cpu.eflags = (self.cpu.eflags & !writable) | (fl & writable) | flags::FIXED;
+        let v86 = |sel: u16, access: u8| Segment::real(sel, access);
+        self.cpu.seg[SegReg::Cs as usize] = v86(cs, 0xFB);
+        self.cpu.seg[SegReg::Ss as usize] = v86(ss, 0xF3);
+        for (s, sel) in [SegReg::Es, SegReg::Ds, SegReg::Fs, SegReg::Gs]
+            .into_iter()
+            .zip(data)
+        {
+            self.cpu.seg[s as usize] = v86(sel, 0xF3);
+        }
+        self.cpu.gpr[4] = esp;
+        self.cpu.eip = eip & 0xFFFF;
+        Ok(())
+    }
+
+    /// Interrupt or exception delivery out of virtual-8086 mode: only to a ring-0,
+    /// non-conforming handler, on the TSS ring-0 stack, saving and then nulling the data
+    /// segment registers.
+    fn enter_handler_from_v86(
+        &mut self,
+        target: Segment,
+        offset: u32,
+        eflags: u32,
+        ret: u32,
+        code: Option<u32>,
+        io: &mut dyn IoHandler,
+    ) -> Step {
+        if target.dpl() != 0 || target.access & 0x04 != 0 {
+            return Err(Fault::Exception(
+                vector::GP,
+                Some(u32::from(target.selector & !3)),
+            ));
+        }
+        self.atomically(|s| {
+            let old = s.save();
+            let (ss_sel, esp) = s.tss_stack(0, io)?;
+            let ss = s.stack_segment(ss_sel, 0, TS, io)?;
+            // Leave virtual-8086 mode first, so the pushes are supervisor accesses.
+            s.cpu.eflags &= !flags::VM;
+            s.set_cs(target, 0);
+            s.cpu.seg[SegReg::Ss as usize] = ss;
+            s.cpu.gpr[4] = esp;
+            for seg in [SegReg::Gs, SegReg::Fs, SegReg::Ds, SegReg::Es] {
+                s.push(u32::from(old.seg[seg as usize].selector), 4, io)?;
+            }
+            s.push(u32::from(old.seg[SegReg::Ss as usize].selector), 4, io)?;
+            s.push(old.esp, 4, io)?;
+            s.push(eflags, 4, io)?;
+            s.push(u32::from(old.seg[SegReg::Cs as usize].selector), 4, io)?;
+            s.push(ret, 4, io)?;
+            if let Some(c) = code {
+                s.push(c, 4, io)?;
+            }
+            for seg in [SegReg::Es, SegReg::Ds, SegReg::Fs, SegReg::Gs] {
+                s.cpu.seg[seg as usize] = Segment::default();
             }
             s.cpu.eip = offset;
             Ok(())
