@@ -77,6 +77,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "tasks",
+        about: "hardware task switches: CALL/IRET with NT and the link, JMP through a task gate, #DE through an IDT task gate",
+        build: tasks,
+        firmware: false,
+    },
+    Entry {
         name: "triple-fault",
         about: "loads an empty IDT and executes UD2: #UD -> #GP -> #DF -> triple fault",
         build: triple_fault,
@@ -1186,6 +1192,132 @@ pub fn v86() -> AsmResult<Vec<u8>> {
         k.asm().push(v)?;
     }
     k.asm().iretd()?;
+    k.build()
+}
+
+/// Emits code printing `name=` and a TSS descriptor's busy bit (type bit 1) for GDT entry `sel`.
+fn print_busy(k: &mut Kit, gdt: u32, name: &str, sel: u32) -> AsmResult {
+    k.asm().movzx(eax, byte_ptr(gdt + sel + 5))?;
+    k.asm().shr(eax, 1u32)?;
+    k.asm().and(eax, 1u32)?;
+    k.print(&format!(" {name}="))?;
+    k.print_hex(eax)
+}
+
+/// Emits code printing the current TR, NT and both TSS busy bits.
+fn print_task_state(k: &mut Kit, gdt: u32, label: &str) -> AsmResult {
+    k.print(&format!("{label}: tr="))?;
+    k.asm().xor(eax, eax)?;
+    k.asm().str(ax)?;
+    k.print_hex(eax)?;
+    k.print(" nt=")?;
+    k.asm().pushfd()?;
+    k.asm().pop(eax)?;
+    k.asm().shr(eax, 14u32)?;
+    k.asm().and(eax, 1u32)?;
+    k.print_hex(eax)?;
+    print_busy(k, gdt, "busyA", 0x18)?;
+    print_busy(k, gdt, "busyB", 0x20)?;
+    k.print("\n")
+}
+
+/// Switches between three hardware tasks. Exits with value 0x18.
+pub fn tasks() -> AsmResult<Vec<u8>> {
+    const GDT_ENTRIES: [u64; 7] = [
+        0,
+        0x00CF_9B00_0000_FFFF, // 0x08 code
+        0x00CF_9300_0000_FFFF, // 0x10 data
+        0,                     // 0x18 TSS A (main)
+        0,                     // 0x20 TSS B
+        0,                     // 0x28 TSS C (#DE handler task)
+        0,                     // 0x30 task gate to TSS B
+    ];
+    let mut k = Kit::new()?;
+    let gdt = k.data(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
+    let mut gdtr = ((GDT_ENTRIES.len() * 8 - 1) as u16).to_le_bytes().to_vec();
+    gdtr.extend_from_slice(&gdt.to_le_bytes());
+    let gdtr = k.data(&gdtr);
+    let stack_b = k.data(&[0u8; 1024]) + 1024;
+    let stack_c = k.data(&[0u8; 1024]) + 1024;
+    // A TSS image: EFLAGS 2, flat segments, the given stack; EIP filled in at run time.
+    let tss_image = |stack_top: u32| {
+        let mut t = vec![0u8; 104];
+        let mut put = |off: usize, v: u32| t[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        put(0x24, 2);
+        put(0x38, stack_top);
+        for off in [0x48, 0x50, 0x54, 0x58, 0x5C] {
+            put(off, 0x10);
+        }
+        put(0x4C, 0x08);
+        t[0x66..0x68].copy_from_slice(&104u16.to_le_bytes());
+        t
+    };
+    let tss_a = k.data(&tss_image(0));
+    let tss_b = k.data(&tss_image(stack_b));
+    let tss_c = k.data(&tss_image(stack_c));
+    let idt = k.data(&[0u8; 256 * 8]);
+    let mut idtr = 2047u16.to_le_bytes().to_vec();
+    idtr.extend_from_slice(&idt.to_le_bytes());
+    let idtr = k.data(&idtr);
+    for (sel, base) in [(0x18u32, tss_a), (0x20, tss_b), (0x28, tss_c)] {
+        k.asm().mov(dword_ptr(gdt + sel), (base << 16) | 0x67)?;
+        k.asm().mov(
+            dword_ptr(gdt + sel + 4),
+            (base & 0xFF00_0000) | ((base >> 16) & 0xFF) | 0x8900,
+        )?;
+    }
+    // Task gates: 0x30 in the GDT to TSS B, and vector 0 (#DE) in the IDT to TSS C.
+    k.asm().mov(dword_ptr(gdt + 0x30), 0x0020_0000u32)?;
+    k.asm().mov(dword_ptr(gdt + 0x34), 0x8500u32)?;
+    k.asm().mov(dword_ptr(idt), 0x0028_0000u32)?;
+    k.asm().mov(dword_ptr(idt + 4), 0x8500u32)?;
+
+    // Task B: reports, returns with IRET (NT), and later resumes to JMP back to task A.
+    handler_address(&mut k, |k| {
+        print_task_state(k, gdt, "task B")?;
+        k.print("task B: link=")?;
+        k.asm().movzx(eax, word_ptr(tss_b))?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().iretd()?;
+        print_task_state(k, gdt, "task B resumed by a JMP")?;
+        k.asm().jmp_far(0x18, 0)?;
+        k.halt_forever()
+    })?;
+    k.asm().mov(dword_ptr(tss_b + 0x20), eax)?;
+    // Task C: the #DE handler; it steps task A past the DIV and returns.
+    handler_address(&mut k, |k| {
+        print_task_state(k, gdt, "task C for #DE")?;
+        k.print("task C: link=")?;
+        k.asm().movzx(eax, word_ptr(tss_c))?;
+        k.print_hex(eax)?;
+        k.print(" faulting eip=+")?;
+        k.asm().mov(eax, dword_ptr(tss_a + 0x20))?;
+        k.asm().sub(eax, crate::kit::KERNEL_BASE)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().add(dword_ptr(tss_a + 0x20), 2u32)?;
+        k.asm().iretd()?;
+        k.halt_forever()
+    })?;
+    k.asm().mov(dword_ptr(tss_c + 0x20), eax)?;
+
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().mov(eax, 0x18u32)?;
+    k.asm().ltr(ax)?;
+    print_task_state(&mut k, gdt, "task A")?;
+    k.asm().call_far(0x20, 0)?;
+    print_task_state(&mut k, gdt, "back in task A after CALL/IRET")?;
+    k.asm().jmp_far(0x30, 0)?;
+    print_task_state(&mut k, gdt, "task A resumed after JMP")?;
+    k.asm().xor(ecx, ecx)?;
+    k.asm().div(ecx)?;
+    print_task_state(&mut k, gdt, "task A after #DE")?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().and(eax, 8u32)?;
+    k.print_field("cr0.ts", eax)?;
+    k.exit(0x18)?;
     k.build()
 }
 

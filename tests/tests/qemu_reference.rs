@@ -267,3 +267,24 @@ fn virtual_8086_mode_matches_qemu() {
     assert!(text.ends_with("monitor: done\n"), "{text}");
     assert_eq!(ours.status, Some(0x2F));
 }
+
+#[test]
+fn hardware_task_switches_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "tasks");
+    let guest = Guest::kernel(dir.path(), &k);
+    let Some((_, ours)) = compare_on("tasks", &guest, &protected_mode_engines()) else {
+        return;
+    };
+    let text = ours.serial_text();
+    // CALL nests (NT, link, both busy); IRET unnests; JMP moves the busy bit.
+    assert!(text.contains("task B: tr=00000020 nt=00000001 busyA=00000001 busyB=00000001"));
+    assert!(text.contains("task B: link=00000018"), "{text}");
+    assert!(text.contains("task B resumed by a JMP: tr=00000020 nt=00000000 busyA=00000000"));
+    assert!(
+        text.contains("task C for #DE: tr=00000028 nt=00000001"),
+        "{text}"
+    );
+    assert!(text.contains("cr0.ts=00000008"), "{text}");
+    assert_eq!(ours.status, Some(0x31));
+}

@@ -900,7 +900,16 @@ impl Interp {
         let trap = match gate_type {
             0x0E => false,
             0x0F => true,
-            0x05 => return unsupported("an interrupt through a task gate"),
+            0x05 => {
+                if next_eip.is_some() && gate_dpl < self.cpu.cpl() {
+                    return Err(Fault::Exception(vector::GP, idt_err));
+                }
+                if !present {
+                    return Err(Fault::Exception(vector::NP, idt_err));
+                }
+                let tss = (gate >> 16) as u16;
+                return self.task_switch(tss, transfer::TaskSwitch::Interrupt, ret, code, io);
+            }
             0x06 | 0x07 => return unsupported("a 16-bit interrupt gate"),
             _ => return Err(Fault::Exception(vector::GP, idt_err)),
         };
@@ -1375,7 +1384,7 @@ impl Interp {
             }
             M::Iret | M::Iretd => {
                 let size = if ins.mnemonic() == M::Iretd { 4 } else { 2 };
-                self.iret(size, io)?;
+                self.iret(size, next, io)?;
                 return Ok(None);
             }
             M::Div | M::Idiv | M::Mul | M::Imul if ins.op_count() == 1 => {

@@ -13,6 +13,19 @@ use crate::cpu::{SegReg, Segment, flags};
 /// #TS, invalid TSS.
 const TS: u8 = 10;
 
+/// How a task switch was started (it decides the busy bits, NT and the link field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TaskSwitch {
+    /// JMP to a TSS or task gate.
+    Jmp,
+    /// CALL to a TSS or task gate.
+    Call,
+    /// An interrupt or exception through a task gate.
+    Interrupt,
+    /// IRET with NT set, back to the task in the link field.
+    Iret,
+}
+
 /// What a transfer may have to put back.
 #[derive(Clone, Copy)]
 pub(super) struct Saved {
@@ -217,7 +230,31 @@ impl Interp {
         }
         match desc.access & 0x1F {
             0x04 | 0x0C => {}
-            0x05 | 0x01 | 0x09 => return unsupported("a task switch through a far JMP or CALL"),
+            0x01 | 0x09 | 0x03 | 0x0B => {
+                if desc.dpl() < cpl || desc.dpl() < rpl {
+                    return Err(Fault::Exception(vector::GP, err));
+                }
+                let kind = if call {
+                    TaskSwitch::Call
+                } else {
+                    TaskSwitch::Jmp
+                };
+                return self.task_switch(selector, kind, next, None, io);
+            }
+            0x05 => {
+                if desc.dpl() < cpl || desc.dpl() < rpl {
+                    return Err(Fault::Exception(vector::GP, err));
+                }
+                if !desc.present() {
+                    return Err(Fault::Exception(vector::NP, err));
+                }
+                let kind = if call {
+                    TaskSwitch::Call
+                } else {
+                    TaskSwitch::Jmp
+                };
+                return self.task_switch((raw >> 16) as u16, kind, next, None, io);
+            }
             _ => return Err(Fault::Exception(vector::GP, err)),
         }
         // A call gate.
@@ -315,8 +352,8 @@ impl Interp {
         })
     }
 
-    /// IRET / IRETD.
-    pub(super) fn iret(&mut self, size: u32, io: &mut dyn IoHandler) -> Step {
+    /// IRET / IRETD (`next` is the address after it, saved for the old task by a task return).
+    pub(super) fn iret(&mut self, size: u32, next: u32, io: &mut dyn IoHandler) -> Step {
         if !self.cpu.protected() {
             return self.atomically(|s| {
                 let eip = s.pop(size, io)?;
@@ -346,7 +383,10 @@ impl Interp {
             });
         }
         if self.cpu.eflags & flags::NT != 0 {
-            return unsupported("IRET to a task (NT set)");
+            // Back to the task that called this one.
+            let mut link = [0u8; 2];
+            self.read_lin(self.cpu.tr.base, &mut link, false, io)?;
+            return self.task_switch(u16::from_le_bytes(link), TaskSwitch::Iret, next, None, io);
         }
         self.atomically(|s| {
             let old_cpl = s.cpu.cpl();
@@ -504,6 +544,188 @@ impl Interp {
             s.cpu.eip = offset;
             Ok(())
         })
+    }
+
+    /// Switches to the task whose TSS `selector` names (Intel SDM vol. 3, section 7.3): saves
+    /// the current state into the current TSS, updates busy bits, NT and the link field as
+    /// `kind` requires, and loads the new task's state (CR3, LDTR, EFLAGS, EIP, registers,
+    /// segments). `ret` is the EIP saved for the old task; `code` an error code to push on the
+    /// new task's stack. Faults after the new TR is loaded belong to the new task.
+    pub(super) fn task_switch(
+        &mut self,
+        selector: u16,
+        kind: TaskSwitch,
+        ret: u32,
+        code: Option<u32>,
+        io: &mut dyn IoHandler,
+    ) -> Step {
+        let err = Some(u32::from(selector & !3));
+        if selector & 4 != 0 {
+            return Err(Fault::Exception(vector::GP, err));
+        }
+        let raw = self.descriptor(selector, io)?;
+        let new = Segment::from_descriptor(selector, raw);
+        let ty = new.access & 0x1F;
+        match ty {
+            0x09 | 0x0B => {}
+            0x01 | 0x03 => return unsupported("a task switch to a 16-bit TSS"),
+            _ => return Err(Fault::Exception(vector::GP, err)),
+        }
+        let busy = ty == 0x0B;
+        if (kind == TaskSwitch::Iret) != busy {
+            let v = if kind == TaskSwitch::Iret {
+                TS
+            } else {
+                vector::GP
+            };
+            return Err(Fault::Exception(v, err));
+        }
+        if !new.present() {
+            return Err(Fault::Exception(vector::NP, err));
+        }
+        if new.limit < 0x67 {
+            return Err(Fault::Exception(TS, err));
+        }
+        if self.cpu.tr.access & 0x0F != 0x0B || self.cpu.tr.limit < 0x67 {
+            return unsupported("a task switch away from a 16-bit or missing TSS");
+        }
+        // Read the whole new TSS before anything changes.
+        let mut image = [0u8; 0x68];
+        self.read_lin(new.base, &mut image, false, io)?;
+        let field = |off: usize| u32::from_le_bytes(image[off..off + 4].try_into().expect("4"));
+
+        // Save the outgoing task.
+        let old_tr = self.cpu.tr;
+        let mut out_flags = self.cpu.eflags;
+        if kind == TaskSwitch::Iret {
+            out_flags &= !flags::NT;
+        }
+        let mut save = [0u8; 0x48];
+        let mut put = |off: usize, v: u32| save[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        put(0x00, ret);
+        put(0x04, out_flags);
+        for (i, v) in self.cpu.gpr.iter().enumerate() {
+            put(0x08 + 4 * i, *v);
+        }
+        for (i, seg) in self.cpu.seg.iter().enumerate() {
+            put(0x28 + 4 * i, u32::from(seg.selector));
+        }
+        self.write_lin(old_tr.base.wrapping_add(0x20), &save[..0x40], false, io)?;
+
+        // Busy bits and the link.
+        let set_busy = |s: &mut Self, sel: u16, on: bool, io: &mut dyn IoHandler| -> Step {
+            let addr = s.cpu.gdtr.base.wrapping_add(u32::from(sel & !7)) + 5;
+            let mut b = [0u8];
+            s.read_lin(addr, &mut b, false, io)?;
+            b[0] = if on { b[0] | 0x02 } else { b[0] & !0x02 };
+            s.write_lin(addr, &b, false, io)
+        };
+        if matches!(kind, TaskSwitch::Jmp | TaskSwitch::Iret) {
+            set_busy(self, old_tr.selector, false, io)?;
+        }
+        if kind != TaskSwitch::Iret {
+            set_busy(self, selector, true, io)?;
+        }
+        let mut new_flags = field(0x24);
+        if matches!(kind, TaskSwitch::Call | TaskSwitch::Interrupt) {
+            self.write_lin(
+                new.base,
+                &u32::from(old_tr.selector).to_le_bytes()[..2],
+                false,
+                io,
+            )?;
+            new_flags |= flags::NT;
+        }
+
+        // Load the incoming task.
+        self.cpu.tr = Segment {
+            access: new.access | 0x02,
+            ..new
+        };
+        self.cpu.cr0 |= crate::cpu::cr0::TS;
+        if self.paging() {
+            self.cpu.cr3 = field(0x1C);
+            if self.cpu.cr4 & crate::cpu::cr4::PAE != 0 {
+                self.load_pdptes(self.cpu.cr3)?;
+            }
+            self.flush_tlb(true);
+        } else {
+            self.cpu.cr3 = field(0x1C);
+        }
+        self.cpu.eip = field(0x20);
+        self.cpu.eflags = (new_flags & flags::WRITABLE) | flags::FIXED;
+        for i in 0..8 {
+            self.cpu.gpr[i] = field(0x28 + 4 * i);
+        }
+        let sel = |off: usize| field(off) as u16;
+        let ldt = sel(0x60);
+        if self.cpu.eflags & flags::VM != 0 {
+            for (i, off) in [0x48, 0x4C, 0x50, 0x54, 0x58, 0x5C].into_iter().enumerate() {
+                let access = if i == SegReg::Cs as usize { 0xFB } else { 0xF3 };
+                self.cpu.seg[i] = Segment::real(sel(off), access);
+            }
+            self.load_task_ldt(ldt, io)?;
+        } else {
+            self.load_task_ldt(ldt, io)?;
+            // CS first: it fixes the new CPL the other checks use.
+            let cs_sel = sel(0x4C);
+            let cs_err = Some(u32::from(cs_sel & !3));
+            if cs_sel & !3 == 0 {
+                return Err(Fault::Exception(TS, cs_err));
+            }
+            let cs = Segment::from_descriptor(cs_sel, self.descriptor(cs_sel, io)?);
+            if !cs.is_code() {
+                return Err(Fault::Exception(TS, cs_err));
+            }
+            if !cs.present() {
+                return Err(Fault::Exception(vector::NP, cs_err));
+            }
+            let cpl = (cs_sel & 3) as u8;
+            self.cpu.seg[SegReg::Cs as usize] = cs;
+            let ss = self.stack_segment(sel(0x50), cpl, TS, io)?;
+            self.cpu.seg[SegReg::Ss as usize] = ss;
+            for (s, off) in [
+                (SegReg::Es, 0x48),
+                (SegReg::Ds, 0x54),
+                (SegReg::Fs, 0x58),
+                (SegReg::Gs, 0x5C),
+            ] {
+                self.load_segment(s, sel(off), io).map_err(|f| match f {
+                    Fault::Exception(vector::GP, c) => Fault::Exception(TS, c),
+                    other => other,
+                })?;
+            }
+        }
+        if let Some(c) = code {
+            let size = if self.cpu.seg(SegReg::Cs).big { 4 } else { 2 };
+            self.push(c, size, io)?;
+        }
+        Ok(())
+    }
+
+    /// Loads LDTR from a new task's TSS (a null selector leaves it unusable).
+    fn load_task_ldt(&mut self, selector: u16, io: &mut dyn IoHandler) -> Step {
+        let err = Some(u32::from(selector & !3));
+        if selector & !3 == 0 {
+            self.cpu.ldtr = Segment {
+                selector,
+                access: 0x02,
+                ..Segment::default()
+            };
+            return Ok(());
+        }
+        if selector & 4 != 0 {
+            return Err(Fault::Exception(TS, err));
+        }
+        let seg = Segment::from_descriptor(selector, self.descriptor(selector, io)?);
+        if seg.access & 0x1F != 0x02 {
+            return Err(Fault::Exception(TS, err));
+        }
+        if !seg.present() {
+            return Err(Fault::Exception(TS, err));
+        }
+        self.cpu.ldtr = seg;
+        Ok(())
     }
 
     /// Whether the current task may access `size` ports at `port`: always at CPL <= IOPL outside
