@@ -195,8 +195,8 @@ pub enum NativeError {
         #[source]
         source: io::Error,
     },
-    /// The child could not set up its fault handling.
-    #[error("the sandbox could not install its fault handler ({what}): {source}")]
+    /// The child could not set up its fault handling or its system-call filter.
+    #[error("the sandbox could not install its fault handling ({what}): {source}")]
     SignalSetup {
         /// Which call.
         what: &'static str,
@@ -214,6 +214,10 @@ pub enum NativeError {
         /// RIP at the fault.
         rip: u64,
     },
+    /// The snippet made a system call (`int 0x80`, `syscall`, `sysenter`); the sandbox allows
+    /// none, so the child was killed.
+    #[error("the snippet made a system call, which the sandbox forbids (the child was killed)")]
+    SystemCall,
     /// The child ended without a report.
     #[error("the sandbox child died unexpectedly: {0}")]
     ChildDied(String),
@@ -239,6 +243,7 @@ const STAGE_ALT_STACK: u32 = 5;
 const STAGE_SIGALTSTACK: u32 = 6;
 const STAGE_SIGACTION: u32 = 7;
 const STAGE_SIGMASK: u32 = 8;
+const STAGE_SECCOMP: u32 = 9;
 
 /// The report page's header, written by the child, read by the parent after the child exits.
 /// The data buffer's final contents follow it at [`REPORT_DATA`].
@@ -406,6 +411,9 @@ fn run_in(
             })
         }
         STATE_SETUP_FAILED => Err(setup_error(r.stage, r.errno)),
+        STATE_NONE if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS => {
+            Err(NativeError::SystemCall)
+        }
         STATE_NONE => Err(NativeError::ChildDied(describe_status(status))),
         other => Err(NativeError::ChildDied(format!(
             "it left an unknown report state {other}; {}",
@@ -476,6 +484,10 @@ fn setup_error(stage: u32, errno: i32) -> NativeError {
         },
         STAGE_SIGMASK => NativeError::SignalSetup {
             what: "sigprocmask",
+            source: io::Error::from_raw_os_error(errno),
+        },
+        STAGE_SECCOMP => NativeError::SignalSetup {
+            what: "the seccomp filter that forbids system calls",
             source: io::Error::from_raw_os_error(errno),
         },
         other => NativeError::ChildDied(format!("it reported an unknown setup stage {other}")),
@@ -760,6 +772,7 @@ fn child_main(plan: &Plan) -> ! {
     REPORT.store(report, Ordering::Relaxed);
     DATA_LEN.store(plan.data.len(), Ordering::Relaxed);
     install_handlers().unwrap_or_else(|stage| fail(stage));
+    forbid_system_calls().unwrap_or_else(|stage| fail(stage));
 
     // SAFETY: ENTRY64 holds the entry stub assembled by `entry64`, mapped executable above. It
     // follows the C ABI as seen from here: it saves RBX, RBP, R12-R15 and RSP, and the return stub
@@ -839,6 +852,59 @@ unsafe fn copy_data_out(report: *mut Report) {
             )
         };
     }
+}
+
+/// From here on, allows the child no system call but `exit` and `exit_group` (a seccomp filter):
+/// a snippet reaching `int 0x80`, `syscall` or `sysenter` gets the child killed (SIGSYS) instead
+/// of acting on the host. Returns the failing stage on error.
+fn forbid_system_calls() -> Result<(), u32> {
+    /// `AUDIT_ARCH_X86_64` (include/uapi/linux/audit.h): the 64-bit system call ABI. The 32-bit
+    /// one (`int 0x80` from compatibility mode) has another value and is refused with the rest.
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    // Offsets in `struct seccomp_data`: nr at 0, arch at 4. Jumps count from the next statement.
+    let mut filter = [
+        stmt(load, 4),
+        jeq(AUDIT_ARCH_X86_64, 0, 3), // another ABI: kill
+        stmt(load, 0),
+        jeq(libc::SYS_exit as u32, 2, 0),
+        jeq(libc::SYS_exit_group as u32, 1, 0),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers; it only restricts this process.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(STAGE_SECCOMP);
+    }
+    // SAFETY: `prog` points at `filter`, both alive for the call (the kernel copies the filter);
+    // the filter only restricts this process.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+            &prog as *const libc::sock_fprog,
+        )
+    } != 0
+    {
+        return Err(STAGE_SECCOMP);
+    }
+    Ok(())
 }
 
 /// Installs [`on_fault`] for the signals a snippet can raise, on an alternate stack, with those
@@ -1113,6 +1179,19 @@ mod tests {
         let code = asm(|a| a.nop());
         let r = run_in(&code, [0; 8], 0, &[], USER_DS);
         assert!(matches!(r, Err(NativeError::NoCompatMode { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn a_system_call_kills_the_sandbox_instead_of_reaching_the_host() {
+        // getpid through the 32-bit system call gate.
+        let code = asm(|a| {
+            a.mov(eax, 20u32)?;
+            a.int(0x80)
+        });
+        match run_native(&code, [0; 8], 0, &[]) {
+            Err(NativeError::NoCompatMode { .. }) => {}
+            other => assert!(matches!(other, Err(NativeError::SystemCall)), "{other:?}"),
+        }
     }
 
     #[test]
