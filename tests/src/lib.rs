@@ -1,6 +1,8 @@
-//! bt86's workspace-level test support: the guest test-kernel kit, its catalog of kernels, and
-//! runners for bt86 itself and for the QEMU reference.
+//! bt86's workspace-level test support: the guest test-kernel kit, its catalog of kernels,
+//! runners for bt86 itself and for the QEMU reference, and the native oracle that checks the
+//! interpreter against the host CPU.
 
 pub mod kernels;
 pub mod kit;
+pub mod oracle;
 pub mod runner;
