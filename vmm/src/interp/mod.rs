@@ -135,7 +135,8 @@ pub struct Interp {
     memory: Arc<GuestMemory>,
     instructions: u64,
     exceptions: u64,
-    first_exception: Option<u8>,
+    /// The first exception or software interrupt, with the EIP its handler would return to.
+    first_event: Option<(u8, u32)>,
     started: std::time::Instant,
     tsc_offset: u64,
     tlb: RefCell<Tlb>,
@@ -205,7 +206,7 @@ impl Interp {
             memory,
             instructions: 0,
             exceptions: 0,
-            first_exception: None,
+            first_event: None,
             started: std::time::Instant::now(),
             tsc_offset: 0,
             tlb: RefCell::default(),
@@ -301,8 +302,11 @@ impl Interp {
     }
 
     /// The first exception raised since the interpreter was created, if any.
-    pub fn first_exception(&self) -> Option<u8> {
-        self.first_exception
+    /// The first exception or software interrupt raised since the interpreter was created,
+    /// with the EIP its handler would see (the faulting instruction for faults, the next one
+    /// for traps and INT n).
+    pub fn first_event(&self) -> Option<(u8, u32)> {
+        self.first_event
     }
 
     /// Guest instructions executed and exceptions raised (delivery attempts) so far.
@@ -384,7 +388,7 @@ impl Interp {
         io: &mut dyn IoHandler,
     ) -> Result<Option<VmExit>, InterpError> {
         let (mut v, mut code) = (v, code);
-        self.first_exception.get_or_insert(v);
+        self.first_event.get_or_insert((v, self.cpu.eip));
         loop {
             self.exceptions += 1;
             match self.deliver(v, code, None, io) {
@@ -1378,6 +1382,7 @@ impl Interp {
                 if fl & flags::VM != 0 && ins.mnemonic() == M::Int && self.cpu.iopl() < 3 {
                     return gp0();
                 }
+                self.first_event.get_or_insert((v, next));
                 self.deliver(v, None, Some(next), io)?;
                 self.trap_suppressed = true;
                 return Ok(None);

@@ -241,12 +241,15 @@ impl Interp {
         let dest = self.read_op(ins, 0, io)?;
         let src = self.read_op(ins, 1, io)?;
         let (sum, f) = alu::add(dest, src, false, size * 8, self.cpu.eflags);
-        self.write_op(ins, 0, sum, io)?;
-        // The source register takes the old destination (after the sum, so XADD r, r works).
+        // SRC <- DEST, then DEST <- sum (SDM order: with the same register twice, the sum
+        // wins). A memory destination is written first so a fault changes no register.
         let r = ins.op1_register();
-        self.set_reg(r, dest);
-        if ins.op0_kind() == OpKind::Register && ins.op0_register() != r {
-            self.set_reg(ins.op0_register(), sum);
+        if ins.op0_kind() == OpKind::Memory {
+            self.write_op(ins, 0, sum, io)?;
+            self.set_reg(r, dest);
+        } else {
+            self.set_reg(r, dest);
+            self.write_op(ins, 0, sum, io)?;
         }
         self.cpu.eflags = f;
         Ok(())

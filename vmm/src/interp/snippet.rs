@@ -113,7 +113,7 @@ pub fn run(
                 break SnippetEnd::Exception(13);
             }
             VmExit::Shutdown => {
-                break SnippetEnd::Exception(interp.first_exception().unwrap_or(8));
+                break SnippetEnd::Exception(interp.first_event().map_or(8, |(v, _)| v));
             }
         }
         if interp.instructions > MAX_INSTRUCTIONS {
@@ -123,10 +123,12 @@ pub fn run(
     let mut out = vec![0u8; data.len()];
     mem.read(u64::from(DATA_ADDR), &mut out).expect("in RAM");
     let cpu = interp.cpu();
-    let eip = if end == SnippetEnd::Completed {
-        end_eip
-    } else {
-        cpu.eip
+    // After an exception, the EIP its handler would see: the faulting instruction for a fault,
+    // the next one for a trap or INT n (what the host CPU reports too).
+    let eip = match (end, interp.first_event()) {
+        (SnippetEnd::Completed, _) => end_eip,
+        (SnippetEnd::Exception(_), Some((_, eip))) => eip,
+        _ => cpu.eip,
     };
     Ok(SnippetResult {
         gpr: cpu.gpr,
