@@ -4,6 +4,8 @@
 pub mod acpi_pm;
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod pic;
+pub mod pit;
 pub mod serial;
 
 use std::sync::Arc;
