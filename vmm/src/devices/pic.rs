@@ -53,10 +53,6 @@ impl Chip {
         (0..8).map(move |i| (first + i) & 7)
     }
 
-    fn priority_of(&self, irq: u8) -> u8 {
-        (irq.wrapping_sub(self.lowest + 1)) & 7
-    }
-
     /// The IRQ this chip would present now, if any.
     fn pending(&self) -> Option<u8> {
         let requests = self.irr & !self.imr;
