@@ -583,6 +583,30 @@ pub struct Options {
     pub shrink_budget: usize,
 }
 
+/// How many example mismatches a [`Report`] keeps per class (the rest are only counted, so a
+/// long run with a frequent mismatch stays small: every case forks the process).
+pub const EXAMPLES_PER_CLASS: usize = 3;
+/// How many error messages a [`Report`] keeps.
+pub const ERRORS_KEPT: usize = 100;
+
+/// The mismatches with one [`Mismatch::signature`]: most likely one bug.
+#[derive(Debug, Clone, Default)]
+pub struct MismatchClass {
+    /// How many cases fell in it.
+    pub count: u64,
+    /// The first [`EXAMPLES_PER_CLASS`] of them, by case index.
+    pub examples: Vec<Mismatch>,
+}
+
+impl MismatchClass {
+    fn absorb(&mut self, count: u64, examples: Vec<Mismatch>) {
+        self.count += count;
+        self.examples.extend(examples);
+        self.examples.sort_by_key(|m| m.case.index);
+        self.examples.truncate(EXAMPLES_PER_CLASS);
+    }
+}
+
 /// The result of [`run`].
 #[derive(Debug, Clone, Default)]
 pub struct Report {
@@ -594,10 +618,14 @@ pub struct Report {
     pub faulted: u64,
     /// Cases the interpreter could not run (an instruction not implemented).
     pub unsupported: u64,
-    /// Every mismatch, by case index.
-    pub mismatches: Vec<Mismatch>,
+    /// Cases where they disagreed.
+    pub mismatches: u64,
+    /// The mismatches by signature.
+    pub classes: BTreeMap<String, MismatchClass>,
     /// Cases that could not be built or run natively (generator or sandbox bugs).
-    pub errors: Vec<String>,
+    pub errors: u64,
+    /// The first [`ERRORS_KEPT`] error messages.
+    pub error_messages: Vec<String>,
     /// The coverage report.
     pub coverage: Coverage,
 }
@@ -608,24 +636,43 @@ impl Report {
         self.matched += o.matched;
         self.faulted += o.faulted;
         self.unsupported += o.unsupported;
-        self.mismatches.extend(o.mismatches);
-        self.errors.extend(o.errors);
+        self.mismatches += o.mismatches;
+        for (sig, c) in o.classes {
+            self.classes
+                .entry(sig)
+                .or_default()
+                .absorb(c.count, c.examples);
+        }
+        self.errors += o.errors;
+        self.error_messages.extend(o.error_messages);
+        self.error_messages.truncate(ERRORS_KEPT);
         self.coverage.merge(o.coverage);
+    }
+
+    fn add_mismatch(&mut self, m: Mismatch) {
+        self.mismatches += 1;
+        self.classes
+            .entry(m.signature())
+            .or_default()
+            .absorb(1, vec![m]);
+    }
+
+    fn add_error(&mut self, e: String) {
+        self.errors += 1;
+        if self.error_messages.len() < ERRORS_KEPT {
+            self.error_messages.push(e);
+        }
     }
 
     /// Whether anything went wrong (a mismatch or an error).
     pub fn failed(&self) -> bool {
-        !self.mismatches.is_empty() || !self.errors.is_empty()
+        self.mismatches > 0 || self.errors > 0
     }
 
-    /// The mismatches grouped by [`Mismatch::signature`], most frequent first.
-    pub fn classes(&self) -> Vec<(String, Vec<&Mismatch>)> {
-        let mut by: BTreeMap<String, Vec<&Mismatch>> = BTreeMap::new();
-        for m in &self.mismatches {
-            by.entry(m.signature()).or_default().push(m);
-        }
-        let mut v: Vec<(String, Vec<&Mismatch>)> = by.into_iter().collect();
-        v.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
+    /// The classes of mismatch, most frequent first.
+    pub fn classes_by_count(&self) -> Vec<(&String, &MismatchClass)> {
+        let mut v: Vec<(&String, &MismatchClass)> = self.classes.iter().collect();
+        v.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0)));
         v
     }
 
@@ -633,14 +680,40 @@ impl Report {
     pub fn summary(&self) -> String {
         format!(
             "{} cases: {} matched ({} of them ending in the same exception), {} not runnable by \
-             the interpreter (not implemented), {} mismatches, {} errors",
+             the interpreter (not implemented), {} mismatches in {} classes, {} errors",
             self.cases,
             self.matched,
             self.faulted,
             self.unsupported,
-            self.mismatches.len(),
-            self.errors.len()
+            self.mismatches,
+            self.classes.len(),
+            self.errors
         )
+    }
+
+    /// The classes of mismatch (one example each) and the errors, for printing.
+    pub fn details(&self, classes: usize) -> String {
+        let mut out = String::new();
+        let all = self.classes_by_count();
+        for (sig, c) in all.iter().take(classes) {
+            out.push_str(&format!(
+                "{} mismatch(es) of the shape [{sig}]; the first:\n",
+                c.count
+            ));
+            if let Some(m) = c.examples.first() {
+                out.push_str(&format!("{m}\n"));
+            }
+        }
+        if all.len() > classes {
+            out.push_str(&format!(
+                "... and {} more classes of mismatch\n",
+                all.len() - classes
+            ));
+        }
+        for e in &self.error_messages {
+            out.push_str(&format!("ERROR: {e}\n"));
+        }
+        out
     }
 }
 
@@ -671,10 +744,9 @@ pub fn run(opts: &Options) -> Result<Report, NativeError> {
             .into_iter()
             .map(|w| {
                 w.join().unwrap_or_else(|_| {
-                    Ok(Report {
-                        errors: vec!["a worker thread panicked".into()],
-                        ..Report::default()
-                    })
+                    let mut r = Report::default();
+                    r.add_error("a worker thread panicked".into());
+                    Ok(r)
                 })
             })
             .collect()
@@ -683,7 +755,6 @@ pub fn run(opts: &Options) -> Result<Report, NativeError> {
     for p in parts {
         report.merge(p?);
     }
-    report.mismatches.sort_by_key(|m| m.case.index);
     Ok(report)
 }
 
@@ -692,13 +763,12 @@ fn run_one(opts: &Options, index: u64, rep: &mut Report) -> Result<(), NativeErr
     let case = match Case::generate(opts.seed, index) {
         Ok(c) => c,
         Err(e) => {
-            rep.errors
-                .push(format!("seed {} case {index}: {e}", opts.seed));
+            rep.add_error(format!("seed {} case {index}: {e}", opts.seed));
             return Ok(());
         }
     };
     if let Some(i) = case.analysis.bad_read {
-        rep.errors.push(format!(
+        rep.add_error(format!(
             "seed {} case {index}: the generator let instruction {i} read an undefined flag:\n{}",
             opts.seed,
             case.disassembly()
@@ -732,10 +802,10 @@ fn run_one(opts: &Options, index: u64, rep: &mut Report) -> Result<(), NativeErr
             } else {
                 *m
             };
-            rep.mismatches.push(m);
+            rep.add_mismatch(m);
         }
         Err(e @ NativeError::NoCompatMode { .. }) => return Err(e),
-        Err(e) => rep.errors.push(format!(
+        Err(e) => rep.add_error(format!(
             "seed {} case {index}: native run failed: {e}",
             opts.seed
         )),

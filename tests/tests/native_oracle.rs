@@ -30,16 +30,7 @@ fn the_interpreter_matches_the_host_cpu_on_generated_sequences() {
         Err(e) => panic!("the native oracle cannot run: {e}"),
     };
     print!("{}", report.coverage);
-    let classes = report.classes();
-    for (sig, ms) in &classes {
-        println!("{} mismatch(es) of the shape [{sig}]; the first:", ms.len());
-        if let Some(m) = ms.first() {
-            println!("{m}");
-        }
-    }
-    for e in &report.errors {
-        println!("ERROR: {e}");
-    }
+    print!("{}", report.details(usize::MAX));
     println!("seed {SEED:#x}: {}", report.summary());
     assert_eq!(report.cases, CASES);
     assert!(
@@ -48,14 +39,13 @@ fn the_interpreter_matches_the_host_cpu_on_generated_sequences() {
     );
     assert!(
         !report.failed(),
-        "{} mismatches in {} classes and {} errors between the interpreter and the host CPU \
-         (details above): {}",
-        report.mismatches.len(),
-        classes.len(),
-        report.errors.len(),
-        classes
+        "{} mismatches and {} errors between the interpreter and the host CPU (details above): {}",
+        report.mismatches,
+        report.errors,
+        report
+            .classes_by_count()
             .iter()
-            .map(|(sig, ms)| format!("[{sig}] x{}", ms.len()))
+            .map(|(sig, c)| format!("[{sig}] x{}", c.count))
             .collect::<Vec<_>>()
             .join(", ")
     );

@@ -64,29 +64,13 @@ fn main() -> anyhow::Result<ExitCode> {
     let elapsed = start.elapsed();
     print!("{}", report.coverage);
     // One example of each class of mismatch (the same shrunk shape), most frequent first.
-    let classes = report.classes();
-    for (sig, ms) in classes.iter().take(show) {
-        println!("{} mismatch(es) of the shape [{sig}]; the first:", ms.len());
-        if let Some(m) = ms.first() {
-            println!("{m}");
-        }
-    }
-    if classes.len() > show {
-        println!(
-            "... and {} more classes of mismatch (--show N to see them)",
-            classes.len() - show
-        );
-    }
-    for e in report.errors.iter().take(show) {
-        println!("ERROR: {e}");
-    }
+    print!("{}", report.details(show));
     println!(
-        "seed {} cases {}..{}: {} ({} classes) in {:.1} s on {} threads",
+        "seed {} cases {}..{}: {} in {:.1} s on {} threads",
         opts.seed,
         opts.first,
         opts.first + opts.count,
         report.summary(),
-        classes.len(),
         elapsed.as_secs_f64(),
         opts.threads
     );
