@@ -922,7 +922,30 @@ impl Builder<'_> {
     }
 
     fn lea(&mut self) -> Result<(), GenError> {
-        // LEA touches no memory: any registers, any scale, any displacement.
+        // LEA touches no memory: any registers, any scale, any displacement, and 16-bit
+        // addressing too ([BX/BP + SI/DI + disp16], wrapping at 64 KiB).
+        if self.rng.chance(20) {
+            let base = self.rng.below(3);
+            let index = self.rng.below(3);
+            let disp = self.rng.value() as u16 as i16 as i32;
+            let b = [Some(bx), Some(bp), None][base as usize];
+            let i = [Some(si), Some(di), None][index as usize];
+            let m = match (b, i) {
+                (Some(b), Some(i)) => b + i,
+                (Some(r), None) | (None, Some(r)) => AsmMemoryOperand::from(r),
+                (None, None) => AsmMemoryOperand::from(0u16),
+            } + disp;
+            let size = self.size16_32();
+            let x = self.reg(size, true);
+            return self.emit(&move |a| {
+                match x {
+                    Op::R16(d) => a.lea(d, word_ptr(m))?,
+                    Op::R32(d) => a.lea(d, word_ptr(m))?,
+                    _ => return Err(GenError::Operands("lea")),
+                }
+                Ok(())
+            });
+        }
         let base = self.rng.below(9) as usize;
         let index = self.rng.below(9) as usize;
         let scale = self.rng.pick(&[1u32, 2, 4, 8]);
@@ -1256,13 +1279,13 @@ impl Builder<'_> {
         })
     }
 
-    /// INTO (a #OF trap when OF = 1) and, rarely, INT3 (a #BP trap): both end the run with
-    /// EIP after the instruction.
+    /// INTO (a #OF trap when OF = 1) and, rarely, INT3 (a #BP trap, EIP after it) and UD2
+    /// (#UD, EIP on it).
     fn software_exception(&mut self) -> Result<(), GenError> {
-        if self.rng.chance(80) {
-            self.emit(&|a| Ok(a.into()?))
-        } else {
-            self.emit(&|a| Ok(a.int3()?))
+        match self.rng.below(10) {
+            0..8 => self.emit(&|a| Ok(a.into()?)),
+            8 => self.emit(&|a| Ok(a.int3()?)),
+            _ => self.emit(&|a| Ok(a.ud2()?)),
         }
     }
 
@@ -1304,6 +1327,8 @@ impl Builder<'_> {
                     1 => a.loopne(l)?,
                     _ => a.jecxz(l)?,
                 },
+                // (Not JCXZ: iced's CodeAssembler emits it with an operand-size prefix, which
+                // truncates the target to 16 bits, far outside the code.)
                 _ => a.jecxz(l)?,
             }
             Ok(())
