@@ -83,6 +83,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "timer",
+        about: "programs the PICs and the PIT at 100 Hz, sleeps in HLT until 10 timer interrupts arrived",
+        build: timer,
+        firmware: false,
+    },
+    Entry {
         name: "triple-fault",
         about: "loads an empty IDT and executes UD2: #UD -> #GP -> #DF -> triple fault",
         build: triple_fault,
@@ -1318,6 +1324,70 @@ pub fn tasks() -> AsmResult<Vec<u8>> {
     k.asm().and(eax, 8u32)?;
     k.print_field("cr0.ts", eax)?;
     k.exit(0x18)?;
+    k.build()
+}
+
+/// Takes timer interrupts while halted: the PICs remapped to 0x20/0x28 with only IRQ 0
+/// unmasked, the PIT's channel 0 in mode 2 at 100 Hz, and an `sti; hlt` loop until the
+/// handler has counted 10 ticks. Exits with value 0x19.
+pub fn timer() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    let idt = k.data(&[0u8; 256 * 8]);
+    let mut idtr = 2047u16.to_le_bytes().to_vec();
+    idtr.extend_from_slice(&idt.to_le_bytes());
+    let idtr = k.data(&idtr);
+    let ticks = k.data(&[0; 4]);
+    handler_address(&mut k, |k| {
+        k.asm().push(eax)?;
+        k.asm().inc(dword_ptr(ticks))?;
+        k.asm().mov(al, 0x20u32)?;
+        k.asm().out(0x20, al)?; // non-specific EOI
+        k.asm().pop(eax)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 0x20, 0x8E)?;
+    k.asm().lidt(ptr(idtr))?;
+    let outb = |k: &mut Kit, port: u32, v: u32| -> AsmResult {
+        k.asm().mov(al, v)?;
+        Ok(k.asm().out(port, al)?)
+    };
+    for (port, v) in [
+        (0x20u32, 0x11u32),
+        (0x21, 0x20),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0xA0, 0x11),
+        (0xA1, 0x28),
+        (0xA1, 0x02),
+        (0xA1, 0x01),
+        (0x21, 0xFE),
+        (0xA1, 0xFF),
+        (0x43, 0x34),
+        (0x40, 11932 & 0xFF),
+        (0x40, 11932 >> 8),
+    ] {
+        outb(&mut k, port, v)?;
+    }
+    k.asm().sti()?;
+    let mut again = k.asm().create_label();
+    k.asm().set_label(&mut again)?;
+    k.asm().hlt()?;
+    k.asm().cmp(dword_ptr(ticks), 10u32)?;
+    k.asm().jb(again)?;
+    k.asm().cli()?;
+    k.print("ten timer interrupts taken while halted\n")?;
+    outb(&mut k, 0x20, 0x0B)?; // OCW3: read ISR
+    k.asm().xor(eax, eax)?;
+    k.asm().in_(al, 0x20)?;
+    k.print_field("master.isr", eax)?;
+    k.asm().in_(al, 0x21)?;
+    k.print_field("master.imr", eax)?;
+    outb(&mut k, 0x43, 0xE2)?; // read-back: status of channel 0
+    k.asm().xor(eax, eax)?;
+    k.asm().in_(al, 0x40)?;
+    k.asm().and(eax, 0x3Fu32)?;
+    k.print_field("pit0.status", eax)?;
+    k.exit(0x19)?;
     k.build()
 }
 

@@ -229,3 +229,17 @@ fn interp_traces_each_instruction_with_the_registers_it_changed() {
     );
     assert!(lines.len() > 100, "every instruction is logged");
 }
+
+#[test]
+fn halted_guests_sleep_until_their_timer_interrupts() {
+    let o = run_on("interp", "timer", 256, &["--stats"]);
+    assert_eq!(o.status, Some(0x33), "{}", o.stderr);
+    // The kernel stops after the tenth tick with interrupts off: exactly ten were injected,
+    // each ending a HLT.
+    assert!(
+        o.stderr.contains("interrupts           10 injected"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("halt 10,"), "{}", o.stderr);
+}

@@ -2,8 +2,8 @@
 //! exit status. QEMU (Debian's qemu-system-x86) is installed by scripts/setup.sh.
 
 use bt86_tests::runner::{
-    Guest, Outcome, engines, protected_mode_engines, qemu_binary, run_bt86, run_qemu, skip_if,
-    write_kit_kernel,
+    Guest, Outcome, engines, interrupt_engines, protected_mode_engines, qemu_binary, run_bt86,
+    run_qemu, skip_if, write_kit_kernel,
 };
 
 fn no_qemu() -> Option<String> {
@@ -287,4 +287,25 @@ fn hardware_task_switches_match_qemu() {
     );
     assert!(text.contains("cr0.ts=00000008"), "{text}");
     assert_eq!(ours.status, Some(0x31));
+}
+
+#[test]
+fn timer_interrupts_while_halted_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "timer");
+    let guest = Guest::kernel(dir.path(), &k);
+    let Some((_, ours)) = compare_on("timer", &guest, &interrupt_engines()) else {
+        return;
+    };
+    let text = ours.serial_text();
+    assert!(
+        text.starts_with("ten timer interrupts taken while halted\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("master.isr=00000000"),
+        "every interrupt was EOI'd: {text}"
+    );
+    assert!(text.contains("pit0.status=00000034"), "{text}");
+    assert_eq!(ours.status, Some(0x33));
 }

@@ -203,8 +203,14 @@ fn format_stats(s: &VmStats) -> String {
         s.run_time.as_secs_f64() * 1e3
     );
     out += &format!(
-        "  exits                io {}, halt {}, shutdown {}\n",
-        s.io_exits, s.halt_exits, s.shutdown_exits
+        "  exits                io {}, halt {}, shutdown {}, interrupted {}\n",
+        s.io_exits, s.halt_exits, s.shutdown_exits, s.interrupted_exits
+    );
+    out += &format!(
+        "  interrupts           {} injected, {} timer ticks, {:.3} ms halted\n",
+        s.interrupts_injected,
+        s.timer_ticks,
+        s.halted_time.as_secs_f64() * 1e3
     );
     for (name, value) in &s.engine_counters {
         out += &format!("  {name:<20} {value}\n");

@@ -19,6 +19,9 @@ pub enum VmExit {
     /// The CPU shut down: a triple fault (an exception while delivering a double fault), or a
     /// shutdown cycle. On a PC this resets the machine.
     Shutdown,
+    /// The engine stopped so the VM can service timers and interrupts (it ran its time slice,
+    /// or an interrupt window opened).
+    Interrupted,
 }
 
 /// The platform side of port and MMIO accesses, implemented by the VM's device bus.

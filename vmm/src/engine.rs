@@ -77,6 +77,23 @@ pub trait Engine {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Whether this engine can take interrupts from the VM's interrupt controller.
+    fn supports_interrupts(&self) -> bool {
+        false
+    }
+    /// Whether a maskable interrupt can be delivered now (IF set, no interrupt shadow).
+    fn interrupt_window(&self) -> bool {
+        false
+    }
+    /// Delivers external interrupt `vector`; returns an exit if delivery shut the CPU down.
+    fn inject_interrupt(
+        &mut self,
+        vector: u8,
+        io: &mut dyn IoHandler,
+    ) -> Result<Option<VmExit>, EngineError> {
+        let _ = (vector, io);
+        Ok(None)
+    }
 }
 
 /// Creates the engine `kind` over `memory`, with the vCPU in `initial` state.
@@ -146,5 +163,21 @@ impl Engine for Interp {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Interp::counters(self).to_vec()
+    }
+
+    fn supports_interrupts(&self) -> bool {
+        true
+    }
+
+    fn interrupt_window(&self) -> bool {
+        Interp::interrupt_window(self)
+    }
+
+    fn inject_interrupt(
+        &mut self,
+        vector: u8,
+        io: &mut dyn IoHandler,
+    ) -> Result<Option<VmExit>, EngineError> {
+        Ok(Interp::inject_interrupt(self, vector, io)?)
     }
 }

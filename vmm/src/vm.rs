@@ -2,7 +2,7 @@
 //! run loop that ties them together.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmdriver::kvm::InitialCpu;
@@ -14,6 +14,9 @@ use crate::devices::IrqLine;
 use crate::devices::acpi_pm::{PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS, Pm1aControl};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit};
 use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg};
+use crate::devices::pic::{Pic, PicPortKind, PicPorts};
+use crate::devices::pit::{Clock, HostClock, PIT_PORT, PORT_B, Pit, PitPorts};
+use crate::devices::post::{POST_PORT, PostCode};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, Uart};
 use crate::engine::{self, Engine, EngineError, EngineKind};
 use crate::loader::multiboot::{self, BOOTLOADER_MAGIC, BootModule, MultibootError};
@@ -116,6 +119,14 @@ pub struct VmStats {
     pub engine: Option<EngineKind>,
     /// Exits for completed port/MMIO accesses.
     pub io_exits: u64,
+    /// Returns from the engine to service timers (time slices, interrupt windows).
+    pub interrupted_exits: u64,
+    /// External interrupts injected into the engine.
+    pub interrupts_injected: u64,
+    /// Timer ticks (IRQ 0 edges) the PIT delivered.
+    pub timer_ticks: u64,
+    /// Time the CPU spent halted, waiting for an interrupt.
+    pub halted_time: Duration,
     /// HLT exits.
     pub halt_exits: u64,
     /// Shutdown exits.
@@ -162,9 +173,15 @@ pub struct Vm {
     mmio: Bus,
     control: VmControl,
     irqs: Vec<IrqLine>,
+    pic: Arc<Mutex<Pic>>,
+    pit: Arc<Mutex<Pit>>,
+    clock: Arc<HostClock>,
     engine: Box<dyn Engine>,
     stats: VmStats,
 }
+
+/// The longest a halted CPU sleeps before looking again (keeps stop requests responsive).
+const MAX_IDLE_SLEEP: Duration = Duration::from_millis(50);
 
 impl Vm {
     /// Builds the machine: memory, devices, the boot image, and the engine.
@@ -173,8 +190,37 @@ impl Vm {
         let memory = Arc::new(GuestMemory::new(layout)?);
         let control = VmControl::new();
 
-        let com1_irq = IrqLine::new(COM1_IRQ);
+        let pic = Arc::new(Mutex::new(Pic::new()));
+        let pit = Arc::new(Mutex::new(Pit::new()));
+        let clock = Arc::new(HostClock::new());
+        let com1_irq = IrqLine::wired(COM1_IRQ, pic.clone());
         let mut pio = Bus::new();
+        for (base, kind, name) in [
+            (0x20, PicPortKind::Master, "pic-master"),
+            (0xA0, PicPortKind::Slave, "pic-slave"),
+            (0x4D0, PicPortKind::Elcr, "pic-elcr"),
+        ] {
+            pio.insert(base, 2, name, Box::new(PicPorts::new(pic.clone(), kind)))?;
+        }
+        let clock_dyn: Arc<dyn Clock> = clock.clone();
+        pio.insert(
+            u64::from(PIT_PORT),
+            4,
+            "pit",
+            Box::new(PitPorts::counters(pit.clone(), clock_dyn.clone())),
+        )?;
+        pio.insert(
+            u64::from(PORT_B),
+            1,
+            "port-b",
+            Box::new(PitPorts::port_b(pit.clone(), clock_dyn)),
+        )?;
+        pio.insert(
+            u64::from(POST_PORT),
+            1,
+            "post-code",
+            Box::new(PostCode::default()),
+        )?;
         pio.insert(
             u64::from(COM1_BASE),
             8,
@@ -241,6 +287,9 @@ impl Vm {
             mmio: Bus::new(),
             control,
             irqs: vec![com1_irq],
+            pic,
+            pit,
+            clock,
             engine,
             stats: VmStats::default(),
         })
@@ -276,14 +325,18 @@ impl Vm {
                         None => {}
                     }
                 }
+                VmExit::Interrupted => self.stats.interrupted_exits += 1,
                 VmExit::Halt { interrupts_enabled } => {
                     self.stats.halt_exits += 1;
-                    // There is no interrupt controller yet, so no device can deliver an
-                    // interrupt: a halted CPU stays halted whatever IF says.
-                    return Ok(RunOutcome::Halted {
-                        interrupts_enabled,
-                        regs: self.engine.registers().ok(),
-                    });
+                    let can_wake = interrupts_enabled
+                        && self.engine.supports_interrupts()
+                        && self.wait_for_interrupt();
+                    if !can_wake {
+                        return Ok(RunOutcome::Halted {
+                            interrupts_enabled,
+                            regs: self.engine.registers().ok(),
+                        });
+                    }
                 }
                 VmExit::Shutdown => {
                     self.stats.shutdown_exits += 1;
@@ -292,7 +345,89 @@ impl Vm {
                     });
                 }
             }
+            if let Some(outcome) = self.service_interrupts()? {
+                return Ok(outcome);
+            }
         }
+    }
+
+    /// Advances the timers to now, raising their interrupt lines.
+    fn update_timers(&mut self) {
+        let now = self.clock.now_ns();
+        let fired = self
+            .pit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update(now);
+        if fired {
+            self.stats.timer_ticks += 1;
+            self.pic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pulse_irq(0);
+        }
+    }
+
+    /// Services timers and, when the engine can take one, delivers a pending interrupt.
+    fn service_interrupts(&mut self) -> Result<Option<RunOutcome>, VmError> {
+        if !self.engine.supports_interrupts() {
+            return Ok(None);
+        }
+        self.update_timers();
+        if !self.engine.interrupt_window() {
+            return Ok(None);
+        }
+        let vector = {
+            let mut pic = self.pic.lock().unwrap_or_else(|e| e.into_inner());
+            if !pic.has_interrupt() {
+                return Ok(None);
+            }
+            pic.acknowledge()
+        };
+        self.stats.interrupts_injected += 1;
+        let mut buses = Buses {
+            pio: &mut self.pio,
+            mmio: &mut self.mmio,
+        };
+        match self.engine.inject_interrupt(vector, &mut buses)? {
+            Some(VmExit::Shutdown) => {
+                self.stats.shutdown_exits += 1;
+                Ok(Some(RunOutcome::TripleFault {
+                    regs: self.engine.registers().ok(),
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Sleeps while the CPU is halted, until an interrupt is pending. Returns false if no
+    /// interrupt can ever arrive (no timer armed), so the halt is final.
+    fn wait_for_interrupt(&mut self) -> bool {
+        let started = Instant::now();
+        let woke = loop {
+            self.update_timers();
+            if self
+                .pic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .has_interrupt()
+            {
+                break true;
+            }
+            let deadline = self
+                .pit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .next_deadline();
+            let Some(deadline) = deadline else {
+                break false;
+            };
+            let now = self.clock.now_ns();
+            let wait = Duration::from_nanos(deadline.saturating_sub(now)).min(MAX_IDLE_SLEEP);
+            std::thread::sleep(wait);
+        };
+        self.stats.halted_time += started.elapsed();
+        woke
     }
 
     /// Counters for the run so far.

@@ -6,27 +6,38 @@ pub mod debug_exit;
 pub mod fw_cfg;
 pub mod pic;
 pub mod pit;
+pub mod post;
 pub mod serial;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// An interrupt request line a device can raise.
-///
-/// bt86 has no interrupt controller yet: the line counts how often it was raised, so `--stats`
-/// can show it, and the PIC will read it when it arrives.
+use pic::Pic;
+
+/// An ISA interrupt request line a device can raise: wired to the PIC, and counted for
+/// `--stats`.
 #[derive(Debug, Clone, Default)]
 pub struct IrqLine {
     irq: u8,
     raised: Arc<AtomicU64>,
+    pic: Option<Arc<Mutex<Pic>>>,
 }
 
 impl IrqLine {
-    /// The line for ISA IRQ `irq`.
+    /// The line for ISA IRQ `irq`, connected to nothing (it only counts).
     pub fn new(irq: u8) -> Self {
         Self {
             irq,
             raised: Arc::default(),
+            pic: None,
+        }
+    }
+
+    /// The line for ISA IRQ `irq`, wired to `pic`.
+    pub fn wired(irq: u8, pic: Arc<Mutex<Pic>>) -> Self {
+        Self {
+            pic: Some(pic),
+            ..Self::new(irq)
         }
     }
 
@@ -38,6 +49,11 @@ impl IrqLine {
     /// Raises the line (an edge).
     pub fn raise(&self) {
         self.raised.fetch_add(1, Ordering::Relaxed);
+        if let Some(pic) = &self.pic {
+            pic.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pulse_irq(self.irq);
+        }
     }
 
     /// How many times the line was raised.

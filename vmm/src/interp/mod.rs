@@ -95,6 +95,17 @@ fn double_fault(first: u8, second: u8) -> bool {
         || (first == vector::PF && (contributory(second) || second == vector::PF))
 }
 
+/// What raised an interrupt being delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// A processor exception (faults push RF=1).
+    Exception,
+    /// INT n, INT3, INTO or INT1, returning to the given EIP (checked against the gate's DPL).
+    Software(u32),
+    /// A maskable interrupt from the interrupt controller.
+    External,
+}
+
 /// One cached translation of a 4 KiB linear page.
 #[derive(Debug, Clone, Copy)]
 struct TlbEntry {
@@ -112,6 +123,10 @@ struct Tlb {
     /// Whether any entry came from a large page (INVLPG must then flush more than one page).
     has_large: bool,
 }
+
+/// Instructions between returns to the VM's run loop (timers and interrupts are serviced
+/// there): about a third of a millisecond at the interpreter's speed.
+const YIELD_INSTRUCTIONS: u64 = 4096;
 
 /// Entries kept before the TLB is emptied (guests never rely on capacity).
 const TLB_CAPACITY: usize = 8192;
@@ -141,6 +156,8 @@ pub struct Interp {
     tsc_offset: u64,
     tlb: RefCell<Tlb>,
     pdptes: [u64; 4],
+    /// External interrupts delivered.
+    interrupts: u64,
     trace: Option<Tracer>,
     /// The one-instruction shadow after MOV SS, POP SS and STI.
     shadow: Shadow,
@@ -211,6 +228,7 @@ impl Interp {
             tsc_offset: 0,
             tlb: RefCell::default(),
             pdptes: [0; 4],
+            interrupts: 0,
             trace: None,
             shadow: Shadow::default(),
             trap_suppressed: false,
@@ -296,6 +314,33 @@ impl Interp {
         }
     }
 
+    /// Whether a maskable interrupt can be taken now: IF set and no STI/MOV SS shadow.
+    pub fn interrupt_window(&self) -> bool {
+        self.cpu.eflags & flags::IF != 0 && !self.shadow.interrupts
+    }
+
+    /// Delivers external interrupt `vector` (from the interrupt controller) at the current
+    /// instruction boundary. Returns a VM exit if delivery ended in a shutdown.
+    pub fn inject_interrupt(
+        &mut self,
+        vector: u8,
+        io: &mut dyn IoHandler,
+    ) -> Result<Option<VmExit>, InterpError> {
+        self.interrupts += 1;
+        match self.deliver(vector, None, Event::External, io) {
+            Ok(()) => Ok(None),
+            Err(Fault::Unsupported(what)) => Err(InterpError::Unsupported {
+                what,
+                regs: self.registers(),
+            }),
+            Err(Fault::Exception(v, code)) => self.raise(v, code, io),
+            Err(Fault::Page { linear, error }) => {
+                self.cpu.cr2 = linear;
+                self.raise(vector::PF, Some(error), io)
+            }
+        }
+    }
+
     /// The CPU state, for setting up tests and snippets.
     pub fn cpu_mut(&mut self) -> &mut CpuState {
         &mut self.cpu
@@ -309,11 +354,13 @@ impl Interp {
         self.first_event
     }
 
-    /// Guest instructions executed and exceptions raised (delivery attempts) so far.
-    pub fn counters(&self) -> [(&'static str, u64); 2] {
+    /// Guest instructions executed, exceptions raised (delivery attempts) and external
+    /// interrupts delivered so far.
+    pub fn counters(&self) -> [(&'static str, u64); 3] {
         [
             ("guest instructions", self.instructions),
             ("exceptions raised", self.exceptions),
+            ("interrupts delivered", self.interrupts),
         ]
     }
 
@@ -355,6 +402,10 @@ impl Interp {
                     if let Some(exit) = exit {
                         return Ok(exit);
                     }
+                    // Let the VM look at its timers now and then, even in a busy loop.
+                    if self.instructions.is_multiple_of(YIELD_INSTRUCTIONS) {
+                        return Ok(VmExit::Interrupted);
+                    }
                 }
                 Err(Fault::Exception(v, code)) => {
                     self.cpu.eip = start_eip;
@@ -391,7 +442,7 @@ impl Interp {
         self.first_event.get_or_insert((v, self.cpu.eip));
         loop {
             self.exceptions += 1;
-            match self.deliver(v, code, None, io) {
+            match self.deliver(v, code, Event::Exception, io) {
                 Ok(()) => return Ok(None),
                 Err(Fault::Unsupported(what)) => {
                     return Err(InterpError::Unsupported {
@@ -863,15 +914,13 @@ impl Interp {
     }
 
     /// Delivers interrupt or exception `v` through the IVT (real mode) or IDT (protected mode).
-    /// `next_eip` is Some for software interrupts (the return address).
-    fn deliver(
-        &mut self,
-        v: u8,
-        code: Option<u32>,
-        next_eip: Option<u32>,
-        io: &mut dyn IoHandler,
-    ) -> Step {
-        let ret = next_eip.unwrap_or(self.cpu.eip);
+    /// `event` says what raised it (and, for INT n, the return address).
+    fn deliver(&mut self, v: u8, code: Option<u32>, event: Event, io: &mut dyn IoHandler) -> Step {
+        let software = matches!(event, Event::Software(_));
+        let ret = match event {
+            Event::Software(next) => next,
+            _ => self.cpu.eip,
+        };
         if !self.cpu.protected() {
             let entry = u32::from(v) * 4;
             if entry + 3 > u32::from(self.cpu.idtr.limit) {
@@ -889,7 +938,7 @@ impl Interp {
             self.cpu.eip = u32::from(u16::from_le_bytes([e[0], e[1]]));
             return Ok(());
         }
-        let ext = u32::from(next_eip.is_none());
+        let ext = u32::from(!software);
         let idt_err = Some(u32::from(v) * 8 + 2 + ext);
         let entry = u32::from(v) * 8;
         if entry + 7 > u32::from(self.cpu.idtr.limit) {
@@ -905,7 +954,7 @@ impl Interp {
             0x0E => false,
             0x0F => true,
             0x05 => {
-                if next_eip.is_some() && gate_dpl < self.cpu.cpl() {
+                if software && gate_dpl < self.cpu.cpl() {
                     return Err(Fault::Exception(vector::GP, idt_err));
                 }
                 if !present {
@@ -917,7 +966,7 @@ impl Interp {
             0x06 | 0x07 => return unsupported("a 16-bit interrupt gate"),
             _ => return Err(Fault::Exception(vector::GP, idt_err)),
         };
-        if next_eip.is_some() && gate_dpl < self.cpu.cpl() {
+        if software && gate_dpl < self.cpu.cpl() {
             return Err(Fault::Exception(vector::GP, idt_err));
         }
         if !present {
@@ -939,7 +988,7 @@ impl Interp {
         if !target.present() {
             return Err(Fault::Exception(vector::NP, Some(u32::from(selector & !3))));
         }
-        let eflags = if next_eip.is_none() && fault_class(v) {
+        let eflags = if event == Event::Exception && fault_class(v) {
             self.cpu.eflags | flags::RF
         } else {
             self.cpu.eflags & !flags::RF
@@ -1383,7 +1432,7 @@ impl Interp {
                     return gp0();
                 }
                 self.first_event.get_or_insert((v, next));
-                self.deliver(v, None, Some(next), io)?;
+                self.deliver(v, None, Event::Software(next), io)?;
                 self.trap_suppressed = true;
                 return Ok(None);
             }
@@ -1473,7 +1522,7 @@ impl Interp {
             M::Bound => self.bound(ins, io)?,
             M::Pause | M::Wait => {}
             M::Int1 => {
-                self.deliver(1, None, Some(next), io)?;
+                self.deliver(1, None, Event::Software(next), io)?;
                 return Ok(None);
             }
             m => {
@@ -1839,7 +1888,11 @@ mod tests {
     /// Runs until the guest writes port 0xF4; returns the values it wrote to port 0x80.
     fn run_to_exit(interp: &mut Interp, ports: &mut Ports) -> Vec<u32> {
         for _ in 0..1000 {
-            assert_eq!(interp.run(ports), Ok(VmExit::Io));
+            let exit = interp.run(ports);
+            assert!(
+                matches!(exit, Ok(VmExit::Io | VmExit::Interrupted)),
+                "{exit:?}"
+            );
             if ports.0.iter().any(|(p, _)| *p == 0xF4) {
                 return ports
                     .0

@@ -106,7 +106,7 @@ pub fn run(
     let end_eip = CODE_ADDR + code.len() as u32;
     let end = loop {
         match interp.run(&mut NoDevices)? {
-            VmExit::Io => {}
+            VmExit::Io | VmExit::Interrupted => {}
             VmExit::Halt { .. } if interp.cpu.eip == end_eip + 1 => break SnippetEnd::Completed,
             VmExit::Halt { .. } => {
                 // A HLT inside the snippet: privileged for user code, so treat as #GP.
