@@ -14,7 +14,7 @@ pub mod snippet;
 pub mod system;
 mod transfer;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -163,6 +163,8 @@ pub struct Interp {
     shadow: Shadow,
     /// Set by an instruction that must not be followed by a single-step trap.
     trap_suppressed: bool,
+    /// Data breakpoints (DR0-DR3, as DR6 B bits) the current instruction has hit.
+    data_hits: Cell<u32>,
 }
 
 /// What the instruction just executed holds off until after the next one.
@@ -232,6 +234,7 @@ impl Interp {
             trace: None,
             shadow: Shadow::default(),
             trap_suppressed: false,
+            data_hits: Cell::new(0),
         }
     }
 
@@ -382,22 +385,38 @@ impl Interp {
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, InterpError> {
         loop {
             let start_eip = self.cpu.eip;
+            let cs_base = self.cpu.seg(SegReg::Cs).base;
+            let hits = self.instruction_breakpoints(cs_base.wrapping_add(start_eip));
+            if hits != 0 {
+                // An instruction breakpoint is a fault: EIP stays on the instruction.
+                self.cpu.dr[6] = (self.cpu.dr[6] & !0xF) | hits;
+                if let Some(shutdown) = self.raise(vector::DB, None, io)? {
+                    return Ok(shutdown);
+                }
+                continue;
+            }
+            self.data_hits.set(0);
             let single_step = self.cpu.eflags & flags::TF != 0;
             let delayed = std::mem::take(&mut self.shadow);
             self.trap_suppressed = false;
             match self.step(io) {
                 Ok(exit) => {
-                    // Single-step: a #DB trap after the instruction if TF was set before it,
-                    // unless the instruction delivered a software interrupt (which clears TF)
-                    // or is MOV/POP SS, whose trap waits one instruction.
+                    // Debug traps after the instruction, in one #DB reporting every cause:
+                    // single-step if TF was set before it (not after a software interrupt,
+                    // which clears TF, and one instruction late after MOV/POP SS), and the
+                    // data breakpoints it hit.
                     let step_trap = (single_step || delayed.trap) && !self.trap_suppressed;
+                    let mut dr6 = self.data_hits.take();
                     if step_trap && !self.shadow.trap {
-                        self.cpu.dr[6] |= 1 << 14; // DR6.BS
+                        dr6 |= 1 << 14; // DR6.BS
+                    } else if step_trap {
+                        self.shadow.trap = true;
+                    }
+                    if dr6 != 0 {
+                        self.cpu.dr[6] = (self.cpu.dr[6] & !0xF) | dr6;
                         if let Some(shutdown) = self.raise(vector::DB, None, io)? {
                             return Ok(shutdown);
                         }
-                    } else if step_trap {
-                        self.shadow.trap = true;
                     }
                     if let Some(exit) = exit {
                         return Ok(exit);
@@ -615,6 +634,18 @@ impl Interp {
 
     /// Reads linear memory (through paging when it is on). `user` marks a CPL 3 access.
     fn read_lin(&self, linear: u32, buf: &mut [u8], user: bool, io: &mut dyn IoHandler) -> Step {
+        self.watch(linear, buf.len(), false);
+        self.read_lin_unwatched(linear, buf, user, io)
+    }
+
+    /// Like [`Interp::read_lin`], for instruction fetches (which data breakpoints ignore).
+    fn read_lin_unwatched(
+        &self,
+        linear: u32,
+        buf: &mut [u8],
+        user: bool,
+        io: &mut dyn IoHandler,
+    ) -> Step {
         let mut at = 0;
         for (lin, n) in Self::page_pieces(linear, buf.len()) {
             let phys = self.translate(lin, false, user)?;
@@ -627,6 +658,7 @@ impl Interp {
     /// Writes linear memory; every page is translated (and may fault) before any byte is
     /// written, so a faulting write changes nothing.
     fn write_lin(&self, linear: u32, data: &[u8], user: bool, io: &mut dyn IoHandler) -> Step {
+        self.watch(linear, data.len(), true);
         let mut phys = [(0u64, 0usize); 4];
         let mut count = 0;
         for (lin, n) in Self::page_pieces(linear, data.len()) {
@@ -642,6 +674,44 @@ impl Interp {
             at += n;
         }
         Ok(())
+    }
+
+    /// The enabled breakpoints of DR7 with their R/W kind: (index, kind, first, last byte).
+    fn breakpoints(&self) -> impl Iterator<Item = (usize, u32, u32, u32)> + '_ {
+        let dr7 = self.cpu.dr[7];
+        (0..4).filter_map(move |i| {
+            if dr7 & (3 << (2 * i)) == 0 {
+                return None;
+            }
+            let kind = (dr7 >> (16 + 4 * i)) & 3;
+            let len = [1u32, 2, 8, 4][((dr7 >> (18 + 4 * i)) & 3) as usize];
+            let first = self.cpu.dr[i] & !(len - 1);
+            Some((i, kind, first, first.wrapping_add(len - 1)))
+        })
+    }
+
+    /// Records the data breakpoints an access of `len` bytes at `linear` hits.
+    fn watch(&self, linear: u32, len: usize, write: bool) {
+        if self.cpu.dr[7] & 0xFF == 0 || len == 0 {
+            return;
+        }
+        let last = linear.wrapping_add(len as u32 - 1);
+        for (i, kind, first, bp_last) in self.breakpoints() {
+            let applies = kind == 0b11 || (kind == 0b01 && write);
+            if applies && linear <= bp_last && first <= last {
+                self.data_hits.set(self.data_hits.get() | (1 << i));
+            }
+        }
+    }
+
+    /// The instruction breakpoints matching the instruction at `linear` (as DR6 B bits).
+    fn instruction_breakpoints(&self, linear: u32) -> u32 {
+        if self.cpu.dr[7] & 0xFF == 0 || self.cpu.eflags & flags::RF != 0 {
+            return 0;
+        }
+        self.breakpoints()
+            .filter(|(_, kind, first, _)| *kind == 0 && *first == linear)
+            .fold(0, |bits, (i, ..)| bits | (1 << i))
     }
 
     fn user_access(&self) -> bool {
@@ -1018,11 +1088,11 @@ impl Interp {
         // The bytes in the first page are needed; the next page only if the instruction
         // continues into it (a fault there is reported only then).
         let first = (4096 - (lin & 0xFFF) as usize).min(n);
-        self.read_lin(lin, &mut bytes[..first], user, io)?;
+        self.read_lin_unwatched(lin, &mut bytes[..first], user, io)?;
         let mut avail = first;
         let mut second_fault = None;
         if n > first {
-            match self.read_lin(
+            match self.read_lin_unwatched(
                 lin.wrapping_add(first as u32),
                 &mut bytes[first..n],
                 user,
@@ -2045,6 +2115,79 @@ mod tests {
             assert_eq!(b[0], 0x90, "trap at {trap:#x} follows a NOP");
         }
         assert_ne!(seen[1] & (1 << 14), 0, "DR6.BS");
+    }
+
+    #[test]
+    fn data_breakpoints_trap_after_the_access() {
+        // DR1 watches writes to the dword at 0x5000; the handler reports EIP and DR6.
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.mov(eax, 0x5000u32)?;
+                a.mov(dr1, eax)?;
+                a.mov(eax, (1u32 << 2) | (0b01 << 20) | (0b11 << 22))?; // L1, write, 4 bytes
+                a.mov(dr7, eax)?;
+                a.mov(dword_ptr(0x6000u32), 1u32)?; // elsewhere: no trap
+                a.mov(eax, dword_ptr(0x5000u32))?; // a read: no trap for a write watch
+                a.mov(byte_ptr(0x5002u32), 2u32)?; // inside the watched dword: trap
+                a.nop()?;
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                a.set_label(handler)?;
+                a.mov(eax, dword_ptr(esp))?;
+                a.out(0x80, eax)?;
+                a.mov(eax, dr6)?;
+                a.out(0x80, eax)?;
+                a.iretd()?;
+                Ok(())
+            },
+            &[(1, 0x8E)],
+        );
+        let seen = run_to_exit(&mut i, &mut p);
+        assert_eq!(seen.len(), 2, "exactly one hit: {seen:x?}");
+        let mut b = [0u8];
+        i.memory.read(u64::from(seen[0]), &mut b).unwrap();
+        assert_eq!(b[0], 0x90, "trap after the byte store, on the NOP");
+        assert_eq!(seen[1] & 0xF, 0b0010, "DR6.B1");
+    }
+
+    #[test]
+    fn instruction_breakpoints_fault_before_the_instruction_and_rf_resumes() {
+        // CALL over the target, so the pushed return address is the target: arm DR0 with it
+        // and jump there.
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                let mut setup = a.create_label();
+                a.call(setup)?;
+                a.nop()?; // the target
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                a.set_label(&mut setup)?;
+                a.pop(eax)?;
+                a.mov(dr0, eax)?;
+                a.mov(ecx, 1u32)?; // L0, execute, length 1
+                a.mov(dr7, ecx)?;
+                a.jmp(eax)?;
+                a.set_label(handler)?;
+                a.mov(eax, dword_ptr(esp))?;
+                a.out(0x80, eax)?;
+                a.mov(eax, dr6)?;
+                a.out(0x80, eax)?;
+                a.or(dword_ptr(esp + 8), 0x1_0000u32)?; // RF: do not fault again on return
+                a.iretd()?;
+                Ok(())
+            },
+            &[(1, 0x8E)],
+        );
+        let seen = run_to_exit(&mut i, &mut p);
+        assert_eq!(
+            seen.len(),
+            2,
+            "one fault, then RF lets the NOP run: {seen:x?}"
+        );
+        let mut b = [0u8];
+        i.memory.read(u64::from(seen[0]), &mut b).unwrap();
+        assert_eq!(b[0], 0x90, "the fault reports the NOP itself");
+        assert_eq!(seen[1] & 0xF, 0b0001, "DR6.B0");
     }
 
     #[test]

@@ -298,6 +298,12 @@ impl Interp {
             }
             M::Mov if ins.op0_register().is_dr() || ins.op1_register().is_dr() => {
                 self.require_cpl0()?;
+                // General detect: the first MOV DR after DR7.GD is set is a #DB fault.
+                if self.cpu.dr[7] & (1 << 13) != 0 {
+                    self.cpu.dr[7] &= !(1 << 13);
+                    self.cpu.dr[6] |= 1 << 13;
+                    return Err(Fault::Exception(vector::DB, None));
+                }
                 let (dst, src) = (ins.op0_register(), ins.op1_register());
                 let index = |r: Register| {
                     let n = r.number();
@@ -315,8 +321,10 @@ impl Interp {
                         7 => (v | 0x400) & !0x2000,
                         _ => v,
                     };
-                    if n == 7 && v & 0xFF != 0 {
-                        return unsupported("hardware breakpoints (DR7 enables)");
+                    let io_breakpoint =
+                        (0..4).any(|i| v & (3 << (2 * i)) != 0 && (v >> (16 + 4 * i)) & 3 == 0b10);
+                    if n == 7 && io_breakpoint {
+                        return unsupported("I/O breakpoints (DR7 R/W = 10)");
                     }
                 }
             }
