@@ -331,10 +331,7 @@ pub fn fw_cfg() -> AsmResult<Vec<u8>> {
 /// `skip`, and returns with IRETD. Exits with value 0x13.
 pub fn exceptions() -> AsmResult<Vec<u8>> {
     let mut k = Kit::new()?;
-    let idt = k.data(&[0u8; 256 * 8]);
-    let mut idtr = 2047u16.to_le_bytes().to_vec();
-    idtr.extend_from_slice(&idt.to_le_bytes());
-    let idtr = k.data(&idtr);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     let skip = k.data(&[0; 4]);
     let mut common = k.asm().create_label();
 
@@ -569,10 +566,7 @@ mod pt {
 pub fn paging() -> AsmResult<Vec<u8>> {
     use pt::*;
     let mut k = Kit::new()?;
-    let idt = k.data(&[0u8; 256 * 8]);
-    let mut idtr = 2047u16.to_le_bytes().to_vec();
-    idtr.extend_from_slice(&idt.to_le_bytes());
-    let idtr = k.data(&idtr);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     let skip = k.data(&[0; 4]);
     let fix_addr = k.data(&[0; 4]);
     let fix_value = k.data(&[0; 4]);
@@ -741,6 +735,29 @@ pub fn paging() -> AsmResult<Vec<u8>> {
     k.build()
 }
 
+/// A 32-bit TSS whose ring-0 stack is the kit's stack (SS0 = 0x10) and whose I/O permission
+/// bitmap allows only COM1 (ports 0x3F8-0x3FF): returns its address and limit.
+fn com1_tss(k: &mut Kit) -> (u32, u32) {
+    let mut tss = vec![0u8; 104];
+    tss[4..8].copy_from_slice(&0x0011_4000u32.to_le_bytes());
+    tss[8..10].copy_from_slice(&0x10u16.to_le_bytes());
+    tss[0x66..0x68].copy_from_slice(&104u16.to_le_bytes());
+    let mut bitmap = vec![0xFFu8; 8192 + 1];
+    bitmap[0x3F8 / 8] = 0;
+    tss.extend_from_slice(&bitmap);
+    let limit = (tss.len() - 1) as u32;
+    (k.data(&tss), limit)
+}
+
+/// Emits code writing an available 32-bit TSS descriptor (byte-granular `limit`) for the TSS
+/// at `base` into the GDT entry at `entry`.
+fn set_tss_descriptor(k: &mut Kit, entry: u32, base: u32, limit: u32) -> AsmResult {
+    let low = (base << 16) | (limit & 0xFFFF);
+    let high = (base & 0xFF00_0000) | ((base >> 16) & 0xFF) | 0x8900 | (limit & 0xF_0000);
+    k.asm().mov(dword_ptr(entry), low)?;
+    Ok(k.asm().mov(dword_ptr(entry + 4), high)?)
+}
+
 /// Emits `call over; <handler>; over: pop eax` and returns with EAX = the handler's address:
 /// how kit kernels find their own code addresses at run time.
 fn handler_address(k: &mut Kit, body: impl FnOnce(&mut Kit) -> AsmResult) -> AsmResult {
@@ -782,24 +799,10 @@ pub fn rings() -> AsmResult<Vec<u8>> {
         0x00CF_F300_0000_FFFF, // 0x50 data, DPL 3
     ];
     let mut k = Kit::new()?;
-    let gdt = k.data(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
-    let mut gdtr = ((GDT_ENTRIES.len() * 8 - 1) as u16).to_le_bytes().to_vec();
-    gdtr.extend_from_slice(&gdt.to_le_bytes());
-    let gdtr = k.data(&gdtr);
+    let (gdt, gdtr) = k.descriptor_table(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
     // TSS with an I/O bitmap allowing only COM1 (ports 0x3F8-0x3FF), then the terminator.
-    let mut tss = vec![0u8; 104];
-    tss[4..8].copy_from_slice(&0x0011_4000u32.to_le_bytes()); // ESP0: the kit's stack top
-    tss[8..10].copy_from_slice(&0x10u16.to_le_bytes()); // SS0
-    tss[0x66..0x68].copy_from_slice(&104u16.to_le_bytes());
-    let mut bitmap = vec![0xFFu8; 8192 + 1];
-    bitmap[0x3F8 / 8] = 0;
-    tss.extend_from_slice(&bitmap);
-    let tss_limit = (tss.len() - 1) as u32;
-    let tss = k.data(&tss);
-    let idt = k.data(&[0u8; 256 * 8]);
-    let mut idtr = 2047u16.to_le_bytes().to_vec();
-    idtr.extend_from_slice(&idt.to_le_bytes());
-    let idtr = k.data(&idtr);
+    let (tss, tss_limit) = com1_tss(&mut k);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     let skip = k.data(&[0; 4]);
     let done = k.data(&[0; 4]);
     let user_stack = k.data(&[0u8; 4096]) + 4096;
@@ -887,10 +890,7 @@ pub fn rings() -> AsmResult<Vec<u8>> {
     k.asm().wrmsr()?;
 
     // TSS descriptor at 0x28: base `tss`, byte-granular limit, available 32-bit TSS.
-    let tss_low = (tss << 16) | (tss_limit & 0xFFFF);
-    let tss_high = (tss & 0xFF00_0000) | ((tss >> 16) & 0xFF) | 0x8900 | (tss_limit & 0xF_0000);
-    k.asm().mov(dword_ptr(gdt + 0x28), tss_low)?;
-    k.asm().mov(dword_ptr(gdt + 0x2C), tss_high)?;
+    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
     k.asm().lgdt(ptr(gdtr))?;
     k.asm().lidt(ptr(idtr))?;
     k.asm().mov(eax, 0x28u32)?;
@@ -1054,23 +1054,9 @@ pub fn v86() -> AsmResult<Vec<u8>> {
     let code16_len = code16.len() as u32;
     let code16_src = k.data(&code16);
     let gdt: [u64; 4] = [0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF, 0];
-    let gdt_addr = k.data(&gdt.map(u64::to_le_bytes).concat());
-    let mut gdtr = 31u16.to_le_bytes().to_vec();
-    gdtr.extend_from_slice(&gdt_addr.to_le_bytes());
-    let gdtr = k.data(&gdtr);
-    let mut tss = vec![0u8; 104];
-    tss[4..8].copy_from_slice(&0x0011_4000u32.to_le_bytes());
-    tss[8..10].copy_from_slice(&0x10u16.to_le_bytes());
-    tss[0x66..0x68].copy_from_slice(&104u16.to_le_bytes());
-    let mut bitmap = vec![0xFFu8; 8192 + 1];
-    bitmap[0x3F8 / 8] = 0;
-    tss.extend_from_slice(&bitmap);
-    let tss_limit = (tss.len() - 1) as u32;
-    let tss = k.data(&tss);
-    let idt = k.data(&[0u8; 256 * 8]);
-    let mut idtr = 2047u16.to_le_bytes().to_vec();
-    idtr.extend_from_slice(&idt.to_le_bytes());
-    let idtr = k.data(&idtr);
+    let (gdt_addr, gdtr) = k.descriptor_table(&gdt.map(u64::to_le_bytes).concat());
+    let (tss, tss_limit) = com1_tss(&mut k);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     let phase = k.data(&[0; 4]);
 
     // INT 0x31 from v86 at IOPL 3 arrives here through a DPL 3 gate.
@@ -1169,10 +1155,7 @@ pub fn v86() -> AsmResult<Vec<u8>> {
     })?;
     set_gate(&mut k, idt, 13, 0x8E)?;
 
-    let tss_low = (tss << 16) | (tss_limit & 0xFFFF);
-    let tss_high = (tss & 0xFF00_0000) | ((tss >> 16) & 0xFF) | 0x8900 | (tss_limit & 0xF_0000);
-    k.asm().mov(dword_ptr(gdt_addr + 0x18), tss_low)?;
-    k.asm().mov(dword_ptr(gdt_addr + 0x1C), tss_high)?;
+    set_tss_descriptor(&mut k, gdt_addr + 0x18, tss, tss_limit)?;
     k.asm().lgdt(ptr(gdtr))?;
     k.asm().lidt(ptr(idtr))?;
     k.asm().mov(eax, 0x18u32)?;
@@ -1239,10 +1222,7 @@ pub fn tasks() -> AsmResult<Vec<u8>> {
         0,                     // 0x30 task gate to TSS B
     ];
     let mut k = Kit::new()?;
-    let gdt = k.data(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
-    let mut gdtr = ((GDT_ENTRIES.len() * 8 - 1) as u16).to_le_bytes().to_vec();
-    gdtr.extend_from_slice(&gdt.to_le_bytes());
-    let gdtr = k.data(&gdtr);
+    let (gdt, gdtr) = k.descriptor_table(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
     let stack_b = k.data(&[0u8; 1024]) + 1024;
     let stack_c = k.data(&[0u8; 1024]) + 1024;
     // A TSS image: EFLAGS 2, flat segments, the given stack; EIP filled in at run time.
@@ -1261,16 +1241,9 @@ pub fn tasks() -> AsmResult<Vec<u8>> {
     let tss_a = k.data(&tss_image(0));
     let tss_b = k.data(&tss_image(stack_b));
     let tss_c = k.data(&tss_image(stack_c));
-    let idt = k.data(&[0u8; 256 * 8]);
-    let mut idtr = 2047u16.to_le_bytes().to_vec();
-    idtr.extend_from_slice(&idt.to_le_bytes());
-    let idtr = k.data(&idtr);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     for (sel, base) in [(0x18u32, tss_a), (0x20, tss_b), (0x28, tss_c)] {
-        k.asm().mov(dword_ptr(gdt + sel), (base << 16) | 0x67)?;
-        k.asm().mov(
-            dword_ptr(gdt + sel + 4),
-            (base & 0xFF00_0000) | ((base >> 16) & 0xFF) | 0x8900,
-        )?;
+        set_tss_descriptor(&mut k, gdt + sel, base, 0x67)?;
     }
     // Task gates: 0x30 in the GDT to TSS B, and vector 0 (#DE) in the IDT to TSS C.
     k.asm().mov(dword_ptr(gdt + 0x30), 0x0020_0000u32)?;
@@ -1332,10 +1305,7 @@ pub fn tasks() -> AsmResult<Vec<u8>> {
 /// handler has counted 10 ticks. Exits with value 0x19.
 pub fn timer() -> AsmResult<Vec<u8>> {
     let mut k = Kit::new()?;
-    let idt = k.data(&[0u8; 256 * 8]);
-    let mut idtr = 2047u16.to_le_bytes().to_vec();
-    idtr.extend_from_slice(&idt.to_le_bytes());
-    let idtr = k.data(&idtr);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     let ticks = k.data(&[0; 4]);
     handler_address(&mut k, |k| {
         k.asm().push(eax)?;

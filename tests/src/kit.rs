@@ -148,6 +148,15 @@ impl Kit {
         addr
     }
 
+    /// Places a descriptor table (GDT, LDT or IDT contents) in the data and, after it, the
+    /// 6-byte pseudo-descriptor (limit, base) that LGDT/LIDT load: returns both addresses.
+    pub fn descriptor_table(&mut self, table: &[u8]) -> (u32, u32) {
+        let base = self.data(table);
+        let mut pointer = ((table.len() - 1) as u16).to_le_bytes().to_vec();
+        pointer.extend_from_slice(&base.to_le_bytes());
+        (base, self.data(&pointer))
+    }
+
     /// The address of a NUL-terminated copy of `s` in the kernel's data.
     pub fn string(&mut self, s: &str) -> u32 {
         let mut bytes = s.as_bytes().to_vec();

@@ -119,6 +119,17 @@ impl Segment {
         }
     }
 
+    /// A flat 4 GiB, base-0, 32-bit segment with `access` (0x9B code, 0x93 data at DPL 0).
+    pub fn flat(selector: u16, access: u8) -> Self {
+        Self {
+            selector,
+            base: 0,
+            limit: u32::MAX,
+            access,
+            big: true,
+        }
+    }
+
     /// Builds the cached form of an 8-byte descriptor loaded with `selector`.
     pub fn from_descriptor(selector: u16, d: u64) -> Self {
         let base = ((d >> 16) & 0xFF_FFFF) as u32 | (((d >> 56) & 0xFF) as u32) << 24;

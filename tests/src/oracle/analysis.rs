@@ -14,34 +14,9 @@ use iced_x86::{
     RflagsBits,
 };
 
-/// EFLAGS bits (Intel SDM vol. 1, 3.4.3).
+/// EFLAGS bits (Intel SDM vol. 1, 3.4.3): the CPU model's own, and their names for reports.
 pub mod eflags {
-    /// Carry.
-    pub const CF: u32 = 1 << 0;
-    /// Parity.
-    pub const PF: u32 = 1 << 2;
-    /// Auxiliary carry.
-    pub const AF: u32 = 1 << 4;
-    /// Zero.
-    pub const ZF: u32 = 1 << 6;
-    /// Sign.
-    pub const SF: u32 = 1 << 7;
-    /// Trap.
-    pub const TF: u32 = 1 << 8;
-    /// Interrupt enable.
-    pub const IF: u32 = 1 << 9;
-    /// Direction.
-    pub const DF: u32 = 1 << 10;
-    /// Overflow.
-    pub const OF: u32 = 1 << 11;
-    /// Nested task.
-    pub const NT: u32 = 1 << 14;
-    /// Alignment check.
-    pub const AC: u32 = 1 << 18;
-    /// CPUID available.
-    pub const ID: u32 = 1 << 21;
-    /// The six arithmetic flags.
-    pub const ARITH: u32 = CF | PF | AF | ZF | SF | OF;
+    pub use vmm::cpu::flags::{AC, AF, ARITH, CF, DF, ID, IF, NT, OF, PF, SF, TF, ZF};
 
     /// Short names of the set bits among the compared ones, for reports.
     pub fn names(v: u32) -> String {

@@ -208,15 +208,8 @@ impl Interp {
                     limit: gdt_limit,
                 };
                 cpu.idtr = TableReg::default();
-                let flat = |selector, access| Segment {
-                    selector,
-                    base: 0,
-                    limit: u32::MAX,
-                    access,
-                    big: true,
-                };
-                cpu.seg = [flat(data_selector, 0x93); 6];
-                cpu.seg[SegReg::Cs as usize] = flat(code_selector, 0x9B);
+                cpu.seg = [Segment::flat(data_selector, 0x93); 6];
+                cpu.seg[SegReg::Cs as usize] = Segment::flat(code_selector, 0x9B);
                 cpu
             }
         };

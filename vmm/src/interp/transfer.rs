@@ -761,15 +761,8 @@ impl Interp {
             return gp0();
         }
         self.cpu.eflags &= !(flags::VM | flags::IF | flags::RF);
-        let flat = |selector, access| Segment {
-            selector,
-            base: 0,
-            limit: u32::MAX,
-            access,
-            big: true,
-        };
-        self.cpu.seg[SegReg::Cs as usize] = flat(cs, 0x9B);
-        self.cpu.seg[SegReg::Ss as usize] = flat(cs + 8, 0x93);
+        self.cpu.seg[SegReg::Cs as usize] = Segment::flat(cs, 0x9B);
+        self.cpu.seg[SegReg::Ss as usize] = Segment::flat(cs + 8, 0x93);
         self.cpu.gpr[4] = self.msr(0x175) as u32;
         self.cpu.eip = self.msr(0x176) as u32;
         Ok(())
@@ -781,15 +774,8 @@ impl Interp {
         if !self.cpu.protected() || self.cpu.cpl() != 0 || cs == 0 {
             return gp0();
         }
-        let flat = |selector, access| Segment {
-            selector,
-            base: 0,
-            limit: u32::MAX,
-            access,
-            big: true,
-        };
-        self.cpu.seg[SegReg::Cs as usize] = flat((cs + 16) | 3, 0xFB);
-        self.cpu.seg[SegReg::Ss as usize] = flat((cs + 24) | 3, 0xF3);
+        self.cpu.seg[SegReg::Cs as usize] = Segment::flat((cs + 16) | 3, 0xFB);
+        self.cpu.seg[SegReg::Ss as usize] = Segment::flat((cs + 24) | 3, 0xF3);
         self.cpu.gpr[4] = self.cpu.gpr[1];
         self.cpu.eip = self.cpu.gpr[2];
         Ok(())
