@@ -104,6 +104,8 @@ enum Event {
     Software(u32),
     /// A maskable interrupt from the interrupt controller.
     External,
+    /// INT1 (ICEBP): a debug trap returning to the given EIP, without the gate DPL check.
+    Icebp(u32),
 }
 
 /// One cached translation of a 4 KiB linear page.
@@ -981,7 +983,7 @@ impl Interp {
     fn deliver(&mut self, v: u8, code: Option<u32>, event: Event, io: &mut dyn IoHandler) -> Step {
         let software = matches!(event, Event::Software(_));
         let ret = match event {
-            Event::Software(next) => next,
+            Event::Software(next) | Event::Icebp(next) => next,
             _ => self.cpu.eip,
         };
         if !self.cpu.protected() {
@@ -1585,7 +1587,10 @@ impl Interp {
             M::Bound => self.bound(ins, io)?,
             M::Pause | M::Wait => {}
             M::Int1 => {
-                self.deliver(1, None, Event::Software(next), io)?;
+                // ICEBP: a #DB trap, delivered like a hardware event (no gate DPL check).
+                self.first_event.get_or_insert((1, next));
+                self.deliver(1, None, Event::Icebp(next), io)?;
+                self.trap_suppressed = true;
                 return Ok(None);
             }
             m => {

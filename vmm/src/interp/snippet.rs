@@ -109,7 +109,10 @@ pub fn run(
             VmExit::Io | VmExit::Interrupted => {}
             VmExit::Halt { .. } if interp.cpu.eip == end_eip + 1 => break SnippetEnd::Completed,
             VmExit::Halt { .. } => {
-                // A HLT inside the snippet: privileged for user code, so treat as #GP.
+                // A HLT inside the snippet: privileged for the user code snippets stand for,
+                // so a #GP at the HLT itself (one byte back).
+                interp.cpu.eip -= 1;
+                interp.first_event.get_or_insert((13, interp.cpu.eip));
                 break SnippetEnd::Exception(13);
             }
             VmExit::Shutdown => {
@@ -170,6 +173,26 @@ mod tests {
         assert_eq!(r.gpr[4], DATA_ADDR + 0xFC);
         assert_eq!(&r.data[0xFC..0x100], &0xCAFEu32.to_le_bytes());
         assert_eq!(r.eip, CODE_ADDR + code.len() as u32);
+    }
+
+    #[test]
+    fn hlt_and_icebp_end_like_they_do_in_user_mode() {
+        let hlt = asm(|a| {
+            a.nop()?;
+            a.hlt()
+        });
+        let r = run(&hlt, [0; 8], 0, &[]).unwrap();
+        assert_eq!((r.end, r.eip), (SnippetEnd::Exception(13), CODE_ADDR + 1));
+        let icebp = asm(|a| {
+            a.nop()?;
+            a.int1()
+        });
+        let r = run(&icebp, [0; 8], 0, &[]).unwrap();
+        assert_eq!(
+            (r.end, r.eip),
+            (SnippetEnd::Exception(1), CODE_ADDR + 2),
+            "a trap"
+        );
     }
 
     #[test]
