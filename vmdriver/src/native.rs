@@ -465,31 +465,20 @@ fn host(what: &'static str, source: io::Error) -> NativeError {
 fn setup_error(stage: u32, errno: i32) -> NativeError {
     let source = io::Error::from_raw_os_error(errno);
     let map = |what, addr| NativeError::Map { what, addr, source };
+    let signal = |what| NativeError::SignalSetup {
+        what,
+        source: io::Error::from_raw_os_error(errno),
+    };
     match stage {
         STAGE_HELPER_CODE => map("the helper code page", HELPER_CODE),
         STAGE_HELPER_DATA => map("the helper data page", HELPER_DATA),
         STAGE_CODE => map("the snippet's code", CODE_ADDR),
         STAGE_DATA => map("the data buffer", DATA_ADDR),
-        STAGE_ALT_STACK => NativeError::SignalSetup {
-            what: "mmap of the alternate signal stack",
-            source: io::Error::from_raw_os_error(errno),
-        },
-        STAGE_SIGALTSTACK => NativeError::SignalSetup {
-            what: "sigaltstack",
-            source: io::Error::from_raw_os_error(errno),
-        },
-        STAGE_SIGACTION => NativeError::SignalSetup {
-            what: "sigaction",
-            source: io::Error::from_raw_os_error(errno),
-        },
-        STAGE_SIGMASK => NativeError::SignalSetup {
-            what: "sigprocmask",
-            source: io::Error::from_raw_os_error(errno),
-        },
-        STAGE_SECCOMP => NativeError::SignalSetup {
-            what: "the seccomp filter that forbids system calls",
-            source: io::Error::from_raw_os_error(errno),
-        },
+        STAGE_ALT_STACK => signal("mmap of the alternate signal stack"),
+        STAGE_SIGALTSTACK => signal("sigaltstack"),
+        STAGE_SIGACTION => signal("sigaction"),
+        STAGE_SIGMASK => signal("sigprocmask"),
+        STAGE_SECCOMP => signal("the seccomp filter that forbids system calls"),
         other => NativeError::ChildDied(format!("it reported an unknown setup stage {other}")),
     }
 }

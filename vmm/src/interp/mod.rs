@@ -1166,12 +1166,13 @@ impl Interp {
         let mut branch: Option<u32> = None;
         match ins.mnemonic() {
             M::Nop => {}
-            _ if self.system(ins, io)? => {}
             M::Mov => {
                 let r0 = ins.op0_register();
                 let r1 = ins.op1_register();
                 if r0.is_cr() || r1.is_cr() {
                     self.mov_control(ins)?;
+                } else if r0.is_dr() || r1.is_dr() {
+                    self.system(ins, io)?;
                 } else {
                     let v = self.read_op(ins, 1, io)?;
                     self.write_op(ins, 0, v, io)?;
@@ -1606,7 +1607,7 @@ impl Interp {
                 } else if let Some(cc) = setcc(m) {
                     let v = u32::from(alu::condition(cc, fl));
                     self.write_op(ins, 0, v, io)?;
-                } else {
+                } else if !self.system(ins, io)? {
                     return unsupported(format!("'{ins}'"));
                 }
             }
