@@ -3,6 +3,6 @@
 //! interpreter against the host CPU.
 
 pub mod kernels;
-pub mod kit;
+pub use bt86_guests::kit;
 pub mod oracle;
 pub mod runner;

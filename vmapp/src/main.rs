@@ -1,5 +1,6 @@
 //! `bt86`: runs unmodified 32-bit x86 guests by binary translation, interpretation, or KVM.
 
+mod bench;
 mod run;
 
 use std::path::PathBuf;
@@ -39,6 +40,11 @@ enum Command {
     /// guest powers off, 2 for a bad command line or input file, 4 when the guest triple-faults,
     /// 6 when it halts with nothing able to wake it, 8 when bt86 or the host fails.
     Run(RunArgs),
+    /// Compare engines: run the same guest workloads under each engine in one run and report
+    /// per-operation times and ratios to a baseline.
+    ///
+    /// Example: bt86 bench --suite nano --engines bt,interp,kvm,qemu-tcg --runs 5 --json out.json
+    Bench(bench::BenchArgs),
 }
 
 /// Which engine runs guest code.
@@ -116,6 +122,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Bench(args) => match bench::bench(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("bt86 bench: {e:#}");
+                status::USAGE
+            }
+        },
     };
     ExitCode::from(code)
 }

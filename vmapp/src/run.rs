@@ -212,6 +212,10 @@ fn format_stats(s: &VmStats) -> String {
         s.timer_ticks,
         s.halted_time.as_secs_f64() * 1e3
     );
+    match s.tsc_hz {
+        Some(hz) => out += &format!("  guest TSC rate       {hz} Hz\n"),
+        None => out += "  guest TSC rate       unknown\n",
+    }
     for (name, value) in &s.engine_counters {
         out += &format!("  {name:<20} {value}\n");
     }

@@ -259,6 +259,14 @@ impl KvmVm {
         }
     }
 
+    /// The rate of the guest's TSC in Hz, as KVM reports it (None if KVM cannot say).
+    pub fn tsc_hz(&self) -> Option<u64> {
+        self.vcpu
+            .get_tsc_khz()
+            .ok()
+            .map(|khz| u64::from(khz) * 1000)
+    }
+
     /// The vCPU's current registers.
     pub fn registers(&self) -> Result<GuestRegisters, KvmError> {
         let setup = |what| move |source| KvmError::Setup { what, source };

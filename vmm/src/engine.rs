@@ -77,6 +77,10 @@ pub trait Engine {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// The rate at which the guest's TSC advances, in Hz, if the engine knows it.
+    fn tsc_hz(&self) -> Option<u64> {
+        None
+    }
     /// Whether this engine can take interrupts from the VM's interrupt controller.
     fn supports_interrupts(&self) -> bool {
         false
@@ -146,6 +150,10 @@ impl Engine for KvmEngine {
     fn registers(&self) -> Result<GuestRegisters, EngineError> {
         Ok(self.vm.registers()?)
     }
+
+    fn tsc_hz(&self) -> Option<u64> {
+        self.vm.tsc_hz()
+    }
 }
 
 impl Engine for Interp {
@@ -163,6 +171,10 @@ impl Engine for Interp {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Interp::counters(self).to_vec()
+    }
+
+    fn tsc_hz(&self) -> Option<u64> {
+        Some(crate::interp::system::TSC_HZ)
     }
 
     fn supports_interrupts(&self) -> bool {

@@ -143,6 +143,8 @@ pub struct VmStats {
     pub irqs: Vec<(u8, u64)>,
     /// The engine's own counters (name, value).
     pub engine_counters: Vec<(&'static str, u64)>,
+    /// The rate of the guest's TSC in Hz, if the engine states one.
+    pub tsc_hz: Option<u64>,
 }
 
 /// The port and MMIO buses, as the engines see them.
@@ -439,6 +441,7 @@ impl Vm {
             mmio_unclaimed: self.mmio.unclaimed(),
             irqs: self.irqs.iter().map(|l| (l.irq(), l.raised())).collect(),
             engine_counters: self.engine.counters(),
+            tsc_hz: self.engine.tsc_hz(),
             ..self.stats.clone()
         }
     }

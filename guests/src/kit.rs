@@ -26,7 +26,8 @@ pub const MB_AOUT_KLUDGE: u32 = 1 << 16;
 /// known when the instruction that uses it is emitted.
 pub const DATA_BASE: u32 = KERNEL_BASE + 0x1_0000;
 const STACK_SIZE: usize = 16 * 1024;
-const STACK_TOP: u32 = DATA_BASE + STACK_SIZE as u32;
+/// Top of the kit's stack (ESP after the entry stub), the first 16 KiB of the data area.
+pub const STACK_TOP: u32 = DATA_BASE + STACK_SIZE as u32;
 const ENTRY_REGS_ADDR: u32 = STACK_TOP;
 const ENTRY_EFLAGS_ADDR: u32 = ENTRY_REGS_ADDR + 32;
 const AOUT_HEADER_LEN: u32 = 32;
@@ -69,6 +70,9 @@ pub struct Kit {
     putn: CodeLabel,
     hex32: CodeLabel,
     start: CodeLabel,
+    /// Data words to fill with a label's address once the code is assembled: (label, offset
+    /// into `data`).
+    label_slots: Vec<(CodeLabel, usize)>,
 }
 
 impl Kit {
@@ -87,6 +91,7 @@ impl Kit {
             putn: a.create_label(),
             hex32: a.create_label(),
             start: a.create_label(),
+            label_slots: Vec::new(),
             a,
             format,
             header_flags: flags,
@@ -146,6 +151,22 @@ impl Kit {
         let addr = DATA_BASE + self.data.len() as u32;
         self.data.extend_from_slice(bytes);
         addr
+    }
+
+    /// Reserves a data word that will hold a code address once the kernel is built (see
+    /// [`Kit::set_label_at`]): returns the word's address. This is how kit code loads its own
+    /// code addresses, since iced's 32-bit `CodeAssembler` cannot take a label as an immediate
+    /// (`mov eax, dword_ptr(slot)` can).
+    pub fn address_slot(&mut self) -> u32 {
+        self.data(&[0; 4])
+    }
+
+    /// Places `label` at the next instruction and has the kernel's data word `slot` (from
+    /// [`Kit::address_slot`]) hold its address.
+    pub fn set_label_at(&mut self, label: &mut CodeLabel, slot: u32) -> AsmResult {
+        self.a.set_label(label)?;
+        self.label_slots.push((*label, (slot - DATA_BASE) as usize));
+        Ok(())
     }
 
     /// Places a descriptor table (GDT, LDT or IDT contents) in the data and, after it, the
@@ -314,6 +335,10 @@ impl Kit {
             BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
         )?;
         let entry = result.label_ip(&self.start)? as u32;
+        for (label, offset) in &self.label_slots {
+            let ip = result.label_ip(label)? as u32;
+            self.data[*offset..*offset + 4].copy_from_slice(&ip.to_le_bytes());
+        }
         let mut image = result.inner.code_buffer;
         if image.len() > (DATA_BASE - KERNEL_BASE) as usize {
             return Err(KitError::CodeTooLarge(image.len()));

@@ -1,0 +1,335 @@
+//! The engines `bt86 bench` compares, whether each can run here, and how one sample is taken.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bt86_guests::nano;
+use clap::ValueEnum;
+use vmm::EngineKind;
+
+/// An engine in the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchEngine {
+    /// bt86's binary translator.
+    Bt,
+    /// bt86's interpreter.
+    Interp,
+    /// bt86's KVM engine.
+    Kvm,
+    /// QEMU's software emulator, `qemu-system-i386 -accel tcg`.
+    #[value(name = "qemu-tcg")]
+    QemuTcg,
+    /// The workload's user-space part run directly on the host.
+    Native,
+}
+
+impl std::fmt::Display for BenchEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BenchEngine::Bt => "bt",
+            BenchEngine::Interp => "interp",
+            BenchEngine::Kvm => "kvm",
+            BenchEngine::QemuTcg => "qemu-tcg",
+            BenchEngine::Native => "native",
+        })
+    }
+}
+
+/// Whether an engine runs on this host, and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Availability {
+    /// It runs; the text says what exactly (a version, which KVM).
+    Runs(String),
+    /// It does not run here, for the reason given.
+    Unavailable(String),
+}
+
+impl Availability {
+    /// Whether samples can be taken.
+    pub fn runs(&self) -> bool {
+        matches!(self, Availability::Runs(_))
+    }
+
+    /// The description or the reason.
+    pub fn reason(&self) -> &str {
+        match self {
+            Availability::Runs(s) | Availability::Unavailable(s) => s,
+        }
+    }
+}
+
+/// One sample of one workload on one engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sample {
+    /// Nanoseconds per operation.
+    Ok(f64),
+    /// The run failed; `log` is everything it printed.
+    Failed {
+        /// One line saying why.
+        reason: String,
+        /// The command, its output and its status.
+        log: String,
+    },
+}
+
+/// Takes samples: starts each engine as a child process with a time limit.
+pub struct Runner {
+    timeout: Duration,
+    bt86: Option<PathBuf>,
+    qemu: Option<PathBuf>,
+    /// The host TSC's rate, which QEMU TCG passes through to its guests.
+    host_tsc_hz: u64,
+}
+
+const QEMU: &str = "qemu-system-i386";
+
+impl Runner {
+    /// A runner whose samples may take up to `timeout` each.
+    pub fn new(timeout: Duration) -> Self {
+        Runner {
+            timeout,
+            bt86: std::env::current_exe().ok(),
+            qemu: find_in_path(QEMU),
+            host_tsc_hz: vmdriver::host::tsc_hz(Duration::from_millis(50)),
+        }
+    }
+
+    /// Whether `engine` can run the nano suite here.
+    pub fn availability(&self, engine: BenchEngine) -> Availability {
+        let own = |kind: EngineKind| {
+            if !EngineKind::available().contains(&kind) {
+                Availability::Unavailable(format!("the {kind} engine is not built yet"))
+            } else if self.bt86.is_none() {
+                Availability::Unavailable("cannot find the bt86 executable".into())
+            } else {
+                Availability::Runs(format!("bt86 {} engine", kind.name()))
+            }
+        };
+        match engine {
+            BenchEngine::Bt => own(EngineKind::Bt),
+            BenchEngine::Interp => own(EngineKind::Interp),
+            BenchEngine::Kvm => match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+            {
+                Err(e) => Availability::Unavailable(format!("cannot open /dev/kvm: {e}")),
+                Ok(_) => match own(EngineKind::Kvm) {
+                    Availability::Runs(_) => Availability::Runs(kvm_description()),
+                    other => other,
+                },
+            },
+            BenchEngine::QemuTcg => match &self.qemu {
+                None => Availability::Unavailable(format!(
+                    "{QEMU} is not installed (scripts/setup.sh installs it)"
+                )),
+                Some(q) => Availability::Runs(qemu_version(q)),
+            },
+            BenchEngine::Native => Availability::Unavailable(
+                "nano kernels run privileged guest code; native applies to user-space workloads"
+                    .into(),
+            ),
+        }
+    }
+
+    /// Runs the nano kernel `kernel` (workload `workload`) once on `engine`.
+    pub fn nano(&self, engine: BenchEngine, workload: &str, kernel: &Path, dir: &Path) -> Sample {
+        let (mut cmd, tsc_hz) = match engine {
+            BenchEngine::Bt | BenchEngine::Interp | BenchEngine::Kvm => {
+                let Some(bt86) = &self.bt86 else {
+                    return failed("cannot find the bt86 executable", String::new());
+                };
+                let mut cmd = Command::new(bt86);
+                cmd.arg("run")
+                    .arg("--kernel")
+                    .arg(kernel)
+                    .args(["--memory", "32", "--serial", "stdio", "--stats", "--engine"])
+                    .arg(engine.to_string());
+                (cmd, None)
+            }
+            BenchEngine::QemuTcg => {
+                let Some(qemu) = &self.qemu else {
+                    return failed("qemu is not installed", String::new());
+                };
+                let mut cmd = Command::new(qemu);
+                cmd.args(["-accel", "tcg", "-M", "pc", "-m", "32", "-nodefaults"])
+                    .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
+                    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+                    .arg("-kernel")
+                    .arg(kernel);
+                (cmd, Some(self.host_tsc_hz))
+            }
+            BenchEngine::Native => {
+                return failed("native cannot run nano kernels", String::new());
+            }
+        };
+        cmd.current_dir(dir);
+        let run = match run_with_timeout(&mut cmd, self.timeout, dir) {
+            Ok(run) => run,
+            Err(e) => return failed(&format!("cannot start {engine}: {e}"), String::new()),
+        };
+        let log = format!(
+            "command: {cmd:?}\nstatus: {}\n--- stdout\n{}\n--- stderr\n{}\n",
+            run.status
+                .map_or("killed (time limit)".to_string(), |s| s.to_string()),
+            run.stdout,
+            run.stderr
+        );
+        let expected = i32::from(nano::EXIT_VALUE) << 1 | 1;
+        if run.status != Some(expected) {
+            let why = match run.status {
+                None => format!("stopped after {} s", self.timeout.as_secs()),
+                Some(s) if s == i32::from(nano::FAIL_VALUE) << 1 | 1 => run
+                    .stdout
+                    .lines()
+                    .find(|l| l.contains("unexpected exception"))
+                    .map_or("the guest took an unexpected exception".into(), |l| {
+                        l.trim_start_matches(&format!("nano {workload} "))
+                            .to_string()
+                    }),
+                Some(s) => format!("exit status {s}, not {expected}"),
+            };
+            return failed(&why, log);
+        }
+        let Some(m) = nano::parse_output(workload, &run.stdout) else {
+            return failed("the guest printed no result line", log);
+        };
+        let Some(hz) = tsc_hz.or_else(|| stated_tsc_hz(&run.stderr)) else {
+            return failed("the engine did not state its TSC rate", log);
+        };
+        if m.ops == 0 || hz == 0 {
+            return failed("the guest timed no operations", log);
+        }
+        Sample::Ok(m.cycles as f64 * 1e9 / hz as f64 / m.ops as f64)
+    }
+}
+
+fn failed(reason: &str, log: String) -> Sample {
+    Sample::Failed {
+        reason: reason.to_string(),
+        log,
+    }
+}
+
+/// The TSC rate `bt86 run --stats` prints.
+fn stated_tsc_hz(stats: &str) -> Option<u64> {
+    stats.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("guest TSC rate")?
+            .trim()
+            .strip_suffix(" Hz")?
+            .parse()
+            .ok()
+    })
+}
+
+struct Finished {
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` with its output in files under `dir`, killing it after `timeout`.
+fn run_with_timeout(cmd: &mut Command, timeout: Duration, dir: &Path) -> std::io::Result<Finished> {
+    let out_path = dir.join("sample.stdout");
+    let err_path = dir.join("sample.stderr");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status.code();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let read = |p: &Path| {
+        std::fs::read(p)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    Ok(Finished {
+        status,
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    })
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn qemu_version(qemu: &Path) -> String {
+    Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| QEMU.to_string())
+}
+
+/// Which KVM this is: on our own machines /dev/kvm is the PVM module (software nested
+/// virtualization), whose numbers are not hardware KVM's.
+fn kvm_description() -> String {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        "KVM via PVM (software nested virtualization, not VT-x/AMD-V)".into()
+    } else if Path::new("/sys/module/kvm_intel").exists() {
+        "KVM with Intel VT-x".into()
+    } else if Path::new("/sys/module/kvm_amd").exists() {
+        "KVM with AMD-V".into()
+    } else {
+        "KVM".into()
+    }
+}
+
+/// One line about the host: CPU model, CPU count, kernel.
+pub fn host_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    format!("{cpu}, {cpus} CPUs, Linux {kernel}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stated_tsc_rate_is_read_from_stats() {
+        let stats = "bt86 statistics (engine interp)\n  guest TSC rate       1000000000 Hz\n";
+        assert_eq!(stated_tsc_hz(stats), Some(1_000_000_000));
+        assert_eq!(stated_tsc_hz("  guest TSC rate       unknown\n"), None);
+    }
+
+    #[test]
+    fn native_never_runs_nano_kernels() {
+        let r = Runner::new(Duration::from_secs(1));
+        assert!(!r.availability(BenchEngine::Native).runs());
+    }
+}

@@ -1,0 +1,141 @@
+//! The bench chart: one group of horizontal bars per workload, one bar per engine, on a
+//! logarithmic nanosecond axis (engines differ by orders of magnitude), as standalone SVG.
+
+use super::report::Report;
+
+const COLOURS: [&str; 6] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+];
+const LEFT: f64 = 150.0;
+const WIDTH: f64 = 900.0;
+const BAR: f64 = 12.0;
+const GAP: f64 = 10.0;
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Draws the report's medians.
+pub fn svg(report: &Report) -> String {
+    let engines: Vec<&str> = report.engine_names().collect();
+    let rows: Vec<(&str, Vec<Option<f64>>)> = report.medians().collect();
+    let values = rows.iter().flat_map(|(_, v)| v.iter().flatten().copied());
+    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    // Whole decades around the data.
+    let (d0, d1) = if lo <= hi && lo > 0.0 {
+        (
+            lo.log10().floor(),
+            hi.log10().ceil().max(lo.log10().floor() + 1.0),
+        )
+    } else {
+        (0.0, 1.0)
+    };
+    let x = |v: f64| LEFT + (v.log10() - d0) / (d1 - d0) * (WIDTH - LEFT - 20.0);
+    let group = engines.len() as f64 * BAR + GAP;
+    let top = 40.0 + 18.0 * engines.len() as f64;
+    let height = top + group * rows.len() as f64 + 40.0;
+
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"18\" font-size=\"14\">bt86 bench: ns per operation (median, log scale)</text>\n"
+    );
+    for (i, e) in engines.iter().enumerate() {
+        let y = 30.0 + 18.0 * i as f64;
+        s += &format!(
+            "<rect x=\"10\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/>\
+             <text x=\"28\" y=\"{}\">{}</text>\n",
+            COLOURS[i % COLOURS.len()],
+            y + 10.0,
+            escape(e)
+        );
+    }
+    let mut decade = d0;
+    while decade <= d1 {
+        let gx = x(10f64.powf(decade));
+        let bottom = height - 30.0;
+        s += &format!(
+            "<line x1=\"{gx:.1}\" y1=\"{top}\" x2=\"{gx:.1}\" y2=\"{bottom}\" stroke=\"#ccc\"/>\
+             <text x=\"{gx:.1}\" y=\"{}\" text-anchor=\"middle\">{} ns</text>\n",
+            bottom + 14.0,
+            10f64.powf(decade)
+        );
+        decade += 1.0;
+    }
+    for (r, (name, medians)) in rows.iter().enumerate() {
+        let gy = top + group * r as f64;
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n",
+            LEFT - 6.0,
+            gy + group / 2.0,
+            escape(name)
+        );
+        for (i, m) in medians.iter().enumerate() {
+            let y = gy + BAR * i as f64;
+            match m {
+                Some(v) => {
+                    s += &format!(
+                        "<rect x=\"{LEFT}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\">\
+                         <title>{}: {v:.2} ns</title></rect>\n",
+                        (x(*v) - LEFT).max(1.0),
+                        BAR - 2.0,
+                        COLOURS[i % COLOURS.len()],
+                        escape(engines[i])
+                    );
+                }
+                None => {
+                    s += &format!(
+                        "<text x=\"{}\" y=\"{}\" fill=\"#888\">{}: no result</text>\n",
+                        LEFT + 4.0,
+                        y + BAR - 3.0,
+                        escape(engines[i])
+                    );
+                }
+            }
+        }
+    }
+    s += "</svg>\n";
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::engines::Availability;
+    use super::super::report::{Cell, Row};
+    use super::*;
+
+    #[test]
+    fn bars_are_drawn_per_engine_and_missing_results_are_labelled() {
+        let report = Report::new(
+            "nano",
+            1,
+            vec![
+                ("interp".into(), Availability::Runs("i".into())),
+                ("kvm".into(), Availability::Runs("k".into())),
+            ],
+            None,
+            vec![Row {
+                workload: "in<1>".into(),
+                operation: "x".into(),
+                iterations: 1,
+                cells: vec![
+                    Cell::Measured(vec![1000.0]),
+                    Cell::Failed {
+                        reason: "r".into(),
+                        log: None,
+                    },
+                ],
+            }],
+            "h".into(),
+        );
+        let svg = svg(&report);
+        assert!(svg.starts_with("<svg"), "{svg}");
+        assert!(svg.contains("<title>interp: 1000.00 ns</title>"), "{svg}");
+        assert!(svg.contains("kvm: no result"), "{svg}");
+        assert!(svg.contains("in&lt;1&gt;"), "{svg}");
+        assert!(svg.contains("1000 ns"), "{svg}");
+    }
+}
