@@ -3,6 +3,8 @@
 
 use iced_x86::code_asm::*;
 
+mod modes;
+
 use crate::kit::{AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, reset_rom};
 
 /// Emits a piece of test code.
@@ -68,6 +70,12 @@ pub const CATALOG: &[Entry] = &[
         name: "rings",
         about: "ring 3 through IRET: syscalls, #GP and #PF from user mode, an I/O bitmap, a call gate, SYSENTER/SYSEXIT",
         build: rings,
+        firmware: false,
+    },
+    Entry {
+        name: "modes",
+        about: "32-bit to 16-bit protected mode (286 gate and TSS task switch), real mode, big real mode, and back",
+        build: modes::modes,
         firmware: false,
     },
     Entry {

@@ -290,6 +290,42 @@ fn hardware_task_switches_match_qemu() {
 }
 
 #[test]
+fn mode_switches_16_bit_protected_mode_and_286_tasks_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "modes");
+    let guest = Guest::kernel(dir.path(), &k);
+    let Some((_, ours)) = compare_on("modes", &guest, &protected_mode_engines()) else {
+        return;
+    };
+    let text = ours.serial_text();
+    // A 286 interrupt gate pushes a 6-byte frame: SP 0x7000 - 2 (BP) - 6.
+    assert!(
+        text.contains("int 0x40 through a 16-bit gate: cs=0018 flags=0046 sp=6ff8"),
+        "{text}"
+    );
+    assert!(text.contains("back from int 0x40: sp=7000"), "{text}");
+    // CALL to a 286 TSS: NT set, link = task A, A's registers saved in its 16-bit TSS.
+    assert!(
+        text.contains("task B: cs=0018 ax=1234 sp=6000 nt=4000 link=0028 saved-a-ax=a1a1 tr=0030"),
+        "{text}"
+    );
+    assert!(
+        text.contains("back in task A: ax=a1a1 nt=0000 tr=0028"),
+        "{text}"
+    );
+    assert!(text.contains("int 0x41 through the IVT: cs=0000"), "{text}");
+    assert!(
+        text.contains("big real mode read above 1 MiB: 00b16ea1"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("back in 32-bit protected mode: cs=00000008\n"),
+        "{text}"
+    );
+    assert_eq!(ours.status, Some(0x35));
+}
+
+#[test]
 fn timer_interrupts_while_halted_match_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let k = write_kit_kernel(dir.path(), "timer");

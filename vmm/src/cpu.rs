@@ -63,6 +63,8 @@ pub mod cr0 {
 pub mod cr4 {
     /// Time-stamp disable: RDTSC is privileged.
     pub const TSD: u32 = 1 << 2;
+    /// Debugging extensions: I/O breakpoints, DR4/DR5 no longer alias DR6/DR7.
+    pub const DE: u32 = 1 << 3;
     /// Page size extensions: 4 MiB pages.
     pub const PSE: u32 = 1 << 4;
     /// Physical address extension.
@@ -70,7 +72,7 @@ pub mod cr4 {
     /// Page global enable.
     pub const PGE: u32 = 1 << 7;
     /// The bits this CPU model implements; setting any other is #GP.
-    pub const SUPPORTED: u32 = TSD | PSE | PAE | PGE;
+    pub const SUPPORTED: u32 = TSD | DE | PSE | PAE | PGE;
 }
 
 /// Index of a segment register in [`CpuState::seg`], in encoding order.
@@ -89,6 +91,18 @@ pub enum SegReg {
     Fs = 4,
     /// GS.
     Gs = 5,
+}
+
+impl SegReg {
+    /// Every segment register, in encoding order.
+    pub const ALL: [SegReg; 6] = [
+        SegReg::Es,
+        SegReg::Cs,
+        SegReg::Ss,
+        SegReg::Ds,
+        SegReg::Fs,
+        SegReg::Gs,
+    ];
 }
 
 /// A segment register: the visible selector and the hidden descriptor cache.

@@ -699,6 +699,20 @@ impl Interp {
         }
     }
 
+    /// Records the I/O breakpoints (DR7 R/W = 10, only with CR4.DE) an access of `len` bytes at
+    /// `port` hits; like data breakpoints they trap after the instruction.
+    fn watch_port(&self, port: u16, len: usize) {
+        if self.cpu.dr[7] & 0xFF == 0 || self.cpu.cr4 & cr4::DE == 0 {
+            return;
+        }
+        let (first_port, last_port) = (u32::from(port), u32::from(port) + len as u32 - 1);
+        for (i, kind, first, last) in self.breakpoints() {
+            if kind == 0b10 && first_port <= last && first <= last_port {
+                self.data_hits.set(self.data_hits.get() | (1 << i));
+            }
+        }
+    }
+
     /// The instruction breakpoints matching the instruction at `linear` (as DR6 B bits).
     fn instruction_breakpoints(&self, linear: u32) -> u32 {
         if self.cpu.dr[7] & 0xFF == 0 || self.cpu.eflags & flags::RF != 0 {
@@ -1015,9 +1029,12 @@ impl Interp {
         let gate_type = ((gate >> 40) & 0x1F) as u8;
         let gate_dpl = ((gate >> 45) & 3) as u8;
         let present = gate & (1 << 47) != 0;
-        let trap = match gate_type {
-            0x0E => false,
-            0x0F => true,
+        // (trap gate, push size): 286 gates push 16-bit frames and jump to a 16-bit offset.
+        let (trap, size) = match gate_type {
+            0x0E => (false, 4),
+            0x0F => (true, 4),
+            0x06 => (false, 2),
+            0x07 => (true, 2),
             0x05 => {
                 if software && gate_dpl < self.cpu.cpl() {
                     return Err(Fault::Exception(vector::GP, idt_err));
@@ -1028,7 +1045,6 @@ impl Interp {
                 let tss = (gate >> 16) as u16;
                 return self.task_switch(tss, transfer::TaskSwitch::Interrupt, ret, code, io);
             }
-            0x06 | 0x07 => return unsupported("a 16-bit interrupt gate"),
             _ => return Err(Fault::Exception(vector::GP, idt_err)),
         };
         if software && gate_dpl < self.cpu.cpl() {
@@ -1038,7 +1054,10 @@ impl Interp {
             return Err(Fault::Exception(vector::NP, idt_err));
         }
         let selector = (gate >> 16) as u16;
-        let offset = (gate & 0xFFFF) as u32 | ((gate >> 32) as u32 & 0xFFFF_0000);
+        let mut offset = (gate & 0xFFFF) as u32;
+        if size == 4 {
+            offset |= (gate >> 32) as u32 & 0xFFFF_0000;
+        }
         if selector & !3 == 0 {
             return gp0();
         }
@@ -1058,7 +1077,12 @@ impl Interp {
         } else {
             self.cpu.eflags & !flags::RF
         };
-        self.enter_handler(target, offset, eflags, ret, code, io)?;
+        let handler = transfer::Handler {
+            target,
+            offset,
+            size,
+        };
+        self.enter_handler(handler, eflags, ret, code, io)?;
         self.cpu.eflags &= !(flags::TF | flags::NT | flags::RF | flags::VM);
         if !trap {
             self.cpu.eflags &= !flags::IF;
@@ -1453,6 +1477,7 @@ impl Interp {
                     let v = self.reg(r).to_le_bytes();
                     io.pio_write(port, &v[..r.size()]);
                 }
+                self.watch_port(port, width);
                 exit = Some(VmExit::Io);
             }
             M::Hlt => {
@@ -2147,6 +2172,49 @@ mod tests {
         i.memory.read(u64::from(seen[0]), &mut b).unwrap();
         assert_eq!(b[0], 0x90, "trap after the byte store, on the NOP");
         assert_eq!(seen[1] & 0xF, 0b0010, "DR6.B1");
+    }
+
+    #[test]
+    fn io_breakpoints_need_cr4_de_and_trap_after_the_access() {
+        // DR2 watches ports 0x70-0x71 (2 bytes); DR4 is #UD once CR4.DE is set.
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.mov(eax, 0x70u32)?;
+                a.mov(dr2, eax)?;
+                a.mov(eax, (1u32 << 4) | (0b10 << 24) | (0b01 << 26))?; // L2, I/O, 2 bytes
+                a.mov(dr7, eax)?;
+                a.out(0x71, al)?; // CR4.DE clear: R/W = 10 is not an I/O breakpoint
+                a.mov(eax, cr4)?;
+                a.or(eax, 1u32 << 3)?;
+                a.mov(cr4, eax)?;
+                a.out(0x72, al)?; // outside the range
+                a.mov(dx, 0x71u32)?;
+                a.in_(al, dx)?; // hit: #DB after the IN; the handler skips three NOPs
+                a.nop()?;
+                a.nop()?;
+                a.nop()?;
+                a.mov(eax, dr4)?; // #UD with CR4.DE
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                a.set_label(handler)?;
+                a.mov(eax, dword_ptr(esp))?;
+                a.out(0x80, eax)?;
+                a.mov(eax, dr6)?;
+                a.out(0x80, eax)?;
+                a.add(dword_ptr(esp), 3u32)?; // past the NOPs, or past MOV EAX, DR4
+                a.iretd()?;
+                Ok(())
+            },
+            &[(1, 0x8E), (6, 0x8E)],
+        );
+        let seen = run_to_exit(&mut i, &mut p);
+        assert_eq!(seen.len(), 4, "one #DB and one #UD: {seen:x?}");
+        let mut b = [0u8; 3];
+        i.memory.read(u64::from(seen[0]), &mut b).unwrap();
+        assert_eq!(b, [0x90, 0x90, 0x90], "#DB after the IN, on the NOPs");
+        assert_eq!(seen[1] & 0xF, 0b0100, "DR6.B2");
+        i.memory.read(u64::from(seen[2]), &mut b).unwrap();
+        assert_eq!(b, [0x0F, 0x21, 0xE0], "#UD at MOV EAX, DR4");
     }
 
     #[test]

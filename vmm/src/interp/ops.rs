@@ -109,12 +109,14 @@ impl Interp {
                     self.linear(SegReg::Es, di, size)?;
                     let mut b = [0u8; 4];
                     io.pio_read(self.cpu.gpr[2] as u16, &mut b[..size as usize]);
+                    self.watch_port(self.cpu.gpr[2] as u16, size as usize);
                     self.write_mem(SegReg::Es, di, size, u32::from_le_bytes(b), io)?;
                     self.bump(edi, step, amask);
                 }
                 M::Outsb | M::Outsw | M::Outsd => {
                     let v = self.read_mem(src, si, size, io)?;
                     io.pio_write(self.cpu.gpr[2] as u16, &v.to_le_bytes()[..size as usize]);
+                    self.watch_port(self.cpu.gpr[2] as u16, size as usize);
                     self.bump(esi, step, amask);
                 }
                 _ => return unsupported(format!("'{ins}'")),

@@ -4,18 +4,25 @@
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use vmdriver::IoHandler;
 
-use super::{Fault, Interp, Step, gp0, unsupported, vector};
-use crate::cpu::{SegReg, Segment, cr0, flags};
+use super::{Fault, Interp, Step, gp0, vector};
+use crate::cpu::{SegReg, Segment, cr0, cr4, flags};
 
 /// The time-stamp counter's rate: the guest's TSC counts host nanoseconds (1 GHz).
 pub const TSC_HZ: u64 = 1_000_000_000;
 
 /// CPUID leaf 0/1 identity: a Pentium II class P6 (family 6, model 3, stepping 3).
 const SIGNATURE: u32 = 0x0000_0633;
-/// CPUID.1:EDX bits for what this interpreter really implements: PSE, TSC, MSR, PAE, CX8, SEP,
-/// PGE, CMOV.
-const FEATURES_EDX: u32 =
-    (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 11) | (1 << 13) | (1 << 15);
+/// CPUID.1:EDX bits for what this interpreter really implements: DE, PSE, TSC, MSR, PAE, CX8,
+/// SEP, PGE, CMOV.
+const FEATURES_EDX: u32 = (1 << 2)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 8)
+    | (1 << 11)
+    | (1 << 13)
+    | (1 << 15);
 /// The highest basic leaf.
 const MAX_LEAF: u32 = 2;
 
@@ -305,9 +312,14 @@ impl Interp {
                     return Err(Fault::Exception(vector::DB, None));
                 }
                 let (dst, src) = (ins.op0_register(), ins.op1_register());
+                let de = self.cpu.cr4 & cr4::DE != 0;
+                let dr = if src.is_dr() { src } else { dst };
+                if de && matches!(dr.number(), 4 | 5) {
+                    return Err(Fault::Exception(vector::UD, None));
+                }
+                // DR4 and DR5 alias DR6 and DR7 while CR4.DE is clear.
                 let index = |r: Register| {
                     let n = r.number();
-                    // DR4 and DR5 alias DR6 and DR7 while CR4.DE is clear.
                     if n == 4 || n == 5 { n + 2 } else { n }
                 };
                 if src.is_dr() {
@@ -321,11 +333,6 @@ impl Interp {
                         7 => (v | 0x400) & !0x2000,
                         _ => v,
                     };
-                    let io_breakpoint =
-                        (0..4).any(|i| v & (3 << (2 * i)) != 0 && (v >> (16 + 4 * i)) & 3 == 0b10);
-                    if n == 7 && io_breakpoint {
-                        return unsupported("I/O breakpoints (DR7 R/W = 10)");
-                    }
                 }
             }
             _ => return Ok(false),

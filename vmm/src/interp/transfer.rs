@@ -26,6 +26,75 @@ pub(super) enum TaskSwitch {
     Iret,
 }
 
+/// Where a TSS keeps the state a task switch saves and loads: the 32-bit TSS (descriptor types
+/// 9/11) or the 80286's 16-bit TSS (types 1/3), Intel SDM vol. 3 sections 7.2.1 and 7.6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TssFormat {
+    wide: bool,
+}
+
+impl TssFormat {
+    /// The format of a TSS descriptor's type (busy or not), if it is a TSS.
+    fn of(access: u8) -> Option<Self> {
+        match access & 0x1F {
+            0x09 | 0x0B => Some(TssFormat { wide: true }),
+            0x01 | 0x03 => Some(TssFormat { wide: false }),
+            _ => None,
+        }
+    }
+
+    /// The smallest limit the processor accepts for a task switch.
+    fn min_limit(self) -> u32 {
+        if self.wide { 0x67 } else { 0x2B }
+    }
+
+    /// Width in bytes of the register fields.
+    fn width(self) -> usize {
+        if self.wide { 4 } else { 2 }
+    }
+
+    /// (stack pointer offset, stack segment offset) for privilege level `dpl`.
+    fn stack(self, dpl: u8) -> (u32, u32) {
+        let dpl = u32::from(dpl);
+        if self.wide {
+            (4 + 8 * dpl, 8 + 8 * dpl)
+        } else {
+            (2 + 4 * dpl, 4 + 4 * dpl)
+        }
+    }
+
+    /// Offset of EIP; EFLAGS, then the eight general registers follow it field by field.
+    fn eip(self) -> usize {
+        if self.wide { 0x20 } else { 0x0E }
+    }
+
+    /// Offset of a segment selector field (a 16-bit TSS has no FS or GS).
+    fn segment(self, s: usize) -> Option<usize> {
+        if self.wide {
+            Some(0x48 + 4 * s)
+        } else {
+            [0x22, 0x24, 0x26, 0x28, usize::MAX, usize::MAX]
+                .get(s)
+                .copied()
+                .filter(|&o| o != usize::MAX)
+        }
+    }
+
+    /// Offset of the LDT selector.
+    fn ldt(self) -> usize {
+        if self.wide { 0x60 } else { 0x2A }
+    }
+}
+
+/// Where an interrupt or trap gate leads: the handler's code segment, its offset, and the size
+/// of the frame it expects (4 for 32-bit gates, 2 for 286 gates).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Handler {
+    pub(super) target: Segment,
+    pub(super) offset: u32,
+    pub(super) size: u32,
+}
+
 /// What a transfer may have to put back.
 #[derive(Clone, Copy)]
 pub(super) struct Saved {
@@ -78,13 +147,14 @@ impl Interp {
         Ok(u32::from_le_bytes(b))
     }
 
-    /// The stack for privilege level `dpl` from the current 32-bit TSS: (SS, ESP).
+    /// The stack for privilege level `dpl` from the current TSS (32- or 16-bit): (SS, ESP).
     fn tss_stack(&self, dpl: u8, io: &mut dyn IoHandler) -> Step<(u16, u32)> {
-        if self.cpu.tr.access & 0x0F != 0x0B {
-            return unsupported("a stack switch through a 16-bit or missing TSS");
-        }
-        let esp = self.tss_read(4 + 8 * u32::from(dpl), 4, io)?;
-        let ss = self.tss_read(8 + 8 * u32::from(dpl), 2, io)? as u16;
+        let Some(format) = TssFormat::of(self.cpu.tr.access) else {
+            return unsupported("a stack switch with no TSS loaded");
+        };
+        let (sp_at, ss_at) = format.stack(dpl);
+        let esp = self.tss_read(sp_at, format.width() as u32, io)?;
+        let ss = self.tss_read(ss_at, 2, io)? as u16;
         Ok((ss, esp))
     }
 
@@ -442,15 +512,19 @@ impl Interp {
     /// push; `ret` the return EIP; `code` the error code.
     pub(super) fn enter_handler(
         &mut self,
-        target: Segment,
-        offset: u32,
+        handler: Handler,
         eflags: u32,
         ret: u32,
         code: Option<u32>,
         io: &mut dyn IoHandler,
     ) -> Step {
+        let Handler {
+            target,
+            offset,
+            size,
+        } = handler;
         if self.cpu.eflags & flags::VM != 0 {
-            return self.enter_handler_from_v86(target, offset, eflags, ret, code, io);
+            return self.enter_handler_from_v86(handler, eflags, ret, code, io);
         }
         let cpl = self.cpu.cpl();
         let inner = target.access & 0x04 == 0 && target.dpl() < cpl;
@@ -459,15 +533,15 @@ impl Interp {
             if inner {
                 let new_cpl = target.dpl();
                 s.set_cs(target, new_cpl);
-                s.switch_to_inner_stack(new_cpl, 4, io)?;
+                s.switch_to_inner_stack(new_cpl, size, io)?;
             } else {
                 s.set_cs(target, cpl);
             }
-            s.push(eflags, 4, io)?;
-            s.push(u32::from(old_cs), 4, io)?;
-            s.push(ret, 4, io)?;
+            s.push(eflags, size, io)?;
+            s.push(u32::from(old_cs), size, io)?;
+            s.push(ret, size, io)?;
             if let Some(c) = code {
-                s.push(c, 4, io)?;
+                s.push(c, size, io)?;
             }
             s.cpu.eip = offset;
             Ok(())
@@ -505,13 +579,17 @@ impl Interp {
     /// segment registers.
     fn enter_handler_from_v86(
         &mut self,
-        target: Segment,
-        offset: u32,
+        handler: Handler,
         eflags: u32,
         ret: u32,
         code: Option<u32>,
         io: &mut dyn IoHandler,
     ) -> Step {
+        let Handler {
+            target,
+            offset,
+            size,
+        } = handler;
         if target.dpl() != 0 || target.access & 0x04 != 0 {
             return Err(Fault::Exception(
                 vector::GP,
@@ -528,15 +606,15 @@ impl Interp {
             s.cpu.seg[SegReg::Ss as usize] = ss;
             s.cpu.gpr[4] = esp;
             for seg in [SegReg::Gs, SegReg::Fs, SegReg::Ds, SegReg::Es] {
-                s.push(u32::from(old.seg[seg as usize].selector), 4, io)?;
+                s.push(u32::from(old.seg[seg as usize].selector), size, io)?;
             }
-            s.push(u32::from(old.seg[SegReg::Ss as usize].selector), 4, io)?;
-            s.push(old.esp, 4, io)?;
-            s.push(eflags, 4, io)?;
-            s.push(u32::from(old.seg[SegReg::Cs as usize].selector), 4, io)?;
-            s.push(ret, 4, io)?;
+            s.push(u32::from(old.seg[SegReg::Ss as usize].selector), size, io)?;
+            s.push(old.esp, size, io)?;
+            s.push(eflags, size, io)?;
+            s.push(u32::from(old.seg[SegReg::Cs as usize].selector), size, io)?;
+            s.push(ret, size, io)?;
             if let Some(c) = code {
-                s.push(c, 4, io)?;
+                s.push(c, size, io)?;
             }
             for seg in [SegReg::Es, SegReg::Ds, SegReg::Fs, SegReg::Gs] {
                 s.cpu.seg[seg as usize] = Segment::default();
@@ -565,13 +643,10 @@ impl Interp {
         }
         let raw = self.descriptor(selector, io)?;
         let new = Segment::from_descriptor(selector, raw);
-        let ty = new.access & 0x1F;
-        match ty {
-            0x09 | 0x0B => {}
-            0x01 | 0x03 => return unsupported("a task switch to a 16-bit TSS"),
-            _ => return Err(Fault::Exception(vector::GP, err)),
-        }
-        let busy = ty == 0x0B;
+        let Some(format) = TssFormat::of(new.access) else {
+            return Err(Fault::Exception(vector::GP, err));
+        };
+        let busy = new.access & 0x02 != 0;
         if (kind == TaskSwitch::Iret) != busy {
             let v = if kind == TaskSwitch::Iret {
                 TS
@@ -583,34 +658,49 @@ impl Interp {
         if !new.present() {
             return Err(Fault::Exception(vector::NP, err));
         }
-        if new.limit < 0x67 {
+        if new.limit < format.min_limit() {
             return Err(Fault::Exception(TS, err));
         }
-        if self.cpu.tr.access & 0x0F != 0x0B || self.cpu.tr.limit < 0x67 {
-            return unsupported("a task switch away from a 16-bit or missing TSS");
-        }
+        let Some(old_format) =
+            TssFormat::of(self.cpu.tr.access).filter(|f| self.cpu.tr.limit >= f.min_limit())
+        else {
+            return unsupported("a task switch with no valid current TSS");
+        };
         // Read the whole new TSS before anything changes.
         let mut image = [0u8; 0x68];
-        self.read_lin(new.base, &mut image, false, io)?;
-        let field = |off: usize| u32::from_le_bytes(image[off..off + 4].try_into().expect("4"));
+        let image = &mut image[..format.min_limit() as usize + 1];
+        self.read_lin(new.base, image, false, io)?;
+        let width = format.width();
+        let field = |off: usize| {
+            let mut b = [0u8; 4];
+            b[..width].copy_from_slice(&image[off..off + width]);
+            u32::from_le_bytes(b)
+        };
 
-        // Save the outgoing task.
+        // Save the outgoing task: EIP, EFLAGS, the general registers, the selectors.
         let old_tr = self.cpu.tr;
         let mut out_flags = self.cpu.eflags;
         if kind == TaskSwitch::Iret {
             out_flags &= !flags::NT;
         }
-        let mut save = [0u8; 0x48];
-        let mut put = |off: usize, v: u32| save[off..off + 4].copy_from_slice(&v.to_le_bytes());
-        put(0x00, ret);
-        put(0x04, out_flags);
+        let w = old_format.width();
+        let start = old_format.eip();
+        // From EIP up to the LDT selector, which a task switch never writes.
+        let mut save = vec![0u8; old_format.ldt() - start];
+        let mut put = |off: usize, v: u32, len: usize| {
+            save[off - start..off - start + len].copy_from_slice(&v.to_le_bytes()[..len])
+        };
+        put(start, ret, w);
+        put(start + w, out_flags, w);
         for (i, v) in self.cpu.gpr.iter().enumerate() {
-            put(0x08 + 4 * i, *v);
+            put(start + (2 + i) * w, *v, w);
         }
         for (i, seg) in self.cpu.seg.iter().enumerate() {
-            put(0x28 + 4 * i, u32::from(seg.selector));
+            if let Some(off) = old_format.segment(i) {
+                put(off, u32::from(seg.selector), 2);
+            }
         }
-        self.write_lin(old_tr.base.wrapping_add(0x20), &save[..0x40], false, io)?;
+        self.write_lin(old_tr.base.wrapping_add(start as u32), &save, false, io)?;
 
         // Busy bits and the link.
         let set_busy = |s: &mut Self, sel: u16, on: bool, io: &mut dyn IoHandler| -> Step {
@@ -626,7 +716,7 @@ impl Interp {
         if kind != TaskSwitch::Iret {
             set_busy(self, selector, true, io)?;
         }
-        let mut new_flags = field(0x24);
+        let mut new_flags = field(format.eip() + width);
         if matches!(kind, TaskSwitch::Call | TaskSwitch::Interrupt) {
             self.write_lin(
                 new.base,
@@ -643,32 +733,43 @@ impl Interp {
             ..new
         };
         self.cpu.cr0 |= crate::cpu::cr0::TS;
-        if self.paging() {
-            self.cpu.cr3 = field(0x1C);
-            if self.cpu.cr4 & crate::cpu::cr4::PAE != 0 {
-                self.load_pdptes(self.cpu.cr3)?;
+        // Breakpoints enabled locally (L0-L3, LE) belong to the old task (SDM vol. 3, 18.2.4).
+        self.cpu.dr[7] &= !0x155;
+        // A 16-bit TSS has no CR3: the address space stays.
+        if format.wide {
+            let cr3 = u32::from_le_bytes(image[0x1C..0x20].try_into().expect("4 bytes"));
+            self.cpu.cr3 = cr3;
+            if self.paging() {
+                if self.cpu.cr4 & crate::cpu::cr4::PAE != 0 {
+                    self.load_pdptes(cr3)?;
+                }
+                self.flush_tlb(true);
             }
-            self.flush_tlb(true);
-        } else {
-            self.cpu.cr3 = field(0x1C);
         }
-        self.cpu.eip = field(0x20);
+        self.cpu.eip = field(format.eip());
         self.cpu.eflags = (new_flags & flags::WRITABLE) | flags::FIXED;
         for i in 0..8 {
-            self.cpu.gpr[i] = field(0x28 + 4 * i);
+            // From a 16-bit TSS the upper halves read as ones (as Bochs documents the 286
+            // TSS load; the manuals leave them unspecified).
+            let v = field(format.eip() + (2 + i) * width);
+            self.cpu.gpr[i] = if format.wide { v } else { 0xFFFF_0000 | v };
         }
-        let sel = |off: usize| field(off) as u16;
-        let ldt = sel(0x60);
+        let sel = |s: SegReg| {
+            format.segment(s as usize).map_or(0, |off| {
+                u16::from_le_bytes(image[off..off + 2].try_into().expect("2 bytes"))
+            })
+        };
+        let ldt = u16::from_le_bytes(image[format.ldt()..format.ldt() + 2].try_into().expect("2"));
         if self.cpu.eflags & flags::VM != 0 {
-            for (i, off) in [0x48, 0x4C, 0x50, 0x54, 0x58, 0x5C].into_iter().enumerate() {
-                let access = if i == SegReg::Cs as usize { 0xFB } else { 0xF3 };
-                self.cpu.seg[i] = Segment::real(sel(off), access);
+            for s in SegReg::ALL {
+                let access = if s == SegReg::Cs { 0xFB } else { 0xF3 };
+                self.cpu.seg[s as usize] = Segment::real(sel(s), access);
             }
             self.load_task_ldt(ldt, io)?;
         } else {
             self.load_task_ldt(ldt, io)?;
             // CS first: it fixes the new CPL the other checks use.
-            let cs_sel = sel(0x4C);
+            let cs_sel = sel(SegReg::Cs);
             let cs_err = Some(u32::from(cs_sel & !3));
             if cs_sel & !3 == 0 {
                 return Err(Fault::Exception(TS, cs_err));
@@ -682,15 +783,10 @@ impl Interp {
             }
             let cpl = (cs_sel & 3) as u8;
             self.cpu.seg[SegReg::Cs as usize] = cs;
-            let ss = self.stack_segment(sel(0x50), cpl, TS, io)?;
+            let ss = self.stack_segment(sel(SegReg::Ss), cpl, TS, io)?;
             self.cpu.seg[SegReg::Ss as usize] = ss;
-            for (s, off) in [
-                (SegReg::Es, 0x48),
-                (SegReg::Ds, 0x54),
-                (SegReg::Fs, 0x58),
-                (SegReg::Gs, 0x5C),
-            ] {
-                self.load_segment(s, sel(off), io).map_err(|f| match f {
+            for s in [SegReg::Es, SegReg::Ds, SegReg::Fs, SegReg::Gs] {
+                self.load_segment(s, sel(s), io).map_err(|f| match f {
                     Fault::Exception(vector::GP, c) => Fault::Exception(TS, c),
                     other => other,
                 })?;
