@@ -127,6 +127,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "timer-rom",
+        about: "firmware: real-mode PIC and PIT setup, five timer ticks taken halted and five while spinning",
+        build: timer_rom,
+        firmware: true,
+    },
+    Entry {
         name: "reset-rom",
         about: "firmware for --bios: real-mode code at the reset vector prints, calls, and exits",
         build: real_mode_rom,
@@ -1459,5 +1465,91 @@ pub fn real_mode_rom() -> AsmResult<Vec<u8>> {
         a.cli()?;
         a.hlt()?;
         Ok(())
+    })
+}
+
+/// Real-mode firmware taking PIT interrupts through the IVT: five ticks waited for with HLT, then
+/// five while spinning on memory (a guest that never exits on its own). Exits with value 6.
+pub fn timer_rom() -> AsmResult<Vec<u8>> {
+    const TICKS: u32 = 0x500;
+    let body = |a: &mut CodeAssembler, handler_ip: u32, handler: &mut CodeLabel| -> AsmResult {
+        let out = |a: &mut CodeAssembler, text: &str| -> AsmResult {
+            a.mov(dx, 0x3F8u32)?;
+            for c in text.bytes() {
+                a.mov(al, u32::from(c))?;
+                a.out(dx, al)?;
+            }
+            Ok(())
+        };
+        a.cli()?;
+        a.xor(ax, ax)?;
+        a.mov(ds, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(sp, 0x7000u32)?;
+        a.mov(word_ptr(0x20u32), handler_ip)?;
+        a.mov(word_ptr(0x22u32), 0xF000u32)?;
+        a.mov(word_ptr(TICKS), 0u32)?;
+        // 8259A pair: vectors 0x08 and 0x70, cascade on IRQ 2, 8086 mode; only IRQ 0 unmasked.
+        for (port, value) in [
+            (0x20, 0x11),
+            (0x21, 0x08),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0x21, 0xFE),
+            (0xA0, 0x11),
+            (0xA1, 0x70),
+            (0xA1, 0x02),
+            (0xA1, 0x01),
+            (0xA1, 0xFF),
+        ] {
+            a.mov(al, value)?;
+            a.out(port, al)?;
+        }
+        // PIT channel 0, mode 2, 100 Hz.
+        a.mov(al, 0x34u32)?;
+        a.out(0x43, al)?;
+        a.mov(al, 11932u32 & 0xFF)?;
+        a.out(0x40, al)?;
+        a.mov(al, 11932u32 >> 8)?;
+        a.out(0x40, al)?;
+        a.sti()?;
+        let mut halted = a.create_label();
+        a.set_label(&mut halted)?;
+        a.hlt()?;
+        a.cmp(word_ptr(TICKS), 5u32)?;
+        a.jb(halted)?;
+        out(a, "5 ticks while halted\n")?;
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.cmp(word_ptr(TICKS), 10u32)?;
+        a.jb(spin)?;
+        a.cli()?;
+        out(a, "5 more while spinning\n")?;
+        a.mov(al, 6u32)?;
+        a.out(0xF4, al)?;
+        a.hlt()?;
+        // IRQ 0: count and acknowledge.
+        a.set_label(handler)?;
+        a.push(ax)?;
+        a.inc(word_ptr(TICKS))?;
+        a.mov(al, 0x20u32)?;
+        a.out(0x20, al)?;
+        a.pop(ax)?;
+        a.iret()?;
+        Ok(())
+    };
+    // First pass: where the handler lands; the second emits the same code with that address.
+    let mut a = CodeAssembler::new(16)?;
+    let mut handler = a.create_label();
+    body(&mut a, 0, &mut handler)?;
+    let ip = a
+        .assemble_options(
+            0,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )?
+        .label_ip(&handler)? as u32;
+    reset_rom(|a| {
+        let mut handler = a.create_label();
+        body(a, ip, &mut handler)
     })
 }

@@ -16,7 +16,15 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::exit::{GuestRegisters, IoHandler, VmExit};
+use crate::kick::Kicker;
 use crate::memory::{GuestMemory, RegionKind};
+
+/// How often a running guest is brought back to the VM's run loop so device timers and pending
+/// interrupts are serviced even if it never exits on its own.
+const KICK_PERIOD: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// KVM_INTERRUPT: `_IOW(KVMIO, 0x86, struct kvm_interrupt)` (kvm-ioctls has no wrapper).
+const KVM_INTERRUPT: libc::c_ulong = 0x4004_AE86;
 
 /// Where KVM may put the three pages it needs for real-mode emulation on VMX (KVM_SET_TSS_ADDR):
 /// just below the firmware area, inside the MMIO hole, where no RAM or device lives.
@@ -52,6 +60,15 @@ pub enum KvmError {
          code from device memory?) at {0}"
     )]
     Internal(GuestRegisters),
+    /// KVM refused an interrupt (KVM_INTERRUPT failed).
+    #[error("KVM refused to inject interrupt vector {vector:#x}")]
+    Inject {
+        /// The vector.
+        vector: u8,
+        /// The ioctl's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An exit bt86 does not expect from a guest without in-kernel devices.
     #[error("unexpected KVM exit {what} at {regs}")]
     Unexpected {
@@ -91,6 +108,10 @@ pub struct KvmVm {
     // Field order is drop order: the vCPU and VM descriptors close before the memory they map
     // can be unmapped.
     vcpu: VcpuFd,
+    /// Brings KVM_RUN back periodically; created on the thread that runs the vCPU.
+    kicker: Option<Kicker>,
+    /// Whether an interrupt can be injected now (valid after an exit).
+    window: bool,
     _vm: VmFd,
     _kvm: Kvm,
     _memory: Arc<GuestMemory>,
@@ -134,6 +155,8 @@ impl KvmVm {
             .map_err(setup("set the vCPU's CPUID"))?;
         Ok(Self {
             vcpu,
+            kicker: None,
+            window: false,
             _vm: vm,
             _kvm: kvm,
             _memory: memory,
@@ -216,10 +239,31 @@ impl KvmVm {
     ///
     /// Port and MMIO accesses are completed through `io` before this returns [`VmExit::Io`].
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, KvmError> {
+        if !self.kicker.as_ref().is_some_and(Kicker::is_current_thread) {
+            self.kicker = match Kicker::for_current_thread(KICK_PERIOD) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::warn!(
+                        "no periodic kick for the kvm vCPU ({e}): timers are serviced only when \
+                         the guest exits"
+                    );
+                    None
+                }
+            };
+        }
+        let exit = self.run_once(io);
+        let run = self.vcpu.get_kvm_run();
+        self.window = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+        exit
+    }
+
+    fn run_once(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, KvmError> {
         loop {
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                // A kick (or another signal): let the run loop look at its timers.
+                Err(e) if e.errno() == libc::EINTR => return Ok(VmExit::Interrupted),
+                Err(e) if e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Err(KvmError::Run(e)),
             };
             return match exit {
@@ -246,6 +290,7 @@ impl KvmVm {
                     })
                 }
                 VcpuExit::Shutdown => Ok(VmExit::Shutdown),
+                VcpuExit::IrqWindowOpen => Ok(VmExit::Interrupted),
                 VcpuExit::FailEntry(reason, _cpu) => Err(KvmError::FailEntry(reason)),
                 VcpuExit::InternalError => Err(KvmError::Internal(self.registers()?)),
                 other => {
@@ -257,6 +302,37 @@ impl KvmVm {
                 }
             };
         }
+    }
+
+    /// Whether an external interrupt can be injected now: the guest has IF set and is not in an
+    /// interrupt shadow (as KVM reported at the last exit).
+    pub fn interrupt_window(&self) -> bool {
+        self.window
+    }
+
+    /// Asks KVM to exit as soon as the guest can take an interrupt.
+    pub fn request_interrupt_window(&mut self) {
+        self.vcpu.get_kvm_run().request_interrupt_window = 1;
+    }
+
+    /// Queues external interrupt `vector` for delivery at the next entry.
+    pub fn inject_interrupt(&mut self, vector: u8) -> Result<(), KvmError> {
+        use std::os::fd::AsRawFd;
+        let irq = kvm_bindings::kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // SAFETY: KVM_INTERRUPT reads one `struct kvm_interrupt` from the pointer, which is a
+        // live local of that type; the fd is this VM's vCPU.
+        let rc = unsafe { libc::ioctl(self.vcpu.as_raw_fd(), KVM_INTERRUPT, &irq) };
+        if rc != 0 {
+            return Err(KvmError::Inject {
+                vector,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        self.window = false;
+        self.vcpu.get_kvm_run().request_interrupt_window = 0;
+        Ok(())
     }
 
     /// The rate of the guest's TSC in Hz, as KVM reports it (None if KVM cannot say).

@@ -5,6 +5,7 @@
 //! - [`exit`]: the [`VmExit`] enum every engine returns, and the [`IoHandler`] through which engines
 //!   complete port and MMIO accesses.
 //! - [`host`]: facts about the host the monitor measures itself (the TSC rate).
+//! - [`kick`]: a periodic signal that brings a thread out of a blocking `KVM_RUN`.
 //! - [`kvm`]: the KVM engine (hardware-assisted on hosts with VT-x/AMD-V).
 //! - [`native`]: runs unprivileged 32-bit snippets on the host CPU in a 32-bit compatibility-mode
 //!   sandbox, the reference the engines' instruction semantics are checked against.
@@ -13,6 +14,7 @@
 
 pub mod exit;
 pub mod host;
+pub mod kick;
 pub mod kvm;
 pub mod memory;
 pub mod native;

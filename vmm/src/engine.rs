@@ -89,6 +89,9 @@ pub trait Engine {
     fn interrupt_window(&self) -> bool {
         false
     }
+    /// Asks the engine to return as soon as an interrupt can be delivered (engines that check
+    /// for interrupts on every return anyway need nothing).
+    fn request_interrupt_window(&mut self) {}
     /// Delivers external interrupt `vector`; returns an exit if delivery shut the CPU down.
     fn inject_interrupt(
         &mut self,
@@ -153,6 +156,27 @@ impl Engine for KvmEngine {
 
     fn tsc_hz(&self) -> Option<u64> {
         self.vm.tsc_hz()
+    }
+
+    fn supports_interrupts(&self) -> bool {
+        true
+    }
+
+    fn interrupt_window(&self) -> bool {
+        self.vm.interrupt_window()
+    }
+
+    fn request_interrupt_window(&mut self) {
+        self.vm.request_interrupt_window();
+    }
+
+    fn inject_interrupt(
+        &mut self,
+        vector: u8,
+        _io: &mut dyn IoHandler,
+    ) -> Result<Option<VmExit>, EngineError> {
+        self.vm.inject_interrupt(vector)?;
+        Ok(None)
     }
 }
 

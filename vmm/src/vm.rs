@@ -377,6 +377,14 @@ impl Vm {
         }
         self.update_timers();
         if !self.engine.interrupt_window() {
+            if self
+                .pic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .has_interrupt()
+            {
+                self.engine.request_interrupt_window();
+            }
             return Ok(None);
         }
         let vector = {
