@@ -224,6 +224,29 @@ impl Kit {
         self.print("\n")
     }
 
+    /// Emits code that builds 2-level page tables mapping the first 4 MiB one to one: the page
+    /// directory at `pd`, its one page table right after it (`pd + 0x1000`), every PTE and the PDE
+    /// with flags 7 (present, writable, user). Uses EAX, ECX and EDI; clears DF.
+    pub fn identity_map_4mib(&mut self, pd: u32) -> AsmResult {
+        let a = &mut self.a;
+        let pt = pd + 0x1000;
+        a.cld()?;
+        a.mov(edi, pd)?;
+        a.xor(eax, eax)?;
+        a.mov(ecx, 2048u32)?;
+        a.rep().stosd()?;
+        a.mov(edi, pt)?;
+        a.mov(eax, 7u32)?;
+        a.mov(ecx, 1024u32)?;
+        let mut fill = a.create_label();
+        a.set_label(&mut fill)?;
+        a.stosd()?;
+        a.add(eax, 0x1000u32)?;
+        a.loop_(fill)?;
+        a.mov(dword_ptr(pd), pt | 7)?;
+        Ok(())
+    }
+
     /// Emits code that writes `code` to the isa-debug-exit port (the VM ends with status
     /// `(code << 1) | 1`), then halts forever in case the port is absent.
     pub fn exit(&mut self, code: u8) -> AsmResult {

@@ -232,21 +232,8 @@ pub fn build(workload: &Workload, iterations: u32) -> AsmResult<Vec<u8>> {
     k.asm().wrmsr()?;
 
     // Paging: the first 4 MiB identity-mapped, user-accessible, writable; PROBE not present.
-    k.asm().cld()?;
-    k.asm().mov(edi, PD)?;
-    k.asm().xor(eax, eax)?;
-    k.asm().mov(ecx, 2048u32)?;
-    k.asm().rep().stosd()?;
-    k.asm().mov(edi, PT0)?;
-    k.asm().mov(eax, 7u32)?;
-    k.asm().mov(ecx, 1024u32)?;
-    let mut fill = k.asm().create_label();
-    k.asm().set_label(&mut fill)?;
-    k.asm().stosd()?;
-    k.asm().add(eax, 0x1000u32)?;
-    k.asm().loop_(fill)?;
+    k.identity_map_4mib(PD)?;
     k.asm().mov(dword_ptr(PROBE_PTE), 0u32)?;
-    k.asm().mov(dword_ptr(PD), PT0 | 7)?;
     k.asm().mov(eax, PD)?;
     k.asm().mov(cr3, eax)?;
     k.asm().mov(eax, cr0)?;

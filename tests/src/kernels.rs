@@ -911,20 +911,8 @@ pub fn rings() -> AsmResult<Vec<u8>> {
     k.asm().ltr(ax)?;
 
     // Paging: identity 0..4 MiB, user-accessible except the page at MARK.
-    k.asm().cld()?;
-    k.asm().mov(edi, PD)?;
-    k.asm().xor(eax, eax)?;
-    k.asm().mov(ecx, 2048u32)?;
-    k.asm().rep().stosd()?;
-    k.asm().mov(edi, PT0)?;
-    k.asm().mov(eax, 7u32)?;
-    k.asm().mov(ecx, 1024u32)?;
-    let mut fill = k.asm().create_label();
-    k.asm().set_label(&mut fill)?;
-    k.asm().stosd()?;
-    k.asm().add(eax, 0x1000u32)?;
-    k.asm().loop_(fill)?;
-    k.asm().mov(dword_ptr(PD), PT0 | 7)?;
+    const _: () = assert!(PT0 == PD + 0x1000);
+    k.identity_map_4mib(PD)?;
     k.asm().mov(dword_ptr(PT0 + 4 * (MARK >> 12)), MARK | 3)?;
     k.asm().mov(eax, PD)?;
     k.asm().mov(cr3, eax)?;
@@ -1024,14 +1012,6 @@ pub fn v86() -> AsmResult<Vec<u8>> {
     const CODE16: u32 = 0x2_0000; // 2000:0000
     const PHASE2: u32 = 0x100; // 2000:0100
     let mut a = CodeAssembler::new(16)?;
-    let out = |a: &mut CodeAssembler, text: &str| -> AsmResult {
-        a.mov(dx, 0x3F8u32)?;
-        for c in text.bytes() {
-            a.mov(al, u32::from(c))?;
-            a.out(dx, al)?;
-        }
-        Ok(())
-    };
     // Phase 1, IOPL 0.
     out(&mut a, "v86: hello\n")?;
     a.mov(ax, 0x1234u32)?;
@@ -1468,19 +1448,21 @@ pub fn real_mode_rom() -> AsmResult<Vec<u8>> {
     })
 }
 
+/// Emits 16-bit code writing `text` to COM1 one `out` at a time (clobbers AL and DX).
+fn out(a: &mut CodeAssembler, text: &str) -> AsmResult {
+    a.mov(dx, 0x3F8u32)?;
+    for c in text.bytes() {
+        a.mov(al, u32::from(c))?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}
+
 /// Real-mode firmware taking PIT interrupts through the IVT: five ticks waited for with HLT, then
 /// five while spinning on memory (a guest that never exits on its own). Exits with value 6.
 pub fn timer_rom() -> AsmResult<Vec<u8>> {
     const TICKS: u32 = 0x500;
     let body = |a: &mut CodeAssembler, handler_ip: u32, handler: &mut CodeLabel| -> AsmResult {
-        let out = |a: &mut CodeAssembler, text: &str| -> AsmResult {
-            a.mov(dx, 0x3F8u32)?;
-            for c in text.bytes() {
-                a.mov(al, u32::from(c))?;
-                a.out(dx, al)?;
-            }
-            Ok(())
-        };
         a.cli()?;
         a.xor(ax, ax)?;
         a.mov(ds, ax)?;

@@ -67,6 +67,24 @@ fn puts(a: &mut CodeAssembler, strings: &mut Strings, puts: CodeLabel, text: &st
     Ok(a.call(puts)?)
 }
 
+/// Emits the start of an interrupt handler that prints `what` and the CS and FLAGS of its 16-bit
+/// frame; it leaves BP pushed (the handler pops it before IRET).
+fn frame(
+    a: &mut CodeAssembler,
+    strings: &mut Strings,
+    (puts_l, hex16): (CodeLabel, CodeLabel),
+    what: &str,
+) -> AsmResult {
+    a.push(bp)?;
+    a.mov(bp, sp)?;
+    puts(a, strings, puts_l, &format!("{what}: cs="))?;
+    a.mov(ax, word_ptr(bp + 4))?;
+    a.call(hex16)?;
+    puts(a, strings, puts_l, " flags=")?;
+    a.mov(ax, word_ptr(bp + 6))?;
+    Ok(a.call(hex16)?)
+}
+
 /// Builds the kernel. Exits with value 0x1A.
 pub fn modes() -> AsmResult<Vec<u8>> {
     let mut k = Kit::new()?;
@@ -165,40 +183,26 @@ pub fn modes() -> AsmResult<Vec<u8>> {
     a.db(&STUB32.to_le_bytes())?;
     a.db(&(CODE32 as u16).to_le_bytes())?;
 
-    // INT 0x41 in real mode: shows the pushed FLAGS and CS.
+    // INT 0x41 in real mode: shows the pushed CS and FLAGS.
     a.set_label(&mut int41)?;
-    a.push(bp)?;
-    a.mov(bp, sp)?;
-    puts(
+    frame(
         &mut a,
         &mut strings,
-        puts_l,
-        "int 0x41 through the IVT: cs=",
+        (puts_l, hex16),
+        "int 0x41 through the IVT",
     )?;
-    a.mov(ax, word_ptr(bp + 4))?;
-    a.call(hex16)?;
-    puts(&mut a, &mut strings, puts_l, " flags=")?;
-    a.mov(ax, word_ptr(bp + 6))?;
-    a.call(hex16)?;
     puts(&mut a, &mut strings, puts_l, "\n")?;
     a.pop(bp)?;
     a.iret()?;
 
     // INT 0x40 through a 286 interrupt gate: a 16-bit frame (IP, CS, FLAGS).
     a.set_label(&mut int40)?;
-    a.push(bp)?;
-    a.mov(bp, sp)?;
-    puts(
+    frame(
         &mut a,
         &mut strings,
-        puts_l,
-        "int 0x40 through a 16-bit gate: cs=",
+        (puts_l, hex16),
+        "int 0x40 through a 16-bit gate",
     )?;
-    a.mov(ax, word_ptr(bp + 4))?;
-    a.call(hex16)?;
-    puts(&mut a, &mut strings, puts_l, " flags=")?;
-    a.mov(ax, word_ptr(bp + 6))?;
-    a.call(hex16)?;
     puts(&mut a, &mut strings, puts_l, " sp=")?;
     a.mov(ax, sp)?;
     a.call(hex16)?;
