@@ -5,6 +5,7 @@
 #   - Rust (cargo): must already be there (https://rustup.rs); nothing else is fetched for it.
 #   - qemu-system-i386 (Debian package qemu-system-x86): the reference emulator that tests
 #     compare bt86 against.
+#   - a TrueType font (Debian package fonts-dejavu-core): the labels of `bt86 bench --plot x.png`.
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*" >&2; }
@@ -34,6 +35,11 @@ apt_install() {
 if ! command -v qemu-system-i386 >/dev/null 2>&1; then
     apt_install qemu-system-x86 ||
         say "could not install qemu-system-x86: tests that compare with QEMU will be skipped"
+fi
+
+if [ ! -d /usr/share/fonts/truetype/dejavu ]; then
+    apt_install fonts-dejavu-core ||
+        say "could not install fonts-dejavu-core: PNG charts from bt86 bench will have no labels"
 fi
 
 if [ -e /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then

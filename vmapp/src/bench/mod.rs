@@ -76,8 +76,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
 
-    /// Draw the medians as a bar chart to FILE (.svg).
-    #[arg(long, value_name = "FILE.svg")]
+    /// Draw the medians as a bar chart to FILE (.svg or .png).
+    #[arg(long, value_name = "FILE.svg|png")]
     plot: Option<PathBuf>,
 
     /// Where the logs of failed samples are kept.
@@ -88,10 +88,13 @@ pub struct BenchArgs {
 /// Runs `bt86 bench`.
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(plot) = &args.plot
-        && plot.extension().and_then(|e| e.to_str()) != Some("svg")
+        && !matches!(
+            plot.extension().and_then(|e| e.to_str()),
+            Some("svg" | "png")
+        )
     {
         bail!(
-            "--plot {}: bt86 draws SVG charts; give a file name ending in .svg",
+            "--plot {}: bt86 draws SVG or PNG charts; give a file name ending in .svg or .png",
             plot.display()
         );
     }
@@ -206,8 +209,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        std::fs::write(path, plot::svg(&report))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let svg = plot::svg(&report);
+        let bytes = if path.extension().and_then(|e| e.to_str()) == Some("png") {
+            plot::png(&svg).map_err(|e| anyhow::anyhow!("cannot draw the PNG chart: {e}"))?
+        } else {
+            svg.into_bytes()
+        };
+        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }

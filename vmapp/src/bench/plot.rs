@@ -17,6 +17,22 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Renders an SVG document as a PNG image, with the host's fonts for its text.
+pub fn png(svg: &str) -> Result<Vec<u8>, String> {
+    use resvg::{tiny_skia, usvg};
+    let mut options = usvg::Options::default();
+    options.fontdb_mut().load_system_fonts();
+    if options.fontdb.is_empty() {
+        tracing::warn!("no fonts found on this host: the PNG chart has no labels");
+    }
+    let tree = usvg::Tree::from_str(svg, &options).map_err(|e| e.to_string())?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height())
+        .ok_or_else(|| "the chart has no area".to_string())?;
+    resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
+    pixmap.encode_png().map_err(|e| e.to_string())
+}
+
 /// Draws the report's medians.
 pub fn svg(report: &Report) -> String {
     let engines: Vec<&str> = report.engine_names().collect();
@@ -39,7 +55,7 @@ pub fn svg(report: &Report) -> String {
 
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
-         font-family=\"sans-serif\" font-size=\"11\">\n\
+         font-family=\"DejaVu Sans, Liberation Sans, Arial, sans-serif\" font-size=\"11\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"10\" y=\"18\" font-size=\"14\">bt86 bench: ns per operation (median, log scale)</text>\n"
     );
@@ -137,5 +153,7 @@ mod tests {
         assert!(svg.contains("kvm: no result"), "{svg}");
         assert!(svg.contains("in&lt;1&gt;"), "{svg}");
         assert!(svg.contains("1000 ns"), "{svg}");
+        let png = png(&svg).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     }
 }
