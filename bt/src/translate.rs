@@ -807,7 +807,8 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             Rewrite::Continue
         }
         C::Pushd_imm8 | C::Pushd_imm32 => {
-            e.store_stack(-4, Src::Imm(ins.immediate32()));
+            // `immediate(0)` sign-extends the imm8 form.
+            e.store_stack(-4, Src::Imm(ins.immediate(0) as u32));
             e.adjust_esp(-4);
             Rewrite::Continue
         }
@@ -1026,6 +1027,7 @@ mod tests {
         let (_, t) = unit(|a| {
             a.push(eax)?;
             a.push(0x1234_5678)?;
+            a.push(-6)?; // the imm8 form, sign-extended
             a.push(dword_ptr(esp + 4))?;
             a.pop(ecx)?;
             a.pop(esp)?;
@@ -1036,6 +1038,8 @@ mod tests {
             "mov gs:[r12d-4],eax",
             "lea r12d,[r12d-4]",
             "mov dword ptr gs:[r12d-4],12345678h",
+            "lea r12d,[r12d-4]",
+            "mov dword ptr gs:[r12d-4],0FFFFFFFAh",
             "lea r12d,[r12d-4]",
             "mov r8d,gs:[r12d+4]",
             "mov gs:[r12d-4],r8d",

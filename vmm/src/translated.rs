@@ -388,6 +388,11 @@ impl BtEngine {
         self.interpret_one(io)
     }
 
+    /// Guest instructions executed so far, translated and interpreted.
+    pub fn guest_instructions(&self) -> u64 {
+        self.vcpu.context().retired + self.interp.counters()[0].1
+    }
+
     /// Counters for `--stats`.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = &self.translator.stats;
