@@ -346,10 +346,14 @@ fn high_byte(r: Register) -> bool {
     matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
 }
 
-/// The guest memory operand as a host `gs:[…]` operand, or None if it cannot be (FS/GS
-/// segments, whose bases are not zero in general, and 16-bit addressing).
+/// The guest memory operand as a host `gs:[…]` operand, or None if it cannot be (FS/GS/CS
+/// segments and 16-bit addressing). DS, ES and SS are flat whenever translated code runs.
 fn guest_mem(ins: &Instruction, segment: Register) -> Option<MemoryOperand> {
-    if matches!(ins.memory_segment(), Register::FS | Register::GS) {
+    // FS and GS may have any base; CS is not writable (and is rare as an override).
+    if matches!(
+        ins.memory_segment(),
+        Register::FS | Register::GS | Register::CS
+    ) {
         return None;
     }
     let base = ins.memory_base();

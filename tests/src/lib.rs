@@ -6,3 +6,4 @@ pub mod kernels;
 pub mod kit;
 pub mod oracle;
 pub mod runner;
+pub mod translator_kernels;
