@@ -2,5 +2,15 @@
 //! cache, chaining, indirect-branch lookup, host-RIP → guest-EIP maps, and invalidation by
 //! guest-physical page (DESIGN.md sections 4 and 5).
 //!
-//! Nothing is here yet: the translator lands with its own issue, and `bt86 run --engine bt`
-//! refuses to start until it does.
+//! - [`translate`]: one unit, from guest bytes to host code (the rewrite rules).
+//! - [`cache`]: the units of one vCPU, their chaining, lookup table and invalidation.
+//!
+//! The translator knows nothing about devices or paging policy: it reads guest code through a
+//! [`translate::CodeSource`] and the `vmm` engine decides when to translate, enter and
+//! invalidate.
+
+pub mod cache;
+pub mod translate;
+
+pub use cache::{CacheError, CacheStats, Translator, Unit};
+pub use translate::{CodeSource, MAX_INSTRUCTIONS, TranslateError};

@@ -6,6 +6,7 @@ use iced_x86::code_asm::*;
 mod modes;
 
 use crate::kit::{AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, reset_rom};
+use crate::translator_kernels as tk;
 
 /// Emits a piece of test code.
 type EmitFn = fn(&mut CodeAssembler) -> AsmResult;
@@ -131,6 +132,42 @@ pub const CATALOG: &[Entry] = &[
         about: "firmware: real-mode PIC and PIT setup, five timer ticks taken halted and five while spinning",
         build: timer_rom,
         firmware: true,
+    },
+    Entry {
+        name: "smc",
+        about: "self-modifying code: patches the next instruction, a translated function, code copied by rep movsd, its own loop body",
+        build: tk::smc,
+        firmware: false,
+    },
+    Entry {
+        name: "precise-faults",
+        about: "#DE, #UD, #GP raised amid translated work with the state each saw, and a jump into an instruction's middle",
+        build: tk::precise_faults,
+        firmware: false,
+    },
+    Entry {
+        name: "isolation",
+        about: "addresses wrapping past 4 GiB, the stack at address 0, INT 0x80 and SYSENTER",
+        build: tk::isolation,
+        firmware: false,
+    },
+    Entry {
+        name: "spin-timer",
+        about: "takes 10 timer interrupts at 100 Hz while spinning in a tight loop (no HLT)",
+        build: tk::spin_timer,
+        firmware: false,
+    },
+    Entry {
+        name: "loop-bench",
+        about: "benchmark: a 5-instruction arithmetic loop, 20 million iterations",
+        build: tk::loop_bench,
+        firmware: false,
+    },
+    Entry {
+        name: "call-bench",
+        about: "benchmark: 5 million iterations of call/push/pop/ret-heavy code (12 instructions each)",
+        build: tk::call_bench,
+        firmware: false,
     },
     Entry {
         name: "reset-rom",
@@ -774,7 +811,7 @@ fn set_tss_descriptor(k: &mut Kit, entry: u32, base: u32, limit: u32) -> AsmResu
 
 /// Emits `call over; <handler>; over: pop eax` and returns with EAX = the handler's address:
 /// how kit kernels find their own code addresses at run time.
-fn handler_address(k: &mut Kit, body: impl FnOnce(&mut Kit) -> AsmResult) -> AsmResult {
+pub(crate) fn handler_address(k: &mut Kit, body: impl FnOnce(&mut Kit) -> AsmResult) -> AsmResult {
     let mut over = k.asm().create_label();
     k.asm().call(over)?;
     body(k)?;
@@ -785,7 +822,7 @@ fn handler_address(k: &mut Kit, body: impl FnOnce(&mut Kit) -> AsmResult) -> Asm
 
 /// Emits code that stores an interrupt gate for vector `v` at `idt`, pointing at EAX through
 /// selector 0x08, with `access` (0x8E: DPL 0 interrupt gate; 0xEE: DPL 3).
-fn set_gate(k: &mut Kit, idt: u32, v: u32, access: u32) -> AsmResult {
+pub(crate) fn set_gate(k: &mut Kit, idt: u32, v: u32, access: u32) -> AsmResult {
     k.asm().mov(edx, eax)?;
     k.asm().and(edx, 0xFFFF_0000u32)?;
     k.asm().or(edx, access << 8)?;

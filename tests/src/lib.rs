@@ -6,3 +6,4 @@ pub mod kernels;
 pub use bt86_guests::kit;
 pub mod oracle;
 pub mod runner;
+pub mod translator_kernels;

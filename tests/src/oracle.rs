@@ -33,6 +33,7 @@ use iced_x86::{
 use vmdriver::native::{NativeEnd, NativeError, NativeResult, run_native};
 use vmm::interp::InterpError;
 use vmm::interp::snippet::{self, SnippetEnd, SnippetResult};
+use vmm::translated::BtError;
 
 use analysis::eflags::{self, AC, ARITH, DF, ID, IF, NT, TF};
 use analysis::{Analysis, State};
@@ -254,14 +255,43 @@ fn mnemonic_name(ins: &Instruction) -> String {
     format!("{:?}", ins.mnemonic()).to_lowercase()
 }
 
+/// The bt86 engine a case runs on (the host CPU is always the other side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// The interpreter.
+    #[default]
+    Interp,
+    /// The binary translator (with the interpreter for its callouts).
+    Bt,
+}
+
 /// Runs `case` on the host CPU and on the interpreter and compares the results.
 pub fn check(case: &Case) -> Result<Verdict, NativeError> {
+    check_on(case, Engine::Interp)
+}
+
+/// Runs `case` on the host CPU and on `engine` and compares the results.
+pub fn check_on(case: &Case, engine: Engine) -> Result<Verdict, NativeError> {
     let native = run_native(&case.code, case.gpr, case.eflags, &case.data)?;
-    let interp = catch_unwind(AssertUnwindSafe(|| {
-        snippet::run(&case.code, case.gpr, case.eflags, &case.data)
+    let interp = catch_unwind(AssertUnwindSafe(|| match engine {
+        Engine::Interp => snippet::run(&case.code, case.gpr, case.eflags, &case.data),
+        Engine::Bt => {
+            snippet::run_bt(&case.code, case.gpr, case.eflags, &case.data).map_err(|e| match e {
+                BtError::Interp(e) => e,
+                other => InterpError::Unsupported {
+                    what: format!("(bt engine failure) {other}"),
+                    regs: Default::default(),
+                },
+            })
+        }
     }));
     let interp = match interp {
         Ok(Ok(r)) => InterpOutcome::Ran(r),
+        Ok(Err(InterpError::Unsupported { what, .. }))
+            if what.starts_with("(bt engine failure)") =>
+        {
+            InterpOutcome::Panicked(what)
+        }
         Ok(Err(InterpError::Unsupported { what, regs })) => {
             let mnemonic = case
                 .instruction_at(regs.eip)
@@ -387,6 +417,11 @@ pub fn differences(case: &Case, native: &NativeResult, interp: &InterpOutcome) -
 /// Removes groups from a mismatching case while it still mismatches (and the host still runs
 /// it without leaving the buffer), up to `budget` checks.
 pub fn shrink(m: Mismatch, budget: usize) -> Mismatch {
+    shrink_on(m, budget, Engine::Interp)
+}
+
+/// Like [`shrink`], checking candidates on `engine`.
+pub fn shrink_on(m: Mismatch, budget: usize, engine: Engine) -> Mismatch {
     let mut best = m;
     let mut left = budget;
     loop {
@@ -399,7 +434,7 @@ pub fn shrink(m: Mismatch, budget: usize) -> Mismatch {
                 continue;
             };
             left -= 1;
-            if let Ok(Verdict::Mismatch(c)) = check(&candidate)
+            if let Ok(Verdict::Mismatch(c)) = check_on(&candidate, engine)
                 && c.native.end != NativeEnd::Exception(14)
             {
                 let original_groups = best.original_groups;
@@ -581,6 +616,8 @@ pub struct Options {
     pub threads: usize,
     /// Checks each mismatch may spend on shrinking (0: none).
     pub shrink_budget: usize,
+    /// The engine compared with the host CPU.
+    pub engine: Engine,
 }
 
 /// How many example mismatches a [`Report`] keeps per class (the rest are only counted, so a
@@ -775,7 +812,7 @@ fn run_one(opts: &Options, index: u64, rep: &mut Report) -> Result<(), NativeErr
         ));
         return Ok(());
     }
-    match check(&case) {
+    match check_on(&case, opts.engine) {
         Ok(Verdict::Match { exception }) => {
             rep.matched += 1;
             for ins in &case.instrs {
@@ -798,7 +835,7 @@ fn run_one(opts: &Options, index: u64, rep: &mut Report) -> Result<(), NativeErr
                 *rep.coverage.compared.entry(mnemonic_name(ins)).or_default() += 1;
             }
             let m = if opts.shrink_budget > 0 {
-                shrink(*m, opts.shrink_budget)
+                shrink_on(*m, opts.shrink_budget, opts.engine)
             } else {
                 *m
             };

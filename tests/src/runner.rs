@@ -162,10 +162,10 @@ pub fn kvm_unavailable() -> Option<String> {
     }
 }
 
-/// The engines this machine can run, printing why any is left out: the interpreter always, kvm
-/// where /dev/kvm opens.
+/// The engines this machine can run, printing why any is left out: the interpreter and the
+/// binary translator always, kvm where /dev/kvm opens.
 pub fn engines() -> Vec<&'static str> {
-    let mut v = vec!["interp"];
+    let mut v = vec!["interp", "bt"];
     match kvm_unavailable() {
         None => v.push("kvm"),
         Some(why) => eprintln!("SKIPPED engine kvm: {why}"),

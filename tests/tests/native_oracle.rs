@@ -3,7 +3,7 @@
 //! register by register, flag by flag (less the flags the manuals leave undefined) and byte by
 //! byte. Long runs are a separate command: `bt86-oracle --seed N --count N`.
 
-use bt86_tests::oracle::{self, Options};
+use bt86_tests::oracle::{self, Engine, Options};
 use vmdriver::native::NativeError;
 
 /// The fixed seed; a failure names the case, and `bt86-oracle --seed 0xB786 --first I --count 1`
@@ -14,17 +14,35 @@ const CASES: u64 = 3000;
 
 #[test]
 fn the_interpreter_matches_the_host_cpu_on_generated_sequences() {
+    check_engine(
+        Engine::Interp,
+        "the_interpreter_matches_the_host_cpu_on_generated_sequences",
+    );
+}
+
+/// The same cases through the binary translator: translated code and its callouts must give
+/// what the host CPU gives (and so what the interpreter gives).
+#[test]
+fn the_translator_matches_the_host_cpu_on_generated_sequences() {
+    check_engine(
+        Engine::Bt,
+        "the_translator_matches_the_host_cpu_on_generated_sequences",
+    );
+}
+
+fn check_engine(engine: Engine, name: &str) {
     let opts = Options {
         seed: SEED,
         first: 0,
         count: CASES,
         threads: 2,
         shrink_budget: 100,
+        engine,
     };
     let report = match oracle::run(&opts) {
         Ok(r) => r,
         Err(e @ NativeError::NoCompatMode { .. }) => {
-            println!("SKIPPED the_interpreter_matches_the_host_cpu_on_generated_sequences: {e}");
+            println!("SKIPPED {name}: {e}");
             return;
         }
         Err(e) => panic!("the native oracle cannot run: {e}"),
@@ -39,7 +57,7 @@ fn the_interpreter_matches_the_host_cpu_on_generated_sequences() {
     );
     assert!(
         !report.failed(),
-        "{} mismatches and {} errors between the interpreter and the host CPU (details above): {}",
+        "{} mismatches and {} errors between {engine:?} and the host CPU (details above): {}",
         report.mismatches,
         report.errors,
         report

@@ -149,7 +149,7 @@ fn classify(e: VmError, what: &str, path: &Path) -> Failure {
     let status = match &e {
         VmError::Kernel(_) | VmError::Firmware(_) => status::USAGE,
         VmError::Memory(vmdriver_err) if is_config_error(vmdriver_err) => status::USAGE,
-        VmError::Engine(EngineError::NotBuilt { .. } | EngineError::NoTrace(_)) => status::USAGE,
+        VmError::Engine(EngineError::NoTrace(_)) => status::USAGE,
         _ => status::INTERNAL,
     };
     let error = match e {

@@ -9,15 +9,23 @@
 //! - [`kvm`]: the KVM engine (hardware-assisted on hosts with VT-x/AMD-V).
 //! - [`native`]: runs unprivileged 32-bit snippets on the host CPU in a 32-bit compatibility-mode
 //!   sandbox, the reference the engines' instruction semantics are checked against.
+//! - [`window`]: address-space windows, where translated code sees guest memory.
+//! - [`codecache`]: the memory translated code lives in (written and executed through different
+//!   mappings).
+//! - [`world`]: the world switch into and out of translated code, the signal handlers that turn
+//!   host faults in it into monitor events, and Syscall User Dispatch as a safety net.
 //!
 //! This crate decides no policy: it never interprets what a guest does, it only carries it out.
 
+pub mod codecache;
 pub mod exit;
 pub mod host;
 pub mod kick;
 pub mod kvm;
 pub mod memory;
 pub mod native;
+pub mod window;
+pub mod world;
 
 pub use exit::{GuestRegisters, IoHandler, VmExit};
 pub use memory::{GuestMemory, MemoryError, MemoryLayout, Region, RegionKind};

@@ -23,6 +23,8 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// End of conventional memory (start of the VGA window).
 pub const LOW_RAM_END: u64 = 0xA_0000;
@@ -202,6 +204,46 @@ pub struct GuestMemory {
     fd: OwnedFd,
     host: NonNull<u8>,
     len: usize,
+    code: CodePages,
+}
+
+/// Guest-physical pages that hold translated code, and those of them written since the
+/// translator last looked: how writes the monitor makes on the guest's behalf (the interpreter,
+/// device DMA, loaders) invalidate translations. One bit per 4 KiB page of the 4 GiB space.
+struct CodePages {
+    marked: Box<[AtomicU64]>,
+    any_written: AtomicBool,
+    written: Mutex<Vec<u32>>,
+}
+
+impl CodePages {
+    fn new() -> Self {
+        Self {
+            marked: (0..(1usize << 20) / 64)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            any_written: AtomicBool::new(false),
+            written: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn note_write(&self, addr: u64, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let first = addr >> 12;
+        let last = (addr + len as u64 - 1) >> 12;
+        for page in first..=last.min((1 << 20) - 1) {
+            let bit = 1u64 << (page % 64);
+            if self.marked[(page / 64) as usize].load(Ordering::Relaxed) & bit != 0 {
+                self.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(page as u32);
+                self.any_written.store(true, Ordering::Release);
+            }
+        }
+    }
 }
 
 // SAFETY: `host` points into a MAP_SHARED mapping owned by this struct for its whole life; moving
@@ -252,6 +294,7 @@ impl GuestMemory {
             fd,
             host,
             len,
+            code: CodePages::new(),
         })
     }
 
@@ -296,10 +339,37 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Marks (or unmarks) the guest-physical page holding `addr` as holding translated code:
+    /// writes through this struct to a marked page are recorded for
+    /// [`GuestMemory::take_written_code_pages`].
+    pub fn mark_code_page(&self, addr: u32, on: bool) {
+        let page = addr >> 12;
+        let bit = 1u64 << (page % 64);
+        let word = &self.code.marked[(page / 64) as usize];
+        if on {
+            word.fetch_or(bit, Ordering::Relaxed);
+        } else {
+            word.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    /// The page numbers (address >> 12) of marked pages written since the last call, if any.
+    pub fn take_written_code_pages(&self) -> Vec<u32> {
+        if !self.code.any_written.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        let mut pages =
+            std::mem::take(&mut *self.code.written.lock().unwrap_or_else(|e| e.into_inner()));
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+    }
+
     /// Copies `data` to guest-physical `addr`. The range must lie in one region; the monitor may
     /// write the firmware area (the guest cannot).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
         let off = self.file_offset(addr, data.len())?;
+        self.code.note_write(addr, data.len());
         // SAFETY: as in `read`; the mapping is writable.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.as_ptr().add(off), data.len())
@@ -322,6 +392,7 @@ impl GuestMemory {
     /// Fills guest-physical `addr..addr+len` with `byte`. The range must lie in one region.
     pub fn fill(&self, addr: u64, len: usize, byte: u8) -> Result<(), MemoryError> {
         let off = self.file_offset(addr, len)?;
+        self.code.note_write(addr, len);
         // SAFETY: `off..off+len` lies within the writable mapping.
         unsafe { std::ptr::write_bytes(self.host.as_ptr().add(off), byte, len) };
         Ok(())
@@ -414,6 +485,21 @@ mod tests {
             m.write_ram(0xF_0000, &[1]).is_err(),
             "firmware is not RAM for DMA"
         );
+    }
+
+    #[test]
+    fn writes_to_marked_code_pages_are_recorded() {
+        let m = GuestMemory::new(MemoryLayout::new(4).unwrap()).unwrap();
+        m.write(0x10_0000, &[1]).unwrap();
+        assert!(m.take_written_code_pages().is_empty(), "nothing marked yet");
+        m.mark_code_page(0x10_1000, true);
+        m.write(0x10_0FFE, &[1, 2, 3]).unwrap();
+        m.fill(0x10_1800, 4, 0).unwrap();
+        assert_eq!(m.take_written_code_pages(), vec![0x101]);
+        assert!(m.take_written_code_pages().is_empty());
+        m.mark_code_page(0x10_1000, false);
+        m.write(0x10_1000, &[1]).unwrap();
+        assert!(m.take_written_code_pages().is_empty());
     }
 
     #[test]

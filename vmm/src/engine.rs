@@ -6,6 +6,7 @@ use vmdriver::kvm::{InitialCpu, KvmError, KvmVm};
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, VmExit};
 
 use crate::interp::{Interp, InterpError};
+use crate::translated::{BtEngine, BtError};
 
 /// Which engine runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,7 +31,7 @@ impl EngineKind {
 
     /// Engines this build can run.
     pub fn available() -> &'static [EngineKind] {
-        &[EngineKind::Kvm, EngineKind::Interp]
+        &[EngineKind::Kvm, EngineKind::Interp, EngineKind::Bt]
     }
 }
 
@@ -49,19 +50,12 @@ pub enum EngineError {
     /// The interpreter stopped.
     #[error(transparent)]
     Interp(#[from] InterpError),
+    /// The binary translator stopped.
+    #[error(transparent)]
+    Bt(#[from] BtError),
     /// The engine cannot trace instructions.
     #[error("--trace is only available with the interp engine, not {0}")]
     NoTrace(EngineKind),
-    /// The engine is not part of this build.
-    #[error(
-        "the {kind} engine is not built yet in this version of bt86; available engines: {available}"
-    )]
-    NotBuilt {
-        /// The engine asked for.
-        kind: EngineKind,
-        /// What can be used instead.
-        available: String,
-    },
 }
 
 /// An engine: something that runs the vCPU until the VM must look at what happened.
@@ -126,14 +120,10 @@ pub fn create(
             }
             Ok(Box::new(interp))
         }
-        EngineKind::Bt => Err(EngineError::NotBuilt {
-            kind,
-            available: EngineKind::available()
-                .iter()
-                .map(|k| k.name())
-                .collect::<Vec<_>>()
-                .join(", "),
-        }),
+        EngineKind::Bt => Ok(Box::new(BtEngine::new(
+            Interp::new(memory.clone(), initial),
+            memory,
+        )?)),
     }
 }
 
@@ -215,5 +205,44 @@ impl Engine for Interp {
         io: &mut dyn IoHandler,
     ) -> Result<Option<VmExit>, EngineError> {
         Ok(Interp::inject_interrupt(self, vector, io)?)
+    }
+}
+
+impl Engine for BtEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Bt
+    }
+
+    fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, EngineError> {
+        Ok(BtEngine::run(self, io)?)
+    }
+
+    fn registers(&self) -> Result<GuestRegisters, EngineError> {
+        Ok(self.interp().registers())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        BtEngine::counters(self)
+    }
+
+    fn tsc_hz(&self) -> Option<u64> {
+        // RDTSC is a callout into the interpreter's handler.
+        Some(crate::interp::system::TSC_HZ)
+    }
+
+    fn supports_interrupts(&self) -> bool {
+        true
+    }
+
+    fn interrupt_window(&self) -> bool {
+        self.interp().interrupt_window()
+    }
+
+    fn inject_interrupt(
+        &mut self,
+        vector: u8,
+        io: &mut dyn IoHandler,
+    ) -> Result<Option<VmExit>, EngineError> {
+        Ok(self.interp_mut().inject_interrupt(vector, io)?)
     }
 }

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod interp;
 pub mod loader;
 pub mod platform;
+pub mod translated;
 pub mod vm;
 
 pub use control::{StopRequest, VmControl};

@@ -1,8 +1,9 @@
 //! `bt86-oracle`: runs generated instruction sequences on the host CPU and on bt86's interpreter
-//! and compares them (the long-run form of the `native_oracle` test).
+//! (or binary translator, `--engine bt`) and compares them (the long-run form of the `native_oracle` test).
 //!
 //! ```text
 //! bt86-oracle [--seed N] [--count N] [--first N] [--threads N] [--shrink N] [--show N]
+//!             [--engine interp|bt]
 //! ```
 //!
 //! Prints the coverage report, the mismatches (shrunk to their smallest failing form, grouped by
@@ -16,7 +17,7 @@ use anyhow::{Context, bail};
 use bt86_tests::oracle::{self, Options};
 
 const USAGE: &str = "usage: bt86-oracle [--seed N] [--count N] [--first N] [--threads N] \
-                     [--shrink CHECKS] [--show N]";
+                     [--shrink CHECKS] [--show N] [--engine interp|bt]";
 
 fn main() -> anyhow::Result<ExitCode> {
     let mut opts = Options {
@@ -25,6 +26,7 @@ fn main() -> anyhow::Result<ExitCode> {
         count: 100_000,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         shrink_budget: 200,
+        engine: oracle::Engine::Interp,
     };
     let mut show = 20usize;
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -52,6 +54,13 @@ fn main() -> anyhow::Result<ExitCode> {
             "--threads" => opts.threads = number()?.max(1) as usize,
             "--shrink" => opts.shrink_budget = number()? as usize,
             "--show" => show = number()? as usize,
+            "--engine" => {
+                opts.engine = match value.as_str() {
+                    "interp" => oracle::Engine::Interp,
+                    "bt" => oracle::Engine::Bt,
+                    _ => bail!("--engine takes interp or bt, not '{value}'\n{USAGE}"),
+                }
+            }
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }

@@ -379,68 +379,83 @@ impl Interp {
     /// Runs until an instruction needs the VM's attention.
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, InterpError> {
         loop {
-            let start_eip = self.cpu.eip;
-            let cs_base = self.cpu.seg(SegReg::Cs).base;
-            let hits = self.instruction_breakpoints(cs_base.wrapping_add(start_eip));
-            if hits != 0 {
-                // An instruction breakpoint is a fault: EIP stays on the instruction.
-                self.cpu.dr[6] = (self.cpu.dr[6] & !0xF) | hits;
-                if let Some(shutdown) = self.raise(vector::DB, None, io)? {
-                    return Ok(shutdown);
-                }
-                continue;
+            let (exit, completed) = self.instruction(io)?;
+            if let Some(exit) = exit {
+                return Ok(exit);
             }
-            self.data_hits.set(0);
-            let single_step = self.cpu.eflags & flags::TF != 0;
-            let delayed = std::mem::take(&mut self.shadow);
-            self.trap_suppressed = false;
-            match self.step(io) {
-                Ok(exit) => {
-                    // Debug traps after the instruction, in one #DB reporting every cause:
-                    // single-step if TF was set before it (not after a software interrupt,
-                    // which clears TF, and one instruction late after MOV/POP SS), and the
-                    // data breakpoints it hit.
-                    let step_trap = (single_step || delayed.trap) && !self.trap_suppressed;
-                    let mut dr6 = self.data_hits.take();
-                    if step_trap && !self.shadow.trap {
-                        dr6 |= 1 << 14; // DR6.BS
-                    } else if step_trap {
-                        self.shadow.trap = true;
-                    }
-                    if dr6 != 0 {
-                        self.cpu.dr[6] = (self.cpu.dr[6] & !0xF) | dr6;
-                        if let Some(shutdown) = self.raise(vector::DB, None, io)? {
-                            return Ok(shutdown);
-                        }
-                    }
-                    if let Some(exit) = exit {
-                        return Ok(exit);
-                    }
-                    // Let the VM look at its timers now and then, even in a busy loop.
-                    if self.instructions.is_multiple_of(YIELD_INSTRUCTIONS) {
-                        return Ok(VmExit::Interrupted);
+            // Let the VM look at its timers now and then, even in a busy loop.
+            if completed && self.instructions.is_multiple_of(YIELD_INSTRUCTIONS) {
+                return Ok(VmExit::Interrupted);
+            }
+        }
+    }
+
+    /// Executes exactly one instruction with its full semantics: breakpoints, faults delivered
+    /// through the guest's IDT, single-step and data-breakpoint traps. Returns the VM exit it
+    /// causes, if any. The binary translator's callouts and precise faults go through here.
+    pub fn step_one(&mut self, io: &mut dyn IoHandler) -> Result<Option<VmExit>, InterpError> {
+        Ok(self.instruction(io)?.0)
+    }
+
+    /// Whether the next instruction runs in an interrupt shadow (after STI, MOV SS or POP SS)
+    /// or with a delayed single-step trap pending.
+    pub fn in_shadow(&self) -> bool {
+        self.shadow.interrupts || self.shadow.trap
+    }
+
+    /// One instruction: its exit, and whether it completed (rather than faulted).
+    fn instruction(
+        &mut self,
+        io: &mut dyn IoHandler,
+    ) -> Result<(Option<VmExit>, bool), InterpError> {
+        let start_eip = self.cpu.eip;
+        let cs_base = self.cpu.seg(SegReg::Cs).base;
+        let hits = self.instruction_breakpoints(cs_base.wrapping_add(start_eip));
+        if hits != 0 {
+            // An instruction breakpoint is a fault: EIP stays on the instruction.
+            self.cpu.dr[6] = (self.cpu.dr[6] & !0xF) | hits;
+            return Ok((self.raise(vector::DB, None, io)?, false));
+        }
+        self.data_hits.set(0);
+        let single_step = self.cpu.eflags & flags::TF != 0;
+        let delayed = std::mem::take(&mut self.shadow);
+        self.trap_suppressed = false;
+        match self.step(io) {
+            Ok(exit) => {
+                // Debug traps after the instruction, in one #DB reporting every cause:
+                // single-step if TF was set before it (not after a software interrupt,
+                // which clears TF, and one instruction late after MOV/POP SS), and the
+                // data breakpoints it hit.
+                let step_trap = (single_step || delayed.trap) && !self.trap_suppressed;
+                let mut dr6 = self.data_hits.take();
+                if step_trap && !self.shadow.trap {
+                    dr6 |= 1 << 14; // DR6.BS
+                } else if step_trap {
+                    self.shadow.trap = true;
+                }
+                if dr6 != 0 {
+                    self.cpu.dr[6] = (self.cpu.dr[6] & !0xF) | dr6;
+                    if let Some(shutdown) = self.raise(vector::DB, None, io)? {
+                        return Ok((Some(shutdown), true));
                     }
                 }
-                Err(Fault::Exception(v, code)) => {
-                    self.cpu.eip = start_eip;
-                    if let Some(exit) = self.raise(v, code, io)? {
-                        return Ok(exit);
-                    }
-                }
-                Err(Fault::Page { linear, error }) => {
-                    self.cpu.eip = start_eip;
-                    self.cpu.cr2 = linear;
-                    if let Some(exit) = self.raise(vector::PF, Some(error), io)? {
-                        return Ok(exit);
-                    }
-                }
-                Err(Fault::Unsupported(what)) => {
-                    self.cpu.eip = start_eip;
-                    return Err(InterpError::Unsupported {
-                        what,
-                        regs: self.registers(),
-                    });
-                }
+                Ok((exit, true))
+            }
+            Err(Fault::Exception(v, code)) => {
+                self.cpu.eip = start_eip;
+                Ok((self.raise(v, code, io)?, false))
+            }
+            Err(Fault::Page { linear, error }) => {
+                self.cpu.eip = start_eip;
+                self.cpu.cr2 = linear;
+                Ok((self.raise(vector::PF, Some(error), io)?, false))
+            }
+            Err(Fault::Unsupported(what)) => {
+                self.cpu.eip = start_eip;
+                Err(InterpError::Unsupported {
+                    what,
+                    regs: self.registers(),
+                })
             }
         }
     }

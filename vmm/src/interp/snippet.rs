@@ -1,5 +1,6 @@
-//! Runs a snippet of unprivileged 32-bit code on the interpreter in a minimal flat machine, for
-//! differential tests against other executors (the host CPU itself, in a 32-bit sandbox).
+//! Runs a snippet of unprivileged 32-bit code on the interpreter ([`run`]) or the binary
+//! translator ([`run_bt`]) in a minimal flat machine, for differential tests against other
+//! executors (the host CPU itself, in a 32-bit sandbox).
 //!
 //! The layout is fixed so that every executor can reproduce it: code at [`CODE_ADDR`], a data
 //! buffer at [`DATA_ADDR`] that memory operands and the stack point into, flat 4 GiB segments at
@@ -12,6 +13,7 @@ use vmdriver::{GuestMemory, IoHandler, MemoryLayout, VmExit};
 
 use super::{Interp, InterpError};
 use crate::cpu::TableReg;
+use crate::translated::{BtEngine, BtError};
 
 /// Where the snippet's code is placed.
 pub const CODE_ADDR: u32 = 0x0010_0000;
@@ -63,6 +65,35 @@ impl IoHandler for NoDevices {
     fn mmio_write(&mut self, _: u64, _: &[u8]) {}
 }
 
+/// The engine a snippet runs on.
+enum Runner {
+    Interp(Box<Interp>),
+    Bt(Box<BtEngine>),
+}
+
+impl Runner {
+    fn interp(&mut self) -> &mut Interp {
+        match self {
+            Runner::Interp(i) => i,
+            Runner::Bt(b) => b.interp_mut(),
+        }
+    }
+
+    fn run(&mut self) -> Result<VmExit, BtError> {
+        match self {
+            Runner::Interp(i) => Ok(i.run(&mut NoDevices)?),
+            Runner::Bt(b) => b.run(&mut NoDevices),
+        }
+    }
+
+    fn instructions(&mut self) -> u64 {
+        match self {
+            Runner::Interp(i) => i.instructions,
+            Runner::Bt(b) => b.guest_instructions(),
+        }
+    }
+}
+
 /// Runs `code` with general registers `gpr` and flags `eflags`, over a data buffer initialised
 /// to `data` at [`DATA_ADDR`]. A HLT appended after the code marks its end.
 pub fn run(
@@ -71,6 +102,32 @@ pub fn run(
     eflags: u32,
     data: &[u8],
 ) -> Result<SnippetResult, InterpError> {
+    run_on(false, code, gpr, eflags, data).map_err(|e| match e {
+        BtError::Interp(e) => e,
+        other => InterpError::Unsupported {
+            what: other.to_string(),
+            regs: Default::default(),
+        },
+    })
+}
+
+/// Like [`run`], on the binary translator (the interpreter executing its callouts).
+pub fn run_bt(
+    code: &[u8],
+    gpr: [u32; 8],
+    eflags: u32,
+    data: &[u8],
+) -> Result<SnippetResult, BtError> {
+    run_on(true, code, gpr, eflags, data)
+}
+
+fn run_on(
+    bt: bool,
+    code: &[u8],
+    gpr: [u32; 8],
+    eflags: u32,
+    data: &[u8],
+) -> Result<SnippetResult, BtError> {
     assert!(data.len() <= DATA_MAX, "data buffer too large");
     assert!(
         code.len() < (DATA_ADDR - CODE_ADDR) as usize,
@@ -103,28 +160,37 @@ pub fn run(
     cpu.gpr = gpr;
     cpu.eflags = eflags | crate::cpu::flags::FIXED;
     cpu.idtr = TableReg::default();
+    let mut runner = if bt {
+        Runner::Bt(Box::new(BtEngine::new(interp, mem.clone())?))
+    } else {
+        Runner::Interp(Box::new(interp))
+    };
     let end_eip = CODE_ADDR + code.len() as u32;
     let end = loop {
-        match interp.run(&mut NoDevices)? {
+        match runner.run()? {
             VmExit::Io | VmExit::Interrupted => {}
-            VmExit::Halt { .. } if interp.cpu.eip == end_eip + 1 => break SnippetEnd::Completed,
+            VmExit::Halt { .. } if runner.interp().cpu.eip == end_eip + 1 => {
+                break SnippetEnd::Completed;
+            }
             VmExit::Halt { .. } => {
                 // A HLT inside the snippet: privileged for the user code snippets stand for,
                 // so a #GP at the HLT itself (one byte back).
+                let interp = runner.interp();
                 interp.cpu.eip -= 1;
                 interp.first_event.get_or_insert((13, interp.cpu.eip));
                 break SnippetEnd::Exception(13);
             }
             VmExit::Shutdown => {
-                break SnippetEnd::Exception(interp.first_event().map_or(8, |(v, _)| v));
+                break SnippetEnd::Exception(runner.interp().first_event().map_or(8, |(v, _)| v));
             }
         }
-        if interp.instructions > MAX_INSTRUCTIONS {
+        if runner.instructions() > MAX_INSTRUCTIONS {
             break SnippetEnd::Runaway;
         }
     };
     let mut out = vec![0u8; data.len()];
     mem.read(u64::from(DATA_ADDR), &mut out).expect("in RAM");
+    let interp = runner.interp();
     let cpu = interp.cpu();
     // After an exception, the EIP its handler would see: the faulting instruction for a fault,
     // the next one for a trap or INT n (what the host CPU reports too).
@@ -193,6 +259,32 @@ mod tests {
             (SnippetEnd::Exception(1), CODE_ADDR + 2),
             "a trap"
         );
+    }
+
+    #[test]
+    fn the_translator_runs_snippets_like_the_interpreter() {
+        let code = asm(|a| {
+            a.add(eax, ebx)?;
+            a.mov(dword_ptr(DATA_ADDR + 4), eax)?;
+            a.push(ecx)?;
+            a.call(u64::from(CODE_ADDR + 0x40))?;
+            a.xor(ecx, ecx)?;
+            a.div(ecx)?;
+            for _ in 0..0x30 {
+                a.nop()?;
+            }
+            a.inc(esi)?;
+            a.ret()
+        });
+        let mut gpr = [0u32; 8];
+        gpr[0] = 0xFFFF_FFFF;
+        gpr[1] = 0xCAFE;
+        gpr[3] = 1;
+        gpr[4] = DATA_ADDR + 0x100;
+        let i = run(&code, gpr, 0, &[0; 0x100]).unwrap();
+        let b = run_bt(&code, gpr, 0, &[0; 0x100]).unwrap();
+        assert_eq!(i.end, SnippetEnd::Exception(0));
+        assert_eq!(b, i);
     }
 
     #[test]

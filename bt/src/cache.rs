@@ -1,0 +1,280 @@
+//! The translation cache: units by guest EIP and by guest page, their host code in a
+//! [`CodeCache`], chaining of direct exits, the indirect-branch lookup table, locating a host
+//! RIP's guest instruction, and invalidation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use vmdriver::codecache::{CodeCache, CodeCacheError};
+
+use crate::translate::{self, CodeSource, MapEntry, Slot, TranslateError};
+
+/// Entries of the indirect-branch lookup table (indexed by the guest EIP's low 16 bits).
+const LOOKUP_ENTRIES: usize = 1 << 16;
+
+/// Errors from the translation cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The code cache could not be created.
+    #[error(transparent)]
+    CodeCache(#[from] CodeCacheError),
+    /// A unit could not be translated.
+    #[error(transparent)]
+    Translate(#[from] TranslateError),
+}
+
+/// A translation unit in the cache.
+#[derive(Debug)]
+pub struct Unit {
+    /// Guest EIP of its first instruction.
+    pub eip: u32,
+    /// Host address of its entry.
+    pub host: u64,
+    /// Host code length.
+    pub len: u32,
+    /// Host-offset → guest-EIP map.
+    pub map: Vec<MapEntry>,
+    /// Patchable exits.
+    pub slots: Vec<Slot>,
+    /// Guest instructions translated.
+    pub instructions: u32,
+    /// The target unit each slot is chained to.
+    chained: Vec<Option<u32>>,
+    /// Chained predecessors: (unit, slot).
+    incoming: Vec<(u32, u32)>,
+    /// The rel32 each slot held before chaining (it leads to the slot's exit trampoline).
+    original: Vec<i32>,
+}
+
+/// Counters for `--stats`.
+#[derive(Debug, Default, Clone)]
+pub struct CacheStats {
+    /// Units translated.
+    pub units: u64,
+    /// Guest instructions translated.
+    pub instructions: u64,
+    /// Time spent translating.
+    pub time: Duration,
+    /// Exit jumps patched to lead straight to their target.
+    pub chain_patches: u64,
+    /// Units dropped because their guest page was written.
+    pub invalidated: u64,
+    /// Times the code cache filled up and was emptied.
+    pub flushes: u64,
+}
+
+/// What [`Translator::translate`] did.
+#[derive(Debug)]
+pub struct Translated {
+    /// Host entry of the new unit.
+    pub host: u64,
+    /// Guest pages that lost all their units because the cache was flushed to make room.
+    pub flushed_pages: Vec<u32>,
+}
+
+/// The translation cache of one vCPU.
+pub struct Translator {
+    cache: CodeCache,
+    units: Vec<Option<Unit>>,
+    by_eip: HashMap<u32, u32>,
+    by_page: HashMap<u32, Vec<u32>>,
+    by_host: BTreeMap<u64, u32>,
+    lookup: Box<[[u64; 2]]>,
+    /// Counters.
+    pub stats: CacheStats,
+}
+
+impl Translator {
+    /// An empty cache.
+    pub fn new() -> Result<Self, CacheError> {
+        Ok(Self {
+            cache: CodeCache::new()?,
+            units: Vec::new(),
+            by_eip: HashMap::new(),
+            by_page: HashMap::new(),
+            by_host: BTreeMap::new(),
+            lookup: vec![[0u64; 2]; LOOKUP_ENTRIES].into_boxed_slice(),
+            stats: CacheStats::default(),
+        })
+    }
+
+    /// Address of the lookup table, for the vCPU context.
+    pub fn lookup_table(&self) -> u64 {
+        self.lookup.as_ptr() as u64
+    }
+
+    /// Host entry of the unit at guest `eip`, if translated.
+    pub fn entry(&self, eip: u32) -> Option<u64> {
+        let id = *self.by_eip.get(&eip)?;
+        self.units[id as usize].as_ref().map(|u| u.host)
+    }
+
+    /// The unit number at guest `eip`, if translated.
+    pub fn unit_id(&self, eip: u32) -> Option<u32> {
+        self.by_eip.get(&eip).copied()
+    }
+
+    /// A live unit.
+    pub fn unit(&self, id: u32) -> Option<&Unit> {
+        self.units.get(id as usize)?.as_ref()
+    }
+
+    /// Guest pages that hold units.
+    pub fn pages(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_page.keys().copied()
+    }
+
+    /// Translates the unit at guest `eip` (which must not be translated yet).
+    pub fn translate(&mut self, src: &dyn CodeSource, eip: u32) -> Result<Translated, CacheError> {
+        let started = Instant::now();
+        let id = self.units.len() as u32;
+        let mut encoded = translate::translate(src, eip, id, self.cache.next_address())?;
+        let mut flushed_pages = Vec::new();
+        if !self.cache.fits(encoded.code.len()) {
+            flushed_pages = self.flush();
+            encoded = translate::translate(src, eip, 0, self.cache.next_address())?;
+        }
+        let id = self.units.len() as u32;
+        let host = self
+            .cache
+            .append(&encoded.code)
+            .expect("an empty cache holds any unit");
+        let slots = encoded.slots.len();
+        let original = encoded
+            .slots
+            .iter()
+            .map(|s| self.cache.read_i32(host + u64::from(s.rel32_offset)))
+            .collect();
+        self.units.push(Some(Unit {
+            eip,
+            host,
+            len: encoded.code.len() as u32,
+            map: encoded.map,
+            slots: encoded.slots,
+            instructions: encoded.instructions,
+            chained: vec![None; slots],
+            incoming: Vec::new(),
+            original,
+        }));
+        self.by_eip.insert(eip, id);
+        self.by_page.entry(eip >> 12).or_default().push(id);
+        self.by_host.insert(host, id);
+        self.stats.units += 1;
+        self.stats.instructions += u64::from(encoded.instructions);
+        self.stats.time += started.elapsed();
+        Ok(Translated {
+            host,
+            flushed_pages,
+        })
+    }
+
+    /// Patches exit `slot` of unit `from` to jump straight to the unit at `target` (when both
+    /// are live). Returns whether it did.
+    pub fn chain(&mut self, from: u32, slot: u32, target: u32) -> bool {
+        let Some(&to) = self.by_eip.get(&target) else {
+            return false;
+        };
+        let Some(to_host) = self.unit(to).map(|u| u.host) else {
+            return false;
+        };
+        let Some(Some(unit)) = self.units.get_mut(from as usize) else {
+            return false;
+        };
+        let Some(s) = unit.slots.get(slot as usize).copied() else {
+            return false;
+        };
+        if s.target != target || unit.chained[slot as usize].is_some() {
+            return false;
+        }
+        let at = unit.host + u64::from(s.rel32_offset);
+        let rel = to_host as i64 - (at as i64 + 4);
+        let Ok(rel) = i32::try_from(rel) else {
+            return false;
+        };
+        unit.chained[slot as usize] = Some(to);
+        self.cache.write_i32(at, rel);
+        if let Some(Some(t)) = self.units.get_mut(to as usize) {
+            t.incoming.push((from, slot));
+        }
+        self.stats.chain_patches += 1;
+        true
+    }
+
+    /// Enters `eip → host` in the indirect-branch lookup table.
+    pub fn remember_indirect(&mut self, eip: u32, host: u64) {
+        self.lookup[(eip & 0xFFFF) as usize] = [!u64::from(eip), host];
+    }
+
+    /// The unit and guest instruction a host RIP inside translated code belongs to.
+    pub fn locate(&self, rip: u64) -> Option<(&Unit, MapEntry)> {
+        let (_, &id) = self.by_host.range(..=rip).next_back()?;
+        let unit = self.unit(id)?;
+        if rip >= unit.host + u64::from(unit.len) {
+            return None;
+        }
+        let off = (rip - unit.host) as u32;
+        let i = unit.map.partition_point(|m| m.host_offset <= off);
+        let entry = *unit.map.get(i.checked_sub(1)?)?;
+        Some((unit, entry))
+    }
+
+    /// Drops every unit translated from guest page `page` (address >> 12), unchaining the
+    /// jumps that lead into them. Returns how many were dropped.
+    pub fn invalidate_page(&mut self, page: u32) -> usize {
+        let Some(ids) = self.by_page.remove(&page) else {
+            return 0;
+        };
+        for &id in &ids {
+            let Some(unit) = self.units[id as usize].take() else {
+                continue;
+            };
+            if self.by_eip.get(&unit.eip) == Some(&id) {
+                self.by_eip.remove(&unit.eip);
+            }
+            self.by_host.remove(&unit.host);
+            let entry = &mut self.lookup[(unit.eip & 0xFFFF) as usize];
+            if entry[0] == !u64::from(unit.eip) {
+                *entry = [0, 0];
+            }
+            for (from, slot) in unit.incoming {
+                if let Some(Some(p)) = self.units.get_mut(from as usize)
+                    && p.chained[slot as usize] == Some(id)
+                {
+                    p.chained[slot as usize] = None;
+                    let at = p.host + u64::from(p.slots[slot as usize].rel32_offset);
+                    let original = p.original[slot as usize];
+                    self.cache.write_i32(at, original);
+                }
+            }
+            for to in unit.chained.iter().flatten() {
+                if let Some(Some(t)) = self.units.get_mut(*to as usize) {
+                    t.incoming.retain(|(f, _)| *f != id);
+                }
+            }
+            self.stats.invalidated += 1;
+        }
+        ids.len()
+    }
+
+    /// Empties the cache; returns the guest pages that held units.
+    pub fn flush(&mut self) -> Vec<u32> {
+        let pages = self.by_page.keys().copied().collect();
+        self.units.clear();
+        self.by_eip.clear();
+        self.by_page.clear();
+        self.by_host.clear();
+        self.lookup.fill([0, 0]);
+        self.cache.reset();
+        self.stats.flushes += 1;
+        pages
+    }
+}
+
+impl std::fmt::Debug for Translator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Translator")
+            .field("cache", &self.cache)
+            .field("units", &self.by_eip.len())
+            .finish_non_exhaustive()
+    }
+}

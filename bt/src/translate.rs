@@ -1,0 +1,1160 @@
+//! Translating one unit: guest 32-bit code decoded with iced-x86, rewritten under the contract of
+//! DESIGN.md §4, and re-encoded for 64-bit mode with iced's `BlockEncoder`.
+//!
+//! A unit is a run of guest instructions in one 4 KiB page. It starts with the exit-request poll
+//! (`mov r11d, [r15+OFF_POLL]`: a load from a page the monitor revokes to make translated code
+//! leave) and the retired-instruction count (`lea r14, [r14+n]`), then the translated
+//! instructions, and ends at the first control transfer, callout, page end or the instruction
+//! cap. Every host instruction is tagged with the guest instruction it belongs to; the
+//! encoder's new-instruction offsets turn the tags into the host-offset → guest-EIP map that
+//! makes faults precise.
+//!
+//! How each guest instruction is translated:
+//! - **Ident**: the same instruction in 64-bit mode, with guest ESP replaced by R12D and its
+//!   memory operand addressed as `gs:[32-bit address]` (a 0x67 address-size prefix, so the
+//!   address wraps modulo 4 GiB inside the window).
+//! - **Rewritten**: forms that do not exist or mean something else in 64-bit mode (`inc`/`dec`
+//!   0x40–0x4F, the moffs forms of `mov`) and every stack operation (push, pop, pusha, popa,
+//!   leave, call, ret), expanded against R12D. Each expansion performs every access that may
+//!   fault before it changes any guest register, so a fault restarts the guest instruction.
+//! - **Control flow**: direct jumps and branches end the unit in patchable `jmp`/`jcc rel32`
+//!   slots that first lead to an exit and are chained to the target unit once it exists;
+//!   indirect jumps, calls and returns go through a flag-preserving lookup table.
+//! - **Callout**: everything else — privileged and sensitive instructions, segment loads,
+//!   string instructions, FS/GS-relative and 16-bit addressing, x87/SSE — ends the unit with an
+//!   exit asking the interpreter to execute that one instruction.
+
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, Instruction,
+    InstructionBlock, MemoryOperand, Mnemonic, OpKind, Register,
+};
+use vmdriver::world::{
+    OFF_EXIT_EIP, OFF_EXIT_REASON, OFF_EXIT_SLOT, OFF_EXIT_STUB, OFF_EXIT_UNIT, OFF_LOOKUP,
+    OFF_LOOKUP_HITS, OFF_POLL, reason,
+};
+
+/// Most guest instructions in one unit.
+pub const MAX_INSTRUCTIONS: usize = 48;
+
+/// Errors translating a unit (bugs in the translator, never guest behaviour).
+#[derive(Debug, thiserror::Error)]
+pub enum TranslateError {
+    /// iced could not build or encode an instruction.
+    #[error("the translator could not encode the unit at {eip:#010x}: {message}")]
+    Encode {
+        /// The unit's guest EIP.
+        eip: u32,
+        /// iced's message.
+        message: String,
+    },
+}
+
+/// A patchable rel32 jump at the end of a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Offset of the rel32 field from the start of the unit.
+    pub rel32_offset: u32,
+    /// The guest EIP it leads to.
+    pub target: u32,
+}
+
+/// One entry of the host-offset → guest-EIP map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Offset of the host instruction from the start of the unit.
+    pub host_offset: u32,
+    /// The guest instruction it belongs to.
+    pub guest_eip: u32,
+    /// Its index among the unit's translated instructions (how many retired before it).
+    pub index: u32,
+}
+
+/// An encoded unit, ready to be placed at the address it was encoded for.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// Host code.
+    pub code: Vec<u8>,
+    /// Host-offset → guest-EIP map, sorted by host offset.
+    pub map: Vec<MapEntry>,
+    /// Patchable exits.
+    pub slots: Vec<Slot>,
+    /// Guest instructions translated (the callout that may end the unit is not one).
+    pub instructions: u32,
+    /// One past the last guest byte the unit covers.
+    pub guest_end: u32,
+    /// The instruction the unit ends with a callout for, if any.
+    pub callout: Option<Mnemonic>,
+}
+
+/// Host registers translated code uses for itself (never guest state).
+const GUEST_ESP: Register = Register::R12D;
+const S0: Register = Register::R8D;
+const S0Q: Register = Register::R8;
+const S1Q: Register = Register::R9;
+const S1: Register = Register::R9D;
+const S2Q: Register = Register::R10;
+const S3Q: Register = Register::R11;
+const S3: Register = Register::R11D;
+const SAVE_Q: Register = Register::R13;
+const COUNT_Q: Register = Register::R14;
+const CTX: Register = Register::R15;
+
+fn ctx(off: i32) -> MemoryOperand {
+    MemoryOperand::with_base_displ(CTX, i64::from(off))
+}
+
+/// `gs:[base + disp]` with 32-bit addressing.
+fn gs_mem(base: Register, disp: i32) -> MemoryOperand {
+    MemoryOperand::new(
+        base,
+        Register::None,
+        1,
+        i64::from(disp),
+        4,
+        false,
+        Register::GS,
+    )
+}
+
+/// The host instructions of a unit being built, each tagged with its guest instruction.
+struct Emitter {
+    out: Vec<Instruction>,
+    tags: Vec<(u32, u32)>,
+    next_ip: u64,
+    /// (index of the slot's `db` instruction, offset of rel32 in it, trampoline label, target).
+    slots: Vec<(usize, u32, u64, u32)>,
+    tag: (u32, u32),
+    err: Option<String>,
+}
+
+impl Emitter {
+    fn new(eip: u32) -> Self {
+        Self {
+            out: Vec::new(),
+            tags: Vec::new(),
+            next_ip: 0x1000,
+            slots: Vec::new(),
+            tag: (eip, 0),
+            err: None,
+        }
+    }
+
+    fn label(&mut self) -> u64 {
+        self.next_ip += 1;
+        self.next_ip
+    }
+
+    fn push_at(&mut self, mut ins: Instruction, ip: u64) -> usize {
+        ins.set_ip(ip);
+        self.out.push(ins);
+        self.tags.push(self.tag);
+        self.out.len() - 1
+    }
+
+    fn push(&mut self, ins: Instruction) -> usize {
+        let ip = self.label();
+        self.push_at(ins, ip)
+    }
+
+    fn emit(&mut self, r: Result<Instruction, iced_x86::IcedError>) -> usize {
+        match r {
+            Ok(ins) => self.push(ins),
+            Err(e) => {
+                self.err.get_or_insert(e.to_string());
+                self.push(Instruction::with(Code::Nopd))
+            }
+        }
+    }
+
+    fn emit_at(&mut self, r: Result<Instruction, iced_x86::IcedError>, ip: u64) -> usize {
+        match r {
+            Ok(ins) => self.push_at(ins, ip),
+            Err(e) => {
+                self.err.get_or_insert(e.to_string());
+                self.push_at(Instruction::with(Code::Nopd), ip)
+            }
+        }
+    }
+
+    /// `mov dword [r15+off], imm`.
+    fn store_ctx(&mut self, off: i32, value: u32) {
+        self.emit(Instruction::with2(Code::Mov_rm32_imm32, ctx(off), value));
+    }
+
+    fn jmp_exit_stub(&mut self) {
+        self.emit(Instruction::with1(Code::Jmp_rm64, ctx(OFF_EXIT_STUB)));
+    }
+
+    /// An exit asking the interpreter to execute the instruction at `eip`.
+    fn callout(&mut self, eip: u32) {
+        self.store_ctx(OFF_EXIT_EIP, eip);
+        self.store_ctx(OFF_EXIT_REASON, reason::CALLOUT);
+        self.jmp_exit_stub();
+    }
+
+    /// A patchable `jmp rel32` (or `jcc rel32`) to `target`, leading to an exit for now.
+    fn slot(&mut self, cc: Option<u8>, target: u32) {
+        let tramp = self.label();
+        let (ins, off) = match cc {
+            None => (Instruction::with_declare_byte_5(0xE9, 0, 0, 0, 0), 1),
+            Some(c) => (
+                Instruction::with_declare_byte_6(0x0F, 0x80 | c, 0, 0, 0, 0),
+                2,
+            ),
+        };
+        let idx = self.push(ins);
+        self.slots.push((idx, off, tramp, target));
+    }
+
+    /// The trampolines the slots lead to until chained.
+    fn trampolines(&mut self, unit_id: u32) {
+        let slots = self.slots.clone();
+        for (k, (_, _, tramp, target)) in slots.into_iter().enumerate() {
+            self.emit_at(
+                Instruction::with2(Code::Mov_rm32_imm32, ctx(OFF_EXIT_EIP), target),
+                tramp,
+            );
+            self.store_ctx(OFF_EXIT_UNIT, unit_id);
+            self.store_ctx(OFF_EXIT_SLOT, k as u32);
+            self.store_ctx(OFF_EXIT_REASON, reason::BRANCH);
+            self.jmp_exit_stub();
+        }
+    }
+
+    /// Jumps to the translation of the guest EIP in S0 (R8D) through the lookup table, leaving
+    /// RFLAGS untouched; a miss exits to the monitor.
+    fn lookup(&mut self) {
+        let hit = self.label();
+        self.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, Register::R8W));
+        self.emit(Instruction::with2(Code::Mov_r64_rm64, S2Q, ctx(OFF_LOOKUP)));
+        self.emit(Instruction::with2(
+            Code::Lea_r64_m,
+            S1Q,
+            MemoryOperand::new(S1Q, S1Q, 1, 0, 0, false, Register::None),
+        ));
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            S3Q,
+            MemoryOperand::new(S2Q, S1Q, 8, 0, 0, false, Register::None),
+        ));
+        // key = !eip, so key + eip + 1 == 0 exactly on a hit (and an empty entry never hits).
+        self.emit(Instruction::with2(
+            Code::Lea_r64_m,
+            S3Q,
+            MemoryOperand::new(S3Q, S0Q, 1, 1, 1, false, Register::None),
+        ));
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            SAVE_Q,
+            Register::RCX,
+        ));
+        self.emit(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, S3Q));
+        self.emit(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RCX,
+            SAVE_Q,
+        ));
+        self.emit(Instruction::with2(
+            Code::Mov_rm32_r32,
+            ctx(OFF_EXIT_EIP),
+            S0,
+        ));
+        self.store_ctx(OFF_EXIT_REASON, reason::LOOKUP_MISS);
+        self.jmp_exit_stub();
+        self.emit_at(
+            Instruction::with2(Code::Mov_r64_rm64, Register::RCX, SAVE_Q),
+            hit,
+        );
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            S3Q,
+            ctx(OFF_LOOKUP_HITS),
+        ));
+        self.emit(Instruction::with2(
+            Code::Lea_r64_m,
+            S3Q,
+            MemoryOperand::with_base_displ(S3Q, 1),
+        ));
+        self.emit(Instruction::with2(
+            Code::Mov_rm64_r64,
+            ctx(OFF_LOOKUP_HITS),
+            S3Q,
+        ));
+        self.emit(Instruction::with1(
+            Code::Jmp_rm64,
+            MemoryOperand::new(S2Q, S1Q, 8, 8, 1, false, Register::None),
+        ));
+    }
+
+    /// `mov gs:[r12d+disp], src` for a 32-bit register or immediate.
+    fn store_stack(&mut self, disp: i32, src: Src) {
+        match src {
+            Src::Reg(r) => self.emit(Instruction::with2(
+                Code::Mov_rm32_r32,
+                gs_mem(GUEST_ESP, disp),
+                r,
+            )),
+            Src::Imm(v) => self.emit(Instruction::with2(
+                Code::Mov_rm32_imm32,
+                gs_mem(GUEST_ESP, disp),
+                v,
+            )),
+        };
+    }
+
+    /// `lea r12d, [r12d+delta]`: moves guest ESP without touching flags.
+    fn adjust_esp(&mut self, delta: i32) {
+        if delta != 0 {
+            self.emit(Instruction::with2(
+                Code::Lea_r32_m,
+                GUEST_ESP,
+                gs_lea(GUEST_ESP, delta),
+            ));
+        }
+    }
+}
+
+/// A memory operand for `lea` with 32-bit addressing (no segment).
+fn gs_lea(base: Register, disp: i32) -> MemoryOperand {
+    MemoryOperand::new(
+        base,
+        Register::None,
+        1,
+        i64::from(disp),
+        4,
+        false,
+        Register::None,
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Src {
+    Reg(Register),
+    Imm(u32),
+}
+
+fn map_reg(r: Register) -> Register {
+    match r {
+        Register::ESP => GUEST_ESP,
+        Register::SP => Register::R12W,
+        _ => r,
+    }
+}
+
+fn high_byte(r: Register) -> bool {
+    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+/// The guest memory operand as a host `gs:[…]` operand, or None if it cannot be (FS/GS/CS
+/// segments and 16-bit addressing). DS, ES and SS are flat whenever translated code runs.
+fn guest_mem(ins: &Instruction, segment: Register) -> Option<MemoryOperand> {
+    // FS and GS may have any base; CS is not writable (and is rare as an override).
+    if matches!(
+        ins.memory_segment(),
+        Register::FS | Register::GS | Register::CS
+    ) {
+        return None;
+    }
+    let base = ins.memory_base();
+    let index = ins.memory_index();
+    if base.is_gpr16()
+        || index.is_gpr16()
+        || (base == Register::None && index == Register::None && ins.memory_displ_size() == 2)
+    {
+        return None;
+    }
+    Some(MemoryOperand::new(
+        map_reg(base),
+        index,
+        ins.memory_index_scale(),
+        i64::from(ins.memory_displacement32()),
+        4,
+        false,
+        segment,
+    ))
+}
+
+/// Mnemonics that mean the same in 64-bit mode once ESP is R12D and memory is GS-relative.
+fn ident_mnemonic(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Mul
+            | M::Imul
+            | M::Div
+            | M::Idiv
+            | M::Mov
+            | M::Movzx
+            | M::Movsx
+            | M::Lea
+            | M::Xchg
+            | M::Cmpxchg
+            | M::Cmpxchg8b
+            | M::Xadd
+            | M::Rol
+            | M::Ror
+            | M::Rcl
+            | M::Rcr
+            | M::Shl
+            | M::Sal
+            | M::Shr
+            | M::Sar
+            | M::Shld
+            | M::Shrd
+            | M::Bt
+            | M::Bts
+            | M::Btr
+            | M::Btc
+            | M::Bsf
+            | M::Bsr
+            | M::Bswap
+            | M::Cbw
+            | M::Cwde
+            | M::Cdq
+            | M::Cwd
+            | M::Lahf
+            | M::Sahf
+            | M::Clc
+            | M::Stc
+            | M::Cmc
+            | M::Cld
+            | M::Std
+            | M::Nop
+            | M::Pause
+            | M::Seto
+            | M::Setno
+            | M::Setb
+            | M::Setae
+            | M::Sete
+            | M::Setne
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+            | M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+    )
+}
+
+/// The 64-bit form of an ident instruction, or None if it must be a callout.
+fn ident(ins: &Instruction) -> Option<Instruction> {
+    if !ident_mnemonic(ins.mnemonic()) {
+        return None;
+    }
+    let mut h = *ins;
+    // Forms 64-bit mode lacks: inc/dec 0x40-0x4F and the moffs movs.
+    match ins.code() {
+        Code::Inc_r32 => h = Instruction::with1(Code::Inc_rm32, ins.op0_register()).ok()?,
+        Code::Dec_r32 => h = Instruction::with1(Code::Dec_rm32, ins.op0_register()).ok()?,
+        Code::Inc_r16 => h = Instruction::with1(Code::Inc_rm16, ins.op0_register()).ok()?,
+        Code::Dec_r16 => h = Instruction::with1(Code::Dec_rm16, ins.op0_register()).ok()?,
+        Code::Mov_AL_moffs8 => {
+            h = Instruction::with2(
+                Code::Mov_r8_rm8,
+                Register::AL,
+                guest_mem(ins, Register::GS)?,
+            )
+            .ok()?
+        }
+        Code::Mov_AX_moffs16 => {
+            h = Instruction::with2(
+                Code::Mov_r16_rm16,
+                Register::AX,
+                guest_mem(ins, Register::GS)?,
+            )
+            .ok()?
+        }
+        Code::Mov_EAX_moffs32 => {
+            h = Instruction::with2(
+                Code::Mov_r32_rm32,
+                Register::EAX,
+                guest_mem(ins, Register::GS)?,
+            )
+            .ok()?
+        }
+        Code::Mov_moffs8_AL => {
+            h = Instruction::with2(
+                Code::Mov_rm8_r8,
+                guest_mem(ins, Register::GS)?,
+                Register::AL,
+            )
+            .ok()?
+        }
+        Code::Mov_moffs16_AX => {
+            h = Instruction::with2(
+                Code::Mov_rm16_r16,
+                guest_mem(ins, Register::GS)?,
+                Register::AX,
+            )
+            .ok()?
+        }
+        Code::Mov_moffs32_EAX => {
+            h = Instruction::with2(
+                Code::Mov_rm32_r32,
+                guest_mem(ins, Register::GS)?,
+                Register::EAX,
+            )
+            .ok()?
+        }
+        code => {
+            if !code.op_code().mode64() {
+                return None;
+            }
+        }
+    }
+    let mut uses_rex = false;
+    let mut uses_high = false;
+    for i in 0..h.op_count() {
+        match h.op_kind(i) {
+            OpKind::Register => {
+                let r = h.op_register(i);
+                if r.is_segment_register() || r.is_cr() || r.is_dr() || r.is_tr() {
+                    return None;
+                }
+                if !(r.is_gpr8() || r.is_gpr16() || r.is_gpr32()) {
+                    return None;
+                }
+                let m = map_reg(r);
+                uses_rex |= m != r;
+                uses_high |= high_byte(r);
+                h.set_op_register(i, m);
+            }
+            OpKind::Memory => {
+                if ins.mnemonic() == Mnemonic::Lea {
+                    let m = guest_mem(ins, Register::None)?;
+                    uses_rex |= m.base == GUEST_ESP;
+                    h.set_memory_base(m.base);
+                    if m.base == Register::None && m.index == Register::None {
+                        h.set_memory_displ_size(4);
+                    }
+                } else if h.code() == ins.code() {
+                    let m = guest_mem(ins, Register::GS)?;
+                    uses_rex |= m.base == GUEST_ESP;
+                    h.set_memory_base(m.base);
+                    h.set_segment_prefix(Register::GS);
+                    if m.base == Register::None && m.index == Register::None {
+                        h.set_memory_displ_size(4);
+                    }
+                }
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32 => {}
+            _ => return None,
+        }
+    }
+    // AH..DH cannot be encoded in an instruction that needs a REX prefix (R12D).
+    if uses_rex && uses_high {
+        return None;
+    }
+    // Implicit operands beyond the explicit ones must be ones 64-bit mode keeps (flags, EAX/EDX
+    // for mul/div/cdq): the stack and string forms never reach here.
+    if ins.stack_pointer_increment() != 0 {
+        return None;
+    }
+    Some(h)
+}
+
+/// Reads guest code for the translator.
+pub trait CodeSource {
+    /// Copies guest code at linear `eip` into `buf`; returns how many bytes are readable (0 if
+    /// the address is not RAM or firmware).
+    fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize;
+}
+
+/// Translates the unit at guest `eip` (unit number `unit_id`) for host address `rip`.
+pub fn translate(
+    src: &dyn CodeSource,
+    eip: u32,
+    unit_id: u32,
+    rip: u64,
+) -> Result<Encoded, TranslateError> {
+    let page_end = (u64::from(eip) & !0xFFF) + 0x1000;
+    let avail = (page_end - u64::from(eip)) as usize;
+    let mut bytes = vec![0u8; avail];
+    let got = src.read_code(eip, &mut bytes);
+    bytes.truncate(got);
+
+    let mut e = Emitter::new(eip);
+    e.emit(Instruction::with2(Code::Mov_r32_rm32, S3, ctx(OFF_POLL)));
+    let count_idx = e.emit(Instruction::with2(
+        Code::Lea_r64_m,
+        COUNT_Q,
+        MemoryOperand::with_base_displ(COUNT_Q, 0),
+    ));
+    let mut decoder = Decoder::with_ip(32, &bytes, u64::from(eip), DecoderOptions::NONE);
+    let mut count = 0u32;
+    let mut callout = None;
+    let mut guest_end = eip;
+    loop {
+        let at = eip.wrapping_add(decoder.position() as u32);
+        e.tag = (at, count);
+        if count as usize >= MAX_INSTRUCTIONS || (decoder.position() >= bytes.len() && count > 0) {
+            // The cap, the end of the page, or the end of readable memory: continue at `at`.
+            e.slot(None, at);
+            break;
+        }
+        let ins = decoder.decode();
+        if ins.is_invalid() {
+            // Undefined, cut by the page end, or not in memory: the interpreter executes it (and
+            // raises the right fault, or fetches across the page).
+            if count > 0 {
+                e.slot(None, at);
+            } else {
+                callout = Some(Mnemonic::INVALID);
+                e.callout(at);
+                guest_end = at.wrapping_add(1);
+            }
+            break;
+        }
+        let next = ins.next_ip32();
+        guest_end = next;
+        match rewrite(&mut e, &ins, next) {
+            Rewrite::Continue => count += 1,
+            Rewrite::End => {
+                count += 1;
+                break;
+            }
+            Rewrite::Callout => {
+                callout = Some(ins.mnemonic());
+                e.callout(at);
+                break;
+            }
+        }
+    }
+    let count_ip = e.out[count_idx].ip();
+    e.out[count_idx] = Instruction::with2(
+        Code::Lea_r64_m,
+        COUNT_Q,
+        MemoryOperand::with_base_displ(COUNT_Q, i64::from(count)),
+    )
+    .expect("a valid lea");
+    e.out[count_idx].set_ip(count_ip);
+    e.trampolines(unit_id);
+    if let Some(message) = e.err.take() {
+        return Err(TranslateError::Encode { eip, message });
+    }
+    let block = InstructionBlock::new(&e.out, rip);
+    let result = BlockEncoder::encode(
+        64,
+        block,
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )
+    .map_err(|err| TranslateError::Encode {
+        eip,
+        message: err.to_string(),
+    })?;
+    let offsets = &result.new_instruction_offsets;
+    let mut code = result.code_buffer;
+    let mut map: Vec<MapEntry> = offsets
+        .iter()
+        .zip(&e.tags)
+        .filter(|(off, _)| **off != u32::MAX)
+        .map(|(off, (eip, index))| MapEntry {
+            host_offset: *off,
+            guest_eip: *eip,
+            index: *index,
+        })
+        .collect();
+    map.sort_by_key(|m| m.host_offset);
+    let mut slots = Vec::new();
+    for (idx, rel_at, tramp, target) in &e.slots {
+        let slot_off = offsets[*idx] + rel_at;
+        let tramp_idx = e
+            .out
+            .iter()
+            .position(|i| i.ip() == *tramp)
+            .expect("every slot has a trampoline");
+        let rel = offsets[tramp_idx] as i64 - (i64::from(slot_off) + 4);
+        code[slot_off as usize..slot_off as usize + 4].copy_from_slice(&(rel as i32).to_le_bytes());
+        slots.push(Slot {
+            rel32_offset: slot_off,
+            target: *target,
+        });
+    }
+    Ok(Encoded {
+        code,
+        map,
+        slots,
+        instructions: count,
+        guest_end,
+        callout,
+    })
+}
+
+enum Rewrite {
+    /// Translated; the unit goes on.
+    Continue,
+    /// Translated, and the unit ends with it (control flow).
+    End,
+    /// Not translated: the unit ends with a callout for it.
+    Callout,
+}
+
+fn cc_of(ins: &Instruction) -> Option<u8> {
+    let cc = ins.condition_code();
+    (cc != ConditionCode::None).then(|| cc as u8 - 1)
+}
+
+/// Emits the translation of `ins` (`next` is the EIP after it).
+fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
+    use Code as C;
+    match ins.code() {
+        // ---- direct control flow ----
+        C::Jmp_rel8_32 | C::Jmp_rel32_32 => {
+            e.slot(None, ins.near_branch32());
+            Rewrite::End
+        }
+        _ if ins.is_jcc_short_or_near() && ins.op0_kind() == OpKind::NearBranch32 => {
+            e.slot(cc_of(ins), ins.near_branch32());
+            e.slot(None, next);
+            Rewrite::End
+        }
+        C::Loop_rel8_32_ECX | C::Loope_rel8_32_ECX | C::Loopne_rel8_32_ECX | C::Jecxz_rel8_32 => {
+            let host = match ins.code() {
+                C::Loop_rel8_32_ECX => C::Loop_rel8_64_ECX,
+                C::Loope_rel8_32_ECX => C::Loope_rel8_64_ECX,
+                C::Loopne_rel8_32_ECX => C::Loopne_rel8_64_ECX,
+                _ => C::Jecxz_rel8_64,
+            };
+            let taken = e.label();
+            e.emit(Instruction::with_branch(host, taken));
+            e.slot(None, next);
+            let idx = e.slots.len();
+            e.slot(None, ins.near_branch32());
+            // The taken slot's `db` gets the label the loop branches to.
+            let db = e.slots[idx].0;
+            e.out[db].set_ip(taken);
+            Rewrite::End
+        }
+        C::Call_rel32_32 => {
+            e.store_stack(-4, Src::Imm(next));
+            e.adjust_esp(-4);
+            e.slot(None, ins.near_branch32());
+            Rewrite::End
+        }
+        // ---- indirect control flow ----
+        C::Jmp_rm32 | C::Call_rm32 => {
+            if !load_s0(e, ins) {
+                return Rewrite::Callout;
+            }
+            if ins.code() == C::Call_rm32 {
+                e.store_stack(-4, Src::Imm(next));
+                e.adjust_esp(-4);
+            }
+            e.lookup();
+            Rewrite::End
+        }
+        C::Retnd | C::Retnd_imm16 => {
+            let extra = if ins.code() == C::Retnd_imm16 {
+                i32::from(ins.immediate16())
+            } else {
+                0
+            };
+            e.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                S0,
+                gs_mem(GUEST_ESP, 0),
+            ));
+            e.adjust_esp(4 + extra);
+            e.lookup();
+            Rewrite::End
+        }
+        // ---- stack ----
+        C::Push_r32 | C::Push_rm32 if ins.op0_kind() == OpKind::Register => {
+            e.store_stack(-4, Src::Reg(map_reg(ins.op0_register())));
+            e.adjust_esp(-4);
+            Rewrite::Continue
+        }
+        C::Push_rm32 => {
+            if !load_s0(e, ins) {
+                return Rewrite::Callout;
+            }
+            e.store_stack(-4, Src::Reg(S0));
+            e.adjust_esp(-4);
+            Rewrite::Continue
+        }
+        C::Pushd_imm8 | C::Pushd_imm32 => {
+            // `immediate(0)` sign-extends the imm8 form.
+            e.store_stack(-4, Src::Imm(ins.immediate(0) as u32));
+            e.adjust_esp(-4);
+            Rewrite::Continue
+        }
+        C::Pop_r32 | C::Pop_rm32 if ins.op0_kind() == OpKind::Register => {
+            let r = map_reg(ins.op0_register());
+            e.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                r,
+                gs_mem(GUEST_ESP, 0),
+            ));
+            if r != GUEST_ESP {
+                e.adjust_esp(4);
+            }
+            Rewrite::Continue
+        }
+        C::Pushad => {
+            let regs = [
+                Register::EAX,
+                Register::ECX,
+                Register::EDX,
+                Register::EBX,
+                GUEST_ESP,
+                Register::EBP,
+                Register::ESI,
+                Register::EDI,
+            ];
+            for (i, r) in regs.iter().enumerate() {
+                e.store_stack(-4 * (i as i32 + 1), Src::Reg(*r));
+            }
+            e.adjust_esp(-32);
+            Rewrite::Continue
+        }
+        C::Popad => {
+            // Touch both ends first: the only accesses that can fault come before any update.
+            e.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                S0,
+                gs_mem(GUEST_ESP, 0),
+            ));
+            e.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                S0,
+                gs_mem(GUEST_ESP, 28),
+            ));
+            let regs = [
+                (Register::EDI, 0),
+                (Register::ESI, 4),
+                (Register::EBP, 8),
+                (Register::EBX, 16),
+                (Register::EDX, 20),
+                (Register::ECX, 24),
+                (Register::EAX, 28),
+            ];
+            for (r, d) in regs {
+                e.emit(Instruction::with2(
+                    Code::Mov_r32_rm32,
+                    r,
+                    gs_mem(GUEST_ESP, d),
+                ));
+            }
+            e.adjust_esp(32);
+            Rewrite::Continue
+        }
+        C::Leaved => {
+            e.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                S0,
+                gs_mem(Register::EBP, 0),
+            ));
+            e.emit(Instruction::with2(
+                Code::Lea_r32_m,
+                GUEST_ESP,
+                gs_lea(Register::EBP, 4),
+            ));
+            e.emit(Instruction::with2(Code::Mov_r32_rm32, Register::EBP, S0));
+            Rewrite::Continue
+        }
+        _ => match ident(ins) {
+            Some(h) => {
+                e.push(h);
+                Rewrite::Continue
+            }
+            None => Rewrite::Callout,
+        },
+    }
+}
+
+/// `mov r8d, <operand 0>` for a 32-bit register or memory operand.
+fn load_s0(e: &mut Emitter, ins: &Instruction) -> bool {
+    match ins.op0_kind() {
+        OpKind::Register => {
+            e.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                S0,
+                map_reg(ins.op0_register()),
+            ));
+            true
+        }
+        OpKind::Memory => match guest_mem(ins, Register::GS) {
+            Some(m) => {
+                e.emit(Instruction::with2(Code::Mov_r32_rm32, S0, m));
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::code_asm::*;
+    use iced_x86::{Formatter, IntelFormatter};
+
+    const BASE: u32 = 0x0010_0000;
+    const RIP: u64 = 0x4000_0000;
+
+    struct Bytes(Vec<u8>);
+    impl CodeSource for Bytes {
+        fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize {
+            let off = (eip - BASE) as usize;
+            let n = buf.len().min(self.0.len().saturating_sub(off));
+            buf[..n].copy_from_slice(&self.0[off..off + n]);
+            n
+        }
+    }
+
+    fn guest(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+        let mut a = CodeAssembler::new(32).unwrap();
+        f(&mut a).unwrap();
+        a.assemble(u64::from(BASE)).unwrap()
+    }
+
+    /// The host instructions of the unit, decoded back (64-bit).
+    fn host(code: &[u8]) -> Vec<Instruction> {
+        Decoder::with_ip(64, code, RIP, DecoderOptions::NONE)
+            .into_iter()
+            .collect()
+    }
+
+    fn text(ins: &[Instruction]) -> Vec<String> {
+        let mut f = IntelFormatter::new();
+        ins.iter()
+            .map(|i| {
+                let mut s = String::new();
+                f.format(i, &mut s);
+                s
+            })
+            .collect()
+    }
+
+    fn unit(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> (Encoded, Vec<String>) {
+        let e = translate(&Bytes(guest(f)), BASE, 7, RIP).unwrap();
+        let t = text(&host(&e.code));
+        (e, t)
+    }
+
+    #[test]
+    fn units_start_with_the_poll_and_the_count() {
+        let (e, t) = unit(|a| {
+            a.add(eax, ebx)?;
+            a.hlt()
+        });
+        assert_eq!(t[0], format!("mov r11d,[r15+{OFF_POLL:X}h]"));
+        assert_eq!(t[1], "lea r14,[r14+1]");
+        assert_eq!(t[2], "add eax,ebx");
+        assert_eq!(e.instructions, 1);
+        assert_eq!(
+            e.callout,
+            Some(Mnemonic::Hlt),
+            "hlt is never executed natively"
+        );
+        assert_eq!(e.map[0].guest_eip, BASE);
+        assert!(
+            e.map
+                .iter()
+                .any(|m| m.guest_eip == BASE + 2 && m.index == 1)
+        );
+    }
+
+    #[test]
+    fn memory_operands_become_gs_relative_with_32_bit_addresses() {
+        let (_, t) = unit(|a| {
+            a.mov(eax, dword_ptr(ebx + 0x10))?;
+            a.mov(dword_ptr(0x8000_0000u32), ecx)?;
+            a.add(byte_ptr(esi + edi * 4 - 4), dl)?;
+            a.mov(eax, dword_ptr(0x1234))?; // the moffs form
+            a.lea(edx, dword_ptr(esp + 8))?;
+            a.hlt()
+        });
+        assert_eq!(t[2], "mov eax,gs:[ebx+10h]");
+        assert_eq!(t[3], "mov gs:[80000000h],ecx");
+        assert_eq!(t[4], "add gs:[esi+edi*4-4],dl");
+        assert_eq!(t[5], "mov eax,gs:[1234h]");
+        assert_eq!(t[6], "lea edx,[r12d+8]");
+    }
+
+    #[test]
+    fn esp_is_r12d_and_the_short_forms_are_rewritten() {
+        let (_, t) = unit(|a| {
+            a.inc(eax)?; // 0x40: a REX prefix in 64-bit mode
+            a.dec(esp)?;
+            a.mov(ebp, esp)?;
+            a.add(esp, 12)?;
+            a.hlt()
+        });
+        assert_eq!(
+            &t[2..6],
+            ["inc eax", "dec r12d", "mov ebp,r12d", "add r12d,0Ch"]
+        );
+    }
+
+    #[test]
+    fn stack_operations_are_expanded_against_r12d() {
+        let (_, t) = unit(|a| {
+            a.push(eax)?;
+            a.push(0x1234_5678)?;
+            a.push(-6)?; // the imm8 form, sign-extended
+            a.push(dword_ptr(esp + 4))?;
+            a.pop(ecx)?;
+            a.pop(esp)?;
+            a.leave()?;
+            a.hlt()
+        });
+        let expected = [
+            "mov gs:[r12d-4],eax",
+            "lea r12d,[r12d-4]",
+            "mov dword ptr gs:[r12d-4],12345678h",
+            "lea r12d,[r12d-4]",
+            "mov dword ptr gs:[r12d-4],0FFFFFFFAh",
+            "lea r12d,[r12d-4]",
+            "mov r8d,gs:[r12d+4]",
+            "mov gs:[r12d-4],r8d",
+            "lea r12d,[r12d-4]",
+            "mov ecx,gs:[r12d]",
+            "lea r12d,[r12d+4]",
+            "mov r12d,gs:[r12d]",
+            "mov r8d,gs:[ebp]",
+            "lea r12d,[ebp+4]",
+            "mov ebp,r8d",
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected);
+    }
+
+    #[test]
+    fn high_byte_registers_next_to_r12d_are_callouts() {
+        let (e, _) = unit(|a| {
+            a.mov(ah, byte_ptr(esp))?;
+            a.hlt()
+        });
+        assert_eq!((e.instructions, e.callout), (0, Some(Mnemonic::Mov)));
+        let (e, t) = unit(|a| {
+            a.mov(ah, byte_ptr(ebx))?;
+            a.hlt()
+        });
+        assert_eq!((e.instructions, t[2].as_str()), (1, "mov ah,gs:[ebx]"));
+    }
+
+    #[test]
+    fn sensitive_and_segment_instructions_are_callouts() {
+        let cases: Vec<Vec<u8>> = vec![
+            guest(|a| a.cli()),
+            guest(|a| a.pushfd()),
+            guest(|a| a.mov(ds, ax)),
+            guest(|a| a.mov(eax, dword_ptr(ebx).fs())),
+            guest(|a| a.int(0x80)),
+            guest(|a| a.sgdt(dword_ptr(0x100))),
+            guest(|a| a.rep().movsd()),
+            guest(|a| a.cpuid()),
+            guest(|a| a.daa()),
+            guest(|a| a.ud2()),
+        ];
+        for c in cases {
+            let e = translate(&Bytes(c.clone()), BASE, 0, RIP).unwrap();
+            assert_eq!(e.instructions, 0, "{c:02x?}");
+            assert!(e.callout.is_some());
+            let t = text(&host(&e.code));
+            assert_eq!(
+                t[2],
+                format!("mov dword ptr [r15+{OFF_EXIT_EIP:X}h],100000h")
+            );
+        }
+    }
+
+    #[test]
+    fn direct_branches_end_in_patchable_slots() {
+        let (e, t) = unit(|a| {
+            let mut l = a.create_label();
+            a.set_label(&mut l)?;
+            a.dec(ecx)?;
+            a.jne(l)
+        });
+        assert_eq!(e.slots.len(), 2);
+        assert_eq!(e.slots[0].target, BASE);
+        assert_eq!(e.slots[1].target, BASE + 3);
+        // The jcc is a rel32 form; before chaining it leads to a trampoline storing the target.
+        assert_eq!(
+            &e.code[e.slots[0].rel32_offset as usize - 2..][..2],
+            &[0x0F, 0x85]
+        );
+        assert_eq!(e.code[e.slots[1].rel32_offset as usize - 1], 0xE9);
+        assert!(
+            t.iter()
+                .any(|l| l == &format!("mov dword ptr [r15+{OFF_EXIT_EIP:X}h],100000h"))
+        );
+        assert!(
+            t.iter()
+                .any(|l| l == &format!("mov dword ptr [r15+{OFF_EXIT_UNIT:X}h],7"))
+        );
+    }
+
+    #[test]
+    fn calls_push_the_return_address_and_returns_use_the_lookup() {
+        let (_, t) = unit(|a| {
+            a.call(0x0010_2000)?;
+            Ok(())
+        });
+        assert_eq!(t[2], "mov dword ptr gs:[r12d-4],100005h");
+        assert_eq!(t[3], "lea r12d,[r12d-4]");
+        let (_, t) = unit(|a| a.ret_1(8));
+        assert_eq!(t[2], "mov r8d,gs:[r12d]");
+        assert_eq!(t[3], "lea r12d,[r12d+0Ch]");
+        assert_eq!(t[4], "movzx r9d,r8w");
+        assert!(
+            t.iter()
+                .any(|l| l == "jrcxz short 0000000040000050h" || l.starts_with("jrcxz"))
+        );
+        // The lookup never changes flags: only mov, movzx, lea, jrcxz and jmp.
+        for l in &t[4..] {
+            let m = l.split_whitespace().next().unwrap();
+            assert!(["mov", "movzx", "lea", "jrcxz", "jmp"].contains(&m), "{l}");
+        }
+    }
+
+    #[test]
+    fn a_unit_stops_at_the_page_end() {
+        let mut code = vec![0x90u8; 0x1000 - 2];
+        code.extend([0x01, 0xD8, 0x01, 0xD8]); // add eax,ebx twice, across the page end
+        let e = translate(&Bytes(code), BASE + 0x1000 - 4, 0, RIP).unwrap();
+        // nop, nop, add end the page; the second add is the next page's.
+        assert_eq!(e.instructions, 3);
+        assert_eq!(e.slots.last().unwrap().target, BASE + 0x1000);
+    }
+}

@@ -1,0 +1,746 @@
+//! The world switch between the monitor and translated guest code (DESIGN.md §4).
+//!
+//! Translated code runs on the monitor's own thread with the guest's registers in host
+//! registers: guest EAX..EDI (less ESP) in the host registers of the same number, guest ESP in
+//! R12D, the guest's arithmetic flags and DF in RFLAGS, R15 pointing at the [`VcpuContext`], R14
+//! counting retired guest instructions, and GS.base at the active address-space window.
+//!
+//! - [`enter`] saves the host's callee-saved registers and RSP in the context, loads the guest
+//!   state from it and jumps to a translation unit.
+//! - Translated code leaves through `bt86_exit` (its address is in the context, so code anywhere
+//!   can reach it with `jmp [r15+…]`): the stub stores the guest state back, restores the host
+//!   registers and returns from [`enter`] into Rust.
+//! - Host signals raised by translated code (a guest access to an unmapped or read-only window
+//!   page, a division fault, an invalid opcode) arrive in [`install_signal_handlers`]'s handler on
+//!   the alternate stack. It only records the signal in the context and redirects the interrupted
+//!   context to the exit stub; the monitor does the real work afterwards.
+//! - Each unit starts with a load from the context's *poll page*. [`ExitRequester::request`]
+//!   (callable from any thread, e.g. a timer) revokes that page, so the next unit entry faults and
+//!   leaves at a unit boundary — HotSpot's safepoint-polling trick: no flags touched, one load per
+//!   unit.
+//! - Syscall User Dispatch is armed as a safety net while translated code runs: translated code
+//!   lives below the exempt range, and a system call made from it (which the translator never
+//!   emits) raises SIGSYS instead of reaching the host kernel.
+
+use std::cell::Cell;
+use std::io;
+use std::mem::offset_of;
+use std::ptr;
+use std::sync::Arc;
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Why translated code returned to the monitor ([`VcpuContext::exit_reason`]).
+pub mod reason {
+    /// A direct branch (or a unit's fall-through) to a guest EIP with no translation chained yet.
+    /// `exit_eip` is the target; `exit_unit`/`exit_slot` name the patchable jump.
+    pub const BRANCH: u32 = 1;
+    /// An indirect branch whose target missed the lookup table; `exit_eip` is the target.
+    pub const LOOKUP_MISS: u32 = 2;
+    /// The instruction at `exit_eip` must be executed by the interpreter (a callout).
+    pub const CALLOUT: u32 = 3;
+    /// A host signal interrupted translated code: `signo`, `si_code`, `si_addr`, `fault_rip`.
+    pub const SIGNAL: u32 = 4;
+}
+
+/// The host signals translated code can raise, as (number, name) for counters.
+pub const SIGNAL_NAMES: [(i32, &str); 6] = [
+    (libc::SIGSEGV, "SIGSEGV"),
+    (libc::SIGBUS, "SIGBUS"),
+    (libc::SIGFPE, "SIGFPE"),
+    (libc::SIGILL, "SIGILL"),
+    (libc::SIGTRAP, "SIGTRAP"),
+    (libc::SIGSYS, "SIGSYS"),
+];
+
+/// `VcpuContext::magic`, checked by the signal handler before it trusts R15.
+const CONTEXT_MAGIC: u64 = 0x6274_3836_6374_7821;
+
+/// The vCPU state shared by the monitor and translated code. Field offsets are part of the
+/// contract with the translator (the `OFF_*` constants).
+#[repr(C)]
+#[derive(Debug)]
+pub struct VcpuContext {
+    /// Guest EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI.
+    pub gpr: [u32; 8],
+    /// The host RFLAGS image: guest arithmetic flags and DF (the rest is sanitised on entry).
+    pub rflags: u64,
+    host_rsp: u64,
+    exit_stub: u64,
+    sud_selector: *mut u8,
+    /// One of [`reason`].
+    pub exit_reason: u32,
+    /// The guest EIP the exit is about.
+    pub exit_eip: u32,
+    /// The unit whose exit jump was taken (for [`reason::BRANCH`]).
+    pub exit_unit: u32,
+    /// Which of that unit's exit jumps (for [`reason::BRANCH`]).
+    pub exit_slot: u32,
+    /// The indirect-branch lookup table (owned by the translator).
+    pub lookup: u64,
+    /// Guest instructions retired by translated code (R14 while it runs).
+    pub retired: u64,
+    /// Indirect-branch lookups that hit.
+    pub lookup_hits: u64,
+    /// Signal number of a [`reason::SIGNAL`] exit.
+    pub signo: i32,
+    /// `si_code` of that signal.
+    pub si_code: i32,
+    /// `si_addr` of that signal.
+    pub si_addr: u64,
+    /// Host RIP where the signal interrupted translated code.
+    pub fault_rip: u64,
+    magic: u64,
+}
+
+/// Offset of [`VcpuContext::gpr`].
+pub const OFF_GPR: i32 = offset_of!(VcpuContext, gpr) as i32;
+/// Offset of [`VcpuContext::exit_stub`] (translated code leaves with `jmp [r15+OFF_EXIT_STUB]`).
+pub const OFF_EXIT_STUB: i32 = offset_of!(VcpuContext, exit_stub) as i32;
+/// Offset of [`VcpuContext::exit_reason`].
+pub const OFF_EXIT_REASON: i32 = offset_of!(VcpuContext, exit_reason) as i32;
+/// Offset of [`VcpuContext::exit_eip`].
+pub const OFF_EXIT_EIP: i32 = offset_of!(VcpuContext, exit_eip) as i32;
+/// Offset of [`VcpuContext::exit_unit`].
+pub const OFF_EXIT_UNIT: i32 = offset_of!(VcpuContext, exit_unit) as i32;
+/// Offset of [`VcpuContext::exit_slot`].
+pub const OFF_EXIT_SLOT: i32 = offset_of!(VcpuContext, exit_slot) as i32;
+/// Offset of [`VcpuContext::lookup`].
+pub const OFF_LOOKUP: i32 = offset_of!(VcpuContext, lookup) as i32;
+/// Offset of [`VcpuContext::lookup_hits`].
+pub const OFF_LOOKUP_HITS: i32 = offset_of!(VcpuContext, lookup_hits) as i32;
+/// Offset of the poll page from the context: every unit starts with `mov r11d, [r15+OFF_POLL]`.
+pub const OFF_POLL: i32 = PAGE as i32;
+
+const PAGE: usize = 4096;
+
+// The assembly below hard-codes these offsets.
+const _: () = {
+    assert!(offset_of!(VcpuContext, gpr) == 0);
+    assert!(offset_of!(VcpuContext, rflags) == 32);
+    assert!(offset_of!(VcpuContext, host_rsp) == 40);
+    assert!(offset_of!(VcpuContext, exit_stub) == 48);
+    assert!(offset_of!(VcpuContext, sud_selector) == 56);
+    assert!(offset_of!(VcpuContext, retired) == 88);
+    assert!(std::mem::size_of::<VcpuContext>() <= PAGE);
+};
+
+std::arch::global_asm!(
+    ".text",
+    ".p2align 4",
+    ".globl bt86_world_enter",
+    "bt86_world_enter:",
+    "push rbp",
+    "push rbx",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "mov [rdi + 40], rsp",
+    "mov r15, rdi",
+    "mov r11, rsi",
+    "mov rax, [r15 + 56]",
+    "mov byte ptr [rax], 1",
+    "push qword ptr [r15 + 32]",
+    "popfq",
+    "mov r14, [r15 + 88]",
+    "mov eax, [r15 + 0]",
+    "mov ecx, [r15 + 4]",
+    "mov edx, [r15 + 8]",
+    "mov ebx, [r15 + 12]",
+    "mov r12d, [r15 + 16]",
+    "mov ebp, [r15 + 20]",
+    "mov esi, [r15 + 24]",
+    "mov edi, [r15 + 28]",
+    "jmp r11",
+    ".p2align 4",
+    ".globl bt86_world_exit",
+    "bt86_world_exit:",
+    "pushfq",
+    "pop qword ptr [r15 + 32]",
+    "cld",
+    "mov [r15 + 0], eax",
+    "mov [r15 + 4], ecx",
+    "mov [r15 + 8], edx",
+    "mov [r15 + 12], ebx",
+    "mov [r15 + 16], r12d",
+    "mov [r15 + 20], ebp",
+    "mov [r15 + 24], esi",
+    "mov [r15 + 28], edi",
+    "mov [r15 + 88], r14",
+    "mov rax, [r15 + 56]",
+    "mov byte ptr [rax], 0",
+    "mov rsp, [r15 + 40]",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "ret",
+);
+
+unsafe extern "sysv64" {
+    fn bt86_world_enter(ctx: *mut VcpuContext, entry: u64);
+    fn bt86_world_exit();
+}
+
+/// Errors preparing the world switch.
+#[derive(Debug, thiserror::Error)]
+pub enum WorldError {
+    /// The host refused a mapping or a signal setting.
+    #[error("the host refused {what} for translated code")]
+    Host {
+        /// Which host call failed.
+        what: &'static str,
+        /// The host's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn host_err(what: &'static str) -> WorldError {
+    WorldError::Host {
+        what,
+        source: io::Error::last_os_error(),
+    }
+}
+
+/// The context and its poll page: two pages of one anonymous mapping, freed when the last owner
+/// (the engine or an [`ExitRequester`]) lets go.
+struct ContextMapping {
+    base: *mut u8,
+    requested: AtomicBool,
+}
+
+// SAFETY: the mapping is owned by this struct; the only cross-thread operation is mprotect of
+// the poll page (a system call on an address range), guarded by the atomic flag.
+unsafe impl Send for ContextMapping {}
+// SAFETY: as above; the context itself is only touched by the thread that owns the `Vcpu`.
+unsafe impl Sync for ContextMapping {}
+
+impl Drop for ContextMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the two pages mapped in `Vcpu::new`; no reference outlives it.
+        unsafe { libc::munmap(self.base.cast(), 2 * PAGE) };
+    }
+}
+
+impl ContextMapping {
+    fn poll_page(&self) -> *mut libc::c_void {
+        // SAFETY: the mapping is two pages long.
+        unsafe { self.base.add(PAGE).cast() }
+    }
+}
+
+/// A handle that makes translated code leave at its next unit boundary; usable from any thread.
+#[derive(Clone)]
+pub struct ExitRequester(Arc<ContextMapping>);
+
+impl ExitRequester {
+    /// Asks translated code to return to the monitor at the next unit entry.
+    pub fn request(&self) {
+        if !self.0.requested.swap(true, Ordering::AcqRel) {
+            // SAFETY: revokes access to the poll page we own; nothing in Rust reads it.
+            unsafe { libc::mprotect(self.0.poll_page(), PAGE, libc::PROT_NONE) };
+        }
+    }
+}
+
+/// One vCPU's context for translated code.
+pub struct Vcpu {
+    mapping: Arc<ContextMapping>,
+}
+
+impl Vcpu {
+    /// Allocates a context (and its poll page) and installs the process's signal handlers.
+    pub fn new() -> Result<Self, WorldError> {
+        install_signal_handlers()?;
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                2 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(host_err("mmap of the vCPU context"));
+        }
+        let mapping = Arc::new(ContextMapping {
+            base: base.cast(),
+            requested: AtomicBool::new(false),
+        });
+        // SAFETY: the poll page is ours; translated code only reads it.
+        if unsafe { libc::mprotect(mapping.poll_page(), PAGE, libc::PROT_READ) } != 0 {
+            return Err(host_err("mprotect of the poll page"));
+        }
+        let ctx = VcpuContext {
+            gpr: [0; 8],
+            rflags: 0x202,
+            host_rsp: 0,
+            exit_stub: bt86_world_exit as *const () as u64,
+            sud_selector: ptr::null_mut(),
+            exit_reason: 0,
+            exit_eip: 0,
+            exit_unit: 0,
+            exit_slot: 0,
+            lookup: 0,
+            retired: 0,
+            lookup_hits: 0,
+            signo: 0,
+            si_code: 0,
+            si_addr: 0,
+            fault_rip: 0,
+            magic: CONTEXT_MAGIC,
+        };
+        // SAFETY: the first page is writable, page-aligned (so aligned for the struct) and ours.
+        unsafe { ptr::write(mapping.base.cast::<VcpuContext>(), ctx) };
+        Ok(Self { mapping })
+    }
+
+    /// The context.
+    pub fn context(&self) -> &VcpuContext {
+        // SAFETY: initialised in `new`; only this thread writes it (translated code runs inside
+        // `enter`, which takes `&mut self`).
+        unsafe { &*self.mapping.base.cast::<VcpuContext>() }
+    }
+
+    /// The context, for updating the guest state before [`Vcpu::enter`].
+    pub fn context_mut(&mut self) -> &mut VcpuContext {
+        // SAFETY: as in `context`, and `&mut self` makes the access exclusive.
+        unsafe { &mut *self.mapping.base.cast::<VcpuContext>() }
+    }
+
+    /// A handle other threads can use to make translated code leave.
+    pub fn exit_requester(&self) -> ExitRequester {
+        ExitRequester(self.mapping.clone())
+    }
+
+    /// Whether `addr` lies in this context's poll page (a fault there is an exit request).
+    pub fn is_poll_address(&self, addr: u64) -> bool {
+        let p = self.mapping.poll_page() as u64;
+        (p..p + PAGE as u64).contains(&addr)
+    }
+
+    /// Re-enables the poll page after an exit request was taken.
+    pub fn clear_exit_request(&self) {
+        // SAFETY: restores read access to our own poll page.
+        unsafe { libc::mprotect(self.mapping.poll_page(), PAGE, libc::PROT_READ) };
+        self.mapping.requested.store(false, Ordering::Release);
+    }
+
+    /// Runs translated code at host address `entry` with GS.base = `gs_base`, until it exits.
+    /// The exit's details are in [`Vcpu::context`].
+    ///
+    /// # Safety
+    /// `entry` must be the entry of a translation unit in a [`crate::codecache::CodeCache`]
+    /// built under the translator's contract (it only reaches guest memory through GS, leaves
+    /// only through the exit stub, and its lookup table pointer in the context is valid), and
+    /// `gs_base` must be a live window whose mappings only hold guest memory.
+    pub unsafe fn enter(&mut self, entry: u64, gs_base: u64) {
+        set_gs_base(gs_base);
+        let selector = sud_selector();
+        let ctx = self.context_mut();
+        ctx.sud_selector = selector;
+        ctx.rflags = (ctx.rflags & GUEST_RFLAGS) | 0x202;
+        ctx.exit_reason = 0;
+        // SAFETY: the caller guarantees the unit keeps the contract; the context is valid and
+        // exclusively ours for the duration.
+        unsafe { bt86_world_enter(self.mapping.base.cast(), entry) };
+    }
+}
+
+/// The RFLAGS bits translated code computes natively: CF, PF, AF, ZF, SF, OF and DF.
+pub const GUEST_RFLAGS: u64 = 0x0CD5;
+
+// ---- GS base ------------------------------------------------------------------------------
+
+thread_local! {
+    static GS_BASE: Cell<u64> = const { Cell::new(0) };
+}
+
+fn fsgsbase() -> bool {
+    static HAS: Once = Once::new();
+    static VALUE: AtomicBool = AtomicBool::new(false);
+    HAS.call_once(|| {
+        // SAFETY: getauxval has no preconditions.
+        let hwcap2 = unsafe { libc::getauxval(libc::AT_HWCAP2) };
+        VALUE.store(hwcap2 & 2 != 0, Ordering::Relaxed); // HWCAP2_FSGSBASE
+    });
+    VALUE.load(Ordering::Relaxed)
+}
+
+/// Points this thread's GS base at `base` (WRGSBASE when the kernel enables it, otherwise
+/// arch_prctl). Rust code on x86-64 Linux never uses GS, so it can stay set after an exit.
+fn set_gs_base(base: u64) {
+    if GS_BASE.with(Cell::get) == base {
+        return;
+    }
+    if fsgsbase() {
+        // SAFETY: the kernel advertised FSGSBASE (HWCAP2), so WRGSBASE is enabled in user mode;
+        // it only changes this thread's GS base, which nothing in the host process uses.
+        unsafe { std::arch::asm!("wrgsbase {}", in(reg) base, options(nostack, preserves_flags)) };
+    } else {
+        const ARCH_SET_GS: libc::c_int = 0x1001;
+        // SAFETY: arch_prctl(ARCH_SET_GS) only changes this thread's GS base.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, base) };
+    }
+    GS_BASE.with(|c| c.set(base));
+}
+
+// ---- Syscall User Dispatch -----------------------------------------------------------------
+
+const PR_SET_SYSCALL_USER_DISPATCH: libc::c_int = 59;
+const PR_SYS_DISPATCH_ON: libc::c_ulong = 1;
+/// Top of the x86-64 user address space (47-bit).
+const USER_TOP: u64 = 1 << 47;
+
+thread_local! {
+    static SUD_SELECTOR: Cell<*mut u8> = const { Cell::new(ptr::null_mut()) };
+}
+
+static SUD_ARMED: AtomicU64 = AtomicU64::new(0);
+
+/// Threads on which Syscall User Dispatch is armed.
+pub fn sud_armed_threads() -> u64 {
+    SUD_ARMED.load(Ordering::Relaxed)
+}
+
+/// This thread's dispatch selector byte, arming Syscall User Dispatch on first use (exempting
+/// everything above the code-cache zone). Where the host cannot, a plain byte stands in and the
+/// safety net is simply absent.
+fn sud_selector() -> *mut u8 {
+    let cur = SUD_SELECTOR.with(Cell::get);
+    if !cur.is_null() {
+        return cur;
+    }
+    // One byte per thread for the thread's life (the kernel reads it on every system call while
+    // dispatch is on), so it is deliberately leaked.
+    let selector: *mut u8 = Box::leak(Box::new(0u8));
+    let zone_end = crate::codecache::zone_end();
+    if zone_end != 0 && zone_end < bt86_world_enter as *const () as u64 {
+        // SAFETY: prctl with a valid selector address that stays valid for the thread's life.
+        let r = unsafe {
+            libc::prctl(
+                PR_SET_SYSCALL_USER_DISPATCH,
+                PR_SYS_DISPATCH_ON,
+                zone_end as libc::c_ulong,
+                (USER_TOP - zone_end) as libc::c_ulong,
+                selector,
+            )
+        };
+        if r == 0 {
+            SUD_ARMED.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::warn!(
+                "Syscall User Dispatch is not available ({}); translated code runs without that \
+                 safety net",
+                io::Error::last_os_error()
+            );
+        }
+    }
+    SUD_SELECTOR.with(|c| c.set(selector));
+    selector
+}
+
+// ---- signals -------------------------------------------------------------------------------
+
+const SIGNALS: [libc::c_int; 6] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGFPE,
+    libc::SIGILL,
+    libc::SIGTRAP,
+    libc::SIGSYS,
+];
+
+/// The actions in place before ours, restored for a signal that is not translated code's.
+static mut PREVIOUS: [std::mem::MaybeUninit<libc::sigaction>; 6] =
+    [const { std::mem::MaybeUninit::uninit() }; 6];
+static INSTALL: Once = Once::new();
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// Signals from translated code that the handler redirected, by kind (index in `SIGNALS`).
+static REDIRECTED: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+/// SIGSYS raised by translated code (Syscall User Dispatch firing): must stay 0.
+pub fn sigsys_count() -> u64 {
+    REDIRECTED[5].load(Ordering::Relaxed)
+}
+
+thread_local! {
+    static ALT_STACK_READY: Cell<bool> = const { Cell::new(false) };
+}
+
+const ALT_STACK_SIZE: usize = 256 * 1024;
+
+/// Makes sure this thread has an alternate signal stack (keeping one it already has).
+fn ensure_alt_stack() -> Result<(), WorldError> {
+    if ALT_STACK_READY.with(Cell::get) {
+        return Ok(());
+    }
+    // SAFETY: stack_t is plain data.
+    let mut old: libc::stack_t = unsafe { std::mem::zeroed() };
+    // SAFETY: queries the current alternate stack into `old`.
+    if unsafe { libc::sigaltstack(ptr::null(), &mut old) } != 0 {
+        return Err(host_err("sigaltstack"));
+    }
+    if old.ss_flags & libc::SS_DISABLE != 0 || old.ss_size < ALT_STACK_SIZE / 4 {
+        // SAFETY: a fresh anonymous mapping; it stays for the thread's life (leaked on purpose,
+        // as the kernel may use it until the thread ends).
+        let stack = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                ALT_STACK_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if stack == libc::MAP_FAILED {
+            return Err(host_err("mmap of the alternate signal stack"));
+        }
+        let alt = libc::stack_t {
+            ss_sp: stack,
+            ss_flags: 0,
+            ss_size: ALT_STACK_SIZE,
+        };
+        // SAFETY: `alt` describes the mapping just created.
+        if unsafe { libc::sigaltstack(&alt, ptr::null_mut()) } != 0 {
+            return Err(host_err("sigaltstack"));
+        }
+    }
+    ALT_STACK_READY.with(|c| c.set(true));
+    Ok(())
+}
+
+/// Installs the handlers for SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP and SIGSYS (once per
+/// process) and an alternate signal stack for this thread.
+pub fn install_signal_handlers() -> Result<(), WorldError> {
+    ensure_alt_stack()?;
+    let mut failed = None;
+    INSTALL.call_once(|| {
+        // SAFETY: sigaction is plain data; every field that matters is set below.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        // SAFETY: sa_mask is a valid sigset_t.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        for (i, s) in SIGNALS.iter().enumerate() {
+            // SAFETY: runs once, before any handler of ours can read PREVIOUS; `sa` is fully
+            // initialised and `on_signal` has the SA_SIGINFO signature.
+            let r = unsafe {
+                let prev = (&raw mut PREVIOUS[i]).cast::<libc::sigaction>();
+                libc::sigaction(*s, &sa, prev)
+            };
+            if r != 0 {
+                failed = Some(host_err("sigaction"));
+                return;
+            }
+        }
+        INSTALLED.store(true, Ordering::Release);
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if !INSTALLED.load(Ordering::Acquire) {
+        return Err(WorldError::Host {
+            what: "the signal handlers",
+            source: io::Error::other("an earlier installation failed"),
+        });
+    }
+    Ok(())
+}
+
+/// The handler: a signal raised by translated code is recorded in the context (found through
+/// R15) and the interrupted context resumes at the exit stub; anything else gets the action that
+/// was in place before ours (a monitor bug must still crash visibly). Async-signal-safe: plain
+/// loads and stores, and sigaction/raise.
+extern "C" fn on_signal(signo: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    let uc = uctx.cast::<libc::ucontext_t>();
+    // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
+    let gregs = unsafe { &mut (*uc).uc_mcontext.gregs };
+    let rip = gregs[libc::REG_RIP as usize] as u64;
+    if crate::codecache::zone_contains(rip) {
+        let ctx = gregs[libc::REG_R15 as usize] as *mut VcpuContext;
+        // SAFETY: translated code always runs with R15 = its context (the translator never
+        // writes R15); the magic check guards against a corrupted R15 before anything is stored.
+        if !ctx.is_null() && unsafe { (*ctx).magic } == CONTEXT_MAGIC {
+            // SAFETY: `info` is valid for SA_SIGINFO handlers; `ctx` is a live context.
+            unsafe {
+                (*ctx).exit_reason = reason::SIGNAL;
+                (*ctx).signo = signo;
+                (*ctx).si_code = (*info).si_code;
+                (*ctx).si_addr = (*info).si_addr() as u64;
+                (*ctx).fault_rip = rip;
+            }
+            if let Some(i) = SIGNALS.iter().position(|s| *s == signo) {
+                REDIRECTED[i].fetch_add(1, Ordering::Relaxed);
+            }
+            gregs[libc::REG_RIP as usize] = bt86_world_exit as *const () as i64;
+            return;
+        }
+    }
+    let Some(i) = SIGNALS.iter().position(|s| *s == signo) else {
+        return;
+    };
+    // SAFETY: PREVIOUS[i] was filled by the successful installation before this handler could
+    // run; restoring it (or the default) and re-raising is async-signal-safe.
+    unsafe {
+        let prev = (&raw const PREVIOUS[i]).cast::<libc::sigaction>();
+        if libc::sigaction(signo, prev, ptr::null_mut()) != 0 {
+            libc::signal(signo, libc::SIG_DFL);
+        }
+        if (*info).si_code <= 0 {
+            // Sent by a process: send it again to the restored action. A fault (si_code > 0)
+            // simply happens again when the instruction restarts.
+            libc::raise(signo);
+        }
+    }
+}
+
+/// A host thread that asks translated code to leave every `period`, so the VM's run loop gets to
+/// service its timers and interrupt controller even while a guest spins in translated code
+/// (DESIGN.md §6). Stopped and joined when dropped.
+pub struct SliceTimer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SliceTimer {
+    /// Starts the thread.
+    pub fn start(requester: ExitRequester, period: std::time::Duration) -> io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bt86-slice".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(period)
+                {
+                    requester.request();
+                }
+            })?;
+        Ok(Self {
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SliceTimer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Vcpu {
+    /// Whether an exit request is pending (set by [`ExitRequester::request`]).
+    pub fn exit_requested(&self) -> bool {
+        self.mapping.requested.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codecache::CodeCache;
+
+    /// Hand-assembled 64-bit code: the world switch's contract without the translator.
+    fn run(code: &[u8], setup: impl FnOnce(&mut VcpuContext)) -> VcpuContext {
+        let mut cache = CodeCache::new().unwrap();
+        let entry = cache.append(code).unwrap();
+        let mut vcpu = Vcpu::new().unwrap();
+        setup(vcpu.context_mut());
+        let mem = vec![0u8; 4096];
+        // SAFETY: the code below only touches registers, the context and `mem` through GS.
+        unsafe { vcpu.enter(entry, mem.as_ptr() as u64) };
+        let c = vcpu.context();
+        VcpuContext {
+            gpr: c.gpr,
+            rflags: c.rflags,
+            exit_reason: c.exit_reason,
+            exit_eip: c.exit_eip,
+            signo: c.signo,
+            si_addr: c.si_addr,
+            fault_rip: c.fault_rip,
+            retired: c.retired,
+            ..*c
+        }
+    }
+
+    // mov dword [r15+OFF_EXIT_REASON], 3 ; jmp [r15+OFF_EXIT_STUB]
+    fn exit_callout() -> Vec<u8> {
+        let mut v = vec![0x41, 0xC7, 0x47, OFF_EXIT_REASON as u8, 3, 0, 0, 0];
+        v.extend([0x41, 0xFF, 0x67, OFF_EXIT_STUB as u8]);
+        v
+    }
+
+    #[test]
+    fn guest_registers_and_flags_cross_the_switch() {
+        // add eax, ecx ; lea r12d, [r12d-4] ; lea r14, [r14+2] ; exit
+        let mut code = vec![0x01, 0xC8, 0x67, 0x45, 0x8D, 0x64, 0x24, 0xFC];
+        code.extend([0x4D, 0x8D, 0x76, 0x02]);
+        code.extend(exit_callout());
+        let c = run(&code, |c| {
+            c.gpr = [0xFFFF_FFFF, 1, 2, 3, 0x1000, 5, 6, 7];
+            c.rflags = 0x400; // DF
+        });
+        assert_eq!(c.exit_reason, reason::CALLOUT);
+        assert_eq!(c.gpr, [0, 1, 2, 3, 0xFFC, 5, 6, 7]);
+        assert_eq!(c.rflags & 0x1, 1, "CF from the add");
+        assert_eq!(c.rflags & 0x40, 0x40, "ZF from the add");
+        assert_eq!(c.rflags & 0x400, 0x400, "DF crossed in and out");
+        assert_eq!(c.retired, 2);
+    }
+
+    #[test]
+    fn a_fault_in_translated_code_becomes_an_exit() {
+        // xor edx, edx ; div edx -> #DE as SIGFPE
+        let code = [0x31, 0xD2, 0xF7, 0xF2];
+        let c = run(&code, |c| c.gpr = [10, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(c.exit_reason, reason::SIGNAL);
+        assert_eq!(c.signo, libc::SIGFPE);
+        assert!(crate::codecache::zone_contains(c.fault_rip));
+        assert_eq!(c.gpr[0], 10, "registers as they were at the fault");
+    }
+
+    #[test]
+    fn a_guest_access_outside_memory_faults_with_its_address() {
+        // mov eax, gs:[0x2000] with 32-bit addressing: past the 4 KiB buffer's page, unmapped
+        // in the test (the buffer is a heap allocation, so use a far address instead).
+        let code = [0x65, 0x67, 0x8B, 0x04, 0x25, 0x00, 0x00, 0x00, 0xF0];
+        let c = run(&code, |_| {});
+        assert_eq!(c.exit_reason, reason::SIGNAL);
+        assert_eq!(c.signo, libc::SIGSEGV);
+    }
+
+    #[test]
+    fn an_exit_request_faults_the_next_poll() {
+        // mov r11d, [r15+4096] ; exit
+        let mut code = vec![0x45, 0x8B, 0x9F, 0x00, 0x10, 0x00, 0x00];
+        code.extend(exit_callout());
+        let mut cache = CodeCache::new().unwrap();
+        let entry = cache.append(&code).unwrap();
+        let mut vcpu = Vcpu::new().unwrap();
+        // SAFETY: the code only reads the poll page and exits.
+        unsafe { vcpu.enter(entry, 0) };
+        assert_eq!(vcpu.context().exit_reason, reason::CALLOUT);
+        vcpu.exit_requester().request();
+        assert!(vcpu.exit_requested());
+        // SAFETY: as above.
+        unsafe { vcpu.enter(entry, 0) };
+        assert_eq!(vcpu.context().exit_reason, reason::SIGNAL);
+        assert!(vcpu.is_poll_address(vcpu.context().si_addr));
+        vcpu.clear_exit_request();
+        // SAFETY: as above.
+        unsafe { vcpu.enter(entry, 0) };
+        assert_eq!(vcpu.context().exit_reason, reason::CALLOUT);
+        assert_eq!(sigsys_count(), 0);
+    }
+}
