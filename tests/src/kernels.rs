@@ -4,6 +4,7 @@
 use iced_x86::code_asm::*;
 
 mod modes;
+mod sensitive;
 
 use crate::kit::{AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, reset_rom};
 use crate::translator_kernels as tk;
@@ -77,6 +78,12 @@ pub const CATALOG: &[Entry] = &[
         name: "modes",
         about: "32-bit to 16-bit protected mode (286 gate and TSS task switch), real mode, big real mode, and back",
         build: modes::modes,
+        firmware: false,
+    },
+    Entry {
+        name: "sensitive",
+        about: "the 17 sensitive unprivileged instructions (SGDT ... MOV sreg) at CPL 0 and CPL 3",
+        build: sensitive::sensitive,
         firmware: false,
     },
     Entry {

@@ -114,3 +114,56 @@ fn a_spinning_guest_still_takes_timer_interrupts() {
     translated_and_safe(&o);
     assert!(stat(&o, "exit: time slice") > 0, "{}", o.stderr);
 }
+
+#[test]
+fn the_17_sensitive_instructions_match_qemu_at_cpl0_and_cpl3() {
+    let o = compare("sensitive", &protected_mode_engines());
+    let text = o.serial_text();
+    for tag in ["cpl0", "cpl3"] {
+        // SGDT/SIDT/SLDT/STR/SMSW show the guest's own tables and CR0, not the host's.
+        assert!(
+            text.contains(&format!("{tag} sldt=00000030 str=00000028 smsw=00000011")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{tag} back from the call gate")),
+            "{text}"
+        );
+    }
+    // POPF cannot change IF or IOPL at CPL 3 (IOPL 0), and does at CPL 0.
+    assert!(
+        text.contains("cpl0 popf 0x3202 -> eflags=00003202"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cpl3 popf 0x3202 -> eflags=00000002"),
+        "{text}"
+    );
+    // LAR sees the DPL-0 segments at CPL 0 only.
+    assert!(
+        text.contains("cpl0 sel 08: lar zf=00000001=00c09b00"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cpl3 sel 08: lar zf=00000000=deadbeef"),
+        "{text}"
+    );
+    // Loading a DPL-0 data segment and jumping to DPL-0 code fault at CPL 3.
+    assert!(
+        text.contains("cpl3 pop ds<-0x10: fault error=00000010 ok"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cpl3 jmp far 0x08: fault error=00000008 done"),
+        "{text}"
+    );
+    assert!(text.contains("call gate: cs=00000008 caller=0000001b param=12345678"));
+    assert_eq!(o.status, Some(55));
+    translated_and_safe(&o);
+    // None of them ran natively: each is a callout to the interpreter's handler.
+    for m in [
+        "sgdt", "sidt", "sldt", "smsw", "str", "lar", "lsl", "verr", "verw", "popfd", "pushfd",
+    ] {
+        assert!(stat(&o, &format!("callout {m} ")) > 0, "{m}: {}", o.stderr);
+    }
+}
