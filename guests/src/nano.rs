@@ -135,6 +135,55 @@ pub fn find(name: &str) -> Option<&'static Workload> {
     WORKLOADS.iter().find(|w| w.name == name)
 }
 
+/// Whether `workload`'s operation is unprivileged, so the same loop can run natively on the host
+/// (in a 32-bit compatibility-mode sandbox) as the physical limit to compare engines with.
+pub fn runs_natively(workload: &Workload) -> bool {
+    matches!(workload.name, "compute" | "call-ret" | "call-heavy")
+}
+
+/// Bytes of the data buffer a native snippet needs: the two TSC readings, then its stack.
+pub const NATIVE_DATA: usize = 0x1000;
+
+/// `workload`'s timed loop as a standalone 32-bit snippet for the native sandbox (None for a
+/// privileged operation): placed at `code_addr`, with its data buffer (ESP = `data_addr +`
+/// [`NATIVE_DATA`]) at `data_addr`. It warms up like the kernel, then stores the TSC before and
+/// after `iterations` operations at `data_addr` and `data_addr + 8`, and runs off its end.
+pub fn native_snippet(
+    workload: &Workload,
+    iterations: u32,
+    code_addr: u32,
+    data_addr: u32,
+) -> AsmResult<Option<Vec<u8>>> {
+    if !runs_natively(workload) {
+        return Ok(None);
+    }
+    let iterations = iterations.max(1);
+    let mut a = CodeAssembler::new(32)?;
+    let mut timed_loop = a.create_label();
+    let mut end = a.create_label();
+    a.mov(ebx, (iterations / 10).max(1))?;
+    a.call(timed_loop)?;
+    a.rdtsc()?;
+    a.mov(dword_ptr(data_addr), eax)?;
+    a.mov(dword_ptr(data_addr + 4), edx)?;
+    a.mov(ebx, iterations)?;
+    a.call(timed_loop)?;
+    a.rdtsc()?;
+    a.mov(dword_ptr(data_addr + 8), eax)?;
+    a.mov(dword_ptr(data_addr + 12), edx)?;
+    a.jmp(end)?;
+    a.set_label(&mut timed_loop)?;
+    let mut functions = Functions::new(&mut a);
+    operation(&mut a, workload.name, 0, &functions)?;
+    a.dec(ebx)?;
+    a.jnz(timed_loop)?;
+    a.ret()?;
+    functions.emit(&mut a)?;
+    a.set_label(&mut end)?;
+    a.nop()?;
+    Ok(Some(a.assemble(u64::from(code_addr))?))
+}
+
 /// One kernel's result line, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Measurement {
@@ -275,13 +324,13 @@ pub fn build(workload: &Workload, iterations: u32) -> AsmResult<Vec<u8>> {
 
     // The loop: EBX operations.
     k.asm().set_label(&mut timed_loop)?;
-    let mut functions = Functions::new(&mut k);
-    operation(&mut k, workload.name, resume_slot, &functions)?;
+    let mut functions = Functions::new(k.asm());
+    operation(k.asm(), workload.name, resume_slot, &functions)?;
     k.set_label_at(&mut resume, resume_slot)?;
     k.asm().dec(ebx)?;
     k.asm().jnz(timed_loop)?;
     k.asm().ret()?;
-    functions.emit(&mut k)?;
+    functions.emit(k.asm())?;
 
     // Handlers.
     k.set_label_at(&mut syscall_entry, syscall_slot)?;
@@ -341,8 +390,7 @@ pub fn build(workload: &Workload, iterations: u32) -> AsmResult<Vec<u8>> {
 /// Emits one operation of `name`. It may use EAX, ECX, EDX, ESI, EDI but keeps EBX.
 /// `resume_slot` holds the address right after the operation (where the fault handlers and
 /// SYSEXIT return).
-fn operation(k: &mut Kit, name: &str, resume_slot: u32, f: &Functions) -> AsmResult {
-    let a = k.asm();
+fn operation(a: &mut CodeAssembler, name: &str, resume_slot: u32, f: &Functions) -> AsmResult {
     match name {
         "syscall-int" => a.int(0x80)?,
         "syscall-sysenter" => {
@@ -396,8 +444,7 @@ struct Functions {
 }
 
 impl Functions {
-    fn new(k: &mut Kit) -> Self {
-        let a = k.asm();
+    fn new(a: &mut CodeAssembler) -> Self {
         Functions {
             leaf: a.create_label(),
             outer: a.create_label(),
@@ -405,8 +452,7 @@ impl Functions {
         }
     }
 
-    fn emit(&mut self, k: &mut Kit) -> AsmResult {
-        let a = k.asm();
+    fn emit(&mut self, a: &mut CodeAssembler) -> AsmResult {
         a.set_label(&mut self.leaf)?;
         a.ret()?;
         a.set_label(&mut self.outer)?;

@@ -126,15 +126,22 @@ impl Runner {
                 )),
                 Some(q) => Availability::Runs(qemu_version(q)),
             },
-            BenchEngine::Native => Availability::Unavailable(
-                "nano kernels run privileged guest code; native applies to user-space workloads"
-                    .into(),
-            ),
+            BenchEngine::Native => {
+                Availability::Runs("the host CPU in 32-bit compatibility mode".into())
+            }
         }
     }
 
-    /// Runs the nano kernel `kernel` (workload `workload`) once on `engine`.
-    pub fn nano(&self, engine: BenchEngine, workload: &str, kernel: &Path, dir: &Path) -> Sample {
+    /// Runs the nano kernel `kernel` (for `workload`, timing `iterations` operations) once on
+    /// `engine`.
+    pub fn nano(
+        &self,
+        engine: BenchEngine,
+        workload: &nano::Workload,
+        iterations: u32,
+        kernel: &Path,
+        dir: &Path,
+    ) -> Sample {
         let (mut cmd, tsc_hz) = match engine {
             BenchEngine::Bt | BenchEngine::Interp | BenchEngine::Kvm => {
                 let Some(bt86) = &self.bt86 else {
@@ -160,9 +167,7 @@ impl Runner {
                     .arg(kernel);
                 (cmd, Some(self.host_tsc_hz))
             }
-            BenchEngine::Native => {
-                return failed("native cannot run nano kernels", String::new());
-            }
+            BenchEngine::Native => return self.native(workload, iterations),
         };
         cmd.current_dir(dir);
         let run = match run_with_timeout(&mut cmd, self.timeout, dir) {
@@ -185,14 +190,14 @@ impl Runner {
                     .lines()
                     .find(|l| l.contains("unexpected exception"))
                     .map_or("the guest took an unexpected exception".into(), |l| {
-                        l.trim_start_matches(&format!("nano {workload} "))
+                        l.trim_start_matches(&format!("nano {} ", workload.name))
                             .to_string()
                     }),
                 Some(s) => format!("exit status {s}, not {expected}"),
             };
             return failed(&why, log);
         }
-        let Some(m) = nano::parse_output(workload, &run.stdout) else {
+        let Some(m) = nano::parse_output(workload.name, &run.stdout) else {
             return failed("the guest printed no result line", log);
         };
         let Some(hz) = tsc_hz.or_else(|| stated_tsc_hz(&run.stderr)) else {
@@ -202,6 +207,34 @@ impl Runner {
             return failed("the guest timed no operations", log);
         }
         Sample::Ok(m.cycles as f64 * 1e9 / hz as f64 / m.ops as f64)
+    }
+}
+
+impl Runner {
+    /// Runs `workload`'s loop natively on the host CPU, in the 32-bit sandbox the native oracle
+    /// uses, timed with the host TSC.
+    fn native(&self, workload: &nano::Workload, iterations: u32) -> Sample {
+        use vmdriver::native::{CODE_ADDR, DATA_ADDR, NativeEnd, run_native};
+        let code = match nano::native_snippet(workload, iterations, CODE_ADDR, DATA_ADDR) {
+            Ok(Some(code)) => code,
+            Ok(None) => return failed("a privileged operation cannot run natively", String::new()),
+            Err(e) => return failed(&format!("cannot build the native loop: {e}"), String::new()),
+        };
+        let esp = DATA_ADDR + nano::NATIVE_DATA as u32;
+        let data = vec![0u8; nano::NATIVE_DATA];
+        let result = match run_native(&code, [0, 0, 0, 0, esp, 0, 0, 0], 0, &data) {
+            Ok(r) => r,
+            Err(e) => return failed(&format!("the native sandbox failed: {e}"), String::new()),
+        };
+        if result.end != NativeEnd::Completed {
+            return failed(
+                &format!("the native loop ended with {:?}", result.end),
+                format!("{result:?}"),
+            );
+        }
+        let tsc = |o: usize| u64::from_le_bytes(result.data[o..o + 8].try_into().expect("8 bytes"));
+        let cycles = tsc(8).wrapping_sub(tsc(0));
+        Sample::Ok(cycles as f64 * 1e9 / self.host_tsc_hz as f64 / f64::from(iterations.max(1)))
     }
 }
 
@@ -328,8 +361,14 @@ mod tests {
     }
 
     #[test]
-    fn native_never_runs_nano_kernels() {
-        let r = Runner::new(Duration::from_secs(1));
-        assert!(!r.availability(BenchEngine::Native).runs());
+    fn native_runs_unprivileged_loops_and_refuses_privileged_ones() {
+        let r = Runner::new(Duration::from_secs(5));
+        let compute = nano::find("compute").unwrap();
+        match r.native(compute, 1000) {
+            Sample::Ok(ns) => assert!(ns > 0.0, "{ns}"),
+            other => panic!("{other:?}"),
+        }
+        let pgfault = nano::find("pgfault").unwrap();
+        assert!(matches!(r.native(pgfault, 10), Sample::Failed { .. }));
     }
 }

@@ -135,7 +135,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         kernels.push(path);
     }
 
-    let total = u64::from(args.runs) * (workloads.len() * running.len()) as u64;
+    // Native runs only the workloads whose operation is unprivileged.
+    let applies =
+        |w: &nano::Workload, e: BenchEngine| e != BenchEngine::Native || nano::runs_natively(w);
+    let pairs = workloads
+        .iter()
+        .map(|w| running.iter().filter(|&&e| applies(w, e)).count())
+        .sum::<usize>();
+    let total = u64::from(args.runs) * pairs as u64;
     let progress = ProgressBar::new(total).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -147,8 +154,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             for k in 0..running.len() {
                 let ei = (k + run + wi) % running.len();
                 let engine = running[ei];
+                if !applies(w, engine) {
+                    continue;
+                }
                 progress.set_message(format!("run {} {} on {engine}", run + 1, w.name));
-                let sample = runner.nano(engine, w.name, &kernels[wi], work.path());
+                let iterations = args.iterations.unwrap_or(w.iterations);
+                let sample = runner.nano(engine, w, iterations, &kernels[wi], work.path());
                 samples[wi][ei].push(sample);
                 progress.inc(1);
             }
@@ -161,7 +172,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         running.iter().position(|r| r == e).is_some_and(|ei| {
             samples
                 .iter()
-                .any(|w| w[ei].iter().all(|s| matches!(s, Sample::Ok(_))))
+                .any(|w| !w[ei].is_empty() && w[ei].iter().all(|s| matches!(s, Sample::Ok(_))))
         })
     };
     let baseline = args.baseline.or_else(|| {
@@ -174,6 +185,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let mut cells = Vec::new();
         for (engine, availability) in &columns {
             let cell = match running.iter().position(|e| e == engine) {
+                _ if !applies(w, *engine) => {
+                    Cell::Unavailable("a privileged operation cannot run natively".into())
+                }
                 Some(ei) => keep_logs(&samples[wi][ei], &args.logs, *engine, w.name),
                 None => Cell::Unavailable(availability.reason().to_string()),
             };
