@@ -4,6 +4,7 @@
 //! - [`memory`]: guest-physical memory as one memfd, laid out like a PC.
 //! - [`exit`]: the [`VmExit`] enum every engine returns, and the [`IoHandler`] through which engines
 //!   complete port and MMIO accesses.
+//! - [`fpu`]: runs guest x87/MMX/SSE/SSE2 instructions on the host FPU, on the guest's FXSAVE image.
 //! - [`kvm`]: the KVM engine (hardware-assisted on hosts with VT-x/AMD-V).
 //! - [`native`]: runs unprivileged 32-bit snippets on the host CPU in a 32-bit compatibility-mode
 //!   sandbox, the reference the engines' instruction semantics are checked against.
@@ -11,6 +12,7 @@
 //! This crate decides no policy: it never interprets what a guest does, it only carries it out.
 
 pub mod exit;
+pub mod fpu;
 pub mod kvm;
 pub mod memory;
 pub mod native;

@@ -9,6 +9,7 @@
 //! message naming it (it is never turned into a silent #UD).
 
 pub mod alu;
+mod fpu;
 mod ops;
 pub mod snippet;
 pub mod system;
@@ -167,6 +168,8 @@ pub struct Interp {
     trap_suppressed: bool,
     /// Data breakpoints (DR0-DR3, as DR6 B bits) the current instruction has hit.
     data_hits: Cell<u32>,
+    /// The floating-point unit's engine state (host FPU executor, FERR#/IGNNE#).
+    fpu: fpu::FpuUnit,
 }
 
 /// What the instruction just executed holds off until after the next one.
@@ -230,6 +233,7 @@ impl Interp {
             shadow: Shadow::default(),
             trap_suppressed: false,
             data_hits: Cell::new(0),
+            fpu: fpu::FpuUnit::default(),
         }
     }
 
@@ -352,13 +356,14 @@ impl Interp {
         self.first_event
     }
 
-    /// Guest instructions executed, exceptions raised (delivery attempts) and external
-    /// interrupts delivered so far.
-    pub fn counters(&self) -> [(&'static str, u64); 3] {
+    /// Guest instructions executed, exceptions raised (delivery attempts), external interrupts
+    /// delivered and floating-point instructions run on the host FPU so far.
+    pub fn counters(&self) -> [(&'static str, u64); 4] {
         [
             ("guest instructions", self.instructions),
             ("exceptions raised", self.exceptions),
             ("interrupts delivered", self.interrupts),
+            ("instructions run on the host FPU", self.fpu.executed),
         ]
     }
 
@@ -1586,7 +1591,7 @@ impl Interp {
                 }
             }
             M::Bound => self.bound(ins, io)?,
-            M::Pause | M::Wait => {}
+            M::Pause => {}
             M::Int1 => {
                 // ICEBP: a #DB trap, delivered like a hardware event (no gate DPL check).
                 self.first_event.get_or_insert((1, next));
@@ -1607,6 +1612,14 @@ impl Interp {
                 } else if let Some(cc) = setcc(m) {
                     let v = u32::from(alu::condition(cc, fl));
                     self.write_op(ins, 0, v, io)?;
+                } else if let Some(step) = self.fp(ins, io)? {
+                    if step == fpu::FpStep::Freeze {
+                        // Waiting for IRQ 13 (FERR#) on the instruction itself.
+                        self.trap_suppressed = true;
+                        return Ok(Some(VmExit::Halt {
+                            interrupts_enabled: fl & flags::IF != 0,
+                        }));
+                    }
                 } else if !self.system(ins, io)? {
                     return unsupported(format!("'{ins}'"));
                 }
@@ -2054,18 +2067,15 @@ mod tests {
 
     #[test]
     fn wide_memory_operands_stop_cleanly_instead_of_panicking() {
-        // An 8-byte operand reaches no 1-4 byte path: the VM stops, naming it, and the memory
-        // helpers refuse sizes they cannot carry instead of indexing past their buffers.
-        let (mut i, mut p) = machine(
+        // The memory helpers refuse sizes they cannot carry instead of indexing past their
+        // buffers.
+        let (i, mut p) = machine(
             |a, handler| {
                 a.set_label(handler)?;
-                a.fld(qword_ptr(0x5000u32))?;
-                Ok(())
+                a.nop()
             },
             &[],
         );
-        let err = i.run(&mut p).unwrap_err();
-        assert!(err.to_string().contains("cannot execute"), "{err}");
         let (s, off) = (SegReg::Ds, 0x5000);
         assert!(matches!(
             i.read_mem(s, off, 8, &mut p),
@@ -2194,13 +2204,14 @@ mod tests {
         let (mut i, mut p) = machine(
             |a, handler| {
                 a.set_label(handler)?;
-                a.fninit()?;
+                a.addsubpd(xmm0, xmm1)?; // SSE3: not on this CPU model
                 Ok(())
             },
             &[],
         );
+        i.cpu.cr4 |= cr4::OSFXSR;
         let err = i.run(&mut p).unwrap_err();
-        assert!(err.to_string().contains("fninit"), "{err}");
+        assert!(err.to_string().contains("addsubpd"), "{err}");
         assert_eq!(i.cpu.eip, CODE, "EIP stays on the instruction");
     }
 }

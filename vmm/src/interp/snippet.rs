@@ -3,7 +3,9 @@
 //!
 //! The layout is fixed so that every executor can reproduce it: code at [`CODE_ADDR`], a data
 //! buffer at [`DATA_ADDR`] that memory operands and the stack point into, flat 4 GiB segments at
-//! CPL 0, paging off, no IDT (the first exception ends the run and is reported).
+//! CPL 0, paging off, no IDT (the first exception ends the run and is reported). The x87/SSE
+//! state starts from a given FXSAVE image, with CR0 and CR4 as Linux gives user code (NE, MP,
+//! OSFXSR, OSXMMEXCPT set; EM, TS clear).
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use vmdriver::kvm::InitialCpu;
 use vmdriver::{GuestMemory, IoHandler, MemoryLayout, VmExit};
 
 use super::{Interp, InterpError};
-use crate::cpu::TableReg;
+use crate::cpu::{FxImage, TableReg, cr0, cr4};
 
 /// Where the snippet's code is placed.
 pub const CODE_ADDR: u32 = 0x0010_0000;
@@ -48,6 +50,8 @@ pub struct SnippetResult {
     pub end: SnippetEnd,
     /// EIP at the end (of the faulting instruction after an exception).
     pub eip: u32,
+    /// The x87/MMX/SSE state at the end (FXSAVE layout).
+    pub fx: FxImage,
 }
 
 /// Ports do nothing and read all ones: snippets are unprivileged code.
@@ -63,12 +67,13 @@ impl IoHandler for NoDevices {
     fn mmio_write(&mut self, _: u64, _: &[u8]) {}
 }
 
-/// Runs `code` with general registers `gpr` and flags `eflags`, over a data buffer initialised
-/// to `data` at [`DATA_ADDR`]. A HLT appended after the code marks its end.
+/// Runs `code` with general registers `gpr`, flags `eflags` and x87/SSE state `fx`, over a data
+/// buffer initialised to `data` at [`DATA_ADDR`]. A HLT appended after the code marks its end.
 pub fn run(
     code: &[u8],
     gpr: [u32; 8],
     eflags: u32,
+    fx: &FxImage,
     data: &[u8],
 ) -> Result<SnippetResult, InterpError> {
     assert!(data.len() <= DATA_MAX, "data buffer too large");
@@ -103,6 +108,9 @@ pub fn run(
     cpu.gpr = gpr;
     cpu.eflags = eflags | crate::cpu::flags::FIXED;
     cpu.idtr = TableReg::default();
+    cpu.cr0 |= cr0::NE | cr0::MP;
+    cpu.cr4 |= cr4::OSFXSR | cr4::OSXMMEXCPT;
+    cpu.fx = fx.clone();
     let end_eip = CODE_ADDR + code.len() as u32;
     let end = loop {
         match interp.run(&mut NoDevices)? {
@@ -139,6 +147,7 @@ pub fn run(
         data: out,
         end,
         eip,
+        fx: cpu.fx.clone(),
     })
 }
 
@@ -146,6 +155,13 @@ pub fn run(
 mod tests {
     use super::*;
     use iced_x86::code_asm::*;
+
+    fn fninit() -> FxImage {
+        let mut fx = crate::cpu::fx_reset();
+        fx.0[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        fx.0[4] = 0;
+        fx
+    }
 
     fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>) -> Vec<u8> {
         let mut a = CodeAssembler::new(32).unwrap();
@@ -166,7 +182,7 @@ mod tests {
         gpr[1] = 0xCAFE;
         gpr[3] = 1;
         gpr[4] = DATA_ADDR + 0x100;
-        let r = run(&code, gpr, 0, &[0; 0x100]).unwrap();
+        let r = run(&code, gpr, 0, &fninit(), &[0; 0x100]).unwrap();
         assert_eq!(r.end, SnippetEnd::Completed);
         assert_eq!(r.gpr[0], 0);
         assert_ne!(r.eflags & crate::cpu::flags::CF, 0);
@@ -181,13 +197,13 @@ mod tests {
             a.nop()?;
             a.hlt()
         });
-        let r = run(&hlt, [0; 8], 0, &[]).unwrap();
+        let r = run(&hlt, [0; 8], 0, &fninit(), &[]).unwrap();
         assert_eq!((r.end, r.eip), (SnippetEnd::Exception(13), CODE_ADDR + 1));
         let icebp = asm(|a| {
             a.nop()?;
             a.int1()
         });
-        let r = run(&icebp, [0; 8], 0, &[]).unwrap();
+        let r = run(&icebp, [0; 8], 0, &fninit(), &[]).unwrap();
         assert_eq!(
             (r.end, r.eip),
             (SnippetEnd::Exception(1), CODE_ADDR + 2),
@@ -202,7 +218,7 @@ mod tests {
             a.div(ecx)?;
             Ok(())
         });
-        let r = run(&code, [0; 8], 0, &[]).unwrap();
+        let r = run(&code, [0; 8], 0, &fninit(), &[]).unwrap();
         assert_eq!(r.end, SnippetEnd::Exception(0));
         assert_eq!(r.gpr[0], 1, "state at the faulting instruction");
         assert_eq!(r.eip, CODE_ADDR + 1);
