@@ -39,7 +39,16 @@ fn the_interpreter_matches_the_host_cpu_on_generated_sequences() {
     );
     // The floating-point share of the cases reaches x87, MMX, SSE and SSE2 (and their state
     // instructions) with the x87/SSE state compared too.
-    for m in ["fld", "fsin", "fxsave", "paddw", "addps", "mulsd", "cvttsd2si", "pshufw"] {
+    for m in [
+        "fld",
+        "fsin",
+        "fxsave",
+        "paddw",
+        "addps",
+        "mulsd",
+        "cvttsd2si",
+        "pshufw",
+    ] {
         assert!(
             report.coverage.compared.contains_key(m),
             "no '{m}' compared: the floating-point generator lost a class"

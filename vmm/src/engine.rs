@@ -85,6 +85,14 @@ pub trait Engine {
     fn interrupt_window(&self) -> bool {
         false
     }
+    /// The FERR# output: an x87 error waits to be reported outside the CPU (CR0.NE = 0).
+    fn ferr(&self) -> bool {
+        false
+    }
+    /// Drives the IGNNE# input: while asserted, x87 errors are ignored by waiting instructions.
+    fn set_ignne(&mut self, asserted: bool) {
+        let _ = asserted;
+    }
     /// Delivers external interrupt `vector`; returns an exit if delivery shut the CPU down.
     fn inject_interrupt(
         &mut self,
@@ -171,6 +179,14 @@ impl Engine for Interp {
 
     fn interrupt_window(&self) -> bool {
         Interp::interrupt_window(self)
+    }
+
+    fn ferr(&self) -> bool {
+        Interp::ferr(self)
+    }
+
+    fn set_ignne(&mut self, asserted: bool) {
+        Interp::set_ignne(self, asserted)
     }
 
     fn inject_interrupt(

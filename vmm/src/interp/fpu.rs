@@ -33,6 +33,13 @@ const FSW_B: u16 = 1 << 15;
 const MX_FLAGS: u32 = 0x3F;
 /// MXCSR pre-computation exceptions: invalid, denormal, divide by zero.
 const MX_PRE: u32 = 0x07;
+/// MXCSR overflow, underflow and precision flags.
+const MX_OE: u32 = 0x08;
+const MX_UE: u32 = 0x10;
+const MX_PE: u32 = 0x20;
+/// MXCSR.UM and MXCSR.FZ.
+const MX_UM: u32 = 1 << 11;
+const MX_FZ: u32 = 1 << 15;
 
 /// The floating-point unit's engine-side state.
 pub(super) struct FpuUnit {
@@ -87,6 +94,9 @@ enum Class {
 fn classify(ins: &Instruction) -> Option<Class> {
     use CpuidFeature as F;
     use Mnemonic as M;
+    if ins.mnemonic() == M::Wait {
+        return Some(Class::X87);
+    }
     let ours = ins.cpuid_features().iter().all(|f| {
         matches!(
             f,
@@ -589,6 +599,8 @@ impl Interp {
         if rd32(&img, fx::MXCSR) & !MXCSR_MASK != 0 {
             return gp0();
         }
+        let fcw = load_fcw(rd16(&img, fx::FCW));
+        wr16(&mut img, fx::FCW, fcw);
         wr32(&mut img, fx::MXCSR_MASK, MXCSR_MASK);
         img.0[5] = 0;
         let fop = rd16(&img, fx::FOP) & 0x7FF;
@@ -699,6 +711,7 @@ impl Interp {
         }
         let before = self.cpu.fx.clone();
         let mut img = before.clone();
+        let inputs = ops.clone();
         let old_fsw = rd16(&img, fx::FSW);
         if ignore_pending {
             // IGNNE#: run as if nothing were pending; the old flags stay (they are sticky).
@@ -728,13 +741,30 @@ impl Interp {
             summarise(&mut img);
         }
         if class == Class::Sse {
-            let raised = rd32(&img, fx::MXCSR) & MX_FLAGS;
-            let unmasked = raised & !(guest_mxcsr >> 7) & MX_FLAGS;
+            let mut raised = rd32(&img, fx::MXCSR) & MX_FLAGS;
+            let masks = guest_mxcsr >> 7;
+            if guest_mxcsr & MX_UM == 0 && raised & MX_UE == 0 && raised & !masks & MX_PRE == 0 {
+                // Masked underflow is reported only for a tiny *and* inexact result, unmasked
+                // underflow for any tiny one. Flush-to-zero reports every tiny result, so a
+                // second run with FZ tells whether an exact result was tiny.
+                let mut probe = before.clone();
+                wr32(&mut probe, fx::MXCSR, (guest_mxcsr & !MX_FLAGS) | MX_FZ);
+                let mut probe_ops = inputs.clone();
+                let host = self.fpu.host.as_mut().expect("created above");
+                host.execute(ins, &mut probe, &mut probe_ops)
+                    .map_err(|e| Fault::Unsupported(e.to_string()))?;
+                raised |= rd32(&probe, fx::MXCSR) & MX_UE;
+            }
+            let unmasked = raised & !masks & MX_FLAGS;
             if unmasked != 0 {
                 // An unmasked pre-computation exception stops the computation before the
-                // post-computation ones are looked for; either way nothing but the flags change.
+                // post-computation ones are looked for; an unmasked overflow or underflow
+                // delivers no result, so no precision exception either (as the host CPU
+                // shows). Nothing but the flags changes.
                 let set = if unmasked & MX_PRE != 0 {
                     raised & MX_PRE
+                } else if unmasked & (MX_OE | MX_UE) != 0 {
+                    raised & !MX_PE
                 } else {
                     raised
                 };
