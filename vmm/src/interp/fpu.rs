@@ -33,10 +33,8 @@ const FSW_B: u16 = 1 << 15;
 const MX_FLAGS: u32 = 0x3F;
 /// MXCSR pre-computation exceptions: invalid, denormal, divide by zero.
 const MX_PRE: u32 = 0x07;
-/// MXCSR overflow, underflow and precision flags.
-const MX_OE: u32 = 0x08;
+/// MXCSR underflow flag.
 const MX_UE: u32 = 0x10;
-const MX_PE: u32 = 0x20;
 /// MXCSR.UM and MXCSR.FZ.
 const MX_UM: u32 = 1 << 11;
 const MX_FZ: u32 = 1 << 15;
@@ -758,13 +756,14 @@ impl Interp {
             let unmasked = raised & !masks & MX_FLAGS;
             if unmasked != 0 {
                 // An unmasked pre-computation exception stops the computation before the
-                // post-computation ones are looked for; an unmasked overflow or underflow
-                // delivers no result, so no precision exception either (as the host CPU
-                // shows). Nothing but the flags changes.
+                // post-computation ones are looked for. Nothing but the flags changes.
+                //
+                // Known approximation: with overflow or underflow unmasked the CPU sets PE only
+                // if the result, rounded with an unbounded exponent, is inexact; the masked run
+                // reports PE for its overflowed or denormalized result instead, so PE can be
+                // one too many when such a result would have been exact.
                 let set = if unmasked & MX_PRE != 0 {
                     raised & MX_PRE
-                } else if unmasked & (MX_OE | MX_UE) != 0 {
-                    raised & !MX_PE
                 } else {
                     raised
                 };
