@@ -177,6 +177,18 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "fpu",
+        about: "x87, MMX and SSE2 results, #NM (EM and a lazy FXSAVE/FXRSTOR switch), #MF, #UD without OSFXSR",
+        build: fpu,
+        firmware: false,
+    },
+    Entry {
+        name: "fpu-sdm",
+        about: "fpu, then what QEMU's TCG does not model: #XM, #UD for an unmasked SIMD exception without OSXMMEXCPT, FERR# as IRQ 13",
+        build: fpu_sdm,
+        firmware: false,
+    },
+    Entry {
         name: "reset-rom",
         about: "firmware for --bios: real-mode code at the reset vector prints, calls, and exits",
         build: real_mode_rom,
@@ -1578,4 +1590,410 @@ pub fn timer_rom() -> AsmResult<Vec<u8>> {
         let mut handler = a.create_label();
         body(a, ip, &mut handler)
     })
+}
+
+/// Exercises the floating-point unit the way kernels use it and prints what it sees: exact x87,
+/// SSE2 and MMX results, #NM with CR0.EM and Linux-style lazy switching (CR0.TS, then CLTS,
+/// FXSAVE and FXRSTOR between two contexts), #MF with CR0.NE = 1, #UD without OSFXSR. Exits
+/// with value 0x1B.
+///
+/// Only results QEMU's TCG computes exactly as the SDM says are printed (correctly rounded
+/// arithmetic, exact transcendental cases such as sin 0 and cos 0); the rest of the x87 is
+/// checked against the host CPU by the native oracle.
+pub fn fpu() -> AsmResult<Vec<u8>> {
+    fpu_kernel(false)
+}
+
+/// [`fpu`], then what the Intel SDM specifies and QEMU 8's TCG does not do (so this kernel runs
+/// on bt86 only, against expected output): an unmasked SIMD exception is #XM with
+/// CR4.OSXMMEXCPT = 1 and #UD without it (QEMU's TCG raises neither and completes the
+/// instruction as if masked), and with CR0.NE = 0
+/// an x87 error is reported through FERR# as IRQ 13, the handler releasing the CPU through port
+/// 0xF0 (QEMU aborts on an internal assertion when its FERR# line fires from TCG code).
+pub fn fpu_sdm() -> AsmResult<Vec<u8>> {
+    fpu_kernel(true)
+}
+
+fn fpu_kernel(sdm: bool) -> AsmResult<Vec<u8>> {
+    const EM: u32 = 1 << 2;
+    const TS: u32 = 1 << 3;
+    const NE: u32 = 1 << 5;
+    const MP: u32 = 1 << 1;
+    let mut k = Kit::new()?;
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
+    let skip = k.data(&[0; 4]);
+    let nm_count = k.data(&[0; 4]);
+    let ferr_count = k.data(&[0; 4]);
+    let owner = k.data(&[0; 4]);
+    let current = k.data(&[0; 4]);
+    let tmp = k.data(&[0; 16]);
+    let result = k.data(&[0; 16]);
+    let area = |k: &mut Kit| {
+        let a = k.data(&[0; 512 + 16]);
+        (a + 15) & !15
+    };
+    let ctx_a = area(&mut k);
+    let ctx_b = area(&mut k);
+    let f64c = |k: &mut Kit, v: f64| k.data(&v.to_le_bytes());
+    let two = f64c(&mut k, 2.0);
+    let one = f64c(&mut k, 1.0);
+    let three = f64c(&mut k, 3.0);
+    let two_half = f64c(&mut k, 2.5);
+    let neg_two_half = f64c(&mut k, -2.5);
+    let big = f64c(&mut k, 3e10);
+    let int = |k: &mut Kit, v: i32| k.data(&v.to_le_bytes());
+    let seven = int(&mut k, 7);
+    let i_two = int(&mut k, 2);
+    let i_1234 = int(&mut k, 1234);
+    let cw_zm = int(&mut k, 0x037B);
+    let cw_default = int(&mut k, 0x037F);
+    let mx_zm = int(&mut k, 0x1D80);
+    let mx_default = int(&mut k, 0x1F80);
+    let vec_a = k.data(&[
+        1, 2, 3, 4, 250, 251, 252, 253, 0x10, 0x80, 0xFF, 0x7F, 9, 8, 7, 6,
+    ]);
+    let vec_b = k.data(&[
+        9, 8, 7, 6, 10, 20, 30, 40, 0x90, 0x90, 0x01, 0x01, 1, 2, 3, 4,
+    ]);
+    let ones = k.data(&[1.0f32, 2.0, 10.0, -7.0].map(f32::to_le_bytes).concat());
+    let threes = k.data(&[3.0f32, 3.0, 3.0, 3.0].map(f32::to_le_bytes).concat());
+
+    // Handlers.
+    handler_address(&mut k, |k| {
+        // #NM: CLTS (and clear EM); if another context owns the FPU, switch (Linux's lazy
+        // FPU): FXSAVE the owner's, FXRSTOR the current one's.
+        k.asm().push(eax)?;
+        k.asm().push(ebx)?;
+        k.asm().inc(dword_ptr(nm_count))?;
+        k.asm().mov(eax, cr0)?;
+        k.asm().and(eax, !(EM | TS))?;
+        k.asm().mov(cr0, eax)?;
+        let mut same = k.asm().create_label();
+        k.asm().mov(eax, dword_ptr(owner))?;
+        k.asm().mov(ebx, dword_ptr(current))?;
+        k.asm().cmp(eax, ebx)?;
+        k.asm().je(same)?;
+        k.asm().fxsave(ptr(eax))?;
+        k.asm().fxrstor(ptr(ebx))?;
+        k.asm().mov(dword_ptr(owner), ebx)?;
+        k.asm().set_label(&mut same)?;
+        k.asm().pop(ebx)?;
+        k.asm().pop(eax)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 7, 0x8E)?;
+    handler_address(&mut k, |k| {
+        // #MF: report the status word's exception bits, clear them, retry.
+        k.asm().push(eax)?;
+        k.asm().fnstsw(ax)?;
+        k.asm().and(eax, 0x80BFu32)?;
+        k.print("#MF fsw=")?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().fnclex()?;
+        k.asm().pop(eax)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 16, 0x8E)?;
+    handler_address(&mut k, |k| {
+        // #XM: report MXCSR, mask every exception, retry (now masked).
+        k.asm().push(eax)?;
+        k.asm().stmxcsr(dword_ptr(tmp))?;
+        k.asm().mov(eax, dword_ptr(tmp))?;
+        k.print("#XM mxcsr=")?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().or(dword_ptr(tmp), 0x1F80u32)?;
+        k.asm().ldmxcsr(dword_ptr(tmp))?;
+        k.asm().pop(eax)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 19, 0x8E)?;
+    handler_address(&mut k, |k| {
+        // #UD: report it and step over the instruction (its length is in `skip`).
+        k.print("#UD\n")?;
+        k.asm().push(eax)?;
+        k.asm().mov(eax, dword_ptr(skip))?;
+        k.asm().add(dword_ptr(esp + 4), eax)?;
+        k.asm().pop(eax)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 6, 0x8E)?;
+    handler_address(&mut k, |k| {
+        // IRQ 13 (FERR#): release the CPU through port 0xF0, clear the error, EOI both PICs.
+        k.asm().push(eax)?;
+        k.asm().out(0xF0, al)?;
+        k.asm().fnclex()?;
+        k.asm().inc(dword_ptr(ferr_count))?;
+        k.asm().mov(al, 0x20u32)?;
+        k.asm().out(0xA0, al)?;
+        k.asm().out(0x20, al)?;
+        k.asm().pop(eax)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 0x2D, 0x8E)?;
+    k.asm().lidt(ptr(idtr))?;
+
+    // CR0: NE and MP, no EM/TS; CR4: OSFXSR and OSXMMEXCPT.
+    k.asm().mov(eax, cr0)?;
+    k.asm().and(eax, !(EM | TS))?;
+    k.asm().or(eax, NE | MP)?;
+    k.asm().mov(cr0, eax)?;
+    k.asm().mov(eax, cr4)?;
+    k.asm().or(eax, 0x600u32)?;
+    k.asm().mov(cr4, eax)?;
+    k.asm().fninit()?;
+    k.asm().ldmxcsr(dword_ptr(mx_default))?;
+
+    let show64 = |k: &mut Kit, label: &str| -> AsmResult {
+        k.asm().mov(eax, dword_ptr(result + 4))?;
+        k.print(&format!("{label}="))?;
+        k.print_hex(eax)?;
+        k.asm().mov(eax, dword_ptr(result))?;
+        k.print_hex(eax)?;
+        k.print("\n")
+    };
+    let show128 = |k: &mut Kit, label: &str| -> AsmResult {
+        k.print(&format!("{label}="))?;
+        for i in (0..4).rev() {
+            k.asm().mov(eax, dword_ptr(result + 4 * i))?;
+            k.print_hex(eax)?;
+        }
+        k.print("\n")
+    };
+
+    // x87 results.
+    k.asm().fld(qword_ptr(two))?;
+    k.asm().fsqrt()?;
+    k.asm().fstp(qword_ptr(result))?;
+    show64(&mut k, "fsqrt(2)")?;
+    k.asm().fild(dword_ptr(seven))?;
+    k.asm().fld(qword_ptr(three))?;
+    k.asm().fdivp(st1, st0)?;
+    k.asm().fstp(qword_ptr(result))?;
+    show64(&mut k, "7/3")?;
+    k.asm().fld(qword_ptr(three))?;
+    k.asm().fld1()?;
+    k.asm().fscale()?;
+    k.asm().fistp(dword_ptr(result))?;
+    k.asm().fstp(st0)?;
+    k.asm().mov(eax, dword_ptr(result))?;
+    k.print_field("fscale(1,3)", eax)?;
+    k.asm().fld(qword_ptr(two_half))?;
+    k.asm().frndint()?;
+    k.asm().fistp(dword_ptr(result))?;
+    k.asm().mov(eax, dword_ptr(result))?;
+    k.print_field("frndint(2.5)", eax)?;
+    k.asm().fild(dword_ptr(i_1234))?;
+    k.asm().fbstp(tword_ptr(result))?;
+    k.asm().mov(eax, dword_ptr(result))?;
+    k.print_field("fbstp(1234)", eax)?;
+    k.asm().fldz()?;
+    k.asm().fsin()?;
+    k.asm().fstp(dword_ptr(result))?;
+    k.asm().fldz()?;
+    k.asm().fcos()?;
+    k.asm().fstp(dword_ptr(result + 4))?;
+    show64(&mut k, "cos0:sin0")?;
+    k.asm().fld(qword_ptr(big))?;
+    k.asm().fistp(dword_ptr(result))?;
+    k.asm().fnstsw(ax)?;
+    k.asm().and(eax, 0x3Fu32)?;
+    k.print_field("fistp(3e10).fsw", eax)?;
+    k.asm().mov(eax, dword_ptr(result))?;
+    k.print_field("fistp(3e10)", eax)?;
+    k.asm().fnclex()?;
+    k.asm().fld1()?;
+    k.asm().fldz()?;
+    k.asm().fcomi(st0, st1)?;
+    k.asm().pushfd()?;
+    k.asm().pop(eax)?;
+    k.asm().and(eax, 0x8D5u32)?;
+    k.print_field("fcomi(0,1).flags", eax)?;
+    k.asm().fcompp()?;
+
+    // SSE2 and MMX results.
+    k.asm().movsd_2(xmm0, qword_ptr(two))?;
+    k.asm().sqrtsd(xmm0, xmm0)?;
+    k.asm().movsd_2(qword_ptr(result), xmm0)?;
+    show64(&mut k, "sqrtsd(2)")?;
+    k.asm().cvttsd2si(eax, qword_ptr(neg_two_half))?;
+    k.print_field("cvttsd2si(-2.5)", eax)?;
+    k.asm().cvtsd2si(eax, qword_ptr(two_half))?;
+    k.print_field("cvtsd2si(2.5)", eax)?;
+    k.asm().movups(xmm5, xmmword_ptr(ones))?;
+    k.asm().movups(xmm6, xmmword_ptr(threes))?;
+    k.asm().divps(xmm5, xmm6)?;
+    k.asm().movups(xmmword_ptr(result), xmm5)?;
+    show128(&mut k, "divps")?;
+    k.asm().movdqu(xmm2, xmmword_ptr(vec_a))?;
+    k.asm().movdqu(xmm3, xmmword_ptr(vec_b))?;
+    k.asm().movdqa(xmm4, xmm2)?;
+    k.asm().paddusb(xmm4, xmm3)?;
+    k.asm().movdqu(xmmword_ptr(result), xmm4)?;
+    show128(&mut k, "paddusb")?;
+    k.asm().movdqa(xmm4, xmm2)?;
+    k.asm().pmullw(xmm4, xmm3)?;
+    k.asm().pshufd(xmm4, xmm4, 0x1B)?;
+    k.asm().movdqu(xmmword_ptr(result), xmm4)?;
+    show128(&mut k, "pmullw+pshufd")?;
+    k.asm().movdqa(xmm4, xmm2)?;
+    k.asm().psadbw(xmm4, xmm3)?;
+    k.asm().movdqu(xmmword_ptr(result), xmm4)?;
+    show128(&mut k, "psadbw")?;
+    k.asm().movdqa(xmm4, xmm2)?;
+    k.asm().packsswb(xmm4, xmm3)?;
+    k.asm().pmovmskb(eax, xmm4)?;
+    k.print_field("packsswb.pmovmskb", eax)?;
+    k.asm().movq(mm0, qword_ptr(vec_a))?;
+    k.asm().paddsb(mm0, qword_ptr(vec_b))?;
+    k.asm().movd(eax, mm0)?;
+    k.print_field("paddsb(mm)", eax)?;
+    k.asm().emms()?;
+
+    // #NM with EM, #UD for MMX with EM.
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, EM)?;
+    k.asm().mov(cr0, eax)?;
+    k.asm().fld1()?; // #NM; the handler clears EM and FLD1 runs again
+    k.asm().fstp(st0)?;
+    k.asm().mov(eax, dword_ptr(nm_count))?;
+    k.print_field("#NM with EM, count", eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, EM)?;
+    k.asm().mov(cr0, eax)?;
+    k.asm().mov(dword_ptr(skip), 3u32)?;
+    k.print("mmx with EM: ")?;
+    k.asm().paddb(mm0, mm1)?; // 0F FC C1
+    k.asm().mov(eax, cr0)?;
+    k.asm().and(eax, !EM)?;
+    k.asm().mov(cr0, eax)?;
+
+    // #MF with NE = 1, at the FWAIT after the faulting division.
+    k.asm().fldcw(word_ptr(cw_zm))?;
+    k.asm().fld1()?;
+    k.asm().fldz()?;
+    k.asm().fdivp(st1, st0)?;
+    k.print("1/0 done, fwait: ")?;
+    k.asm().wait()?;
+    k.print("after fwait\n")?;
+    k.asm().fldcw(word_ptr(cw_default))?;
+    k.asm().fstp(st0)?;
+
+    // #UD without OSFXSR.
+    k.asm().xorpd(xmm1, xmm1)?;
+    k.asm().mov(eax, cr4)?;
+    k.asm().and(eax, !0x200u32)?;
+    k.asm().mov(cr4, eax)?;
+    k.asm().mov(dword_ptr(skip), 3u32)?;
+    k.print("addps without OSFXSR: ")?;
+    k.asm().addps(xmm0, xmm1)?; // 0F 58 C1
+    k.asm().mov(eax, cr4)?;
+    k.asm().or(eax, 0x600u32)?;
+    k.asm().mov(cr4, eax)?;
+    k.asm().ldmxcsr(dword_ptr(mx_default))?;
+
+    // Lazy switching between two contexts, each starting with 0.0 on its stack.
+    k.asm().fninit()?;
+    k.asm().fldz()?;
+    k.asm().fxsave(ptr(ctx_a))?;
+    k.asm().fxsave(ptr(ctx_b))?;
+    k.asm().mov(dword_ptr(owner), ctx_a)?;
+    k.asm().mov(dword_ptr(nm_count), 0u32)?;
+    let switch_to = |k: &mut Kit, ctx: u32| -> AsmResult {
+        k.asm().mov(dword_ptr(current), ctx)?;
+        k.asm().mov(eax, cr0)?;
+        k.asm().or(eax, TS)?;
+        Ok(k.asm().mov(cr0, eax)?)
+    };
+    for _ in 0..3 {
+        switch_to(&mut k, ctx_b)?;
+        k.asm().fiadd(dword_ptr(seven))?;
+        switch_to(&mut k, ctx_a)?;
+        k.asm().fiadd(dword_ptr(i_two))?;
+    }
+    k.asm().fist(dword_ptr(result))?;
+    k.asm().mov(eax, dword_ptr(result))?;
+    k.print_field("lazy context a", eax)?;
+    switch_to(&mut k, ctx_b)?;
+    k.asm().fist(dword_ptr(result))?;
+    k.asm().mov(eax, dword_ptr(result))?;
+    k.print_field("lazy context b", eax)?;
+    k.asm().mov(eax, dword_ptr(nm_count))?;
+    k.print_field("lazy #NM count", eax)?;
+    if !sdm {
+        k.print("done\n")?;
+        k.exit(0x1B)?;
+        return k.build();
+    }
+
+    // #XM with OSXMMEXCPT (the handler masks the exception and the division runs again).
+    k.asm().ldmxcsr(dword_ptr(mx_zm))?;
+    k.asm().movsd_2(xmm0, qword_ptr(one))?;
+    k.asm().xorpd(xmm1, xmm1)?;
+    k.asm().divsd(xmm0, xmm1)?;
+    k.asm().movsd_2(qword_ptr(result), xmm0)?;
+    show64(&mut k, "1/0 after #XM")?;
+    k.asm().ldmxcsr(dword_ptr(mx_default))?;
+
+    // An unmasked SIMD exception without OSXMMEXCPT: #UD, with the flag set in MXCSR.
+    k.asm().mov(eax, cr4)?;
+    k.asm().and(eax, !0x400u32)?;
+    k.asm().mov(cr4, eax)?;
+    k.asm().ldmxcsr(dword_ptr(mx_zm))?;
+    k.asm().mov(dword_ptr(skip), 4u32)?;
+    k.asm().movsd_2(xmm0, qword_ptr(one))?;
+    k.print("unmasked without OSXMMEXCPT: ")?;
+    k.asm().divsd(xmm0, xmm1)?; // F2 0F 5E C1
+    k.asm().stmxcsr(dword_ptr(tmp))?;
+    k.asm().mov(eax, dword_ptr(tmp))?;
+    k.print_field("mxcsr", eax)?;
+    k.asm().mov(eax, cr4)?;
+    k.asm().or(eax, 0x600u32)?;
+    k.asm().mov(cr4, eax)?;
+    k.asm().ldmxcsr(dword_ptr(mx_default))?;
+
+    // FERR# with NE = 0: IRQ 13 through the PICs (remapped to 0x20/0x28, only IRQ 13 open).
+    for (port, v) in [
+        (0x20u32, 0x11u32),
+        (0x21, 0x20),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0xA0, 0x11),
+        (0xA1, 0x28),
+        (0xA1, 0x02),
+        (0xA1, 0x01),
+        (0x21, 0xFB),
+        (0xA1, 0xDF),
+    ] {
+        k.asm().mov(al, v)?;
+        k.asm().out(port, al)?;
+    }
+    k.asm().mov(eax, cr0)?;
+    k.asm().and(eax, !NE)?;
+    k.asm().mov(cr0, eax)?;
+    k.asm().fninit()?;
+    k.asm().fldcw(word_ptr(cw_zm))?;
+    k.asm().fld1()?;
+    k.asm().fldz()?;
+    k.asm().fdivp(st1, st0)?;
+    k.asm().sti()?;
+    k.asm().wait()?;
+    let mut wait = k.asm().create_label();
+    let mut taken = k.asm().create_label();
+    k.asm().set_label(&mut wait)?;
+    k.asm().cmp(dword_ptr(ferr_count), 0u32)?;
+    k.asm().jne(taken)?;
+    k.asm().hlt()?;
+    k.asm().jmp(wait)?;
+    k.asm().set_label(&mut taken)?;
+    k.asm().cli()?;
+    k.asm().mov(eax, dword_ptr(ferr_count))?;
+    k.print_field("ferr irq13 count", eax)?;
+    k.asm().fnstsw(ax)?;
+    k.asm().and(eax, 0x80BFu32)?;
+    k.print_field("fsw after irq13", eax)?;
+    k.print("done\n")?;
+    k.exit(0x1C)?;
+    k.build()
 }

@@ -30,6 +30,7 @@ use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, Formatter, Instruction,
     InstructionBlock, IntelFormatter, OpKind,
 };
+use vmdriver::fpu::{FxImage, fx};
 use vmdriver::native::{NativeEnd, NativeError, NativeResult, run_native};
 use vmm::interp::InterpError;
 use vmm::interp::snippet::{self, SnippetEnd, SnippetResult};
@@ -67,6 +68,8 @@ pub struct Case {
     pub gpr: [u32; 8],
     /// Initial EFLAGS.
     pub eflags: u32,
+    /// Initial x87/MMX/SSE state.
+    pub fx: FxImage,
     /// Initial data buffer.
     pub data: Vec<u8>,
     /// The decoded instructions.
@@ -82,19 +85,21 @@ impl Case {
     pub fn generate(seed: u64, index: u64) -> Result<Case, GenError> {
         let mut rng = Rng::for_case(seed, index);
         let g = generate::generate(&mut rng)?;
-        let case = Case::new(seed, index, g.code, g.gpr, g.eflags, g.data, g.groups);
+        let case = Case::new(seed, index, g.code, g.gpr, g.eflags, g.fx, g.data, g.groups);
         if case.instrs.len() != g.count {
             return Err(GenError::Relayout);
         }
         Ok(case)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         seed: u64,
         index: u64,
         code: Vec<u8>,
         gpr: [u32; 8],
         eflags: u32,
+        fx: FxImage,
         data: Vec<u8>,
         groups: Vec<Range<usize>>,
     ) -> Case {
@@ -109,6 +114,7 @@ impl Case {
             code,
             gpr,
             eflags,
+            fx,
             data,
             instrs,
             groups,
@@ -201,6 +207,7 @@ impl Case {
             code,
             self.gpr,
             self.eflags,
+            self.fx.clone(),
             self.data.clone(),
             groups,
         );
@@ -210,6 +217,7 @@ impl Case {
 
 /// What the interpreter did with a case.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per case; boxing buys nothing
 pub enum InterpOutcome {
     /// It ran the case.
     Ran(SnippetResult),
@@ -272,18 +280,17 @@ pub fn check(case: &Case) -> Result<Verdict, NativeError> {
 
 /// Runs `case` on the host CPU and on `engine` and compares the results.
 pub fn check_on(case: &Case, engine: Engine) -> Result<Verdict, NativeError> {
-    let native = run_native(&case.code, case.gpr, case.eflags, &case.data)?;
+    let native = run_native(&case.code, case.gpr, case.eflags, &case.fx, &case.data)?;
     let interp = catch_unwind(AssertUnwindSafe(|| match engine {
-        Engine::Interp => snippet::run(&case.code, case.gpr, case.eflags, &case.data),
-        Engine::Bt => {
-            snippet::run_bt(&case.code, case.gpr, case.eflags, &case.data).map_err(|e| match e {
+        Engine::Interp => snippet::run(&case.code, case.gpr, case.eflags, &case.fx, &case.data),
+        Engine::Bt => snippet::run_bt(&case.code, case.gpr, case.eflags, &case.fx, &case.data)
+            .map_err(|e| match e {
                 BtError::Interp(e) => e,
                 other => InterpError::Unsupported {
                     what: format!("(bt engine failure) {other}"),
                     regs: Default::default(),
                 },
-            })
-        }
+            }),
     }));
     let interp = match interp {
         Ok(Ok(r)) => InterpOutcome::Ran(r),
@@ -397,8 +404,9 @@ pub fn differences(case: &Case, native: &NativeResult, interp: &InterpOutcome) -
             eflags::names(diff)
         ));
     }
+    let masked = state_store_masks(case, &native.data);
     let bytes: Vec<usize> = (0..case.data.len())
-        .filter(|&i| native.data.get(i) != r.data.get(i))
+        .filter(|&i| native.data.get(i) != r.data.get(i) && !masked.contains(&i))
         .collect();
     for &i in bytes.iter().take(16) {
         d.push(format!(
@@ -411,7 +419,100 @@ pub fn differences(case: &Case, native: &NativeResult, interp: &InterpOutcome) -
     if bytes.len() > 16 {
         d.push(format!("... {} differing data bytes in all", bytes.len()));
     }
+    d.extend(fx_differences(&native.fx, &r.fx));
     d
+}
+
+/// Data bytes written by FXSAVE, FNSTENV and FNSAVE that differ between the host and the
+/// interpreter by construction (the generator gives these instructions absolute addresses):
+/// the FCS and FDS selectors (the host's code runs with its own selectors), FXSAVE's
+/// MXCSR_MASK (a CPU-model constant) and, in an FXSAVE image without an exception pending,
+/// FOP, FIP and FDP (see [`fx_differences`]).
+fn state_store_masks(case: &Case, native_data: &[u8]) -> Vec<usize> {
+    use iced_x86::{MemorySize as S, Mnemonic as M, Register};
+    let mut out = Vec::new();
+    for ins in &case.instrs {
+        let stores = matches!(
+            ins.mnemonic(),
+            M::Fxsave | M::Fnsave | M::Fsave | M::Fnstenv | M::Fstenv
+        );
+        if !stores || ins.memory_base() != Register::None || ins.memory_index() != Register::None {
+            continue;
+        }
+        let Some(at) = ins.memory_displacement32().checked_sub(DATA_ADDR) else {
+            continue;
+        };
+        let at = at as usize;
+        let fields: Vec<std::ops::Range<usize>> = match ins.memory_size() {
+            S::Fxsave_512Byte => {
+                let mut f = vec![12..14, 20..22, 28..32];
+                if native_data.get(at + 2).is_some_and(|b| b & 0x80 == 0) {
+                    f.extend([6..12, 16..20]);
+                }
+                f
+            }
+            S::FpuEnv28 | S::FpuState108 => vec![16..18, 24..26],
+            _ => vec![8..10, 12..14],
+        };
+        for r in fields {
+            out.extend(r.map(|i| at + i));
+        }
+    }
+    out
+}
+
+/// The fields of an FXSAVE image the comparison looks at: (name, offset, length).
+///
+/// Not compared: FCS and FDS (the host runs the code with its own selectors, 0x23 and 0x2B,
+/// and its signal frames store FIP and FDP in the 64-bit format, without selectors),
+/// MXCSR_MASK (a constant of the CPU model: the host's supports DAZ, ours does not), the
+/// reserved bytes, and everything past XMM7 (reserved in the 32-bit format).
+const FX_FIELDS: [(&str, usize, usize); 23] = [
+    ("fcw", fx::FCW, 2),
+    ("fsw", fx::FSW, 2),
+    ("ftw", fx::FTW, 1),
+    ("fop", fx::FOP, 2),
+    ("fip", fx::FIP, 4),
+    ("fdp", fx::FDP, 4),
+    ("mxcsr", fx::MXCSR, 4),
+    ("st0", fx::ST0, 16),
+    ("st1", fx::ST0 + 16, 16),
+    ("st2", fx::ST0 + 32, 16),
+    ("st3", fx::ST0 + 48, 16),
+    ("st4", fx::ST0 + 64, 16),
+    ("st5", fx::ST0 + 80, 16),
+    ("st6", fx::ST0 + 96, 16),
+    ("st7", fx::ST0 + 112, 16),
+    ("xmm0", fx::XMM0, 16),
+    ("xmm1", fx::XMM0 + 16, 16),
+    ("xmm2", fx::XMM0 + 32, 16),
+    ("xmm3", fx::XMM0 + 48, 16),
+    ("xmm4", fx::XMM0 + 64, 16),
+    ("xmm5", fx::XMM0 + 80, 16),
+    ("xmm6", fx::XMM0 + 96, 16),
+    ("xmm7", fx::XMM0 + 112, 16),
+];
+
+/// What differs between two x87/SSE states, field by field.
+///
+/// FOP, FIP and FDP are compared only when the host's image has an x87 exception pending
+/// (FSW.ES = 1): AMD processors (these hosts) save and restore them only then (the behaviour
+/// behind CVE-2006-1056), while the P6 we model always keeps them.
+pub fn fx_differences(native: &FxImage, interp: &FxImage) -> Vec<String> {
+    let hex = |b: &[u8]| -> String { b.iter().rev().map(|x| format!("{x:02x}")).collect() };
+    let pointers_saved = native.0[fx::FSW] & 0x80 != 0;
+    FX_FIELDS
+        .iter()
+        .filter(|(_, o, _)| pointers_saved || !matches!(*o, fx::FOP | fx::FIP | fx::FDP))
+        .filter(|(_, o, n)| native.0[*o..o + n] != interp.0[*o..o + n])
+        .map(|(name, o, n)| {
+            format!(
+                "{name}: native {}, interp {}",
+                hex(&native.0[*o..o + n]),
+                hex(&interp.0[*o..o + n])
+            )
+        })
+        .collect()
 }
 
 /// Removes groups from a mismatching case while it still mismatches (and the host still runs
@@ -506,6 +607,13 @@ impl fmt::Display for Mismatch {
             c.eflags,
             eflags::names(c.eflags & COMPARED_FLAGS)
         )?;
+        writeln!(f, "  initial fpu: {:?}", c.fx)?;
+        for (name, o, n) in FX_FIELDS.iter().skip(7) {
+            let b = &c.fx.0[*o..o + n];
+            let v: String = b.iter().rev().map(|x| format!("{x:02x}")).collect();
+            write!(f, " {name}={v}")?;
+        }
+        writeln!(f)?;
         writeln!(
             f,
             "  flags masked as undefined there: {}",
@@ -896,6 +1004,7 @@ mod tests {
             code,
             gpr,
             0x202,
+            FxImage::default(),
             vec![0; 0x100],
             (0..n).map(|i| i..i + 1).collect(),
         )
@@ -909,6 +1018,7 @@ mod tests {
             end: NativeEnd::Completed,
             eip: case.end(),
             fault: None,
+            fx: case.fx.clone(),
         };
         let interp = InterpOutcome::Ran(SnippetResult {
             gpr,
@@ -916,6 +1026,7 @@ mod tests {
             data: case.data.clone(),
             end: SnippetEnd::Completed,
             eip: case.end(),
+            fx: case.fx.clone(),
         });
         (native, interp)
     }

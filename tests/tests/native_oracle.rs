@@ -55,6 +55,23 @@ fn check_engine(engine: Engine, name: &str) {
         report.coverage.compared.len() + report.coverage.unsupported.len() >= 120,
         "the generator should reach well over a hundred mnemonics"
     );
+    // The floating-point share of the cases reaches x87, MMX, SSE and SSE2 (and their state
+    // instructions) with the x87/SSE state compared too.
+    for m in [
+        "fld",
+        "fsin",
+        "fxsave",
+        "paddw",
+        "addps",
+        "mulsd",
+        "cvttsd2si",
+        "pshufw",
+    ] {
+        assert!(
+            report.coverage.compared.contains_key(m),
+            "no '{m}' compared: the floating-point generator lost a class"
+        );
+    }
     assert!(
         !report.failed(),
         "{} mismatches and {} errors between {engine:?} and the host CPU (details above): {}",

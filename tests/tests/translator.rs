@@ -158,7 +158,7 @@ fn the_17_sensitive_instructions_match_qemu_at_cpl0_and_cpl3() {
         "{text}"
     );
     assert!(text.contains("call gate: cs=00000008 caller=0000001b param=12345678"));
-    assert_eq!(o.status, Some(55));
+    assert_eq!(o.status, Some(59));
     translated_and_safe(&o);
     // None of them ran natively: each is a callout to the interpreter's handler.
     for m in [

@@ -6,6 +6,7 @@
 //!   complete port and MMIO accesses.
 //! - [`host`]: facts about the host the monitor measures itself (the TSC rate).
 //! - [`kick`]: a periodic signal that brings a thread out of a blocking `KVM_RUN`.
+//! - [`fpu`]: runs guest x87/MMX/SSE/SSE2 instructions on the host FPU, on the guest's FXSAVE image.
 //! - [`kvm`]: the KVM engine (hardware-assisted on hosts with VT-x/AMD-V).
 //! - [`native`]: runs unprivileged 32-bit snippets on the host CPU in a 32-bit compatibility-mode
 //!   sandbox, the reference the engines' instruction semantics are checked against.
@@ -19,6 +20,7 @@
 
 pub mod codecache;
 pub mod exit;
+pub mod fpu;
 pub mod host;
 pub mod kick;
 pub mod kvm;

@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 
 use iced_x86::IcedError;
 
+pub use crate::fpu::FxImage;
+
 /// Where the snippet's code is placed (the same address as the interpreter's snippet runner).
 pub const CODE_ADDR: u32 = 0x0010_0000;
 /// Where the data buffer is placed (the same address as the interpreter's snippet runner).
@@ -74,6 +76,9 @@ const IN_EFLAGS: u32 = HELPER_DATA + 0x20;
 const OUT_GPR: u32 = HELPER_DATA + 0x40;
 const OUT_EFLAGS: u32 = HELPER_DATA + 0x60;
 const SAVED_RSP: u32 = HELPER_DATA + 0x80;
+/// The initial and final x87/SSE state (FXSAVE images, 16-byte aligned).
+const IN_FX: u32 = HELPER_DATA + 0x200;
+const OUT_FX: u32 = HELPER_DATA + 0x400;
 const STACK32_TOP: u32 = HELPER_DATA + PAGE as u32;
 /// Size of the child's alternate signal stack (room for a full XSAVE frame).
 const ALT_STACK: usize = 256 * 1024;
@@ -134,6 +139,10 @@ pub struct NativeResult {
     pub eip: u32,
     /// The signal behind an [`NativeEnd::Exception`].
     pub fault: Option<NativeFault>,
+    /// The x87/MMX/SSE state at the end (the initial one after a runaway). FXSAVE's 32-bit
+    /// format when the snippet completed; after a fault it comes from the kernel's signal frame,
+    /// which is in the 64-bit format: FIP and FDP are 64-bit there, so FCS and FDS read as 0.
+    pub fx: FxImage,
 }
 
 /// Why a snippet could not be run natively.
@@ -262,6 +271,7 @@ struct Report {
     rip: u64,
     gpr: [u32; 8],
     eflags: u32,
+    fx: [u8; 512],
 }
 
 /// Offset of the data buffer's copy in the report mapping.
@@ -279,12 +289,14 @@ struct Plan<'a> {
     data: &'a [u8],
     gpr: [u32; 8],
     eflags: u32,
+    fx: &'a FxImage,
     report: *mut Report,
 }
 
 /// Runs `code` natively in 32-bit compatibility mode with general registers `gpr` (EAX, ECX, EDX,
-/// EBX, ESP, EBP, ESI, EDI) and the [`USER_FLAGS`] bits of `eflags`, over a data buffer initialised
-/// to `data` at [`DATA_ADDR`].
+/// EBX, ESP, EBP, ESI, EDI), the [`USER_FLAGS`] bits of `eflags` and the x87/SSE state `fx`
+/// (loaded with FXRSTOR: its MXCSR must be valid for the host), over a data buffer initialised to
+/// `data` at [`DATA_ADDR`].
 ///
 /// The code is placed at [`CODE_ADDR`]; it ends by running off its end (into the epilogue). ESP is
 /// `gpr[4]`, so a snippet that uses the stack points it into the data buffer. The snippet must
@@ -293,9 +305,10 @@ pub fn run_native(
     code: &[u8],
     gpr: [u32; 8],
     eflags: u32,
+    fx: &FxImage,
     data: &[u8],
 ) -> Result<NativeResult, NativeError> {
-    run_in(code, gpr, eflags, data, USER32_CS)
+    run_in(code, gpr, eflags, fx, data, USER32_CS)
 }
 
 /// [`run_native`] with the 32-bit code segment selector to switch to (tests use a selector that
@@ -304,6 +317,7 @@ fn run_in(
     code: &[u8],
     gpr: [u32; 8],
     eflags: u32,
+    fx: &FxImage,
     data: &[u8],
     compat_cs: u16,
 ) -> Result<NativeResult, NativeError> {
@@ -336,6 +350,7 @@ fn run_in(
         data,
         gpr,
         eflags: (eflags & USER_FLAGS) | FIXED_USER_FLAGS,
+        fx,
         report: report.ptr.cast(),
     };
 
@@ -364,6 +379,7 @@ fn run_in(
             end: NativeEnd::Runaway,
             eip: 0,
             fault: None,
+            fx: fx.clone(),
         });
     };
     // SAFETY: the mapping holds REPORT_DATA + data.len() bytes (rounded up to pages) and nothing
@@ -378,6 +394,7 @@ fn run_in(
             end: NativeEnd::Completed,
             eip: end,
             fault: None,
+            fx: FxImage(r.fx),
         }),
         STATE_SIGNAL => {
             let cs = r.cs as u16;
@@ -408,6 +425,7 @@ fn run_in(
                 end: NativeEnd::Exception(fault.vector()),
                 eip: r.rip as u32,
                 fault: Some(fault),
+                fx: FxImage(r.fx),
             })
         }
         STATE_SETUP_FAILED => Err(setup_error(r.stage, r.errno)),
@@ -646,6 +664,7 @@ mod stubs {
         a.mov(es, ax)?;
         a.mov(ss, ax)?;
         a.mov(esp, STACK32_TOP)?;
+        a.fxrstor(ptr(IN_FX))?;
         a.push(dword_ptr(IN_EFLAGS))?;
         a.popfd()?;
         // MOV leaves the flags alone; ESP last, as it may point anywhere.
@@ -666,6 +685,7 @@ mod stubs {
     pub(super) fn epilogue(at: u64) -> Result<Vec<u8>, IcedError> {
         let mut a = CodeAssembler::new(32)?;
         a.mov(dword_ptr(OUT_GPR + 16), esp)?;
+        a.fxsave(ptr(OUT_FX))?;
         a.mov(esp, STACK32_TOP)?;
         a.pushfd()?;
         a.pop(dword_ptr(OUT_EFLAGS))?;
@@ -739,8 +759,12 @@ fn child_main(plan: &Plan) -> ! {
         state[4 * i..4 * i + 4].copy_from_slice(&g.to_le_bytes());
     }
     state[32..36].copy_from_slice(&plan.eflags.to_le_bytes());
-    // SAFETY: the helper data page is mapped writable; IN_GPR..IN_EFLAGS+4 is inside it.
-    unsafe { copy_to(IN_GPR, &state) };
+    // SAFETY: the helper data page is mapped writable; IN_GPR..IN_EFLAGS+4 and
+    // IN_FX..IN_FX+512 are inside it.
+    unsafe {
+        copy_to(IN_GPR, &state);
+        copy_to(IN_FX, &plan.fx.0);
+    }
     let code_len = pages(plan.image.len());
     if !map_fixed(CODE_ADDR, code_len, rw) {
         fail(STAGE_CODE);
@@ -781,12 +805,14 @@ fn child_main(plan: &Plan) -> ! {
     let word =
         |i: usize| u32::from_le_bytes([out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]]);
     // SAFETY: `report` points into the shared report mapping (see `fail`); the data mapping at
-    // DATA_ADDR holds `plan.data.len()` bytes and the report's data area has room for them.
+    // DATA_ADDR holds `plan.data.len()` bytes and the report's data area has room for them; the
+    // helper data page (OUT_FX..OUT_FX+512 inside it) is mapped readable.
     unsafe {
         for i in 0..8 {
             (*report).gpr[i] = word(i);
         }
         (*report).eflags = word(8);
+        ptr::copy_nonoverlapping(OUT_FX as usize as *const u8, (*report).fx.as_mut_ptr(), 512);
         copy_data_out(report);
         (*report).state = STATE_COMPLETED;
         libc::_exit(0)
@@ -991,6 +1017,11 @@ extern "C" fn on_fault(signal: libc::c_int, info: *mut libc::siginfo_t, ctx: *mu
         for (i, reg) in order.into_iter().enumerate() {
             r.gpr[i] = g[reg as usize] as u32;
         }
+        let fp = uc.uc_mcontext.fpregs;
+        if !fp.is_null() {
+            // The kernel's signal frame holds the FXSAVE image of the state at the fault.
+            ptr::copy_nonoverlapping(fp.cast::<u8>(), r.fx.as_mut_ptr(), 512);
+        }
         copy_data_out(report);
         r.state = STATE_SIGNAL;
         libc::_exit(1)
@@ -1008,9 +1039,17 @@ mod tests {
         a.assemble(u64::from(CODE_ADDR)).unwrap()
     }
 
+    /// The x87/SSE state after FNINIT, with MXCSR at its reset value.
+    fn init_fx() -> FxImage {
+        let mut fx = FxImage::default();
+        fx.0[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        fx.0[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
+        fx
+    }
+
     /// Runs natively, or returns None (after saying why) on a host without compat mode.
     fn run(code: &[u8], gpr: [u32; 8], eflags: u32, data: &[u8]) -> Option<NativeResult> {
-        match run_native(code, gpr, eflags, data) {
+        match run_native(code, gpr, eflags, &init_fx(), data) {
             Ok(r) => Some(r),
             Err(e @ NativeError::NoCompatMode { .. }) => {
                 println!("SKIPPED native test: {e}");
@@ -1148,6 +1187,66 @@ mod tests {
     }
 
     #[test]
+    fn the_fpu_state_goes_in_and_comes_out() {
+        // fld1; fadd st0, st0; fistp dword [DATA_ADDR]; movd mm0... : the image comes back.
+        let code = asm(|a| {
+            a.fld1()?;
+            a.fadd_2(st0, st0)?;
+            a.fistp(dword_ptr(DATA_ADDR))?;
+            a.addps(xmm1, xmm1)
+        });
+        let mut fx = init_fx();
+        fx.0[160 + 16..160 + 20].copy_from_slice(&1.5f32.to_le_bytes()); // XMM1[0]
+        let Some(r) = run_native_fx(&code, &fx) else {
+            return;
+        };
+        assert_eq!(r.end, NativeEnd::Completed);
+        assert_eq!(&r.data[..4], &2u32.to_le_bytes());
+        assert_eq!(&r.fx.0[176..180], &3.0f32.to_le_bytes());
+        assert_eq!(r.fx.0[4], 0, "the stack is empty again");
+    }
+
+    #[test]
+    fn unmasked_fp_exceptions_arrive_as_mf_and_xm() {
+        // x87: 1/0 with ZE unmasked is #MF at the next waiting instruction (the FWAIT).
+        let code = asm(|a| {
+            a.fld1()?;
+            a.fldz()?;
+            a.fdivp(st1, st0)?;
+            a.nop()?;
+            a.wait()
+        });
+        let mut fx = init_fx();
+        fx.0[0..2].copy_from_slice(&0x037Bu16.to_le_bytes());
+        let Some(r) = run_native_fx(&code, &fx) else {
+            return;
+        };
+        assert_eq!(r.end, NativeEnd::Exception(16), "{r:?}");
+        assert_eq!(r.eip, CODE_ADDR + code.len() as u32 - 1, "at the FWAIT");
+        assert_eq!(r.fx.0[2] & 0x84, 0x84, "ZE and ES in the saved status word");
+        // SSE: 0/0 with IM unmasked is #XM at the instruction.
+        let code = asm(|a| a.divps(xmm0, xmm1));
+        let mut fx = init_fx();
+        fx.0[24..28].copy_from_slice(&0x1F00u32.to_le_bytes());
+        let Some(r) = run_native_fx(&code, &fx) else {
+            return;
+        };
+        assert_eq!(r.end, NativeEnd::Exception(19), "{r:?}");
+        assert_eq!(r.eip, CODE_ADDR);
+    }
+
+    fn run_native_fx(code: &[u8], fx: &FxImage) -> Option<NativeResult> {
+        match run_native(code, [0; 8], 0, fx, &[0; 16]) {
+            Ok(r) => Some(r),
+            Err(e @ NativeError::NoCompatMode { .. }) => {
+                println!("SKIPPED native test: {e}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
     fn a_runaway_loop_is_killed_and_reported() {
         let mut a = CodeAssembler::new(32).unwrap();
         let mut l = a.create_label();
@@ -1166,7 +1265,7 @@ mod tests {
         // The user data segment is no code segment: the far return faults as it would on a host
         // whose 32-bit code segment is missing.
         let code = asm(|a| a.nop());
-        let r = run_in(&code, [0; 8], 0, &[], USER_DS);
+        let r = run_in(&code, [0; 8], 0, &init_fx(), &[], USER_DS);
         assert!(matches!(r, Err(NativeError::NoCompatMode { .. })), "{r:?}");
     }
 
@@ -1177,7 +1276,7 @@ mod tests {
             a.mov(eax, 20u32)?;
             a.int(0x80)
         });
-        match run_native(&code, [0; 8], 0, &[]) {
+        match run_native(&code, [0; 8], 0, &init_fx(), &[]) {
             Err(NativeError::NoCompatMode { .. }) => {}
             other => assert!(matches!(other, Err(NativeError::SystemCall)), "{other:?}"),
         }
@@ -1186,7 +1285,7 @@ mod tests {
     #[test]
     fn oversized_inputs_are_refused() {
         assert!(matches!(
-            run_native(&[], [0; 8], 0, &vec![0; DATA_MAX + 1]),
+            run_native(&[], [0; 8], 0, &init_fx(), &vec![0; DATA_MAX + 1]),
             Err(NativeError::DataTooLarge { .. })
         ));
         assert!(matches!(
@@ -1194,6 +1293,7 @@ mod tests {
                 &vec![0x90; (DATA_ADDR - CODE_ADDR) as usize],
                 [0; 8],
                 0,
+                &init_fx(),
                 &[]
             ),
             Err(NativeError::CodeTooLarge { .. })

@@ -49,6 +49,12 @@ pub mod flags {
 pub mod cr0 {
     /// Protection enable.
     pub const PE: u32 = 1 << 0;
+    /// Monitor coprocessor: WAIT/FWAIT honours TS.
+    pub const MP: u32 = 1 << 1;
+    /// Emulation: x87 instructions raise #NM, MMX and SSE ones #UD.
+    pub const EM: u32 = 1 << 2;
+    /// Numeric error: x87 errors are #MF (1) or the FERR# pin, IRQ 13 on a PC (0).
+    pub const NE: u32 = 1 << 5;
     /// Extension type (hard-wired to 1 on a P6).
     pub const ET: u32 = 1 << 4;
     /// Task switched.
@@ -71,8 +77,12 @@ pub mod cr4 {
     pub const PAE: u32 = 1 << 5;
     /// Page global enable.
     pub const PGE: u32 = 1 << 7;
+    /// The OS saves SSE state with FXSAVE: SSE instructions are allowed.
+    pub const OSFXSR: u32 = 1 << 9;
+    /// The OS handles #XM: unmasked SIMD floating-point exceptions are #XM, not #UD.
+    pub const OSXMMEXCPT: u32 = 1 << 10;
     /// The bits this CPU model implements; setting any other is #GP.
-    pub const SUPPORTED: u32 = TSD | DE | PSE | PAE | PGE;
+    pub const SUPPORTED: u32 = TSD | DE | PSE | PAE | PGE | OSFXSR | OSXMMEXCPT;
 }
 
 /// Index of a segment register in [`CpuState::seg`], in encoding order.
@@ -178,6 +188,25 @@ impl Segment {
     }
 }
 
+pub use vmdriver::fpu::{FxImage, fx};
+
+/// The MXCSR bits this CPU model implements (FXSAVE's MXCSR_MASK): flags, masks, rounding and
+/// flush-to-zero. DAZ (bit 6) is not offered, as on the first SSE2 processors; setting it, or
+/// any bit above 15, is #GP.
+pub const MXCSR_MASK: u32 = 0xFFBF;
+
+/// The x87/MMX/SSE state after RESET (Intel SDM vol. 3, table 9-1): FCW 0040H, FSW 0, every
+/// register +0.0 with its tag "zero" (so the abridged tag byte says all are in use), MXCSR
+/// 1F80H. FNINIT (and software after RESET) sets FCW 037FH and empties the stack.
+pub fn fx_reset() -> FxImage {
+    let mut img = FxImage::default();
+    img.0[fx::FCW..fx::FCW + 2].copy_from_slice(&0x0040u16.to_le_bytes());
+    img.0[fx::FTW] = 0xFF;
+    img.0[fx::MXCSR..fx::MXCSR + 4].copy_from_slice(&0x1F80u32.to_le_bytes());
+    img.0[fx::MXCSR_MASK..fx::MXCSR_MASK + 4].copy_from_slice(&MXCSR_MASK.to_le_bytes());
+    img
+}
+
 /// A descriptor-table register (GDTR or IDTR).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TableReg {
@@ -218,11 +247,15 @@ pub struct CpuState {
     pub dr: [u32; 8],
     /// Model-specific registers the guest has written (see `interp::system` for which exist).
     pub msrs: std::collections::BTreeMap<u32, u64>,
+    /// The x87, MMX and SSE/SSE2 registers, in FXSAVE layout (32-bit format). FIP/FCS, FDP/FDS
+    /// and FOP always describe the last non-control x87 instruction as this CPU saw it.
+    pub fx: FxImage,
 }
 
 impl CpuState {
     /// The state after RESET: real mode at F000:FFF0 with CS base FFFF0000, EDX = the P6 family
-    /// signature, CR0 = CD|NW|ET.
+    /// signature, CR0 = CD|NW|ET, the
+    /// x87/SSE state of [`fx_reset`].
     pub fn reset() -> Self {
         let data = Segment {
             access: 0x93,
@@ -235,7 +268,7 @@ impl CpuState {
             ..Segment::real(0xF000, 0x9B)
         };
         let mut gpr = [0; 8];
-        gpr[2] = 0x600;
+        gpr[2] = 0x6D6; // the CPUID signature (family 6, model 13, stepping 6)
         Self {
             gpr,
             eip: 0xFFF0,
@@ -262,6 +295,7 @@ impl CpuState {
             },
             dr: [0, 0, 0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
             msrs: std::collections::BTreeMap::new(),
+            fx: fx_reset(),
         }
     }
 
@@ -315,7 +349,7 @@ mod tests {
     fn reset_state_is_the_p6_one() {
         let s = CpuState::reset();
         assert_eq!(s.seg(SegReg::Cs).base.wrapping_add(s.eip), 0xFFFF_FFF0);
-        assert_eq!(s.gpr[2], 0x600);
+        assert_eq!(s.gpr[2], 0x6D6);
         assert!(!s.protected());
         assert_eq!(s.cpl(), 0);
     }

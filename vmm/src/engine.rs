@@ -86,6 +86,14 @@ pub trait Engine {
     /// Asks the engine to return as soon as an interrupt can be delivered (engines that check
     /// for interrupts on every return anyway need nothing).
     fn request_interrupt_window(&mut self) {}
+    /// The FERR# output: an x87 error waits to be reported outside the CPU (CR0.NE = 0).
+    fn ferr(&self) -> bool {
+        false
+    }
+    /// Drives the IGNNE# input: while asserted, x87 errors are ignored by waiting instructions.
+    fn set_ignne(&mut self, asserted: bool) {
+        let _ = asserted;
+    }
     /// Delivers external interrupt `vector`; returns an exit if delivery shut the CPU down.
     fn inject_interrupt(
         &mut self,
@@ -199,6 +207,14 @@ impl Engine for Interp {
         Interp::interrupt_window(self)
     }
 
+    fn ferr(&self) -> bool {
+        Interp::ferr(self)
+    }
+
+    fn set_ignne(&mut self, asserted: bool) {
+        Interp::set_ignne(self, asserted)
+    }
+
     fn inject_interrupt(
         &mut self,
         vector: u8,
@@ -228,6 +244,15 @@ impl Engine for BtEngine {
     fn tsc_hz(&self) -> Option<u64> {
         // RDTSC is a callout into the interpreter's handler.
         Some(crate::interp::system::TSC_HZ)
+    }
+
+    // x87 instructions are callouts too: the interpreter holds FERR# and IGNNE#.
+    fn ferr(&self) -> bool {
+        self.interp().ferr()
+    }
+
+    fn set_ignne(&mut self, asserted: bool) {
+        self.interp_mut().set_ignne(asserted)
     }
 
     fn supports_interrupts(&self) -> bool {

@@ -12,6 +12,7 @@ use crate::bus::{Bus, BusError, DeviceStats};
 use crate::control::{StopRequest, VmControl};
 use crate::devices::IrqLine;
 use crate::devices::acpi_pm::{PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS, Pm1aControl};
+use crate::devices::coprocessor::{COPROCESSOR_PORT, CoprocessorPort};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit};
 use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg};
 use crate::devices::pic::{Pic, PicPortKind, PicPorts};
@@ -180,6 +181,10 @@ pub struct Vm {
     clock: Arc<HostClock>,
     engine: Box<dyn Engine>,
     stats: VmStats,
+    /// IGNNE#, latched by a write to port 0xF0.
+    ignne: Arc<std::sync::atomic::AtomicBool>,
+    /// The level IRQ 13 (FERR#) is driven at.
+    irq13: bool,
 }
 
 /// The longest a halted CPU sleeps before looking again (keeps stop requests responsive).
@@ -216,6 +221,14 @@ impl Vm {
             1,
             "port-b",
             Box::new(PitPorts::port_b(pit.clone(), clock_dyn)),
+        )?;
+        let coprocessor = CoprocessorPort::default();
+        let ignne = coprocessor.latch();
+        pio.insert(
+            u64::from(COPROCESSOR_PORT),
+            1,
+            "coprocessor",
+            Box::new(coprocessor),
         )?;
         pio.insert(
             u64::from(POST_PORT),
@@ -294,6 +307,8 @@ impl Vm {
             clock,
             engine,
             stats: VmStats::default(),
+            ignne,
+            irq13: false,
         })
     }
 
@@ -316,7 +331,9 @@ impl Vm {
                 pio: &mut self.pio,
                 mmio: &mut self.mmio,
             };
-            match self.engine.run(&mut buses)? {
+            let exit = self.engine.run(&mut buses)?;
+            self.sync_ferr();
+            match exit {
                 VmExit::Io => {
                     self.stats.io_exits += 1;
                     match self.control.pending() {
@@ -351,6 +368,26 @@ impl Vm {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// The PC's wiring of the x87 error pins: FERR# raises IRQ 13 until a write to port 0xF0
+    /// latches IGNNE# (which also drops IRQ 13); IGNNE# is released when FERR# goes away.
+    fn sync_ferr(&mut self) {
+        use std::sync::atomic::Ordering;
+        let ferr = self.engine.ferr();
+        if !ferr {
+            self.ignne.store(false, Ordering::Relaxed);
+        }
+        let ignne = self.ignne.load(Ordering::Relaxed);
+        let irq = ferr && !ignne;
+        if irq != self.irq13 {
+            self.irq13 = irq;
+            self.pic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_irq(13, irq);
+        }
+        self.engine.set_ignne(ignne);
     }
 
     /// Advances the timers to now, raising their interrupt lines.

@@ -141,7 +141,7 @@ fn probes(k: &mut Kit, tag: &str, scratch: u32, resume_at: u32) -> AsmResult {
     Ok(())
 }
 
-/// Builds the kernel. Exits with value 0x1B.
+/// Builds the kernel. Exits with value 0x1D.
 pub fn sensitive() -> AsmResult<Vec<u8>> {
     let mut k = Kit::new()?;
     let (gdt, gdtr) = k.descriptor_table(&GDT.map(u64::to_le_bytes).concat());
@@ -250,7 +250,7 @@ pub fn sensitive() -> AsmResult<Vec<u8>> {
     k.asm().iretd()?;
     k.asm().set_label(&mut finish)?;
     k.print("done\n")?;
-    k.exit(0x1B)?;
+    k.exit(0x1D)?;
 
     // The call gate's target: prints CS, the caller's CS and the copied parameter; RET far.
     let mut target = k.asm().create_label();

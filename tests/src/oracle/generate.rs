@@ -17,6 +17,8 @@ use std::ops::Range;
 use iced_x86::code_asm::*;
 use iced_x86::{Code, Decoder, DecoderOptions, IcedError, Instruction, InstructionInfoFactory};
 
+mod fp;
+
 use super::analysis::{self, EBP, ECX, EDI, ESI, ESP, State, eflags::*};
 use super::{CODE_ADDR, DATA_ADDR, DATA_LEN};
 
@@ -124,6 +126,8 @@ pub struct Generated {
     pub gpr: [u32; 8],
     /// Initial EFLAGS (arithmetic flags and DF; IF and bit 1 set).
     pub eflags: u32,
+    /// Initial x87/MMX/SSE state.
+    pub fx: vmdriver::fpu::FxImage,
     /// The data buffer.
     pub data: Vec<u8>,
     /// The groups, as ranges of instruction indices.
@@ -279,6 +283,8 @@ struct Builder<'r> {
     groups: Vec<Range<usize>>,
     group: usize,
     n: usize,
+    /// A floating-point case: most groups are x87/MMX/SSE/SSE2 instructions.
+    fp_case: bool,
 }
 
 /// Generates one case from `rng`.
@@ -322,6 +328,16 @@ fn try_generate(rng: &mut Rng) -> Result<Generated, GenError> {
         let v = rng.next_u64().to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
+    let fx = fp::image(rng);
+    let fp_case = rng.chance(40);
+    if fp_case {
+        for chunk in data.chunks_mut(16) {
+            if rng.chance(50) {
+                let v = fp::vector(rng);
+                chunk.copy_from_slice(&v[..chunk.len()]);
+            }
+        }
+    }
     let n = rng.range(1, 8) as usize;
     let mut b = Builder {
         rng,
@@ -333,6 +349,7 @@ fn try_generate(rng: &mut Rng) -> Result<Generated, GenError> {
         groups: Vec::new(),
         group: 0,
         n,
+        fp_case,
     };
     for g in 0..n {
         b.start_group(g)?;
@@ -359,6 +376,7 @@ fn try_generate(rng: &mut Rng) -> Result<Generated, GenError> {
         code,
         gpr,
         eflags,
+        fx,
         data,
         groups: b.groups,
         count,
@@ -569,6 +587,9 @@ impl Builder<'_> {
 
     /// One group: the fix-ups and the instruction under test.
     fn body(&mut self) -> Result<(), GenError> {
+        if self.fp_case && self.rng.chance(85) {
+            return self.fp();
+        }
         let pick = self.rng.below(110);
         match pick {
             0..18 => self.alu(),

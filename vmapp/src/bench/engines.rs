@@ -222,7 +222,12 @@ impl Runner {
         };
         let esp = DATA_ADDR + nano::NATIVE_DATA as u32;
         let data = vec![0u8; nano::NATIVE_DATA];
-        let result = match run_native(&code, [0, 0, 0, 0, esp, 0, 0, 0], 0, &data) {
+        // The FPU as FNINIT leaves it (the loops do not use it).
+        use vmdriver::fpu::{FxImage, fx};
+        let mut image = FxImage::default();
+        image.0[fx::FCW..fx::FCW + 2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        image.0[fx::MXCSR..fx::MXCSR + 4].copy_from_slice(&0x1F80u32.to_le_bytes());
+        let result = match run_native(&code, [0, 0, 0, 0, esp, 0, 0, 0], 0, &image, &data) {
             Ok(r) => r,
             Err(e) => return failed(&format!("the native sandbox failed: {e}"), String::new()),
         };

@@ -2,6 +2,7 @@
 //! I/O itself (output goes through an injected `Write`, stop requests through [`crate::VmControl`]).
 
 pub mod acpi_pm;
+pub mod coprocessor;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod pic;

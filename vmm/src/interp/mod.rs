@@ -9,6 +9,7 @@
 //! message naming it (it is never turned into a silent #UD).
 
 pub mod alu;
+mod fpu;
 mod ops;
 pub mod snippet;
 pub mod system;
@@ -167,6 +168,8 @@ pub struct Interp {
     trap_suppressed: bool,
     /// Data breakpoints (DR0-DR3, as DR6 B bits) the current instruction has hit.
     data_hits: Cell<u32>,
+    /// The floating-point unit's engine state (host FPU executor, FERR#/IGNNE#).
+    fpu: fpu::FpuUnit,
 }
 
 /// What the instruction just executed holds off until after the next one.
@@ -230,6 +233,7 @@ impl Interp {
             shadow: Shadow::default(),
             trap_suppressed: false,
             data_hits: Cell::new(0),
+            fpu: fpu::FpuUnit::default(),
         }
     }
 
@@ -352,13 +356,14 @@ impl Interp {
         self.first_event
     }
 
-    /// Guest instructions executed, exceptions raised (delivery attempts) and external
-    /// interrupts delivered so far.
-    pub fn counters(&self) -> [(&'static str, u64); 3] {
+    /// Guest instructions executed, exceptions raised (delivery attempts), external interrupts
+    /// delivered and floating-point instructions run on the host FPU so far.
+    pub fn counters(&self) -> [(&'static str, u64); 4] {
         [
             ("guest instructions", self.instructions),
             ("exceptions raised", self.exceptions),
             ("interrupts delivered", self.interrupts),
+            ("instructions run on the host FPU", self.fpu.executed),
         ]
     }
 
@@ -1626,7 +1631,7 @@ impl Interp {
                 }
             }
             M::Bound => self.bound(ins, io)?,
-            M::Pause | M::Wait => {}
+            M::Pause => {}
             M::Int1 => {
                 // ICEBP: a #DB trap, delivered like a hardware event (no gate DPL check).
                 self.first_event.get_or_insert((1, next));
@@ -1647,6 +1652,14 @@ impl Interp {
                 } else if let Some(cc) = setcc(m) {
                     let v = u32::from(alu::condition(cc, fl));
                     self.write_op(ins, 0, v, io)?;
+                } else if let Some(step) = self.fp(ins, io)? {
+                    if step == fpu::FpStep::Freeze {
+                        // Waiting for IRQ 13 (FERR#) on the instruction itself.
+                        self.trap_suppressed = true;
+                        return Ok(Some(VmExit::Halt {
+                            interrupts_enabled: fl & flags::IF != 0,
+                        }));
+                    }
                 } else if !self.system(ins, io)? {
                     return unsupported(format!("'{ins}'"));
                 }
@@ -2094,18 +2107,15 @@ mod tests {
 
     #[test]
     fn wide_memory_operands_stop_cleanly_instead_of_panicking() {
-        // An 8-byte operand reaches no 1-4 byte path: the VM stops, naming it, and the memory
-        // helpers refuse sizes they cannot carry instead of indexing past their buffers.
-        let (mut i, mut p) = machine(
+        // The memory helpers refuse sizes they cannot carry instead of indexing past their
+        // buffers.
+        let (i, mut p) = machine(
             |a, handler| {
                 a.set_label(handler)?;
-                a.fld(qword_ptr(0x5000u32))?;
-                Ok(())
+                a.nop()
             },
             &[],
         );
-        let err = i.run(&mut p).unwrap_err();
-        assert!(err.to_string().contains("cannot execute"), "{err}");
         let (s, off) = (SegReg::Ds, 0x5000);
         assert!(matches!(
             i.read_mem(s, off, 8, &mut p),
@@ -2272,18 +2282,191 @@ mod tests {
         assert_eq!(seen[1] & 0xF, 0b0001, "DR6.B0");
     }
 
+    /// Runs `emit` alone with `cr0_set` set in CR0 (EM and TS cleared first) and CR4 =
+    /// `cr4_value`; returns
+    /// the first exception (no IDT: delivery fails, so the CPU shuts down after it).
+    fn first_fp_exception(
+        emit: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+        cr0_set: u32,
+        cr4_value: u32,
+    ) -> Option<u8> {
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.set_label(handler)?;
+                emit(a)?;
+                a.out(0xF4, al)?;
+                Ok(())
+            },
+            &[],
+        );
+        i.cpu.cr0 = (i.cpu.cr0 & !(cr0::EM | cr0::TS)) | cr0_set;
+        i.cpu.cr4 = cr4_value;
+        i.cpu.idtr.limit = 0;
+        match i.run(&mut p) {
+            Ok(VmExit::Shutdown) => i.first_event().map(|(v, _)| v),
+            Ok(VmExit::Io) => None,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn fp_instructions_follow_cr0_em_mp_ts_and_cr4_osfxsr() {
+        const NM: Option<u8> = Some(7);
+        const UD: Option<u8> = Some(6);
+        let sse = super::cr4::OSFXSR;
+        assert_eq!(first_fp_exception(|a| a.fld1(), 0, 0), None);
+        assert_eq!(first_fp_exception(|a| a.fld1(), cr0::EM, 0), NM);
+        assert_eq!(first_fp_exception(|a| a.fld1(), cr0::TS, 0), NM);
+        assert_eq!(first_fp_exception(|a| a.wait(), cr0::TS, 0), None, "MP=0");
+        assert_eq!(first_fp_exception(|a| a.wait(), cr0::TS | cr0::MP, 0), NM);
+        assert_eq!(first_fp_exception(|a| a.paddb(mm0, mm1), cr0::EM, 0), UD);
+        assert_eq!(first_fp_exception(|a| a.paddb(mm0, mm1), cr0::TS, 0), NM);
+        assert_eq!(
+            first_fp_exception(|a| a.addps(xmm0, xmm1), 0, 0),
+            UD,
+            "no OSFXSR"
+        );
+        assert_eq!(
+            first_fp_exception(|a| a.addps(xmm0, xmm1), cr0::EM, sse),
+            UD
+        );
+        assert_eq!(
+            first_fp_exception(|a| a.addps(xmm0, xmm1), cr0::TS, sse),
+            NM
+        );
+        assert_eq!(first_fp_exception(|a| a.addps(xmm0, xmm1), 0, sse), None);
+        assert_eq!(
+            first_fp_exception(|a| a.fxsave(ptr(0x5000u32)), cr0::EM, 0),
+            NM
+        );
+    }
+
+    #[test]
+    fn fp_memory_rules_and_unmasked_simd_exceptions() {
+        const GP: Option<u8> = Some(13);
+        let sse = super::cr4::OSFXSR;
+        assert_eq!(
+            first_fp_exception(|a| a.fxsave(ptr(0x5008u32)), 0, sse),
+            GP,
+            "alignment"
+        );
+        assert_eq!(
+            first_fp_exception(|a| a.movaps(xmm0, xmmword_ptr(0x5008u32)), 0, sse),
+            GP
+        );
+        assert_eq!(
+            first_fp_exception(|a| a.movups(xmm0, xmmword_ptr(0x5008u32)), 0, sse),
+            None
+        );
+        // LDMXCSR with DAZ (not offered by this CPU) or a bit above 15: #GP(0).
+        let ldmxcsr = |v: u32| {
+            move |a: &mut CodeAssembler| {
+                a.mov(dword_ptr(0x5000u32), v)?;
+                a.ldmxcsr(dword_ptr(0x5000u32))
+            }
+        };
+        assert_eq!(first_fp_exception(ldmxcsr(0x1F80), 0, sse), None);
+        assert_eq!(first_fp_exception(ldmxcsr(0x1FC0), 0, sse), GP);
+        assert_eq!(first_fp_exception(ldmxcsr(0x1_1F80), 0, sse), GP);
+        // 0/0 with IM unmasked: #XM with OSXMMEXCPT, #UD without.
+        let divide = |a: &mut CodeAssembler| {
+            a.mov(dword_ptr(0x5000u32), 0x1F00u32)?;
+            a.ldmxcsr(dword_ptr(0x5000u32))?;
+            a.xorps(xmm0, xmm0)?;
+            a.divps(xmm0, xmm0)
+        };
+        assert_eq!(
+            first_fp_exception(divide, 0, sse | super::cr4::OSXMMEXCPT),
+            Some(19)
+        );
+        assert_eq!(first_fp_exception(divide, 0, sse), Some(6));
+    }
+
+    #[test]
+    fn a_faulting_fp_store_changes_no_fp_state() {
+        // FSTP to a dword that wraps past 4 GiB: #GP at the segment limit; the stack is as it
+        // was (the value is still there, TOP unchanged).
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.set_label(handler)?;
+                a.fninit()?; // RESET leaves every register tagged full and every exception unmasked
+                a.fld1()?;
+                a.fstp(dword_ptr(0xFFFF_FFFEu32))?;
+                Ok(())
+            },
+            &[],
+        );
+        i.cpu.idtr.limit = 0;
+        i.cpu.cr0 &= !(cr0::EM | cr0::TS);
+        assert_eq!(i.run(&mut p), Ok(VmExit::Shutdown));
+        assert_eq!(i.first_event().map(|(v, _)| v), Some(13));
+        let fsw = u16::from_le_bytes([i.cpu.fx.0[2], i.cpu.fx.0[3]]);
+        assert_eq!(
+            fsw,
+            7 << 11,
+            "FLD1 pushed, FSTP neither popped nor flagged anything"
+        );
+        assert_eq!(i.cpu.fx.0[4], 0x80, "ST0 (physical 7) still in use");
+        assert_eq!(
+            &i.cpu.fx.0[32..42],
+            &[0, 0, 0, 0, 0, 0, 0, 0x80, 0xFF, 0x3F]
+        );
+    }
+
+    #[test]
+    fn an_x87_error_with_ne_clear_asserts_ferr_and_waits_at_the_next_fwait() {
+        // 1/0 with ZE unmasked and CR0.NE = 0: the FWAIT freezes (a halt exit on the FWAIT,
+        // FERR# asserted); with IGNNE# asserted it goes on; FNCLEX drops FERR#.
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.set_label(handler)?;
+                a.fninit()?;
+                a.mov(dword_ptr(0x5000u32), 0x037Bu32)?;
+                a.fldcw(word_ptr(0x5000u32))?;
+                a.fld1()?;
+                a.fldz()?;
+                a.fdivp(st1, st0)?;
+                a.wait()?;
+                a.fnclex()?;
+                a.out(0xF4, al)?;
+                Ok(())
+            },
+            &[],
+        );
+        i.cpu.cr0 &= !(cr0::EM | cr0::TS | cr0::NE);
+        assert_eq!(
+            i.run(&mut p),
+            Ok(VmExit::Halt {
+                interrupts_enabled: false
+            })
+        );
+        assert!(i.ferr());
+        let at = i.cpu.eip;
+        assert_eq!(
+            i.run(&mut p),
+            Ok(VmExit::Halt {
+                interrupts_enabled: false
+            })
+        );
+        assert_eq!(i.cpu.eip, at, "still frozen on the FWAIT");
+        i.set_ignne(true);
+        assert_eq!(i.run(&mut p), Ok(VmExit::Io));
+        assert!(!i.ferr(), "FNCLEX cleared the error");
+    }
+
     #[test]
     fn unimplemented_instructions_stop_with_their_name() {
         let (mut i, mut p) = machine(
             |a, handler| {
                 a.set_label(handler)?;
-                a.fninit()?;
+                a.addsubpd(xmm0, xmm1)?; // SSE3: not on this CPU model
                 Ok(())
             },
             &[],
         );
+        i.cpu.cr4 |= cr4::OSFXSR;
         let err = i.run(&mut p).unwrap_err();
-        assert!(err.to_string().contains("fninit"), "{err}");
+        assert!(err.to_string().contains("addsubpd"), "{err}");
         assert_eq!(i.cpu.eip, CODE, "EIP stays on the instruction");
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! The layout is fixed so that every executor can reproduce it: code at [`CODE_ADDR`], a data
 //! buffer at [`DATA_ADDR`] that memory operands and the stack point into, flat 4 GiB segments at
-//! CPL 0, paging off, no IDT (the first exception ends the run and is reported).
+//! CPL 0, paging off, no IDT (the first exception ends the run and is reported). The x87/SSE
+//! state starts from a given FXSAVE image, with CR0 and CR4 as Linux gives user code (NE, MP,
+//! OSFXSR, OSXMMEXCPT set; EM, TS clear).
 
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use vmdriver::kvm::InitialCpu;
 use vmdriver::{GuestMemory, IoHandler, MemoryLayout, VmExit};
 
 use super::{Interp, InterpError};
-use crate::cpu::TableReg;
+use crate::cpu::{FxImage, TableReg, cr0, cr4};
 use crate::translated::{BtEngine, BtError};
 
 /// Where the snippet's code is placed.
@@ -50,6 +52,8 @@ pub struct SnippetResult {
     pub end: SnippetEnd,
     /// EIP at the end (of the faulting instruction after an exception).
     pub eip: u32,
+    /// The x87/MMX/SSE state at the end (FXSAVE layout).
+    pub fx: FxImage,
 }
 
 /// Ports do nothing and read all ones: snippets are unprivileged code.
@@ -94,15 +98,16 @@ impl Runner {
     }
 }
 
-/// Runs `code` with general registers `gpr` and flags `eflags`, over a data buffer initialised
-/// to `data` at [`DATA_ADDR`]. A HLT appended after the code marks its end.
+/// Runs `code` with general registers `gpr`, flags `eflags` and x87/SSE state `fx`, over a data
+/// buffer initialised to `data` at [`DATA_ADDR`]. A HLT appended after the code marks its end.
 pub fn run(
     code: &[u8],
     gpr: [u32; 8],
     eflags: u32,
+    fx: &FxImage,
     data: &[u8],
 ) -> Result<SnippetResult, InterpError> {
-    run_on(false, code, gpr, eflags, data).map_err(|e| match e {
+    run_on(false, code, gpr, eflags, fx, data).map_err(|e| match e {
         BtError::Interp(e) => e,
         other => InterpError::Unsupported {
             what: other.to_string(),
@@ -116,9 +121,10 @@ pub fn run_bt(
     code: &[u8],
     gpr: [u32; 8],
     eflags: u32,
+    fx: &FxImage,
     data: &[u8],
 ) -> Result<SnippetResult, BtError> {
-    run_on(true, code, gpr, eflags, data)
+    run_on(true, code, gpr, eflags, fx, data)
 }
 
 fn run_on(
@@ -126,6 +132,7 @@ fn run_on(
     code: &[u8],
     gpr: [u32; 8],
     eflags: u32,
+    fx: &FxImage,
     data: &[u8],
 ) -> Result<SnippetResult, BtError> {
     assert!(data.len() <= DATA_MAX, "data buffer too large");
@@ -160,6 +167,9 @@ fn run_on(
     cpu.gpr = gpr;
     cpu.eflags = eflags | crate::cpu::flags::FIXED;
     cpu.idtr = TableReg::default();
+    cpu.cr0 |= cr0::NE | cr0::MP;
+    cpu.cr4 |= cr4::OSFXSR | cr4::OSXMMEXCPT;
+    cpu.fx = fx.clone();
     let mut runner = if bt {
         Runner::Bt(Box::new(BtEngine::new(interp, mem.clone())?))
     } else {
@@ -205,6 +215,7 @@ fn run_on(
         data: out,
         end,
         eip,
+        fx: cpu.fx.clone(),
     })
 }
 
@@ -212,6 +223,13 @@ fn run_on(
 mod tests {
     use super::*;
     use iced_x86::code_asm::*;
+
+    fn fninit() -> FxImage {
+        let mut fx = crate::cpu::fx_reset();
+        fx.0[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        fx.0[4] = 0;
+        fx
+    }
 
     fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>) -> Vec<u8> {
         let mut a = CodeAssembler::new(32).unwrap();
@@ -232,7 +250,7 @@ mod tests {
         gpr[1] = 0xCAFE;
         gpr[3] = 1;
         gpr[4] = DATA_ADDR + 0x100;
-        let r = run(&code, gpr, 0, &[0; 0x100]).unwrap();
+        let r = run(&code, gpr, 0, &fninit(), &[0; 0x100]).unwrap();
         assert_eq!(r.end, SnippetEnd::Completed);
         assert_eq!(r.gpr[0], 0);
         assert_ne!(r.eflags & crate::cpu::flags::CF, 0);
@@ -247,13 +265,13 @@ mod tests {
             a.nop()?;
             a.hlt()
         });
-        let r = run(&hlt, [0; 8], 0, &[]).unwrap();
+        let r = run(&hlt, [0; 8], 0, &fninit(), &[]).unwrap();
         assert_eq!((r.end, r.eip), (SnippetEnd::Exception(13), CODE_ADDR + 1));
         let icebp = asm(|a| {
             a.nop()?;
             a.int1()
         });
-        let r = run(&icebp, [0; 8], 0, &[]).unwrap();
+        let r = run(&icebp, [0; 8], 0, &fninit(), &[]).unwrap();
         assert_eq!(
             (r.end, r.eip),
             (SnippetEnd::Exception(1), CODE_ADDR + 2),
@@ -281,8 +299,8 @@ mod tests {
         gpr[1] = 0xCAFE;
         gpr[3] = 1;
         gpr[4] = DATA_ADDR + 0x100;
-        let i = run(&code, gpr, 0, &[0; 0x100]).unwrap();
-        let b = run_bt(&code, gpr, 0, &[0; 0x100]).unwrap();
+        let i = run(&code, gpr, 0, &fninit(), &[0; 0x100]).unwrap();
+        let b = run_bt(&code, gpr, 0, &fninit(), &[0; 0x100]).unwrap();
         assert_eq!(i.end, SnippetEnd::Exception(0));
         assert_eq!(b, i);
     }
@@ -294,7 +312,7 @@ mod tests {
             a.div(ecx)?;
             Ok(())
         });
-        let r = run(&code, [0; 8], 0, &[]).unwrap();
+        let r = run(&code, [0; 8], 0, &fninit(), &[]).unwrap();
         assert_eq!(r.end, SnippetEnd::Exception(0));
         assert_eq!(r.gpr[0], 1, "state at the faulting instruction");
         assert_eq!(r.eip, CODE_ADDR + 1);

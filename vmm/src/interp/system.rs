@@ -10,11 +10,14 @@ use crate::cpu::{SegReg, Segment, cr0, cr4, flags};
 /// The time-stamp counter's rate: the guest's TSC counts host nanoseconds (1 GHz).
 pub const TSC_HZ: u64 = 1_000_000_000;
 
-/// CPUID leaf 0/1 identity: a Pentium II class P6 (family 6, model 3, stepping 3).
-const SIGNATURE: u32 = 0x0000_0633;
-/// CPUID.1:EDX bits for what this interpreter really implements: DE, PSE, TSC, MSR, PAE, CX8,
-/// SEP, PGE, CMOV.
-const FEATURES_EDX: u32 = (1 << 2)
+/// CPUID leaf 1 identity: a Pentium M (family 6, model 13 "Dothan", stepping 6). SSE2 arrived in
+/// family 6 with the Pentium M, so this is the P6-family signature that goes with the SSE2 we
+/// offer; guests that key errata or code paths on family 6 still see a P6.
+const SIGNATURE: u32 = 0x0000_06D6;
+/// CPUID.1:EDX bits for what this interpreter really implements: FPU, DE, PSE, TSC, MSR, PAE,
+/// CX8, SEP, PGE, CMOV, CLFSH, MMX, FXSR, SSE, SSE2.
+const FEATURES_EDX: u32 = 1
+    | (1 << 2)
     | (1 << 3)
     | (1 << 4)
     | (1 << 5)
@@ -22,7 +25,14 @@ const FEATURES_EDX: u32 = (1 << 2)
     | (1 << 8)
     | (1 << 11)
     | (1 << 13)
-    | (1 << 15);
+    | (1 << 15)
+    | (1 << 19)
+    | (1 << 23)
+    | (1 << 24)
+    | (1 << 25)
+    | (1 << 26);
+/// CPUID.1:EBX: CLFLUSH line size 8 × 8 = 64 bytes (bits 15-8), APIC ID 0.
+const FEATURES_EBX: u32 = 8 << 8;
 /// The highest basic leaf.
 const MAX_LEAF: u32 = 2;
 
@@ -242,7 +252,7 @@ impl Interp {
             }
             M::Clts => {
                 self.require_cpl0()?;
-                self.cpu.cr0 &= !(1 << 3);
+                self.cpu.cr0 &= !cr0::TS;
             }
             M::Invd | M::Wbinvd => {
                 // There are no caches to write back or discard.
@@ -258,7 +268,7 @@ impl Interp {
                 let leaf = self.cpu.gpr[0].min(MAX_LEAF);
                 let (a, b, c, d) = match leaf {
                     0 => (MAX_LEAF, 0x756E_6547, 0x6C65_746E, 0x4965_6E69), // "GenuineIntel"
-                    1 => (SIGNATURE, 0, 0, FEATURES_EDX),
+                    1 => (SIGNATURE, FEATURES_EBX, 0, FEATURES_EDX),
                     _ => (0x0302_0101, 0, 0, 0x0C04_0843), // P6 cache descriptors
                 };
                 self.cpu.gpr[0] = a;
