@@ -3,6 +3,7 @@
 
 use iced_x86::code_asm::*;
 
+mod alignment;
 mod modes;
 mod sensitive;
 
@@ -78,6 +79,12 @@ pub const CATALOG: &[Entry] = &[
         name: "modes",
         about: "32-bit to 16-bit protected mode (286 gate and TSS task switch), real mode, big real mode, and back",
         build: modes::modes,
+        firmware: false,
+    },
+    Entry {
+        name: "alignment",
+        about: "#AC: misaligned accesses at CPL 3 with CR0.AM and EFLAGS.AC, not at CPL 0 or with AC clear",
+        build: alignment::alignment,
         firmware: false,
     },
     Entry {

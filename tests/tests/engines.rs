@@ -261,3 +261,47 @@ fn halted_guests_sleep_until_their_timer_interrupts() {
         assert!(o.stderr.contains("halt 10,"), "{e}: {}", o.stderr);
     }
 }
+
+#[test]
+fn misaligned_accesses_at_cpl3_raise_alignment_check_as_the_host_cpu_does() {
+    use vmdriver::fpu::{FxImage, fx};
+    use vmdriver::native::{CODE_ADDR, DATA_ADDR, NativeEnd, run_native};
+    // The host decides: Linux runs user space with CR0.AM set, so a 32-bit snippet that sets
+    // EFLAGS.AC and reads a misaligned doubleword takes #AC (vector 17) on the real CPU. (QEMU's
+    // TCG does not model alignment checking, so the `alignment` kernel is checked against the
+    // SDM and this run, not against QEMU.)
+    let mut a = iced_x86::code_asm::CodeAssembler::new(32).unwrap();
+    {
+        use iced_x86::code_asm::*;
+        a.pushfd().unwrap();
+        a.or(dword_ptr(esp), 0x4_0000u32).unwrap();
+        a.popfd().unwrap();
+        a.mov(eax, dword_ptr(DATA_ADDR + 1)).unwrap();
+    }
+    let code = a.assemble(u64::from(CODE_ADDR)).unwrap();
+    let mut image = FxImage::default();
+    image.0[fx::FCW..fx::FCW + 2].copy_from_slice(&0x037Fu16.to_le_bytes());
+    image.0[fx::MXCSR..fx::MXCSR + 4].copy_from_slice(&0x1F80u32.to_le_bytes());
+    let gpr = [0, 0, 0, 0, DATA_ADDR + 0x100, 0, 0, 0];
+    // The sandbox reports #AC as vector 17, or, since Linux delivers the SIGBUS with AC still
+    // set (so the handler itself faults), as a child killed by SIGBUS: either way the host CPU
+    // raised #AC; a completed run would mean it did not.
+    match run_native(&code, gpr, 0, &image, &[0; 0x100]) {
+        Ok(native) => assert_eq!(native.end, NativeEnd::Exception(17), "{native:?}"),
+        Err(e) => assert!(e.to_string().contains("signal 7"), "{e}"),
+    }
+
+    for e in bt86_tests::runner::protected_mode_engines() {
+        let o = run_on(e, "alignment", 256, &[]);
+        assert_eq!(
+            o.serial_text(),
+            "cpl0 misaligned dword: ok\ncpl3 AC clear, misaligned dword: ok\n\
+             cpl3 aligned dword: ok\ncpl3 byte: ok\n\
+             cpl3 misaligned word: #AC error=00000000 \n\
+             cpl3 misaligned dword store: #AC error=00000000 \n\
+             cpl3 misaligned stack push: #AC error=00000000 \ndone\n",
+            "{e}: {o:?}"
+        );
+        assert_eq!(o.status, Some(61), "{e}: {o:?}");
+    }
+}

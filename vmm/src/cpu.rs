@@ -61,6 +61,8 @@ pub mod cr0 {
     pub const TS: u32 = 1 << 3;
     /// Write protect: supervisor writes honour read-only pages.
     pub const WP: u32 = 1 << 16;
+    /// Alignment mask: with EFLAGS.AC, misaligned accesses at CPL 3 raise #AC.
+    pub const AM: u32 = 1 << 18;
     /// Paging.
     pub const PG: u32 = 1 << 31;
 }

@@ -316,6 +316,7 @@ impl Interp {
                 ins.mnemonic(),
                 Mnemonic::Fneni
                     | Mnemonic::Fndisi
+                    | Mnemonic::Fnsetpm
                     | Mnemonic::Fninit
                     | Mnemonic::Fnclex
                     | Mnemonic::Fnstsw
@@ -354,8 +355,10 @@ impl Interp {
         use Mnemonic as M;
         match ins.mnemonic() {
             // FNENI and FNDISI (8087 interrupt control) do nothing on later FPUs, not even
-            // record themselves as the last instruction (as the host CPU shows).
-            M::Wait | M::Fneni | M::Fndisi => {}
+            // record themselves as the last instruction (as the host CPU shows); FNSETPM (the
+            // 80287's protected-mode switch) is ignored from the 387 on (SDM vol. 1, 8.3.11 and
+            // appendix "x87 FPU compatibility").
+            M::Wait | M::Fneni | M::Fndisi | M::Fnsetpm => {}
             M::Fninit | M::Finit => init_x87(&mut self.cpu.fx),
             M::Fnclex | M::Fclex => {
                 let fsw = rd16(&self.cpu.fx, fx::FSW) & !(FSW_FLAGS | FSW_SF | FSW_ES | FSW_B);

@@ -38,6 +38,7 @@ mod vector {
     pub const SS: u8 = 12;
     pub const GP: u8 = 13;
     pub const PF: u8 = 14;
+    pub const AC: u8 = 17;
 }
 
 /// Why the interpreter stopped without a VM exit.
@@ -766,7 +767,18 @@ impl Interp {
             };
             return Err(Fault::Exception(v, Some(0)));
         }
-        Ok(seg.base.wrapping_add(offset))
+        let lin = seg.base.wrapping_add(offset);
+        // Alignment check (SDM vol. 3, 6.15 "#AC"): words, doublewords and quadwords at CPL 3
+        // (v8086 included) with CR0.AM and EFLAGS.AC, before the page walk.
+        if matches!(len, 2 | 4 | 8)
+            && lin & (len - 1) != 0
+            && self.cpu.cr0 & cr0::AM != 0
+            && self.cpu.eflags & flags::AC != 0
+            && self.cpu.cpl() == 3
+        {
+            return Err(Fault::Exception(vector::AC, Some(0)));
+        }
+        Ok(lin)
     }
 
     fn read_mem(&self, s: SegReg, offset: u32, len: u32, io: &mut dyn IoHandler) -> Step<u32> {

@@ -238,6 +238,19 @@ mod tests {
     }
 
     #[test]
+    fn the_80287s_fnsetpm_is_ignored() {
+        // FNSETPM (DB E4) is a no-op from the 387 on: the snippet completes, FP state untouched.
+        let code = asm(|a| {
+            a.db(&[0xDB, 0xE4])?;
+            a.mov(eax, 7u32)
+        });
+        let r = run(&code, [0; 8], 0, &fninit(), &[0; 16]).unwrap();
+        assert_eq!(r.end, SnippetEnd::Completed);
+        assert_eq!(r.gpr[0], 7);
+        assert_eq!(r.fx, fninit());
+    }
+
+    #[test]
     fn a_snippet_runs_to_its_end() {
         let code = asm(|a| {
             a.add(eax, ebx)?;

@@ -1,0 +1,128 @@
+//! The `alignment` kernel: alignment checking (#AC) — misaligned word and doubleword accesses at
+//! CPL 3 fault only while both CR0.AM and EFLAGS.AC are set; byte accesses, aligned accesses and
+//! CPL 0 never do.
+
+use iced_x86::code_asm::*;
+
+use super::{com1_tss, set_tss_descriptor};
+use crate::kit::{AsmResult, Kit};
+
+const GDT: [u64; 6] = [
+    0,
+    0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0
+    0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
+    0x00CF_FB00_0000_FFFF, // 0x18 code, DPL 3
+    0x00CF_F300_0000_FFFF, // 0x20 data, DPL 3
+    0,                     // 0x28 TSS, built at run time
+];
+
+/// Builds the kernel. Exits with value 0x1E.
+pub fn alignment() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    let (gdt, gdtr) = k.descriptor_table(&GDT.map(u64::to_le_bytes).concat());
+    let (tss, tss_limit) = com1_tss(&mut k);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
+    let word = k.data(&0x4433_2211_u64.to_le_bytes());
+    let resume_at = k.data(&[0; 4]);
+    let user_stack = k.data(&[0u8; 4096]) + 4096;
+    let (ac_slot, exit_slot, user_slot) = (k.address_slot(), k.address_slot(), k.address_slot());
+    for (v, slot) in [(17u32, ac_slot), (0x80, exit_slot)] {
+        k.asm().mov(eax, dword_ptr(slot))?;
+        k.asm().mov(edx, eax)?;
+        k.asm().and(edx, 0xFFFF_0000u32)?;
+        k.asm().or(edx, 0xEE00u32)?;
+        k.asm().mov(dword_ptr(idt + v * 8 + 4), edx)?;
+        k.asm().and(eax, 0xFFFFu32)?;
+        k.asm().or(eax, 0x0008_0000u32)?;
+        k.asm().mov(dword_ptr(idt + v * 8), eax)?;
+    }
+    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().mov(eax, 0x28u32)?;
+    k.asm().ltr(ax)?;
+
+    // Each probe: arm the handler to resume after it, access, say "ok" if no fault came.
+    let probe = |k: &mut Kit, what: &str, access: &dyn Fn(&mut CodeAssembler) -> AsmResult| {
+        k.print(&format!("{what}: "))?;
+        let slot = k.address_slot();
+        k.asm().mov(eax, dword_ptr(slot))?;
+        k.asm().mov(dword_ptr(resume_at), eax)?;
+        access(k.asm())?;
+        k.print("ok")?;
+        let mut after = k.asm().create_label();
+        k.set_label_at(&mut after, slot)?;
+        k.print("\n")
+    };
+    let set_ac = |k: &mut Kit, on: bool| -> AsmResult {
+        k.asm().pushfd()?;
+        if on {
+            k.asm().or(dword_ptr(esp), 0x4_0000u32)?;
+        } else {
+            k.asm().and(dword_ptr(esp), !0x4_0000u32)?;
+        }
+        Ok(k.asm().popfd()?)
+    };
+    // CPL 0 with AM and AC: no checks.
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 1u32 << 18)?;
+    k.asm().mov(cr0, eax)?;
+    set_ac(&mut k, true)?;
+    probe(&mut k, "cpl0 misaligned dword", &|a| {
+        Ok(a.mov(eax, dword_ptr(word + 1))?)
+    })?;
+    set_ac(&mut k, false)?;
+
+    // Into CPL 3.
+    k.asm().push(0x23u32)?;
+    k.asm().push(user_stack)?;
+    k.asm().push(0x2u32)?;
+    k.asm().push(0x1Bu32)?;
+    k.asm().push(dword_ptr(user_slot))?;
+    k.asm().iretd()?;
+    let mut user = k.asm().create_label();
+    k.set_label_at(&mut user, user_slot)?;
+    k.asm().mov(eax, 0x23u32)?;
+    k.asm().mov(ds, eax)?;
+    k.asm().mov(es, eax)?;
+    probe(&mut k, "cpl3 AC clear, misaligned dword", &|a| {
+        Ok(a.mov(eax, dword_ptr(word + 1))?)
+    })?;
+    set_ac(&mut k, true)?;
+    probe(&mut k, "cpl3 aligned dword", &|a| {
+        Ok(a.mov(eax, dword_ptr(word + 4))?)
+    })?;
+    probe(&mut k, "cpl3 byte", &|a| Ok(a.mov(al, byte_ptr(word + 1))?))?;
+    probe(&mut k, "cpl3 misaligned word", &|a| {
+        Ok(a.mov(ax, word_ptr(word + 3))?)
+    })?;
+    probe(&mut k, "cpl3 misaligned dword store", &|a| {
+        Ok(a.mov(dword_ptr(word + 2), eax)?)
+    })?;
+    probe(&mut k, "cpl3 misaligned stack push", &|a| {
+        a.dec(esp)?;
+        a.push(eax)?;
+        Ok(())
+    })?;
+    set_ac(&mut k, false)?;
+    k.asm().int(0x80)?;
+
+    // #AC: print the error code and the flags, resume after the probe.
+    let mut ac = k.asm().create_label();
+    k.set_label_at(&mut ac, ac_slot)?;
+    k.print("#AC error=")?;
+    k.asm().mov(eax, dword_ptr(esp))?;
+    k.print_hex(eax)?;
+    k.print(" ")?;
+    k.asm().mov(eax, dword_ptr(resume_at))?;
+    k.asm().mov(dword_ptr(esp + 4), eax)?;
+    // Realign the interrupted ESP (the stack probe left it misaligned).
+    k.asm().and(dword_ptr(esp + 16), !3u32)?;
+    k.asm().add(esp, 4u32)?;
+    k.asm().iretd()?;
+    let mut exit = k.asm().create_label();
+    k.set_label_at(&mut exit, exit_slot)?;
+    k.print("done\n")?;
+    k.exit(0x1E)?;
+    k.build()
+}
