@@ -437,9 +437,9 @@ impl Drive {
         self.phase = Phase::Idle;
         self.xfer = None;
         self.error = error::ABRT;
-        self.status = status::DRDY | status::DSC | status::ERR;
+        // DSC is obsolete; drives (and QEMU) report errors as DRDY | ERR.
+        self.status = status::DRDY | status::ERR;
         if self.is_atapi() {
-            self.status = status::DRDY | status::ERR;
             self.tf.count[0] = 3;
         }
         Irq::Raise
@@ -583,7 +583,7 @@ impl Drive {
         self.phase = Phase::Idle;
         self.xfer = None;
         self.error = error::IDNF;
-        self.status = status::DRDY | status::DSC | status::ERR;
+        self.status = status::DRDY | status::ERR;
         Irq::Raise
     }
 
@@ -1037,7 +1037,8 @@ impl Drive {
         };
         self.phase = Phase::Idle;
         self.xfer = None;
-        self.error = (sense.key << 4) | error::ABRT;
+        // The sense key in the error register; ABRT is for commands the ATA layer refused.
+        self.error = sense.key << 4;
         self.status = status::DRDY | status::ERR;
         self.tf.count[0] = 3;
         Irq::Raise
