@@ -594,3 +594,62 @@ fn atapi_dma_read_and_sense_after_an_error() {
     let sense = r.read_words(1, 18);
     assert_eq!((sense[2], sense[12]), (5, 0x21));
 }
+
+/// A disk whose reads wait until the test opens a gate: a slow host disk.
+struct Gated {
+    inner: SharedDisk,
+    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl BlockBackend for Gated {
+    fn name(&self) -> &str {
+        "gated"
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let (lock, cv) = &*self.gate;
+        let mut open = lock.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_slow_disk_keeps_the_drive_busy_but_never_blocks_the_vcpu() {
+    let disk = SharedDisk::new(SECTORS * 512);
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let gated = Gated {
+        inner: disk.clone(),
+        gate: gate.clone(),
+    };
+    let mut r = Rig::new([Some((Box::new(gated), Media::Disk)), None, None, None]);
+    r.lba28(0, 3, 1);
+    // The command write returns while the read waits on the host: the guest sees BSY and
+    // keeps running (were the read done on this thread, this call would never return).
+    r.out(0, 7, 0x20);
+    for _ in 0..3 {
+        r.ide.lock().unwrap().poll();
+        assert_eq!(r.alt(0) & status::BSY, status::BSY);
+    }
+    assert!(r.ide.lock().unwrap().in_flight());
+    assert_eq!(r.raised(0), 0);
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    assert_eq!(r.settle(0), status::DRDY | status::DSC | status::DRQ);
+    assert_eq!(r.raised(0), 1);
+    assert_eq!(r.read_words(0, 512), disk.bytes(3 * 512, 512));
+}
