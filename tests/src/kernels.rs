@@ -4,6 +4,7 @@
 use iced_x86::code_asm::*;
 
 mod alignment;
+pub mod disk;
 mod modes;
 mod sensitive;
 
@@ -73,6 +74,24 @@ pub const CATALOG: &[Entry] = &[
         name: "rings",
         about: "ring 3 through IRET: syscalls, #GP and #PF from user mode, an I/O bitmap, a call gate, SYSENTER/SYSEXIT",
         build: rings,
+        firmware: false,
+    },
+    Entry {
+        name: "disk",
+        about: "IDE: PCI ids, IDENTIFY, PIO reads (LBA28 and LBA48), PIO/multiple/DMA writes with flushes and read-backs (needs a disk of 0x10000800 sectors)",
+        build: disk::disk,
+        firmware: false,
+    },
+    Entry {
+        name: "disk-flush",
+        about: "writes and flushes one sector of the primary master, prints \"flushed\" and spins",
+        build: disk::disk_flush,
+        firmware: false,
+    },
+    Entry {
+        name: "cdrom",
+        about: "ATAPI on the secondary master: IDENTIFY PACKET, capacity, TOC, READ(10) by PIO and DMA, sense, eject/load",
+        build: disk::cdrom,
         firmware: false,
     },
     Entry {

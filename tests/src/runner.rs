@@ -45,6 +45,11 @@ pub struct Guest {
     pub modules: Vec<String>,
     /// RAM in MiB.
     pub memory_mib: u64,
+    /// Raw hard disk images (relative to `dir`), attached in IDE order: primary master,
+    /// primary slave, secondary master.
+    pub disks: Vec<String>,
+    /// An ISO image for the CD-ROM drive (secondary master), if any.
+    pub cdrom: Option<String>,
 }
 
 impl Guest {
@@ -57,6 +62,8 @@ impl Guest {
             append: String::new(),
             modules: Vec::new(),
             memory_mib: 256,
+            disks: Vec::new(),
+            cdrom: None,
         }
     }
 
@@ -93,8 +100,8 @@ pub fn bt86_binary() -> PathBuf {
     bin
 }
 
-/// Runs `guest` under bt86 with `--engine engine` and any `extra` arguments.
-pub fn run_bt86(guest: &Guest, engine: &str, extra: &[&str]) -> Outcome {
+/// The bt86 command line that runs `guest` with `--engine engine` and any `extra` arguments.
+pub fn bt86_command(guest: &Guest, engine: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bt86_binary());
     cmd.current_dir(&guest.dir)
         .args(["run", "--engine", engine, "--memory"])
@@ -108,8 +115,19 @@ pub fn run_bt86(guest: &Guest, engine: &str, extra: &[&str]) -> Outcome {
     if let Some(b) = &guest.bios {
         cmd.args(["--bios", b]);
     }
+    for d in &guest.disks {
+        cmd.args(["--disk", d]);
+    }
+    if let Some(c) = &guest.cdrom {
+        cmd.args(["--cdrom", c]);
+    }
     cmd.args(extra);
-    run_with_timeout(cmd, DEFAULT_TIMEOUT)
+    cmd
+}
+
+/// Runs `guest` under bt86 with `--engine engine` and any `extra` arguments.
+pub fn run_bt86(guest: &Guest, engine: &str, extra: &[&str]) -> Outcome {
+    run_with_timeout(bt86_command(guest, engine, extra), DEFAULT_TIMEOUT)
 }
 
 /// The QEMU system emulator, if installed.
@@ -146,6 +164,12 @@ pub fn run_qemu(guest: &Guest) -> Option<Outcome> {
     }
     if let Some(b) = &guest.bios {
         cmd.args(["-bios", b]);
+    }
+    for (i, d) in guest.disks.iter().enumerate() {
+        cmd.args(["-drive", &format!("file={d},format=raw,if=ide,index={i}")]);
+    }
+    if let Some(c) = &guest.cdrom {
+        cmd.args(["-cdrom", c]);
     }
     Some(run_with_timeout(cmd, DEFAULT_TIMEOUT))
 }

@@ -1,6 +1,7 @@
 //! `bt86`: runs unmodified 32-bit x86 guests by binary translation, interpretation, or KVM.
 
 mod bench;
+mod disk;
 mod run;
 
 use std::path::PathBuf;
@@ -104,6 +105,19 @@ struct RunArgs {
     /// registers it changed (interp engine only; slow).
     #[arg(long)]
     trace: bool,
+
+    /// A hard disk image on the IDE controller:
+    /// FILE[,format=raw|qcow2][,readonly][,cache=writeback|writethrough][,overlay=FILE].
+    /// Repeat for more disks: primary master, primary slave, then secondary master. The image
+    /// is locked while bt86 runs. cache=writeback (the default) makes writes durable when the
+    /// guest flushes its disk cache; cache=writethrough after every write. overlay=FILE keeps
+    /// the guest's writes in FILE (created if missing) and never modifies the image.
+    #[arg(long, value_name = "FILE[,OPTIONS]", value_parser = run::parse_disk)]
+    disk: Vec<disk::DiskSpec>,
+
+    /// An ISO 9660 image in an ATAPI CD-ROM drive on the secondary IDE channel (read-only).
+    #[arg(long, value_name = "FILE")]
+    cdrom: Option<PathBuf>,
 
     /// Print counters that explain the run (exits, device accesses, interrupts) to stderr at
     /// the end.

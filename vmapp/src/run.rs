@@ -6,10 +6,13 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use vmm::chipset::{DriveSpec, IdeSlot};
+use vmm::devices::ide::Media;
 use vmm::{
     BootModule, BootSource, EngineError, EngineKind, RunOutcome, Vm, VmConfig, VmError, VmStats,
 };
 
+use crate::disk::{self, DiskSpec};
 use crate::status;
 use crate::{EngineArg, RunArgs};
 
@@ -37,6 +40,45 @@ pub fn parse_serial(s: &str) -> Result<SerialSpec, String> {
             )),
         },
     }
+}
+
+/// Parses `--disk`.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    DiskSpec::parse(s).map_err(|e| match e {
+        disk::DiskError::BadSpec { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
+/// Opens the images and assigns IDE slots: disks in order on primary master, primary slave,
+/// secondary master; the CD-ROM on the secondary channel (master if free).
+fn drives(disks: &[DiskSpec], cdrom: Option<&Path>) -> Result<Vec<DriveSpec>, Failure> {
+    let total = disks.len() + usize::from(cdrom.is_some());
+    if total > IdeSlot::ALL.len() {
+        return Err(usage(anyhow::anyhow!(
+            "{total} drives given; the IDE controller takes at most 4 (disks and CD-ROM together)"
+        )));
+    }
+    let mut slots = IdeSlot::ALL.into_iter();
+    let mut out = Vec::new();
+    for d in disks {
+        out.push(DriveSpec {
+            slot: slots.next().unwrap_or(IdeSlot::SecondarySlave),
+            media: Media::Disk,
+            backend: d.open().map_err(|e| usage(e.into()))?,
+        });
+    }
+    if let Some(path) = cdrom {
+        let slot = slots
+            .find(|s| matches!(s, IdeSlot::SecondaryMaster | IdeSlot::SecondarySlave))
+            .unwrap_or(IdeSlot::SecondarySlave);
+        out.push(DriveSpec {
+            slot,
+            media: Media::Cdrom,
+            backend: disk::open_cdrom(path).map_err(|e| usage(e.into()))?,
+        });
+    }
+    Ok(out)
 }
 
 /// An error with the exit status it should produce.
@@ -130,7 +172,9 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
         }
         (None, None) => return Err(usage(anyhow::anyhow!("give --kernel FILE or --bios FILE"))),
     };
+    let drives = drives(&args.disk, args.cdrom.as_deref())?;
     let config = VmConfig {
+        drives,
         memory_mib: args.memory,
         engine,
         boot,
@@ -242,6 +286,12 @@ fn format_stats(s: &VmStats) -> String {
     );
     for (irq, n) in &s.irqs {
         out += &format!("  irq {irq:<16} raised {n}\n");
+    }
+    for d in &s.drives {
+        out += &format!(
+            "  drive {}: {} reads ({} bytes), {} writes ({} bytes), {} flushes\n",
+            d.name, d.reads, d.bytes_read, d.writes, d.bytes_written, d.flushes
+        );
     }
     out
 }

@@ -109,6 +109,11 @@ impl Bus {
         Ok(())
     }
 
+    /// Unmaps the device mapped at `base` (a PCI BAR that moved) and returns it.
+    pub fn remove(&mut self, base: u64) -> Option<Box<dyn BusDevice>> {
+        self.slots.remove(&base).map(|s| s.device)
+    }
+
     fn find(&mut self, addr: u64) -> Option<(u64, &mut Slot)> {
         let (base, slot) = self.slots.range_mut(..=addr).next_back()?;
         (addr - *base < slot.len).then_some((addr - *base, slot))

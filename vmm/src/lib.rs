@@ -4,7 +4,9 @@
 //! `vmm` never does host I/O itself: device output goes through injected writers, and everything
 //! that touches the host kernel lives in `vmdriver`.
 
+pub mod block;
 pub mod bus;
+pub mod chipset;
 pub mod control;
 pub mod cpu;
 pub mod devices;

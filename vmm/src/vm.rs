@@ -9,6 +9,7 @@ use vmdriver::kvm::InitialCpu;
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, MemoryError, MemoryLayout, VmExit};
 
 use crate::bus::{Bus, BusError, DeviceStats};
+use crate::chipset::{Chipset, ChipsetError, DriveSpec, DriveStats};
 use crate::control::{StopRequest, VmControl};
 use crate::devices::IrqLine;
 use crate::devices::acpi_pm::{PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS, Pm1aControl};
@@ -67,6 +68,8 @@ pub struct VmConfig {
     pub serial: Box<dyn Write + Send>,
     /// Where to log every executed instruction (interp only), if anywhere.
     pub trace: Option<Box<dyn Write + Send>>,
+    /// Drives on the IDE controller.
+    pub drives: Vec<DriveSpec>,
 }
 
 /// Errors creating or running a VM.
@@ -87,6 +90,9 @@ pub enum VmError {
     /// The engine failed to start or to run.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The PCI devices or the drives could not be set up.
+    #[error(transparent)]
+    Chipset(#[from] ChipsetError),
 }
 
 /// Why a run ended.
@@ -146,6 +152,8 @@ pub struct VmStats {
     pub engine_counters: Vec<(&'static str, u64)>,
     /// The rate of the guest's TSC in Hz, if the engine states one.
     pub tsc_hz: Option<u64>,
+    /// Drives and their I/O counters.
+    pub drives: Vec<DriveStats>,
 }
 
 /// The port and MMIO buses, as the engines see them.
@@ -179,6 +187,7 @@ pub struct Vm {
     pic: Arc<Mutex<Pic>>,
     pit: Arc<Mutex<Pit>>,
     clock: Arc<HostClock>,
+    chipset: Chipset,
     engine: Box<dyn Engine>,
     stats: VmStats,
     /// IGNNE#, latched by a write to port 0xF0.
@@ -263,6 +272,10 @@ impl Vm {
             )?;
         }
 
+        let chipset = Chipset::install(&mut pio, memory.clone(), &pic, config.drives)?;
+        let mut irqs = vec![com1_irq];
+        irqs.extend(chipset.irq_lines().iter().cloned());
+
         let initial = match config.boot {
             BootSource::Multiboot {
                 kernel,
@@ -301,10 +314,11 @@ impl Vm {
             pio,
             mmio: Bus::new(),
             control,
-            irqs: vec![com1_irq],
+            irqs,
             pic,
             pit,
             clock,
+            chipset,
             engine,
             stats: VmStats::default(),
             ignne,
@@ -364,6 +378,7 @@ impl Vm {
                     });
                 }
             }
+            self.chipset.service(&mut self.pio);
             if let Some(outcome) = self.service_interrupts()? {
                 return Ok(outcome);
             }
@@ -448,10 +463,11 @@ impl Vm {
     }
 
     /// Sleeps while the CPU is halted, until an interrupt is pending. Returns false if no
-    /// interrupt can ever arrive (no timer armed), so the halt is final.
+    /// interrupt can ever arrive (no timer armed, no disk I/O under way), so the halt is final.
     fn wait_for_interrupt(&mut self) -> bool {
         let started = Instant::now();
         let woke = loop {
+            self.chipset.service(&mut self.pio);
             self.update_timers();
             if self
                 .pic
@@ -466,12 +482,16 @@ impl Vm {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .next_deadline();
-            let Some(deadline) = deadline else {
-                break false;
+            let wait = match deadline {
+                Some(deadline) => {
+                    let now = self.clock.now_ns();
+                    Duration::from_nanos(deadline.saturating_sub(now)).min(MAX_IDLE_SLEEP)
+                }
+                None if self.chipset.io_in_flight() => MAX_IDLE_SLEEP,
+                None => break false,
             };
-            let now = self.clock.now_ns();
-            let wait = Duration::from_nanos(deadline.saturating_sub(now)).min(MAX_IDLE_SLEEP);
-            std::thread::sleep(wait);
+            // An I/O completion ends the sleep early.
+            self.chipset.wait_io(wait);
         };
         self.stats.halted_time += started.elapsed();
         woke
@@ -487,6 +507,7 @@ impl Vm {
             irqs: self.irqs.iter().map(|l| (l.irq(), l.raised())).collect(),
             engine_counters: self.engine.counters(),
             tsc_hz: self.engine.tsc_hz(),
+            drives: self.chipset.drive_stats(),
             ..self.stats.clone()
         }
     }

@@ -2,15 +2,18 @@
 //! I/O itself (output goes through an injected `Write`, stop requests through [`crate::VmControl`]).
 
 pub mod acpi_pm;
+pub mod atapi;
 pub mod coprocessor;
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod ide;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod post;
 pub mod serial;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pic::Pic;
@@ -21,6 +24,7 @@ use pic::Pic;
 pub struct IrqLine {
     irq: u8,
     raised: Arc<AtomicU64>,
+    level: Arc<AtomicBool>,
     pic: Option<Arc<Mutex<Pic>>>,
 }
 
@@ -30,6 +34,7 @@ impl IrqLine {
         Self {
             irq,
             raised: Arc::default(),
+            level: Arc::default(),
             pic: None,
         }
     }
@@ -54,6 +59,21 @@ impl IrqLine {
             pic.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pulse_irq(self.irq);
+        }
+    }
+
+    /// Drives the line to a level, for sources that hold their request until it is serviced
+    /// (an IDE channel's INTRQ): an edge-triggered PIC input latches the rising edge. Rising
+    /// edges are counted as raises.
+    pub fn set_level(&self, high: bool) {
+        let was = self.level.swap(high, Ordering::Relaxed);
+        if high && !was {
+            self.raised.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(pic) = &self.pic {
+            pic.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_irq(self.irq, high);
         }
     }
 

@@ -1,0 +1,297 @@
+//! Guest disk I/O end to end: kit kernels drive the IDE controller under bt86 and under QEMU's
+//! software emulator (same serial output, same status), and the host checks the image files:
+//! the written data is there, flushed data survives SIGKILL, read-only images and overlay bases
+//! are never modified.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+
+use bt86_tests::kernels::disk::{
+    DISK_SECTORS, DMA_LBA, DMA_SEED, FLUSH_LBA, FLUSH_PATTERN_SEED, HIGH_LBA, MULTIPLE_LBA,
+    MULTIPLE_SEED, PIO_SEED, PIO_WRITE_LBA, iso9660, pattern,
+};
+use bt86_tests::runner::{
+    Guest, Outcome, bt86_command, interrupt_engines, qemu_binary, run_bt86, run_qemu, skip_if,
+    write_kit_kernel,
+};
+
+const SECTOR: u64 = 512;
+
+fn no_qemu() -> Option<String> {
+    qemu_binary()
+        .is_none()
+        .then(|| "qemu-system-i386 is not installed (run scripts/setup.sh)".to_string())
+}
+
+fn assert_same(what: &str, reference: &Outcome, ours: &Outcome) {
+    assert!(!reference.timed_out && !ours.timed_out, "{what}: timed out");
+    assert_eq!(
+        ours.serial_text(),
+        reference.serial_text(),
+        "{what}: serial output differs from QEMU's (bt86 stderr: {})",
+        ours.stderr
+    );
+    assert_eq!(ours.status, reference.status, "{what}: exit status differs");
+}
+
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(data, offset)
+        .unwrap();
+}
+
+/// The `disk` kernel's image: sparse, just above the LBA28 limit, with known bytes in sector 0
+/// and in a sector only LBA48 reaches.
+fn big_image(path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(DISK_SECTORS * SECTOR).unwrap();
+    write_at(path, 0, b"BT86DISK-sector-zero");
+    write_at(path, HIGH_LBA * SECTOR, b"HIGH-sector");
+}
+
+fn assert_disk_writes(path: &Path) {
+    assert_eq!(
+        read_at(path, PIO_WRITE_LBA * SECTOR, 1024),
+        pattern(PIO_SEED, 1024),
+        "{}: PIO writes",
+        path.display()
+    );
+    assert_eq!(
+        read_at(path, MULTIPLE_LBA * SECTOR, 3072),
+        pattern(MULTIPLE_SEED, 3072),
+        "{}: WRITE MULTIPLE",
+        path.display()
+    );
+    assert_eq!(
+        read_at(path, DMA_LBA * SECTOR, 4096),
+        pattern(DMA_SEED, 4096),
+        "{}: WRITE DMA",
+        path.display()
+    );
+}
+
+#[test]
+fn disk_kernel_matches_qemu_and_the_image_holds_what_the_guest_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "disk");
+    let engines = interrupt_engines();
+    let mut reference = None;
+    if !skip_if("disk kernel under QEMU", no_qemu()) {
+        big_image(&dir.path().join("qemu.img"));
+        let guest = Guest {
+            disks: vec!["qemu.img".into()],
+            ..Guest::kernel(dir.path(), &k)
+        };
+        let o = run_qemu(&guest).unwrap();
+        assert_disk_writes(&dir.path().join("qemu.img"));
+        reference = Some(o);
+    }
+    for engine in engines {
+        let img = format!("{engine}.img");
+        big_image(&dir.path().join(&img));
+        let guest = Guest {
+            disks: vec![img.clone()],
+            ..Guest::kernel(dir.path(), &k)
+        };
+        let ours = run_bt86(&guest, engine, &["--stats"]);
+        assert_eq!(ours.status, Some(0x61), "{engine}: {}", ours.stderr);
+        let text = ours.serial_text();
+        for line in [
+            "pci.01.1.id=70108086",
+            "lba48.1=00001000",
+            "differing-dwords=00000000",
+            "bm.status=00000004",
+        ] {
+            assert!(text.contains(line), "{engine}: no {line} in\n{text}");
+        }
+        assert!(
+            !text.contains("differing-dwords=0000000")
+                || !text.contains("differing-dwords=00000001")
+        );
+        assert_disk_writes(&dir.path().join(&img));
+        // FLUSH CACHE EXT and FLUSH CACHE each reached the backend.
+        assert!(
+            ours.stderr.contains(&format!("drive {img}: 5 reads"))
+                && ours.stderr.contains("2 flushes"),
+            "{engine}: {}",
+            ours.stderr
+        );
+        if let Some(r) = &reference {
+            assert_same(&format!("disk on {engine}"), r, &ours);
+        }
+    }
+}
+
+fn test_iso() -> Vec<u8> {
+    iso9660("BT86_TEST", &[("hello.txt", b"hello from the ISO\n\0")])
+}
+
+#[test]
+fn cdrom_kernel_matches_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "cdrom");
+    std::fs::write(dir.path().join("test.iso"), test_iso()).unwrap();
+    let guest = Guest {
+        cdrom: Some("test.iso".into()),
+        ..Guest::kernel(dir.path(), &k)
+    };
+    let reference =
+        (!skip_if("cdrom kernel under QEMU", no_qemu())).then(|| run_qemu(&guest).unwrap());
+    for engine in interrupt_engines() {
+        let ours = run_bt86(&guest, engine, &[]);
+        let text = ours.serial_text();
+        assert_eq!(ours.status, Some(0x63), "{engine}: {text}\n{}", ours.stderr);
+        for line in [
+            "signature=010114eb",
+            "id=CD001",
+            "volume=BT86_TEST",
+            "file=hello from the ISO",
+            "block-size=00000800",
+        ] {
+            assert!(text.contains(line), "{engine}: no {line} in\n{text}");
+        }
+        if let Some(r) = &reference {
+            assert_same(&format!("cdrom on {engine}"), r, &ours);
+        }
+    }
+}
+
+/// Starts bt86 on the `disk-flush` kernel with `disk` and returns its serial output once the
+/// guest printed "flushed", after killing bt86 with SIGKILL.
+fn run_until_flushed_then_kill(dir: &Path, disk: &str) -> String {
+    let k = write_kit_kernel(dir, "disk-flush");
+    let guest = Guest {
+        disks: vec![disk.to_string()],
+        ..Guest::kernel(dir, &k)
+    };
+    let mut cmd = bt86_command(&guest, "interp", &[]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("start bt86");
+    let mut out = String::new();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout"));
+    loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        out.push_str(&line);
+        if line == "flushed\n" {
+            break;
+        }
+    }
+    // SIGKILL: no chance for bt86 to write anything more.
+    child.kill().expect("kill bt86");
+    child.wait().expect("reap bt86");
+    out
+}
+
+fn small_image(path: &Path) -> Vec<u8> {
+    let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 253) as u8).collect();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+#[test]
+fn a_flushed_write_is_in_the_image_when_bt86_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    small_image(&dir.path().join("d.img"));
+    let out = run_until_flushed_then_kill(dir.path(), "d.img");
+    assert!(out.contains("write.error=00000000"), "{out}");
+    assert!(out.ends_with("flushed\n"), "{out}");
+    assert_eq!(
+        read_at(&dir.path().join("d.img"), FLUSH_LBA * SECTOR, 512),
+        pattern(FLUSH_PATTERN_SEED, 512)
+    );
+}
+
+#[test]
+fn a_read_only_image_is_never_modified_and_writes_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = small_image(&dir.path().join("ro.img"));
+    let out = run_until_flushed_then_kill(dir.path(), "ro.img,readonly");
+    // ABRT in the error register, ERR in status.
+    assert!(out.contains("write.status=00000041"), "{out}");
+    assert!(out.contains("write.error=00000004"), "{out}");
+    assert_eq!(std::fs::read(dir.path().join("ro.img")).unwrap(), before);
+}
+
+#[test]
+fn an_overlay_takes_the_writes_and_leaves_the_base_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = small_image(&dir.path().join("base.img"));
+    let out = run_until_flushed_then_kill(dir.path(), "base.img,overlay=base.cow");
+    assert!(out.contains("write.error=00000000"), "{out}");
+    assert_eq!(std::fs::read(dir.path().join("base.img")).unwrap(), before);
+    let cow = std::fs::read(dir.path().join("base.cow")).unwrap();
+    let written = pattern(FLUSH_PATTERN_SEED, 512);
+    assert!(
+        cow.windows(512).any(|w| w == written.as_slice()),
+        "the overlay holds the guest's sector"
+    );
+}
+
+#[test]
+fn bad_disk_arguments_and_images_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "hello");
+    std::fs::write(dir.path().join("odd.img"), vec![0u8; 1000]).unwrap();
+    let mut qcow = b"QFI\xfb".to_vec();
+    qcow.resize(4096, 0);
+    std::fs::write(dir.path().join("q.qcow2"), qcow).unwrap();
+    small_image(&dir.path().join("ok.img"));
+    for (args, needle) in [
+        (vec!["--disk", "missing.img"], "does not exist"),
+        (vec!["--disk", "ok.img,cache=fast"], "cache=writeback"),
+        (vec!["--disk", "ok.img,format=vmdk"], "format=raw"),
+        (
+            vec!["--disk", "odd.img"],
+            "not a whole number of 512-byte sectors",
+        ),
+        (vec!["--disk", "q.qcow2"], "qemu-img convert -O raw"),
+        (vec!["--disk", "ok.img,format=qcow2"], "qemu-img convert"),
+        (vec!["--cdrom", "missing.iso"], "does not exist"),
+    ] {
+        let o = run_bt86(&Guest::kernel(dir.path(), &k), "interp", &args);
+        assert_eq!(o.status, Some(2), "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains(needle), "{args:?}: {}", o.stderr);
+    }
+}
+
+#[test]
+fn an_image_in_use_by_another_bt86_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    small_image(&dir.path().join("d.img"));
+    let k = write_kit_kernel(dir.path(), "disk-flush");
+    let guest = Guest {
+        disks: vec!["d.img".into()],
+        ..Guest::kernel(dir.path(), &k)
+    };
+    let mut first = bt86_command(&guest, "interp", &[]);
+    first.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut first = first.spawn().expect("start bt86");
+    // Once it printed, it holds the lock (it locks before the guest starts).
+    let mut line = String::new();
+    BufReader::new(first.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let second = run_bt86(&guest, "interp", &[]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(second.status, Some(2), "{}", second.stderr);
+    assert!(second.stderr.contains("in use"), "{}", second.stderr);
+}
