@@ -35,6 +35,8 @@ const MX_FLAGS: u32 = 0x3F;
 const MX_PRE: u32 = 0x07;
 /// MXCSR underflow flag.
 const MX_UE: u32 = 0x10;
+/// MXCSR precision (inexact) flag.
+const MX_PE: u32 = 0x20;
 /// MXCSR.UM and MXCSR.FZ.
 const MX_UM: u32 = 1 << 11;
 const MX_FZ: u32 = 1 << 15;
@@ -761,15 +763,21 @@ impl Interp {
                 // An unmasked pre-computation exception stops the computation before the
                 // post-computation ones are looked for. Nothing but the flags changes.
                 //
-                // Known approximation: with overflow or underflow unmasked the CPU sets PE only
-                // if the result, rounded with an unbounded exponent, is inexact; the masked run
-                // reports PE for its overflowed or denormalized result instead, so PE can be
-                // one too many when such a result would have been exact.
-                let set = if unmasked & MX_PRE != 0 {
+                // With overflow or underflow unmasked the CPU sets PE only if the result,
+                // rounded with an unbounded exponent, is inexact; the masked run reports PE
+                // for its overflowed or denormalized result instead. For the double-to-single
+                // conversions that inexactness is exact arithmetic on the source's bits; for
+                // other operations PE can still be one too many (documented approximation).
+                let mut set = if unmasked & MX_PRE != 0 {
                     raised & MX_PRE
                 } else {
                     raised
                 };
+                if unmasked & MX_PRE == 0
+                    && let Some(inexact) = narrowing_inexact(ins, &before, &inputs)
+                {
+                    set = (set & !MX_PE) | if inexact { MX_PE } else { 0 };
+                }
                 wr32(&mut self.cpu.fx, fx::MXCSR, guest_mxcsr | set);
                 if touches_mmx(ins) {
                     // The switch to MMX state has already happened (as on the host CPU).
@@ -848,4 +856,37 @@ impl Interp {
         }
         Ok(())
     }
+}
+
+/// For CVTSD2SS and CVTPD2PS: whether rounding the source doubles to a single's 24-bit
+/// significand with an unbounded exponent is inexact (any lane), which is when the CPU reports
+/// PE alongside an unmasked overflow or underflow. None for other instructions.
+fn narrowing_inexact(ins: &Instruction, before: &FxImage, inputs: &HostOperands) -> Option<bool> {
+    let lanes = match ins.code() {
+        iced_x86::Code::Cvtsd2ss_xmm_xmmm64 => 1,
+        iced_x86::Code::Cvtpd2ps_xmm_xmmm128 => 2,
+        _ => return None,
+    };
+    let source: Vec<u8> = if ins.op1_kind() == OpKind::Memory {
+        inputs.mem[..8 * lanes].to_vec()
+    } else {
+        let n = ins.op1_register().number();
+        before.0[fx::XMM0 + 16 * n..fx::XMM0 + 16 * n + 8 * lanes].to_vec()
+    };
+    Some(source.chunks_exact(8).any(|lane| {
+        let bits = u64::from_le_bytes(lane.try_into().expect("8 bytes"));
+        let exponent = (bits >> 52) & 0x7FF;
+        let fraction = bits & ((1 << 52) - 1);
+        let significand = match exponent {
+            0x7FF => return false,
+            0 => fraction,
+            _ => fraction | (1 << 52),
+        };
+        if significand == 0 {
+            return false;
+        }
+        // Keep the 24 bits from the leading one; anything below them is lost.
+        let top = 63 - significand.leading_zeros();
+        top >= 24 && significand & ((1u64 << (top - 23)) - 1) != 0
+    }))
 }

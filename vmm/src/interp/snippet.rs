@@ -238,6 +238,26 @@ mod tests {
     }
 
     #[test]
+    fn unmasked_overflow_in_cvtsd2ss_reports_pe_only_for_an_inexact_significand() {
+        // 2^200 overflows a single exactly: #XM with OE alone; 2^200 (1 + 2^-40) loses bits
+        // below the single's 24-bit significand: OE and PE (the host CPU agrees, seeds 2 and 3
+        // of the native oracle).
+        for (bits, flags) in [
+            (0x4C70_0000_0000_0000u64, 0x08u32),
+            (0x4C70_0000_0000_1000, 0x28),
+        ] {
+            let code = asm(|a| a.cvtsd2ss(xmm0, qword_ptr(DATA_ADDR)));
+            let mut fx = fninit();
+            // MXCSR: every exception masked but overflow.
+            fx.0[24..28].copy_from_slice(&(0x1F80u32 & !(1 << 10)).to_le_bytes());
+            let r = run(&code, [0; 8], 0, &fx, &bits.to_le_bytes()).unwrap();
+            assert_eq!(r.end, SnippetEnd::Exception(19));
+            let mxcsr = u32::from_le_bytes(r.fx.0[24..28].try_into().unwrap());
+            assert_eq!(mxcsr & 0x3F, flags, "{bits:#x}");
+        }
+    }
+
+    #[test]
     fn the_80287s_fnsetpm_is_ignored() {
         // FNSETPM (DB E4) is a no-op from the 387 on: the snippet completes, FP state untouched.
         let code = asm(|a| {
