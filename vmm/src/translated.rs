@@ -372,7 +372,10 @@ impl BtEngine {
             }
             if !self.translatable() {
                 self.counters.interpreted_runs += 1;
-                if self.interp.in_shadow() {
+                // An interrupt shadow, or RF (which the return from every fault handler sets,
+                // and which the next instruction clears): one instruction, then translated
+                // code again.
+                if self.interp.in_shadow() || self.interp.cpu().eflags & flags::RF != 0 {
                     match self.interpret_one(io)? {
                         Some(exit) => return Ok(exit),
                         None => continue,
