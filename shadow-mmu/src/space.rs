@@ -903,6 +903,16 @@ impl ShadowMmu {
     pub fn is_code(&self, page: u32) -> bool {
         self.code.contains(&page)
     }
+
+    /// What the window for `p` maps at `linear`: the guest-physical page and whether it is
+    /// writable (None if nothing is mapped there, or the window does not exist).
+    pub fn mapping(&self, p: &Paging, linear: u32) -> Option<(u32, bool)> {
+        let key = Self::key_of(p);
+        let s = self.spaces.iter().find(|s| s.key == key)?;
+        s.pages
+            .get(&(linear >> 12))
+            .map(|m| (m.gpa_page, m.writable))
+    }
 }
 
 fn region_kind(memory: &GuestMemory, addr: u64) -> Option<RegionKind> {
@@ -916,4 +926,187 @@ fn is_ram(memory: &GuestMemory, page: u32) -> bool {
 fn file_offset(memory: &GuestMemory, addr: u64) -> Option<u64> {
     let r = memory.layout().region_of(addr, PAGE as usize)?;
     Some(r.file_offset + (addr - r.guest_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmdriver::MemoryLayout;
+
+    const PD: u64 = 0x10_0000;
+    const PT: u64 = 0x10_1000;
+    const DATA: u32 = 0x20_0000;
+    const HI: u32 = 0xC000_0000;
+
+    fn put(m: &GuestMemory, addr: u64, v: u32) {
+        m.write(addr, &v.to_le_bytes()).unwrap();
+    }
+
+    /// HI -> DATA (user, writable); HI+1 page -> the page table itself (supervisor);
+    /// HI+2 pages -> DATA+1 page (user, read-only); HI+3 pages -> the local APIC (device).
+    fn setup(budget: usize) -> (Arc<GuestMemory>, ShadowMmu, Paging) {
+        let mem = Arc::new(GuestMemory::new(MemoryLayout::new(8).unwrap()).unwrap());
+        put(&mem, PD + 4 * 0x300, PT as u32 | 7);
+        put(&mem, PT, DATA | 7);
+        put(&mem, PT + 4, PT as u32 | 3);
+        put(&mem, PT + 8, (DATA + 0x1000) | 5);
+        put(&mem, PT + 12, 0xFEE0_0000 | 3);
+        let shadow = ShadowMmu::new(mem.clone(), budget);
+        let p = Paging {
+            enabled: true,
+            mode: Mode {
+                cr3: PD as u32,
+                pae: false,
+                pse: true,
+                wp: true,
+                pge: false,
+            },
+            pdptes: [0; 4],
+            user: false,
+        };
+        (mem, shadow, p)
+    }
+
+    fn fault(s: &mut ShadowMmu, p: &Paging, linear: u32, write: bool) -> Fault {
+        let base = s.activate(p).unwrap();
+        s.on_fault(p, base + u64::from(linear), write).unwrap()
+    }
+
+    #[test]
+    fn a_read_maps_read_only_until_the_first_write_sets_dirty() {
+        let (mem, mut s, p) = setup(4);
+        assert_eq!(fault(&mut s, &p, HI + 8, false), Fault::Hidden);
+        assert_eq!(
+            s.mapping(&p, HI),
+            Some((DATA >> 12, false)),
+            "clean: read-only"
+        );
+        assert_eq!(mem.read_u32(PT).unwrap() & 0x60, 0x20, "A set, D not");
+        assert_eq!(fault(&mut s, &p, HI + 8, true), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, true)));
+        assert_eq!(
+            mem.read_u32(PT).unwrap() & 0x60,
+            0x60,
+            "the first write set D"
+        );
+        assert!(s.is_traced((PT >> 12) as u32), "the page table is traced");
+        assert_eq!(s.stats.hidden_faults, 2);
+    }
+
+    #[test]
+    fn forbidden_accesses_are_true_faults() {
+        let (_mem, mut s, mut p) = setup(4);
+        assert_eq!(
+            fault(&mut s, &p, HI + 0x40_0000, false),
+            Fault::True,
+            "no table"
+        );
+        p.user = true;
+        assert_eq!(
+            fault(&mut s, &p, HI + 0x1000, false),
+            Fault::True,
+            "supervisor page"
+        );
+        assert_eq!(
+            fault(&mut s, &p, HI + 0x2000, true),
+            Fault::True,
+            "read-only page"
+        );
+        assert_eq!(fault(&mut s, &p, HI + 0x2000, false), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI + 0x1000), None);
+        assert_eq!(s.stats.true_faults, 3);
+        // WP=0: the supervisor may write the read-only page.
+        p.user = false;
+        p.mode.wp = false;
+        assert_eq!(fault(&mut s, &p, HI + 0x2000, true), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI + 0x2000), Some(((DATA >> 12) + 1, true)));
+    }
+
+    #[test]
+    fn device_memory_is_never_mapped() {
+        let (_mem, mut s, p) = setup(4);
+        assert_eq!(fault(&mut s, &p, HI + 0x3000, false), Fault::Emulate);
+        assert_eq!(s.mapping(&p, HI + 0x3000), None);
+    }
+
+    #[test]
+    fn a_changed_entry_drops_exactly_its_mapping() {
+        let (mem, mut s, p) = setup(4);
+        fault(&mut s, &p, HI, true);
+        fault(&mut s, &p, HI + 0x2000, false);
+        // The page table, mapped at HI + 0x1000, is read-only: a write there is traced.
+        assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Traced);
+        assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, false)));
+        // The emulated write re-points HI; the other entries keep their mappings.
+        put(&mem, PT, (DATA + 0x3000) | 7);
+        for page in mem.take_written_code_pages() {
+            s.table_written(page).unwrap();
+        }
+        assert_eq!(s.mapping(&p, HI), None);
+        assert_eq!(s.mapping(&p, HI + 0x2000), Some(((DATA >> 12) + 1, false)));
+        assert_eq!(s.stats.entries_dropped, 1);
+        // Clearing A only keeps the mapping (a TLB would keep it) until the next CR3 load.
+        fault(&mut s, &p, HI, false);
+        for page in mem.take_written_code_pages() {
+            s.table_written(page).unwrap(); // the walk's A bit: nothing to drop
+        }
+        assert!(s.mapping(&p, HI).is_some());
+        let e = mem.read_u32(PT).unwrap();
+        put(&mem, PT, e & !0x20);
+        s.table_written((PT >> 12) as u32).unwrap();
+        assert!(s.mapping(&p, HI).is_some());
+        s.cr3_loaded(&p).unwrap();
+        assert_eq!(s.mapping(&p, HI), None);
+    }
+
+    #[test]
+    fn invlpg_drops_the_page_and_code_pages_are_read_only() {
+        let (_mem, mut s, p) = setup(4);
+        fault(&mut s, &p, HI, true);
+        s.invlpg(&p, HI + 0x123).unwrap();
+        assert_eq!(s.mapping(&p, HI), None);
+        fault(&mut s, &p, HI, true);
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, true)));
+        s.mark_code(DATA >> 12).unwrap();
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, false)));
+        assert_eq!(fault(&mut s, &p, HI, true), Fault::Code(DATA >> 12));
+        s.unmark_code(DATA >> 12).unwrap();
+        assert_eq!(fault(&mut s, &p, HI, true), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, true)));
+    }
+
+    #[test]
+    fn a_fetch_follows_the_tables_and_its_changes() {
+        let (mem, mut s, p) = setup(4);
+        assert_eq!(s.code_page(&p, HI + 5).unwrap(), Some(DATA >> 12));
+        let epoch = s.code_epoch();
+        put(&mem, PT, (DATA + 0x3000) | 7);
+        s.table_written((PT >> 12) as u32).unwrap();
+        assert!(s.code_epoch() > epoch, "indirect lookups must be forgotten");
+        assert_eq!(s.code_page(&p, HI + 5).unwrap(), Some((DATA >> 12) + 3));
+        let mut user = p;
+        user.user = true;
+        assert_eq!(
+            s.code_page(&user, HI + 0x1000).unwrap(),
+            None,
+            "supervisor code"
+        );
+    }
+
+    #[test]
+    fn windows_are_recycled_within_the_budget() {
+        let (mem, mut s, mut p) = setup(2);
+        for i in 0..5u32 {
+            // Each CR3 a copy of the directory.
+            let pd = 0x30_0000 + u64::from(i) * 0x1000;
+            put(&mem, pd + 4 * 0x300, PT as u32 | 7);
+            p.mode.cr3 = pd as u32;
+            assert_eq!(fault(&mut s, &p, HI, false), Fault::Hidden);
+        }
+        assert_eq!(s.windows(), 2);
+        assert_eq!(s.stats.windows_created, 2);
+        assert_eq!(s.stats.windows_recycled, 3);
+        // The recycled windows gave up their dependencies: only the live ones trace pages.
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, false)));
+    }
 }
