@@ -1094,6 +1094,33 @@ mod tests {
     }
 
     #[test]
+    fn a_table_written_too_often_is_untraced_then_resynchronised() {
+        let (mem, mut s, p) = setup(4);
+        fault(&mut s, &p, HI, true);
+        for _ in 0..=UNTRACE_WRITES {
+            assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Traced);
+        }
+        assert_eq!(s.stats.trace_drops, 1);
+        // Untraced: the table's page becomes writable, and guest writes to it go straight in.
+        assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, true)));
+        put(&mem, PT, (DATA + 0x3000) | 7);
+        s.table_written((PT >> 12) as u32).unwrap();
+        assert!(
+            s.mapping(&p, HI).is_some(),
+            "stale until the TLB would be flushed"
+        );
+        // INVLPG of another page resynchronises the table: the changed entry goes; the table
+        // was written, so it stays untraced.
+        s.invlpg(&p, HI + 0x2000).unwrap();
+        assert_eq!(s.mapping(&p, HI), None);
+        assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, true)));
+        // A quiet period: the next CR3 load traces it again.
+        s.cr3_loaded(&p).unwrap();
+        assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, false)));
+    }
+
+    #[test]
     fn windows_are_recycled_within_the_budget() {
         let (mem, mut s, mut p) = setup(2);
         for i in 0..5u32 {

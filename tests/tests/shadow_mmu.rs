@@ -105,8 +105,9 @@ fn mappings_code_keying_live_edits_wp_and_copy_on_write_match_qemu() {
     assert!(stat(&o, "true faults") >= 5, "{}", o.stderr);
     assert!(stat(&o, "traced writes") > 0, "{}", o.stderr);
     assert!(stat(&o, "shadow entries dropped") > 0, "{}", o.stderr);
-    // The table edited 300 times stopped being traced (and was resynchronised at INVLPG).
-    assert!(stat(&o, "trace drops") >= 1, "{}", o.stderr);
+    // The instruction that edited the table 300 times was retranslated as a callout after a
+    // few traced-write faults.
+    assert!(stat(&o, "retranslated to emulate") >= 1, "{}", o.stderr);
     assert!(stat(&o, "code-page writes") >= 1, "{}", o.stderr);
 }
 

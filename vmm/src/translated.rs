@@ -33,7 +33,7 @@
 //! Translation needs flat 32-bit protected mode; in any other mode the interpreter runs the
 //! guest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -95,6 +95,7 @@ struct Counters {
     exits_request: u64,
     interpreted_runs: u64,
     fetch_faults: u64,
+    retranslated: u64,
     signals: [u64; 6],
     callouts: HashMap<Mnemonic, u64>,
 }
@@ -105,6 +106,8 @@ struct PageCode<'a> {
     memory: &'a GuestMemory,
     linear_page: u32,
     phys_page: u32,
+    /// Instructions (EIP, code page) retranslated as callouts because they kept trapping.
+    emulated: &'a HashSet<(u32, u32)>,
 }
 
 impl CodeSource for PageCode<'_> {
@@ -123,7 +126,14 @@ impl CodeSource for PageCode<'_> {
             Err(_) => 0,
         }
     }
+
+    fn emulate(&self, eip: u32) -> bool {
+        self.emulated.contains(&(eip, self.phys_page))
+    }
 }
+
+/// Traced-page writes one instruction may fault on before it is retranslated as a callout.
+const TRAPS_BEFORE_EMULATION: u32 = 4;
 
 /// CR0 bits whose change empties the shadow windows.
 const CR0_PAGING: u32 = cr0::PG | cr0::WP | cr0::PE;
@@ -142,6 +152,10 @@ pub struct BtEngine {
     /// CR0, CR4 and CPL the shadow and the lookup table were last brought up to date for.
     seen: (u32, u32, u8),
     code_epoch: u64,
+    /// Traced-page write faults by instruction (EIP, code page).
+    trapping: HashMap<(u32, u32), u32>,
+    /// Instructions retranslated as callouts.
+    emulated: HashSet<(u32, u32)>,
 }
 
 impl BtEngine {
@@ -174,6 +188,8 @@ impl BtEngine {
             counters: Counters::default(),
             seen,
             code_epoch: 0,
+            trapping: HashMap::new(),
+            emulated: HashSet::new(),
         })
     }
 
@@ -298,6 +314,7 @@ impl BtEngine {
             memory: &self.memory,
             linear_page: eip >> 12,
             phys_page: page,
+            emulated: &self.emulated,
         };
         let t = self.translator.translate(&src, eip, page)?;
         for flushed in t.flushed_pages {
@@ -352,6 +369,7 @@ impl BtEngine {
             memory: &self.memory,
             linear_page: eip >> 12,
             phys_page: page,
+            emulated: &self.emulated,
         };
         let n = src.read_code(eip, &mut bytes);
         let m = Decoder::with_ip(32, &bytes[..n], u64::from(eip), DecoderOptions::NONE)
@@ -473,6 +491,7 @@ impl BtEngine {
             return Err(BtError::Unmapped { signo, rip });
         };
         let (eip, not_retired) = (entry.guest_eip, u64::from(unit.instructions - entry.index));
+        let code_page = unit.page;
         self.interp.cpu_mut().eip = eip;
         if signo == SIGSEGV && self.vcpu.is_poll_address(addr) {
             // A time slice ended: the unit had not started (the poll is its first instruction,
@@ -488,9 +507,22 @@ impl BtEngine {
         if signo == SIGSEGV {
             let write = self.vcpu.context().fault_error & 2 != 0;
             let p = self.paging();
-            if let Fault::Code(page) = self.shadow.on_fault(&p, addr, write)? {
-                // A write to a page holding translations (self-modifying code).
-                self.drop_page(page)?;
+            match self.shadow.on_fault(&p, addr, write)? {
+                Fault::Code(page) => {
+                    // A write to a page holding translations (self-modifying code).
+                    self.drop_page(page)?;
+                }
+                Fault::Traced => {
+                    // An instruction that keeps writing page tables: retranslate it as a
+                    // callout, cheaper than a fault each time.
+                    let n = self.trapping.entry((eip, code_page)).or_default();
+                    *n += 1;
+                    if *n >= TRAPS_BEFORE_EMULATION && self.emulated.insert((eip, code_page)) {
+                        self.counters.retranslated += 1;
+                        self.drop_page(code_page)?;
+                    }
+                }
+                _ => {}
             }
         }
         // The registers hold the guest state at the start of the faulting instruction: the
@@ -533,6 +565,7 @@ impl BtEngine {
             ("exit: interp mode", c.interpreted_runs),
             ("code-page writes", m.code_writes),
             ("fetch faults", c.fetch_faults),
+            ("retranslated to emulate", c.retranslated),
             ("hidden faults", m.hidden_faults),
             ("true faults", m.true_faults),
             ("traced writes", m.traced_writes),
