@@ -124,6 +124,8 @@ pub struct ShadowStats {
     pub emulated: u64,
     /// Writes to pages holding translated code.
     pub code_writes: u64,
+    /// Pages mapped along with a faulting one (large pages, contiguous runs).
+    pub eager_pages: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,9 +185,9 @@ pub struct ShadowMmu {
     clock: u64,
     current: Option<(Key, usize)>,
     /// Guest-physical page -> window pages mapping it.
-    rmap: HashMap<u32, Vec<(u32, u32)>>,
+    rmap: HashMap<u32, HashSet<(u32, u32)>>,
     /// Guest-physical entry address -> window pages (or code pages) depending on it.
-    deps: HashMap<u64, Vec<(u32, u32)>>,
+    deps: HashMap<u64, HashSet<(u32, u32)>>,
     traces: HashMap<u32, Trace>,
     code: HashSet<u32>,
     /// Code fetch translations of the current CR3: linear page -> (guest-physical page, user).
@@ -383,7 +385,7 @@ impl ShadowMmu {
     fn forget(&mut self, id: u32, lin: u32, m: &PageMap) {
         self.live_pages = self.live_pages.saturating_sub(1);
         if let Some(v) = self.rmap.get_mut(&m.gpa_page) {
-            v.retain(|&x| x != (id, lin));
+            v.remove(&(id, lin));
             if v.is_empty() {
                 self.rmap.remove(&m.gpa_page);
             }
@@ -396,7 +398,7 @@ impl ShadowMmu {
 
     fn release_dep(&mut self, entry: u64, who: (u32, u32)) {
         if let Some(v) = self.deps.get_mut(&entry) {
-            v.retain(|&x| x != who);
+            v.remove(&who);
             if v.is_empty() {
                 self.deps.remove(&entry);
             }
@@ -417,7 +419,7 @@ impl ShadowMmu {
 
     /// Records that (`id`, `lin`) depends on the guest entry at `entry`, tracing its page.
     fn add_dep(&mut self, entry: u64, who: (u32, u32)) -> Result<(), ShadowError> {
-        self.deps.entry(entry).or_default().push(who);
+        self.deps.entry(entry).or_default().insert(who);
         let page = (entry >> 12) as u32;
         if let Some(t) = self.traces.get_mut(&page) {
             t.users += 1;
@@ -476,6 +478,48 @@ impl ShadowMmu {
         self.spaces[id as usize].window.unmap(lin << 12, PAGE)?;
         self.stats.mmap_calls += 1;
         self.stats.entries_dropped += 1;
+        Ok(())
+    }
+
+    /// Drops many window pages (or code pages), unmapping each run of consecutive pages of a
+    /// window with one call.
+    fn drop_pages(&mut self, mut list: Vec<(u32, u32)>) -> Result<(), ShadowError> {
+        list.sort_unstable();
+        list.dedup();
+        let mut run: Option<(u32, u32, u32)> = None; // (window, first, count)
+        for (id, lin) in list {
+            if id == CODE {
+                self.drop_page(CODE, lin)?;
+                continue;
+            }
+            let Some(m) = self.spaces[id as usize].pages.remove(&lin) else {
+                continue;
+            };
+            self.forget(id, lin, &m);
+            self.stats.entries_dropped += 1;
+            match run {
+                Some((rid, first, n)) if rid == id && first + n == lin => {
+                    run = Some((rid, first, n + 1));
+                }
+                _ => {
+                    if let Some((rid, first, n)) = run {
+                        self.unmap_run(rid, first, n)?;
+                    }
+                    run = Some((id, lin, 1));
+                }
+            }
+        }
+        if let Some((rid, first, n)) = run {
+            self.unmap_run(rid, first, n)?;
+        }
+        Ok(())
+    }
+
+    fn unmap_run(&mut self, id: u32, first: u32, n: u32) -> Result<(), ShadowError> {
+        self.spaces[id as usize]
+            .window
+            .unmap(first << 12, u64::from(n) * PAGE)?;
+        self.stats.mmap_calls += 1;
         Ok(())
     }
 
@@ -580,7 +624,10 @@ impl ShadowMmu {
                 }
                 s.pages.insert(lin, m);
             }
-            None => self.map_page(id, lin, m)?,
+            None => {
+                let (first, run) = self.run_around(id, lin, m, &t, p.mode.pae)?;
+                self.map_run(id, first, &run)?;
+            }
         }
         if write && !writable {
             if protected_code {
@@ -605,21 +652,24 @@ impl ShadowMmu {
         Ok(Fault::Hidden)
     }
 
-    /// Maps window page (`id`, `lin`) as `m` says, recycling windows if the host runs out of
-    /// mappings.
-    fn map_page(&mut self, id: usize, lin: u32, m: PageMap) -> Result<(), ShadowError> {
-        if self.live_pages + 1024 >= self.map_limit {
+    /// Maps consecutive window pages from `first`, backed by consecutive guest-physical pages,
+    /// as `maps` say, in one mmap (read-only pages inside a writable run get an mprotect
+    /// each), recycling windows if the host runs out of mappings.
+    fn map_run(&mut self, id: usize, first: u32, maps: &[PageMap]) -> Result<(), ShadowError> {
+        let n = maps.len() as u64;
+        if self.live_pages + n + 1024 >= self.map_limit {
             self.recycle_others(id)?;
         }
         let memory = self.memory.clone();
-        let Some(off) = file_offset(&memory, u64::from(m.gpa_page) << 12) else {
+        let Some(off) = file_offset(&memory, u64::from(maps[0].gpa_page) << 12) else {
             return Ok(());
         };
+        let writable = maps.iter().any(|m| m.writable);
         let mut tries = 0;
         loop {
             let r = self.spaces[id]
                 .window
-                .map(&memory, lin << 12, off, PAGE, m.writable);
+                .map(&memory, first << 12, off, n * PAGE, writable);
             self.stats.mmap_calls += 1;
             match r {
                 Ok(()) => break,
@@ -640,13 +690,130 @@ impl ShadowMmu {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.live_pages += 1;
-        self.spaces[id].pages.insert(lin, m);
-        self.rmap
-            .entry(m.gpa_page)
-            .or_default()
-            .push((id as u32, lin));
+        for (i, m) in maps.iter().enumerate() {
+            let lin = first + i as u32;
+            if writable && !m.writable {
+                self.spaces[id].window.protect(lin << 12, PAGE, false)?;
+                self.stats.mprotect_calls += 1;
+            }
+            self.live_pages += 1;
+            self.spaces[id].pages.insert(lin, *m);
+            self.rmap
+                .entry(m.gpa_page)
+                .or_default()
+                .insert((id as u32, lin));
+        }
+        self.stats.eager_pages += n - 1;
         Ok(())
+    }
+
+    /// The pages to map along with (`id`, `lin`) → `m` in one call: all of a large page, or
+    /// the neighbours in the same page table that map physically contiguous memory with the
+    /// same rights and were already accessed (so mapping them early changes no A bit the guest
+    /// can see). Their dependencies are recorded. Returns the first page and the run.
+    fn run_around(
+        &mut self,
+        id: usize,
+        lin: u32,
+        m: PageMap,
+        t: &Translation,
+        pae: bool,
+    ) -> Result<(u32, Vec<PageMap>), ShadowError> {
+        let Some(region) = self
+            .memory
+            .layout()
+            .region_of(u64::from(m.gpa_page) << 12, 1)
+        else {
+            return Ok((lin, vec![m]));
+        };
+        let (lo, hi) = (
+            (region.guest_addr >> 12) as u32,
+            ((region.end() >> 12) - 1) as u32,
+        );
+        let gpa_of = |l: u32| -> Option<u32> {
+            let g = i64::from(m.gpa_page) + i64::from(l) - i64::from(lin);
+            (i64::from(lo)..=i64::from(hi))
+                .contains(&g)
+                .then_some(g as u32)
+        };
+        // Candidate pages, nearest first on each side, and what each would map.
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        if t.page_size > PAGE as u32 {
+            let span = t.page_size >> 12;
+            let start = lin & !(span - 1);
+            for (side, range) in [
+                (&mut before, (start..lin).rev().collect::<Vec<_>>()),
+                (&mut after, (lin + 1..start + span).collect()),
+            ] {
+                for l in range {
+                    if self.spaces[id].pages.contains_key(&l) {
+                        break;
+                    }
+                    let Some(g) = gpa_of(l) else { break };
+                    let synced = self.traces.get(&g).is_some_and(|tr| !tr.unsynced);
+                    let writable = m.writable && !synced && !self.code.contains(&g);
+                    side.push((
+                        l,
+                        PageMap {
+                            gpa_page: g,
+                            writable,
+                            ..m
+                        },
+                    ));
+                }
+            }
+        } else if let (false, Some(pte_addr)) = (pae, t.entries[1]) {
+            // 2-level tables: up to RUN neighbours each side in the same table.
+            const RUN: u32 = 16;
+            const SAME: u32 = 0x147; // P, RW, US, D, G
+            let mut mem = WalkMem(&self.memory);
+            let leaf = mem.read_u32(pte_addr);
+            let base = pte_addr & !0xFFF;
+            let idx = ((pte_addr & 0xFFF) / 4) as u32;
+            let first_l = lin - idx;
+            let lo_i = idx.saturating_sub(RUN);
+            let hi_i = (idx + RUN).min(1023);
+            for (side, range) in [
+                (&mut before, (lo_i..idx).rev().collect::<Vec<_>>()),
+                (&mut after, (idx + 1..=hi_i).collect()),
+            ] {
+                for j in range {
+                    let l = first_l + j;
+                    if self.spaces[id].pages.contains_key(&l) {
+                        break;
+                    }
+                    let Some(g) = gpa_of(l) else { break };
+                    let e = mem.read_u32(base + 4 * u64::from(j));
+                    let accessed = e & 0x21 == 0x21;
+                    if !accessed || (e ^ leaf) & SAME != 0 || e >> 12 != g {
+                        break;
+                    }
+                    if self.code.contains(&g) || self.traces.contains_key(&g) {
+                        break;
+                    }
+                    side.push((
+                        l,
+                        PageMap {
+                            gpa_page: g,
+                            entries: [t.entries[0], Some(base + 4 * u64::from(j))],
+                            ..m
+                        },
+                    ));
+                }
+            }
+        }
+        before.reverse();
+        let first = before.first().map_or(lin, |(l, _)| *l);
+        for (l, pm) in before.iter().chain(after.iter()) {
+            for e in pm.entries.iter().flatten() {
+                self.add_dep(*e, (id as u32, *l))?;
+            }
+        }
+        let mut run: Vec<PageMap> = before.into_iter().map(|(_, pm)| pm).collect();
+        run.push(m);
+        run.extend(after.into_iter().map(|(_, pm)| pm));
+        Ok((first, run))
     }
 
     /// Empties every window but `keep` (the host is short of mappings).
@@ -702,6 +869,7 @@ impl ShadowMmu {
         t.copy = now;
         let any = !changed.is_empty();
         let base = u64::from(page) << 12;
+        let mut dropped = Vec::new();
         for (i, old, new) in changed {
             let diff = u64::from(old ^ new);
             let ad = pte::A | pte::D;
@@ -720,27 +888,30 @@ impl ShadowMmu {
                             self.pending.insert(who);
                         }
                     } else {
-                        self.drop_page(who.0, who.1)?;
+                        dropped.push(who);
                     }
                 }
             }
         }
+        self.drop_pages(dropped)?;
         Ok(any)
     }
 
     /// A CR3 load (MOV to CR3, a task switch): entries that lost A/D since they were mapped are
     /// flushed (global ones stay while PGE is on), untraced tables resynchronised.
     pub fn cr3_loaded(&mut self, p: &Paging) -> Result<(), ShadowError> {
-        let pending: Vec<(u32, u32)> = self.pending.iter().copied().collect();
-        for (id, lin) in pending {
-            let global = self.spaces[id as usize]
-                .pages
-                .get(&lin)
-                .is_some_and(|m| m.global && p.mode.pge);
-            if !global {
-                self.drop_page(id, lin)?;
-            }
-        }
+        let pending: Vec<(u32, u32)> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|(id, lin)| {
+                !self.spaces[*id as usize]
+                    .pages
+                    .get(lin)
+                    .is_some_and(|m| m.global && p.mode.pge)
+            })
+            .collect();
+        self.drop_pages(pending)?;
         self.resync_untraced()?;
         for t in self.traces.values_mut() {
             t.writes = 0;
@@ -789,9 +960,7 @@ impl ShadowMmu {
             }
             let span = m.page_size >> 12;
             let first = lin & !(span - 1);
-            for l in first..first + span {
-                self.drop_page(id as u32, l)?;
-            }
+            self.drop_pages((first..first + span).map(|l| (id as u32, l)).collect())?;
         }
         self.drop_page(CODE, lin)?;
         Ok(())
@@ -1118,6 +1287,41 @@ mod tests {
         // A quiet period: the next CR3 load traces it again.
         s.cr3_loaded(&p).unwrap();
         assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, false)));
+    }
+
+    #[test]
+    fn large_pages_and_accessed_neighbours_map_in_one_call() {
+        let (mem, mut s, p) = setup(4);
+        // A 4 MiB page at 0x0040_0000 -> 4 MiB (the 8 MiB guest has RAM up to 8 MiB).
+        put(&mem, PD + 4, 0x40_0000 | 0x83);
+        let calls = s.stats.mmap_calls;
+        assert_eq!(fault(&mut s, &p, 0x45_6789, false), Fault::Hidden);
+        assert_eq!(s.mapping(&p, 0x40_0000), Some((0x400, false)));
+        assert_eq!(s.mapping(&p, 0x7F_F000), Some((0x7FF, false)));
+        assert_eq!(
+            s.stats.mmap_calls,
+            calls + 1,
+            "one call for the whole large page"
+        );
+        // 4 KiB pages: neighbours already accessed map along; an unaccessed one stops the run
+        // and keeps A clear.
+        for i in 0..4u64 {
+            let a = if i == 3 { 0 } else { 0x20 };
+            put(
+                &mem,
+                PT + 4 * (0x10 + i),
+                (0x30_0000 + 0x1000 * i as u32) | 3 | a,
+            );
+        }
+        let calls = s.stats.mmap_calls;
+        assert_eq!(fault(&mut s, &p, HI + 0x1_0000, false), Fault::Hidden);
+        assert_eq!(s.stats.mmap_calls, calls + 1);
+        assert_eq!(s.mapping(&p, HI + 0x1_2000), Some((0x302, false)));
+        assert_eq!(s.mapping(&p, HI + 0x1_3000), None);
+        assert_eq!(mem.read_u32(PT + 4 * 0x13).unwrap() & 0x20, 0);
+        // INVLPG of the large page drops all of it.
+        s.invlpg(&p, 0x40_0000).unwrap();
+        assert_eq!(s.mapping(&p, 0x7F_F000), None);
     }
 
     #[test]

@@ -567,6 +567,7 @@ impl BtEngine {
             ("fetch faults", c.fetch_faults),
             ("retranslated to emulate", c.retranslated),
             ("hidden faults", m.hidden_faults),
+            ("pages mapped eagerly", m.eager_pages),
             ("true faults", m.true_faults),
             ("traced writes", m.traced_writes),
             ("trace drops", m.trace_drops),
