@@ -132,6 +132,9 @@ impl CodeSource for PageCode<'_> {
     }
 }
 
+/// The environment variable that sets how many shadow address-space windows bt keeps.
+pub const WINDOWS_VAR: &str = "BT86_WINDOWS";
+
 /// Traced-page writes one instruction may fault on before it is retranslated as a callout.
 const TRAPS_BEFORE_EMULATION: u32 = 4;
 
@@ -160,8 +163,22 @@ pub struct BtEngine {
 
 impl BtEngine {
     /// Wraps `interp` (which holds the initial CPU state) with a translator over `memory`.
+    /// The window budget is [`DEFAULT_WINDOW_BUDGET`], or `$BT86_WINDOWS` when set.
     pub fn new(interp: Interp, memory: Arc<GuestMemory>) -> Result<Self, BtError> {
-        Self::with_window_budget(interp, memory, DEFAULT_WINDOW_BUDGET)
+        let windows = match std::env::var(WINDOWS_VAR) {
+            Ok(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n >= 2)
+                .ok_or_else(|| {
+                    BtError::Setup(format!(
+                        "{WINDOWS_VAR}={v:?} is not a window count: give a number of at least 2"
+                    ))
+                })?,
+            Err(_) => DEFAULT_WINDOW_BUDGET,
+        };
+        Self::with_window_budget(interp, memory, windows)
     }
 
     /// Like [`BtEngine::new`], keeping at most `windows` shadow address-space windows.
