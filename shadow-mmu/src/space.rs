@@ -966,7 +966,18 @@ impl ShadowMmu {
         Ok(())
     }
 
-    /// A paging-mode change (CR0.PG/WP, CR4.PSE/PAE/PGE): every paged window is emptied.
+    /// CR4.PGE toggled (how guests flush global translations): the windows are coherent with
+    /// the guest's tables already, so only what a TLB would still hold goes — entries that
+    /// lost A/D (global ones too), untraced tables resynchronised, cached fetches.
+    pub fn flush_global(&mut self) -> Result<(), ShadowError> {
+        let pending: Vec<(u32, u32)> = self.pending.iter().copied().collect();
+        self.drop_pages(pending)?;
+        self.resync_untraced()?;
+        self.clear_code_tlb();
+        Ok(())
+    }
+
+    /// A paging-mode change (CR0.PG/WP, CR4.PSE/PAE): every paged window is emptied.
     pub fn flush_all(&mut self) -> Result<(), ShadowError> {
         for id in 0..self.spaces.len() {
             if self.spaces[id].key != Key::Physical {

@@ -420,6 +420,13 @@ pub fn shadow_spaces() -> AsmResult<Vec<u8>> {
         k.asm().add(edx, dword_ptr(FRAMES + 0x1000 * i + 4))?;
     }
     k.print_field("counters-total", edx)?;
+    // CR4.PGE off and on again: how kernels flush global translations.
+    k.asm().mov(eax, cr4)?;
+    k.asm().and(eax, !0x80u32)?;
+    k.asm().mov(cr4, eax)?;
+    k.asm().or(eax, 0x80u32)?;
+    k.asm().mov(cr4, eax)?;
+    print_masked(&mut k, "after-pge-toggle", 0xC000_0000, u32::MAX)?;
     print_masked(&mut k, "frame0-counter", FRAMES + 4, u32::MAX)?;
     print_masked(&mut k, "global-kernel-pte.ad", PT_K + 4 * 0x100, 0x160)?;
     print_masked(&mut k, "space5-pte1.ad", PTS + 5 * 0x1000 + 4, 0x60)?;

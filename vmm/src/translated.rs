@@ -273,7 +273,12 @@ impl BtEngine {
         let now = (c.cr0, c.cr4, c.cpl());
         let events = self.interp.take_tlb_events();
         let p = self.paging();
-        if (now.0 ^ self.seen.0) & CR0_PAGING != 0 || (now.1 ^ self.seen.1) & CR4_PAGING != 0 {
+        let (cr0_diff, cr4_diff) = (now.0 ^ self.seen.0, now.1 ^ self.seen.1);
+        if cr0_diff & CR0_PAGING == 0 && cr4_diff & CR4_PAGING == cr4::PGE {
+            // PGE toggled: a global flush (a superset of the events' flushes), not a new way
+            // of translating.
+            self.shadow.flush_global()?;
+        } else if cr0_diff & CR0_PAGING != 0 || cr4_diff & CR4_PAGING != 0 {
             self.shadow.flush_all()?;
             if (now.0 ^ self.seen.0) & cr0::PG != 0 {
                 // Units chained across pages while paging was off must not survive into an
@@ -287,7 +292,7 @@ impl BtEngine {
                 match e {
                     TlbEvent::Cr3Load => self.shadow.cr3_loaded(&p)?,
                     TlbEvent::Invlpg(linear) => self.shadow.invlpg(&p, linear)?,
-                    TlbEvent::Overflow => self.shadow.flush_all()?,
+                    TlbEvent::All | TlbEvent::Overflow => self.shadow.flush_all()?,
                 }
             }
         }

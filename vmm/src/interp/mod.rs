@@ -135,6 +135,8 @@ pub enum TlbEvent {
     Cr3Load,
     /// INVLPG of this linear address.
     Invlpg(u32),
+    /// CR0 or CR4 changed how linear addresses translate: everything goes.
+    All,
     /// More flushes than were kept: treat as a flush of everything.
     Overflow,
 }
@@ -594,8 +596,12 @@ impl Interp {
     /// Empties the TLB; with `keep_global`, translations marked global survive (a CR3 load).
     fn flush_tlb(&self, keep_global: bool) {
         let mut tlb = self.tlb.borrow_mut();
+        tlb.note(if keep_global {
+            TlbEvent::Cr3Load
+        } else {
+            TlbEvent::All
+        });
         if keep_global {
-            tlb.note(TlbEvent::Cr3Load);
             tlb.entries.retain(|_, e| e.global);
         } else {
             tlb.entries.clear();
