@@ -28,6 +28,8 @@ pub enum CacheError {
 pub struct Unit {
     /// Guest EIP of its first instruction.
     pub eip: u32,
+    /// The guest-physical page (number) its code was read from.
+    pub page: u32,
     /// Host address of its entry.
     pub host: u64,
     /// Host code length.
@@ -76,10 +78,14 @@ pub struct Translated {
 pub struct Translator {
     cache: CodeCache,
     units: Vec<Option<Unit>>,
-    by_eip: HashMap<u32, u32>,
+    /// Units by (linear EIP, guest-physical page of the code): a unit translated under one
+    /// address space is only found under another that maps its code to the same page.
+    by_eip: HashMap<(u32, u32), u32>,
     by_page: HashMap<u32, Vec<u32>>,
     by_host: BTreeMap<u64, u32>,
     lookup: Box<[[u64; 2]]>,
+    /// Lookup-table slots filled since it was last cleared.
+    lookup_used: Vec<u16>,
     /// Counters.
     pub stats: CacheStats,
 }
@@ -94,6 +100,7 @@ impl Translator {
             by_page: HashMap::new(),
             by_host: BTreeMap::new(),
             lookup: vec![[0u64; 2]; LOOKUP_ENTRIES].into_boxed_slice(),
+            lookup_used: Vec::new(),
             stats: CacheStats::default(),
         })
     }
@@ -103,15 +110,16 @@ impl Translator {
         self.lookup.as_ptr() as u64
     }
 
-    /// Host entry of the unit at guest `eip`, if translated.
-    pub fn entry(&self, eip: u32) -> Option<u64> {
-        let id = *self.by_eip.get(&eip)?;
+    /// Host entry of the unit at guest `eip` whose code is in guest-physical `page`, if
+    /// translated.
+    pub fn entry(&self, eip: u32, page: u32) -> Option<u64> {
+        let id = *self.by_eip.get(&(eip, page))?;
         self.units[id as usize].as_ref().map(|u| u.host)
     }
 
-    /// The unit number at guest `eip`, if translated.
-    pub fn unit_id(&self, eip: u32) -> Option<u32> {
-        self.by_eip.get(&eip).copied()
+    /// The unit number at guest `eip` with its code in guest-physical `page`, if translated.
+    pub fn unit_id(&self, eip: u32, page: u32) -> Option<u32> {
+        self.by_eip.get(&(eip, page)).copied()
     }
 
     /// A live unit.
@@ -124,8 +132,14 @@ impl Translator {
         self.by_page.keys().copied()
     }
 
-    /// Translates the unit at guest `eip` (which must not be translated yet).
-    pub fn translate(&mut self, src: &dyn CodeSource, eip: u32) -> Result<Translated, CacheError> {
+    /// Translates the unit at guest `eip`, whose code `src` reads from guest-physical `page`
+    /// (which must not be translated yet).
+    pub fn translate(
+        &mut self,
+        src: &dyn CodeSource,
+        eip: u32,
+        page: u32,
+    ) -> Result<Translated, CacheError> {
         let started = Instant::now();
         let id = self.units.len() as u32;
         let mut encoded = translate::translate(src, eip, id, self.cache.next_address())?;
@@ -147,6 +161,7 @@ impl Translator {
             .collect();
         self.units.push(Some(Unit {
             eip,
+            page,
             host,
             len: encoded.code.len() as u32,
             map: encoded.map,
@@ -156,8 +171,8 @@ impl Translator {
             incoming: Vec::new(),
             original,
         }));
-        self.by_eip.insert(eip, id);
-        self.by_page.entry(eip >> 12).or_default().push(id);
+        self.by_eip.insert((eip, page), id);
+        self.by_page.entry(page).or_default().push(id);
         self.by_host.insert(host, id);
         self.stats.units += 1;
         self.stats.instructions += u64::from(encoded.instructions);
@@ -168,10 +183,11 @@ impl Translator {
         })
     }
 
-    /// Patches exit `slot` of unit `from` to jump straight to the unit at `target` (when both
-    /// are live). Returns whether it did.
-    pub fn chain(&mut self, from: u32, slot: u32, target: u32) -> bool {
-        let Some(&to) = self.by_eip.get(&target) else {
+    /// Patches exit `slot` of unit `from` to jump straight to the unit at `target` with its
+    /// code in guest-physical `page` (when both are live). Returns whether it did. The caller
+    /// makes sure `target` maps to `page` whenever `from` runs.
+    pub fn chain(&mut self, from: u32, slot: u32, target: u32, page: u32) -> bool {
+        let Some(&to) = self.by_eip.get(&(target, page)) else {
             return false;
         };
         let Some(to_host) = self.unit(to).map(|u| u.host) else {
@@ -202,7 +218,24 @@ impl Translator {
 
     /// Enters `eip → host` in the indirect-branch lookup table.
     pub fn remember_indirect(&mut self, eip: u32, host: u64) {
-        self.lookup[(eip & 0xFFFF) as usize] = [!u64::from(eip), host];
+        let i = (eip & 0xFFFF) as usize;
+        if self.lookup[i] == [0, 0] {
+            self.lookup_used.push(i as u16);
+        }
+        self.lookup[i] = [!u64::from(eip), host];
+    }
+
+    /// Empties the indirect-branch lookup table (its entries are keyed by linear EIP alone, so
+    /// they go whenever the code's address space or privilege may have changed).
+    pub fn forget_indirect(&mut self) {
+        if self.lookup_used.len() > LOOKUP_ENTRIES / 8 {
+            self.lookup.fill([0, 0]);
+        } else {
+            for &i in &self.lookup_used {
+                self.lookup[i as usize] = [0, 0];
+            }
+        }
+        self.lookup_used.clear();
     }
 
     /// The unit and guest instruction a host RIP inside translated code belongs to.
@@ -218,7 +251,7 @@ impl Translator {
         Some((unit, entry))
     }
 
-    /// Drops every unit translated from guest page `page` (address >> 12), unchaining the
+    /// Drops every unit translated from guest-physical page `page` (address >> 12), unchaining the
     /// jumps that lead into them. Returns how many were dropped.
     pub fn invalidate_page(&mut self, page: u32) -> usize {
         let Some(ids) = self.by_page.remove(&page) else {
@@ -228,8 +261,8 @@ impl Translator {
             let Some(unit) = self.units[id as usize].take() else {
                 continue;
             };
-            if self.by_eip.get(&unit.eip) == Some(&id) {
-                self.by_eip.remove(&unit.eip);
+            if self.by_eip.get(&(unit.eip, unit.page)) == Some(&id) {
+                self.by_eip.remove(&(unit.eip, unit.page));
             }
             self.by_host.remove(&unit.host);
             let entry = &mut self.lookup[(unit.eip & 0xFFFF) as usize];
@@ -264,6 +297,7 @@ impl Translator {
         self.by_page.clear();
         self.by_host.clear();
         self.lookup.fill([0, 0]);
+        self.lookup_used.clear();
         self.cache.reset();
         self.stats.flushes += 1;
         pages

@@ -596,6 +596,14 @@ pub trait CodeSource {
     /// Copies guest code at linear `eip` into `buf`; returns how many bytes are readable (0 if
     /// the address is not RAM or firmware).
     fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize;
+
+    /// Whether the instruction at `eip` must be executed by the emulator even though it could
+    /// be translated (VMware's adaptive translation: an instruction that keeps trapping, e.g. on
+    /// a traced page table, is cheaper as a callout than as a fault).
+    fn emulate(&self, eip: u32) -> bool {
+        let _ = eip;
+        false
+    }
 }
 
 /// Translates the unit at guest `eip` (unit number `unit_id`) for host address `rip`.
@@ -645,6 +653,11 @@ pub fn translate(
         }
         let next = ins.next_ip32();
         guest_end = next;
+        if src.emulate(at) {
+            callout = Some(ins.mnemonic());
+            e.callout(at);
+            break;
+        }
         match rewrite(&mut e, &ins, next) {
             Rewrite::Continue => count += 1,
             Rewrite::End => {

@@ -2,9 +2,12 @@
 //! shadow page tables), hidden vs true page faults, traces on guest page-table pages, accessed and
 //! dirty bits, INVLPG and CR3 semantics (DESIGN.md section 3).
 //!
-//! Built so far: [`walk`], the guest page-table walk the interpreter uses today and the shadow
-//! address spaces will use when the translator needs them.
+//! - [`walk`]: the guest page-table walk, shared with the interpreter.
+//! - [`space`]: the shadow address spaces the translator's code runs in, and the classification
+//!   of every fault in them.
 
+pub mod space;
 pub mod walk;
 
+pub use space::{Fault, Paging, ShadowError, ShadowMmu, ShadowStats};
 pub use walk::{Access, Mode, PageFault, PhysMem, Translation};

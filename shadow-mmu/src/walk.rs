@@ -90,6 +90,9 @@ pub struct Translation {
     pub global: bool,
     /// Size of the page: 4 KiB, 2 MiB or 4 MiB.
     pub page_size: u32,
+    /// Guest-physical addresses of the entries the walk used: the directory entry, then the
+    /// table entry (None for a large page). The shadow MMU traces the pages holding them.
+    pub entries: [Option<u64>; 2],
 }
 
 /// A page fault: the error code the CPU pushes (CR2 is the linear address).
@@ -226,6 +229,7 @@ pub fn walk(
         dirty,
         global: mode.pge && leaf.1 & pte::G != 0,
         page_size,
+        entries: [Some(levels[0].0), (leaf_level == 1).then_some(levels[1].0)],
     })
 }
 
@@ -286,6 +290,7 @@ mod tests {
         let t = walk(&mut m, legacy(true), &[0; 4], 0x0040_3ABC, R).unwrap();
         assert_eq!(t.phys, 0x0077_7ABC);
         assert_eq!((t.page_size, t.dirty), (4096, false));
+        assert_eq!(t.entries, [Some(0x1004), Some(0x200C)]);
         assert_eq!(m.read_u32(0x1004) & 0x20, 0x20, "PDE accessed");
         assert_eq!(m.read_u32(0x200C) & 0x60, 0x20, "PTE accessed, not dirty");
         let t = walk(&mut m, legacy(true), &[0; 4], 0x0040_3000, W).unwrap();

@@ -215,6 +215,24 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "shadow-maps",
+        about: "non-identity maps, code through changing maps, 300 PTE edits with INVLPG, 4 MiB pages, WP=0/1, guest copy-on-write, A/D bits",
+        build: crate::mmu_kernels::shadow_maps,
+        firmware: false,
+    },
+    Entry {
+        name: "shadow-spaces",
+        about: "CR3 switches among 24 address spaces with global kernel pages, then four PAE spaces and a PDPT reload",
+        build: crate::mmu_kernels::shadow_spaces,
+        firmware: false,
+    },
+    Entry {
+        name: "shadow-user",
+        about: "a ring-3 process: read-only, supervisor and 4 MiB supervisor pages fault; copy-on-write; a WP=0 kernel write",
+        build: crate::mmu_kernels::shadow_user,
+        firmware: false,
+    },
+    Entry {
         name: "reset-rom",
         about: "firmware for --bios: real-mode code at the reset vector prints, calls, and exits",
         build: real_mode_rom,

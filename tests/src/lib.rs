@@ -4,6 +4,7 @@
 
 pub mod kernels;
 pub use bt86_guests::kit;
+pub mod mmu_kernels;
 pub mod oracle;
 pub mod runner;
 pub mod translator_kernels;

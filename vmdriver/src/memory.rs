@@ -207,11 +207,13 @@ pub struct GuestMemory {
     code: CodePages,
 }
 
-/// Guest-physical pages that hold translated code, and those of them written since the
-/// translator last looked: how writes the monitor makes on the guest's behalf (the interpreter,
-/// device DMA, loaders) invalidate translations. One bit per 4 KiB page of the 4 GiB space.
+/// Guest-physical pages that hold translated code or traced page tables, and those of them
+/// written since the monitor last looked: how writes the monitor makes on the guest's behalf
+/// (the interpreter, device DMA, loaders) invalidate translations and shadow mappings. One bit
+/// per 4 KiB page of the 4 GiB space in each of two sets.
 struct CodePages {
     marked: Box<[AtomicU64]>,
+    tables: Box<[AtomicU64]>,
     any_written: AtomicBool,
     written: Mutex<Vec<u32>>,
 }
@@ -220,6 +222,9 @@ impl CodePages {
     fn new() -> Self {
         Self {
             marked: (0..(1usize << 20) / 64)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            tables: (0..(1usize << 20) / 64)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             any_written: AtomicBool::new(false),
@@ -235,7 +240,10 @@ impl CodePages {
         let last = (addr + len as u64 - 1) >> 12;
         for page in first..=last.min((1 << 20) - 1) {
             let bit = 1u64 << (page % 64);
-            if self.marked[(page / 64) as usize].load(Ordering::Relaxed) & bit != 0 {
+            let w = (page / 64) as usize;
+            let watched =
+                self.marked[w].load(Ordering::Relaxed) | self.tables[w].load(Ordering::Relaxed);
+            if watched & bit != 0 {
                 self.written
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -353,7 +361,22 @@ impl GuestMemory {
         }
     }
 
-    /// The page numbers (address >> 12) of marked pages written since the last call, if any.
+    /// Marks (or unmarks) the guest-physical page holding `addr` as holding a page table the
+    /// shadow MMU traces: writes through this struct to it are recorded for
+    /// [`GuestMemory::take_written_code_pages`] as well.
+    pub fn mark_table_page(&self, addr: u32, on: bool) {
+        let page = addr >> 12;
+        let bit = 1u64 << (page % 64);
+        let word = &self.code.tables[(page / 64) as usize];
+        if on {
+            word.fetch_or(bit, Ordering::Relaxed);
+        } else {
+            word.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    /// The page numbers (address >> 12) of marked pages (code or traced page tables) written
+    /// since the last call, if any.
     pub fn take_written_code_pages(&self) -> Vec<u32> {
         if !self.code.any_written.swap(false, Ordering::AcqRel) {
             return Vec::new();

@@ -36,6 +36,14 @@ pub enum WindowError {
     },
 }
 
+impl WindowError {
+    /// Whether the host ran out of memory mappings (ENOMEM: usually vm.max_map_count).
+    pub fn out_of_mappings(&self) -> bool {
+        let WindowError::Host { source, .. } = self;
+        source.raw_os_error() == Some(libc::ENOMEM)
+    }
+}
+
 fn host_err(what: &'static str) -> WindowError {
     WindowError::Host {
         what,
@@ -120,6 +128,87 @@ impl Window {
         Ok(())
     }
 
+    /// Maps `len` bytes of the memory file at `file_offset` at guest linear address `linear`
+    /// (both page-aligned), read-only or read-write: one shadow mapping.
+    pub fn map(
+        &mut self,
+        memory: &GuestMemory,
+        linear: u32,
+        file_offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> Result<(), WindowError> {
+        debug_assert!(linear & 0xFFF == 0 && file_offset & 0xFFF == 0 && len & 0xFFF == 0);
+        assert!(
+            u64::from(linear) + len <= GIB4 && file_offset + len <= memory.layout().file_size(),
+            "a window mapping stays inside the window and the memory file"
+        );
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: replaces part of our own reservation (checked to lie inside the window) with
+        // a shared mapping of the memory file (checked to lie inside the file).
+        let p = unsafe {
+            libc::mmap(
+                (self.base + u64::from(linear)) as *mut libc::c_void,
+                len as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                memory.fd().as_raw_fd(),
+                file_offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(host_err("mmap of a guest page into the window"));
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at guest linear `linear` inaccessible again (an unmapped shadow
+    /// entry); the reservation stays.
+    pub fn unmap(&mut self, linear: u32, len: u64) -> Result<(), WindowError> {
+        assert!(
+            u64::from(linear) + len <= GIB4,
+            "an unmapped range stays inside the window"
+        );
+        // SAFETY: replaces part of our own window with a fresh inaccessible reservation.
+        let p = unsafe {
+            libc::mmap(
+                (self.base + u64::from(linear)) as *mut libc::c_void,
+                len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(host_err("munmap of window pages"));
+        }
+        Ok(())
+    }
+
+    /// Changes the access of `len` mapped bytes at guest linear `linear`.
+    pub fn protect(&mut self, linear: u32, len: u64, writable: bool) -> Result<(), WindowError> {
+        assert!(
+            u64::from(linear) + len <= GIB4,
+            "a protected range stays inside the window"
+        );
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let at = self.base + u64::from(linear);
+        // SAFETY: changes the protection of pages of our own window.
+        if unsafe { libc::mprotect(at as *mut libc::c_void, len as usize, prot) } != 0 {
+            return Err(host_err("mprotect of window pages"));
+        }
+        Ok(())
+    }
+
     /// Makes the window page holding guest address `page_addr` read-only (it holds translated
     /// code: a guest write must fault) or gives it back its normal access (`writable`).
     pub fn protect_page(&mut self, page_addr: u32, writable: bool) -> Result<(), WindowError> {
@@ -163,5 +252,24 @@ mod tests {
         assert_eq!(w.guest_address(w.base() - 1), None);
         w.protect_page(0x10_0123, false).unwrap();
         w.protect_page(0x10_0123, true).unwrap();
+    }
+
+    #[test]
+    fn pages_map_anywhere_in_the_window_and_unmap_again() {
+        let mem = GuestMemory::new(MemoryLayout::new(4).unwrap()).unwrap();
+        mem.write(0x20_3000, b"page").unwrap();
+        let mut w = Window::new().unwrap();
+        // Guest linear 0xC000_0000 -> guest-physical 0x20_3000, the way a page table maps it.
+        w.map(&mem, 0xC000_0000, 0x20_3000, 4096, false).unwrap();
+        let at = (w.base() + 0xC000_0000) as *const [u8; 4];
+        // SAFETY: mapped readable just above.
+        assert_eq!(unsafe { ptr::read(at) }, *b"page");
+        w.protect(0xC000_0000, 4096, true).unwrap();
+        // SAFETY: now writable; the write lands in guest memory through the shared mapping.
+        unsafe { ptr::write((w.base() + 0xC000_0004) as *mut u8, b'!') };
+        let mut b = [0u8; 5];
+        mem.read(0x20_3000, &mut b).unwrap();
+        assert_eq!(&b, b"page!");
+        w.unmap(0xC000_0000, 4096).unwrap();
     }
 }

@@ -90,6 +90,8 @@ pub struct VcpuContext {
     pub si_addr: u64,
     /// Host RIP where the signal interrupted translated code.
     pub fault_rip: u64,
+    /// The host page-fault error code of a SIGSEGV (bit 1: the access was a write).
+    pub fault_error: u64,
     magic: u64,
 }
 
@@ -295,6 +297,7 @@ impl Vcpu {
             si_code: 0,
             si_addr: 0,
             fault_rip: 0,
+            fault_error: 0,
             magic: CONTEXT_MAGIC,
         };
         // SAFETY: the first page is writable, page-aligned (so aligned for the struct) and ours.
@@ -577,6 +580,7 @@ extern "C" fn on_signal(signo: libc::c_int, info: *mut libc::siginfo_t, uctx: *m
                 (*ctx).si_code = (*info).si_code;
                 (*ctx).si_addr = (*info).si_addr() as u64;
                 (*ctx).fault_rip = rip;
+                (*ctx).fault_error = gregs[libc::REG_ERR as usize] as u64;
             }
             if let Some(i) = SIGNALS.iter().position(|s| *s == signo) {
                 REDIRECTED[i].fetch_add(1, Ordering::Relaxed);
@@ -669,6 +673,7 @@ mod tests {
             signo: c.signo,
             si_addr: c.si_addr,
             fault_rip: c.fault_rip,
+            fault_error: c.fault_error,
             retired: c.retired,
             ..*c
         }
@@ -718,6 +723,22 @@ mod tests {
         let c = run(&code, |_| {});
         assert_eq!(c.exit_reason, reason::SIGNAL);
         assert_eq!(c.signo, libc::SIGSEGV);
+    }
+
+    #[test]
+    fn a_write_fault_says_it_was_a_write() {
+        // mov gs:[0xF0000000], eax (32-bit addressing) faults as a write; a read does not.
+        let code = [0x65, 0x67, 0x89, 0x04, 0x25, 0x00, 0x00, 0x00, 0xF0];
+        let c = run(&code, |_| {});
+        assert_eq!(c.signo, libc::SIGSEGV);
+        assert_eq!(
+            c.fault_error & 2,
+            2,
+            "the write bit of the host #PF error code"
+        );
+        let code = [0x65, 0x67, 0x8B, 0x04, 0x25, 0x00, 0x00, 0x00, 0xF0];
+        let c = run(&code, |_| {});
+        assert_eq!(c.fault_error & 2, 0, "a read");
     }
 
     #[test]

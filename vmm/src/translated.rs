@@ -15,8 +15,23 @@
 //!   translations first invalidates them. A fault on the poll page is an exit request (a time
 //!   slice ended): the engine returns [`VmExit::Interrupted`] so the VM services its devices.
 //!
-//! Translation needs flat 32-bit protected mode with paging off (the shadow MMU is a later
-//! step); in any other mode the interpreter runs the guest.
+//! Guest memory is reached through the shadow MMU's address-space windows ([`ShadowMmu`]): one
+//! window mapping guest-physical memory linearly while paging is off, one per (CR3, privilege
+//! view) while it is on. A host fault in a window is classified there (hidden, true, traced
+//! write, code write, device memory); whatever is not resolved by mapping is executed by the
+//! interpreter, which raises the guest's #PF with its exact error code or performs the access.
+//! After every instruction the interpreter executes, the engine brings the shadow up to date:
+//! CR0/CR4 paging-bit changes empty the windows, CR3 loads and INVLPG go to the shadow MMU,
+//! and writes the monitor made to traced page tables or to translated code are resolved.
+//!
+//! Units are keyed by linear EIP *and* the guest-physical page their code came from: the unit
+//! found for an EIP is always the one translated from the code the current address space maps
+//! there. A unit chains directly only to units in its own page while paging is on (the page
+//! maps the same way for both), and the indirect-branch lookup table, keyed by EIP alone, is
+//! emptied whenever a code mapping or the privilege level may have changed.
+//!
+//! Translation needs flat 32-bit protected mode; in any other mode the interpreter runs the
+//! guest.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,12 +39,13 @@ use std::time::Duration;
 
 use bt::{CodeSource, Translator};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use vmdriver::window::Window;
+use shadow_mmu::space::DEFAULT_WINDOW_BUDGET;
+use shadow_mmu::{Fault, Mode, Paging, ShadowError, ShadowMmu};
 use vmdriver::world::{self, SliceTimer, Vcpu, reason};
-use vmdriver::{GuestMemory, IoHandler, RegionKind, VmExit};
+use vmdriver::{GuestMemory, IoHandler, VmExit};
 
-use crate::cpu::{SegReg, cr0, flags};
-use crate::interp::{Interp, InterpError};
+use crate::cpu::{SegReg, cr0, cr4, flags};
+use crate::interp::{Interp, InterpError, TlbEvent};
 
 /// How often translated code is made to return so timers and interrupts are serviced.
 const TIME_SLICE: Duration = Duration::from_millis(1);
@@ -47,9 +63,9 @@ pub enum BtError {
     /// The translation cache failed (a translator bug).
     #[error(transparent)]
     Cache(#[from] bt::CacheError),
-    /// A window page's protection could not be changed.
+    /// The shadow MMU failed (the host refused a window operation).
     #[error(transparent)]
-    Window(#[from] vmdriver::window::WindowError),
+    Shadow(#[from] ShadowError),
     /// Translated code made a system call (Syscall User Dispatch fired): a translator bug.
     #[error("translated code at host {rip:#x} made a system call; the VM is stopped")]
     SystemCall {
@@ -78,58 +94,119 @@ struct Counters {
     exits_signal: u64,
     exits_request: u64,
     interpreted_runs: u64,
-    code_faults: u64,
+    fetch_faults: u64,
+    retranslated: u64,
     signals: [u64; 6],
     callouts: HashMap<Mnemonic, u64>,
 }
 
-/// Guest code as the translator reads it: paging off, so linear = physical, from RAM or ROM.
-struct PhysCode<'a>(&'a GuestMemory);
+/// Guest code as the translator reads it: the linear page holding the unit, from the
+/// guest-physical page the address space maps it to (RAM or ROM).
+struct PageCode<'a> {
+    memory: &'a GuestMemory,
+    linear_page: u32,
+    phys_page: u32,
+    /// Instructions (EIP, code page) retranslated as callouts because they kept trapping.
+    emulated: &'a HashSet<(u32, u32)>,
+}
 
-impl CodeSource for PhysCode<'_> {
+impl CodeSource for PageCode<'_> {
     fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize {
-        let Some(r) = self.0.layout().region_of(u64::from(eip), 1) else {
+        if eip >> 12 != self.linear_page {
+            return 0;
+        }
+        let phys = (u64::from(self.phys_page) << 12) | u64::from(eip & 0xFFF);
+        let Some(r) = self.memory.layout().region_of(phys, 1) else {
             return 0;
         };
-        let n = buf.len().min((r.end() - u64::from(eip)) as usize);
-        match self.0.read(u64::from(eip), &mut buf[..n]) {
+        let page_end = (phys | 0xFFF) + 1;
+        let n = buf.len().min((r.end().min(page_end) - phys) as usize);
+        match self.memory.read(phys, &mut buf[..n]) {
             Ok(()) => n,
             Err(_) => 0,
         }
     }
+
+    fn emulate(&self, eip: u32) -> bool {
+        self.emulated.contains(&(eip, self.phys_page))
+    }
 }
+
+/// The environment variable that sets how many shadow address-space windows bt keeps.
+pub const WINDOWS_VAR: &str = "BT86_WINDOWS";
+
+/// Traced-page writes one instruction may fault on before it is retranslated as a callout.
+const TRAPS_BEFORE_EMULATION: u32 = 4;
+
+/// CR0 bits whose change empties the shadow windows.
+const CR0_PAGING: u32 = cr0::PG | cr0::WP | cr0::PE;
+/// CR4 bits whose change empties the shadow windows.
+const CR4_PAGING: u32 = cr4::PSE | cr4::PAE | cr4::PGE;
 
 /// The bt engine.
 pub struct BtEngine {
     interp: Interp,
     memory: Arc<GuestMemory>,
-    window: Window,
+    shadow: ShadowMmu,
     vcpu: Vcpu,
     translator: Translator,
-    code_pages: HashSet<u32>,
     _timer: SliceTimer,
     counters: Counters,
+    /// CR0, CR4 and CPL the shadow and the lookup table were last brought up to date for.
+    seen: (u32, u32, u8),
+    code_epoch: u64,
+    /// Traced-page write faults by instruction (EIP, code page).
+    trapping: HashMap<(u32, u32), u32>,
+    /// Instructions retranslated as callouts.
+    emulated: HashSet<(u32, u32)>,
 }
 
 impl BtEngine {
     /// Wraps `interp` (which holds the initial CPU state) with a translator over `memory`.
+    /// The window budget is [`DEFAULT_WINDOW_BUDGET`], or `$BT86_WINDOWS` when set.
     pub fn new(interp: Interp, memory: Arc<GuestMemory>) -> Result<Self, BtError> {
+        let windows = match std::env::var(WINDOWS_VAR) {
+            Ok(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n >= 2)
+                .ok_or_else(|| {
+                    BtError::Setup(format!(
+                        "{WINDOWS_VAR}={v:?} is not a window count: give a number of at least 2"
+                    ))
+                })?,
+            Err(_) => DEFAULT_WINDOW_BUDGET,
+        };
+        Self::with_window_budget(interp, memory, windows)
+    }
+
+    /// Like [`BtEngine::new`], keeping at most `windows` shadow address-space windows.
+    pub fn with_window_budget(
+        interp: Interp,
+        memory: Arc<GuestMemory>,
+        windows: usize,
+    ) -> Result<Self, BtError> {
         let setup = |e: &dyn std::fmt::Display| BtError::Setup(e.to_string());
-        let mut window = Window::new().map_err(|e| setup(&e))?;
-        window.map_physical(&memory).map_err(|e| setup(&e))?;
+        let shadow = ShadowMmu::new(memory.clone(), windows);
         let translator = Translator::new()?;
         let mut vcpu = Vcpu::new().map_err(|e| setup(&e))?;
         vcpu.context_mut().lookup = translator.lookup_table();
         let timer = SliceTimer::start(vcpu.exit_requester(), TIME_SLICE).map_err(|e| setup(&e))?;
+        let c = interp.cpu();
+        let seen = (c.cr0, c.cr4, c.cpl());
         Ok(Self {
             interp,
             memory,
-            window,
+            shadow,
             vcpu,
             translator,
-            code_pages: HashSet::new(),
             _timer: timer,
             counters: Counters::default(),
+            seen,
+            code_epoch: 0,
+            trapping: HashMap::new(),
+            emulated: HashSet::new(),
         })
     }
 
@@ -143,12 +220,28 @@ impl BtEngine {
         &mut self.interp
     }
 
-    /// Whether the CPU is in a mode translated code handles: flat 32-bit protected mode with
-    /// paging off, no v86, no single-stepping or breakpoints, no alignment checks.
+    /// The paging state the shadow MMU follows.
+    fn paging(&self) -> Paging {
+        let c = self.interp.cpu();
+        Paging {
+            enabled: c.cr0 & cr0::PG != 0,
+            mode: Mode {
+                cr3: c.cr3,
+                pae: c.cr4 & cr4::PAE != 0,
+                pse: c.cr4 & cr4::PSE != 0,
+                wp: c.cr0 & cr0::WP != 0,
+                pge: c.cr4 & cr4::PGE != 0,
+            },
+            pdptes: self.interp.pdptes(),
+            user: c.cpl() == 3,
+        }
+    }
+
+    /// Whether the CPU is in a mode translated code handles: flat 32-bit protected mode (paging
+    /// on or off), no v86, no single-stepping or breakpoints, no alignment checks.
     fn translatable(&self) -> bool {
         let c = self.interp.cpu();
         if !c.protected()
-            || c.cr0 & cr0::PG != 0
             || c.eflags & (flags::VM | flags::TF | flags::RF) != 0
             || c.dr[7] & 0xFF != 0
             || (c.cr0 & CR0_AM != 0 && c.eflags & flags::AC != 0 && c.cpl() == 3)
@@ -172,68 +265,88 @@ impl BtEngine {
             && flat(SegReg::Es, false)
     }
 
-    /// Invalidates the translations of guest pages written through the monitor's view (the
-    /// interpreter, devices, loaders).
-    fn sync_code_writes(&mut self) -> Result<(), BtError> {
-        for page in self.memory.take_written_code_pages() {
-            self.drop_page(page)?;
+    /// Brings the shadow MMU and the translation cache up to date with what the interpreter
+    /// (or a device, or a loader) just did: paging-mode changes, CR3 loads and INVLPG, writes to
+    /// traced page tables and to translated code, privilege changes.
+    fn sync(&mut self) -> Result<(), BtError> {
+        let c = self.interp.cpu();
+        let now = (c.cr0, c.cr4, c.cpl());
+        let events = self.interp.take_tlb_events();
+        let p = self.paging();
+        let (cr0_diff, cr4_diff) = (now.0 ^ self.seen.0, now.1 ^ self.seen.1);
+        if cr0_diff & CR0_PAGING == 0 && cr4_diff & CR4_PAGING == cr4::PGE {
+            // PGE toggled: a global flush (a superset of the events' flushes), not a new way
+            // of translating.
+            self.shadow.flush_global()?;
+        } else if cr0_diff & CR0_PAGING != 0 || cr4_diff & CR4_PAGING != 0 {
+            self.shadow.flush_all()?;
+            if (now.0 ^ self.seen.0) & cr0::PG != 0 {
+                // Units chained across pages while paging was off must not survive into an
+                // address space that maps those pages differently.
+                for page in self.translator.flush() {
+                    self.shadow.unmark_code(page)?;
+                }
+            }
+        } else {
+            for e in events {
+                match e {
+                    TlbEvent::Cr3Load => self.shadow.cr3_loaded(&p)?,
+                    TlbEvent::Invlpg(linear) => self.shadow.invlpg(&p, linear)?,
+                    TlbEvent::All | TlbEvent::Overflow => self.shadow.flush_all()?,
+                }
+            }
         }
+        for page in self.memory.take_written_code_pages() {
+            if self.shadow.is_code(page) {
+                self.drop_page(page)?;
+            }
+            if self.shadow.is_traced(page) {
+                self.shadow.table_written(page)?;
+            }
+        }
+        if now.2 != self.seen.2 || self.shadow.code_epoch() != self.code_epoch {
+            // Lookup entries are keyed by linear EIP alone: valid for one privilege level and
+            // one set of code mappings.
+            self.translator.forget_indirect();
+            self.code_epoch = self.shadow.code_epoch();
+        }
+        self.seen = now;
         Ok(())
     }
 
-    /// Drops the units of guest page `page` and gives the page back its normal access.
+    /// Drops the units of guest-physical page `page` and gives the page back its normal access.
     fn drop_page(&mut self, page: u32) -> Result<(), BtError> {
         self.translator.invalidate_page(page);
-        if self.code_pages.remove(&page) {
-            self.memory.mark_code_page(page << 12, false);
-            let ram = self
-                .memory
-                .layout()
-                .region_of(u64::from(page) << 12, 1)
-                .is_some_and(|r| r.kind == RegionKind::Ram);
-            if ram {
-                self.window.protect_page(page << 12, true)?;
-            }
-        }
+        self.shadow.unmark_code(page)?;
         Ok(())
     }
 
-    /// The host entry of the unit at `eip`, translating it if needed.
-    fn unit_for(&mut self, eip: u32) -> Result<u64, BtError> {
-        if let Some(host) = self.translator.entry(eip) {
-            return Ok(host);
+    /// The host entry of the unit at `eip` in the current address space, translating it if
+    /// needed; None if fetching there faults or is not memory (the interpreter executes it).
+    fn unit_for(&mut self, eip: u32) -> Result<Option<u64>, BtError> {
+        let p = self.paging();
+        let Some(page) = self.shadow.code_page(&p, eip)? else {
+            self.counters.fetch_faults += 1;
+            return Ok(None);
+        };
+        if let Some(host) = self.translator.entry(eip, page) {
+            return Ok(Some(host));
         }
-        let t = self.translator.translate(&PhysCode(&self.memory), eip)?;
-        for page in t.flushed_pages {
-            if page != eip >> 12 {
-                self.release_page(page)?;
+        let src = PageCode {
+            memory: &self.memory,
+            linear_page: eip >> 12,
+            phys_page: page,
+            emulated: &self.emulated,
+        };
+        let t = self.translator.translate(&src, eip, page)?;
+        for flushed in t.flushed_pages {
+            if flushed != page {
+                self.shadow.unmark_code(flushed)?;
             }
         }
-        let page = eip >> 12;
-        if self.code_pages.insert(page) {
-            // Guest writes to the page must now fault (translated code) or be noted (monitor).
-            self.memory.mark_code_page(eip, true);
-            if self.memory.layout().region_of(u64::from(eip), 1).is_some() {
-                self.window.protect_page(eip, false)?;
-            }
-        }
-        Ok(t.host)
-    }
-
-    /// Gives a page that no longer holds units back its normal access.
-    fn release_page(&mut self, page: u32) -> Result<(), BtError> {
-        if self.code_pages.remove(&page) {
-            self.memory.mark_code_page(page << 12, false);
-            let ram = self
-                .memory
-                .layout()
-                .region_of(u64::from(page) << 12, 1)
-                .is_some_and(|r| r.kind == RegionKind::Ram);
-            if ram {
-                self.window.protect_page(page << 12, true)?;
-            }
-        }
-        Ok(())
+        // Guest writes to the page must now fault (translated code) or be noted (monitor).
+        self.shadow.mark_code(page)?;
+        Ok(Some(t.host))
     }
 
     fn load_context(&mut self) {
@@ -257,7 +370,7 @@ impl BtEngine {
     fn interpret_one(&mut self, io: &mut dyn IoHandler) -> Result<Option<VmExit>, BtError> {
         let if_before = self.interp.cpu().eflags & flags::IF;
         let exit = self.interp.step_one(io)?;
-        self.sync_code_writes()?;
+        self.sync()?;
         if exit.is_some() {
             return Ok(exit);
         }
@@ -268,18 +381,29 @@ impl BtEngine {
         Ok(None)
     }
 
-    fn count_callout(&mut self, eip: u32) {
+    fn count_callout(&mut self, eip: u32) -> Result<(), BtError> {
         let mut bytes = [0u8; 15];
-        let n = PhysCode(&self.memory).read_code(eip, &mut bytes);
+        let p = self.paging();
+        let Some(page) = self.shadow.code_page(&p, eip)? else {
+            return Ok(());
+        };
+        let src = PageCode {
+            memory: &self.memory,
+            linear_page: eip >> 12,
+            phys_page: page,
+            emulated: &self.emulated,
+        };
+        let n = src.read_code(eip, &mut bytes);
         let m = Decoder::with_ip(32, &bytes[..n], u64::from(eip), DecoderOptions::NONE)
             .decode()
             .mnemonic();
         *self.counters.callouts.entry(m).or_default() += 1;
+        Ok(())
     }
 
     /// Runs until the VM must look: an I/O exit, a halt, a time slice's end.
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
-        self.sync_code_writes()?;
+        self.sync()?;
         for _ in 0..EXITS_PER_RUN {
             if self.vcpu.exit_requested() {
                 self.vcpu.clear_exit_request();
@@ -288,23 +412,38 @@ impl BtEngine {
             }
             if !self.translatable() {
                 self.counters.interpreted_runs += 1;
-                if self.interp.in_shadow() {
+                // An interrupt shadow, or RF (which the return from every fault handler sets,
+                // and which the next instruction clears): one instruction, then translated
+                // code again.
+                if self.interp.in_shadow() || self.interp.cpu().eflags & flags::RF != 0 {
                     match self.interpret_one(io)? {
                         Some(exit) => return Ok(exit),
                         None => continue,
                     }
                 }
                 let exit = self.interp.run(io)?;
-                self.sync_code_writes()?;
+                self.sync()?;
                 return Ok(exit);
             }
             let eip = self.interp.cpu().eip;
-            let host = self.unit_for(eip)?;
+            let Some(host) = self.unit_for(eip)? else {
+                // The fetch faults (or runs from device memory): the interpreter raises the
+                // #PF or executes it.
+                match self.interpret_one(io)? {
+                    Some(exit) => return Ok(exit),
+                    None => continue,
+                }
+            };
+            if self.shadow.code_epoch() != self.code_epoch {
+                self.translator.forget_indirect();
+                self.code_epoch = self.shadow.code_epoch();
+            }
+            let base = self.shadow.activate(&self.paging())?;
             self.load_context();
             // SAFETY: `host` is the entry of a unit the translator built under the contract
             // (guest memory only through GS, exits only through the stub), and the window maps
             // only guest memory.
-            unsafe { self.vcpu.enter(host, self.window.base()) };
+            unsafe { self.vcpu.enter(host, base) };
             self.store_context();
             let ctx = self.vcpu.context();
             let (why, target) = (ctx.exit_reason, ctx.exit_eip);
@@ -313,23 +452,34 @@ impl BtEngine {
                     self.counters.exits_branch += 1;
                     let (unit, slot) = (ctx.exit_unit, ctx.exit_slot);
                     self.interp.cpu_mut().eip = target;
-                    if self.translatable() {
-                        self.unit_for(target)?;
-                        self.translator.chain(unit, slot, target);
+                    let from = self.translator.unit(unit).map(|u| (u.eip, u.page));
+                    // While paging is on, only a target in the unit's own page is sure to map
+                    // to the same code whenever the unit runs.
+                    let same_page = from.is_some_and(|(eip, _)| eip >> 12 == target >> 12);
+                    if self.translatable()
+                        && (same_page || !self.paging().enabled)
+                        && self.unit_for(target)?.is_some()
+                    {
+                        let page = match from {
+                            Some((_, page)) if same_page => page,
+                            _ => target >> 12,
+                        };
+                        self.translator.chain(unit, slot, target, page);
                     }
                 }
                 reason::LOOKUP_MISS => {
                     self.counters.exits_lookup += 1;
                     self.interp.cpu_mut().eip = target;
-                    if self.translatable() {
-                        let host = self.unit_for(target)?;
+                    if self.translatable()
+                        && let Some(host) = self.unit_for(target)?
+                    {
                         self.translator.remember_indirect(target, host);
                     }
                 }
                 reason::CALLOUT => {
                     self.counters.exits_callout += 1;
                     self.interp.cpu_mut().eip = target;
-                    self.count_callout(target);
+                    self.count_callout(target)?;
                     if let Some(exit) = self.interpret_one(io)? {
                         return Ok(exit);
                     }
@@ -363,6 +513,7 @@ impl BtEngine {
             return Err(BtError::Unmapped { signo, rip });
         };
         let (eip, not_retired) = (entry.guest_eip, u64::from(unit.instructions - entry.index));
+        let code_page = unit.page;
         self.interp.cpu_mut().eip = eip;
         if signo == SIGSEGV && self.vcpu.is_poll_address(addr) {
             // A time slice ended: the unit had not started (the poll is its first instruction,
@@ -375,13 +526,26 @@ impl BtEngine {
         // not retire.
         self.vcpu.context_mut().retired -= not_retired;
         self.counters.exits_signal += 1;
-        if signo == SIGSEGV
-            && let Some(guest) = self.window.guest_address(addr)
-            && self.code_pages.contains(&(guest >> 12))
-        {
-            // A write to a page holding translations (self-modifying code).
-            self.counters.code_faults += 1;
-            self.drop_page(guest >> 12)?;
+        if signo == SIGSEGV {
+            let write = self.vcpu.context().fault_error & 2 != 0;
+            let p = self.paging();
+            match self.shadow.on_fault(&p, addr, write)? {
+                Fault::Code(page) => {
+                    // A write to a page holding translations (self-modifying code).
+                    self.drop_page(page)?;
+                }
+                Fault::Traced => {
+                    // An instruction that keeps writing page tables: retranslate it as a
+                    // callout, cheaper than a fault each time.
+                    let n = self.trapping.entry((eip, code_page)).or_default();
+                    *n += 1;
+                    if *n >= TRAPS_BEFORE_EMULATION && self.emulated.insert((eip, code_page)) {
+                        self.counters.retranslated += 1;
+                        self.drop_page(code_page)?;
+                    }
+                }
+                _ => {}
+            }
         }
         // The registers hold the guest state at the start of the faulting instruction: the
         // interpreter executes it, raising the precise exception or completing the access.
@@ -397,6 +561,7 @@ impl BtEngine {
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = &self.translator.stats;
         let c = &self.counters;
+        let m = &self.shadow.stats;
         let retired = self.vcpu.context().retired;
         let interp = self.interp.counters();
         let interpreted = interp[0].1;
@@ -420,7 +585,21 @@ impl BtEngine {
             ("exit: fault", c.exits_signal),
             ("exit: time slice", c.exits_request),
             ("exit: interp mode", c.interpreted_runs),
-            ("code-page writes", c.code_faults),
+            ("code-page writes", m.code_writes),
+            ("fetch faults", c.fetch_faults),
+            ("retranslated to emulate", c.retranslated),
+            ("hidden faults", m.hidden_faults),
+            ("pages mapped eagerly", m.eager_pages),
+            ("true faults", m.true_faults),
+            ("traced writes", m.traced_writes),
+            ("trace drops", m.trace_drops),
+            ("shadow entries dropped", m.entries_dropped),
+            ("emulated accesses", m.emulated),
+            ("windows created", m.windows_created),
+            ("windows recycled", m.windows_recycled),
+            ("window budget", self.shadow.budget() as u64),
+            ("mmap calls", m.mmap_calls),
+            ("mprotect calls", m.mprotect_calls),
         ];
         for (i, (_, name)) in SIGNALS.iter().enumerate() {
             if c.signals[i] != 0 {

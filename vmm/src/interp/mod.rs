@@ -126,6 +126,35 @@ struct Tlb {
     entries: HashMap<u32, TlbEntry>,
     /// Whether any entry came from a large page (INVLPG must then flush more than one page).
     has_large: bool,
+    /// Flushes since the bt engine last looked (its shadow page tables follow them).
+    events: Vec<TlbEvent>,
+}
+
+/// A TLB flush the guest asked for, as the bt engine's shadow MMU must follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlbEvent {
+    /// CR3 was loaded (MOV to CR3 or a task switch): non-global translations go.
+    Cr3Load,
+    /// INVLPG of this linear address.
+    Invlpg(u32),
+    /// CR0 or CR4 changed how linear addresses translate: everything goes.
+    All,
+    /// More flushes than were kept: treat as a flush of everything.
+    Overflow,
+}
+
+/// Flush events kept before they collapse into [`TlbEvent::Overflow`].
+const TLB_EVENTS: usize = 64;
+
+impl Tlb {
+    fn note(&mut self, e: TlbEvent) {
+        if self.events.len() >= TLB_EVENTS {
+            self.events.clear();
+            self.events.push(TlbEvent::Overflow);
+        } else if self.events.first() != Some(&TlbEvent::Overflow) {
+            self.events.push(e);
+        }
+    }
 }
 
 /// Instructions between returns to the VM's run loop (timers and interrupts are serviced
@@ -403,6 +432,17 @@ impl Interp {
         Ok(self.instruction(io)?.0)
     }
 
+    /// The TLB flushes (CR3 loads, INVLPG) since the last call, for the bt engine's shadow
+    /// page tables.
+    pub fn take_tlb_events(&mut self) -> Vec<TlbEvent> {
+        std::mem::take(&mut self.tlb.borrow_mut().events)
+    }
+
+    /// The PAE page-directory-pointer entries loaded with CR3.
+    pub fn pdptes(&self) -> [u64; 4] {
+        self.pdptes
+    }
+
     /// Whether the next instruction runs in an interrupt shadow (after STI, MOV SS or POP SS)
     /// or with a delayed single-step trap pending.
     pub fn in_shadow(&self) -> bool {
@@ -562,6 +602,11 @@ impl Interp {
     /// Empties the TLB; with `keep_global`, translations marked global survive (a CR3 load).
     fn flush_tlb(&self, keep_global: bool) {
         let mut tlb = self.tlb.borrow_mut();
+        tlb.note(if keep_global {
+            TlbEvent::Cr3Load
+        } else {
+            TlbEvent::All
+        });
         if keep_global {
             tlb.entries.retain(|_, e| e.global);
         } else {
@@ -574,6 +619,7 @@ impl Interp {
     /// might cover it).
     fn invalidate_page(&self, linear: u32) {
         let mut tlb = self.tlb.borrow_mut();
+        tlb.note(TlbEvent::Invlpg(linear));
         if tlb.has_large {
             tlb.entries.clear();
             tlb.has_large = false;

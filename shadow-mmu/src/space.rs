@@ -1,0 +1,1354 @@
+//! Shadow address spaces: the host kernel's page tables as the guest's shadow page tables
+//! (DESIGN.md §3).
+//!
+//! A [`ShadowMmu`] keeps one address-space window per (guest CR3, privilege view) — a
+//! supervisor view holding every page the guest's tables allow at CPL 0–2, and a user view
+//! holding only the pages CPL 3 may touch — plus one window mapping guest-physical memory
+//! linearly for paging off. Windows are filled lazily: a guest access to a page not yet mapped
+//! faults on the host, and [`ShadowMmu::on_fault`] classifies the fault:
+//!
+//! - **hidden**: the guest's walk allows the access — the page is mapped (or made writable) and
+//!   the instruction runs again;
+//! - **true**: the guest's tables forbid it — the guest gets its #PF;
+//! - **traced**: a write to a guest page holding a page table this MMU follows — the one
+//!   instruction is emulated, then [`ShadowMmu::table_written`] updates the shadow entries;
+//! - **code**: a write to a page holding translated code;
+//! - **emulate**: device memory (never mapped) or an access that wraps around 4 GiB.
+//!
+//! Invariants of a mapped window page (checked in the fault path, kept by the traces):
+//! it is mapped only if the last guest walk allowed the access at the window's privilege;
+//! writable only if the guest allows the write and the entry is dirty (the first write
+//! faults and sets D; A is set by the walk that maps it); read-only while the guest page
+//! holds a traced page table or translated code; never mapped for device memory.
+//!
+//! Every guest page holding a directory or table entry that a window mapping (or a code
+//! translation) depends on is *traced*: kept read-only in every window and marked in
+//! [`GuestMemory`] so writes made by the monitor are reported too, with a copy of its
+//! contents. A write is resolved against the copy: only the entries that changed drop the
+//! mappings that depend on them. An entry whose only change is a cleared accessed or dirty bit
+//! keeps its mapping until the next CR3 load or INVLPG, as a hardware TLB keeps its entry. A
+//! table written too often (VMware's adaptive tracing) stops being traced: its pages become
+//! writable and the table is resynchronised against the copy at the next CR3 load or INVLPG,
+//! which is when a real TLB would see the new entries.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use vmdriver::window::{Window, WindowError};
+use vmdriver::{GuestMemory, RegionKind};
+
+use crate::walk::{self, Access, Mode, PhysMem, Translation, pte};
+
+/// Windows kept by default (each reserves 4 GiB of host address space, nothing more until
+/// pages are mapped).
+pub const DEFAULT_WINDOW_BUDGET: usize = 16;
+/// Traced writes a page table takes between two CR3 loads before it stops being traced.
+pub const UNTRACE_WRITES: u32 = 64;
+/// The `vm.max_map_count` bt86 asks for when it may raise it.
+pub const WANTED_MAP_COUNT: u64 = 1 << 20;
+/// Window id of the code-translation pseudo-window in the dependency maps.
+const CODE: u32 = u32::MAX;
+const PAGE: u64 = 4096;
+
+/// Errors of the shadow MMU.
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowError {
+    /// The host refused a window operation.
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    /// The host ran out of memory mappings even after every other window was recycled.
+    #[error(
+        "the host refused another memory mapping for the guest's shadow page tables \
+         (vm.max_map_count is {limit}): raise it, e.g. `sysctl -w vm.max_map_count={WANTED_MAP_COUNT}`, \
+         or run with fewer address-space windows"
+    )]
+    OutOfMappings {
+        /// The host's limit.
+        limit: u64,
+    },
+}
+
+/// The paging state a window follows: CR0.PG, CR3/CR4 as a walk [`Mode`], the PAE PDPTEs
+/// loaded with CR3, and whether the CPU runs at CPL 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paging {
+    /// CR0.PG.
+    pub enabled: bool,
+    /// The walk's mode (CR3, PAE, PSE, WP, PGE).
+    pub mode: Mode,
+    /// The PDPTEs loaded with CR3 (PAE only).
+    pub pdptes: [u64; 4],
+    /// CPL 3: the user view.
+    pub user: bool,
+}
+
+/// What a fault in a window was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The address is not in the active window.
+    Outside,
+    /// A hidden fault: the page is mapped now; run the instruction again.
+    Hidden,
+    /// A true fault: the guest's page tables forbid the access; the guest takes #PF.
+    True,
+    /// A write to a traced page table: emulate the instruction, then report the write.
+    Traced,
+    /// A write to the guest-physical page (number) holding translated code.
+    Code(u32),
+    /// Device memory or an access wrapping past 4 GiB: emulate the instruction.
+    Emulate,
+}
+
+/// Counters for `--stats`.
+#[derive(Debug, Default, Clone)]
+pub struct ShadowStats {
+    /// Faults resolved by mapping a page (or making it writable).
+    pub hidden_faults: u64,
+    /// Faults the guest's own page tables raise (#PF to the guest).
+    pub true_faults: u64,
+    /// Writes to traced page tables.
+    pub traced_writes: u64,
+    /// Page tables that stopped being traced (adaptive) or were resynchronised.
+    pub trace_drops: u64,
+    /// Shadow mappings dropped because a guest entry changed.
+    pub entries_dropped: u64,
+    /// Windows created.
+    pub windows_created: u64,
+    /// Windows recycled (emptied for another address space, or flushed).
+    pub windows_recycled: u64,
+    /// mmap calls (maps and unmaps).
+    pub mmap_calls: u64,
+    /// mprotect calls.
+    pub mprotect_calls: u64,
+    /// Faults in device memory or wrapping accesses, emulated.
+    pub emulated: u64,
+    /// Writes to pages holding translated code.
+    pub code_writes: u64,
+    /// Pages mapped along with a faulting one (large pages, contiguous runs).
+    pub eager_pages: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Physical,
+    Paged { cr3: u32, user: bool },
+}
+
+/// One mapped 4 KiB window page.
+#[derive(Debug, Clone, Copy)]
+struct PageMap {
+    gpa_page: u32,
+    writable: bool,
+    global: bool,
+    /// Size of the guest page it belongs to (INVLPG drops all of a large page).
+    page_size: u32,
+    entries: [Option<u64>; 2],
+}
+
+struct Space {
+    window: Window,
+    key: Key,
+    pages: HashMap<u32, PageMap>,
+    last_used: u64,
+    pdptes: [u64; 4],
+}
+
+/// A traced page table page.
+struct Trace {
+    copy: Vec<u8>,
+    /// Dependencies (window pages, code pages) on entries in it.
+    users: u32,
+    /// Traced writes since the last CR3 load.
+    writes: u32,
+    /// Adaptive mode: no longer write-protected; resynchronised at CR3 loads and INVLPG.
+    unsynced: bool,
+}
+
+/// Guest-physical memory for walks: page tables live in RAM; anything else reads as all ones
+/// and ignores A/D updates.
+struct WalkMem<'a>(&'a GuestMemory);
+
+impl PhysMem for WalkMem<'_> {
+    fn read_u32(&mut self, addr: u64) -> u32 {
+        self.0.read_u32(addr).unwrap_or(u32::MAX)
+    }
+    fn write_u32(&mut self, addr: u64, value: u32) {
+        let _ = self.0.write_ram(addr, &value.to_le_bytes());
+    }
+}
+
+/// The shadow MMU of one vCPU.
+pub struct ShadowMmu {
+    memory: Arc<GuestMemory>,
+    spaces: Vec<Space>,
+    budget: usize,
+    clock: u64,
+    current: Option<(Key, usize)>,
+    /// Guest-physical page -> window pages mapping it.
+    rmap: HashMap<u32, HashSet<(u32, u32)>>,
+    /// Guest-physical entry address -> window pages (or code pages) depending on it.
+    deps: HashMap<u64, HashSet<(u32, u32)>>,
+    traces: HashMap<u32, Trace>,
+    code: HashSet<u32>,
+    /// Code fetch translations of the current CR3: linear page -> (guest-physical page, user).
+    code_tlb: HashMap<u32, (u32, bool, [Option<u64>; 2])>,
+    code_tlb_cr3: Option<u32>,
+    code_epoch: u64,
+    /// Window pages whose entry lost its A or D bit: dropped at the next CR3 load or INVLPG.
+    pending: HashSet<(u32, u32)>,
+    /// Live single-page mappings (an upper bound on the host VMAs they need).
+    live_pages: u64,
+    map_limit: u64,
+    /// Counters.
+    pub stats: ShadowStats,
+}
+
+impl std::fmt::Debug for ShadowMmu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowMmu")
+            .field("windows", &self.spaces.len())
+            .field("budget", &self.budget)
+            .field("traced", &self.traces.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads `vm.max_map_count`, raising it to [`WANTED_MAP_COUNT`] when the process may.
+fn map_count_limit() -> u64 {
+    const PATH: &str = "/proc/sys/vm/max_map_count";
+    let read = || {
+        std::fs::read_to_string(PATH)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let now = read().unwrap_or(65530);
+    if now >= WANTED_MAP_COUNT {
+        return now;
+    }
+    if std::fs::write(PATH, WANTED_MAP_COUNT.to_string()).is_ok() {
+        let raised = read().unwrap_or(now);
+        tracing::info!("raised vm.max_map_count from {now} to {raised}");
+        return raised;
+    }
+    tracing::info!(
+        "vm.max_map_count is {now} and cannot be raised here: bt86 recycles shadow windows \
+         to stay under it"
+    );
+    now
+}
+
+impl ShadowMmu {
+    /// A shadow MMU over `memory` keeping at most `budget` windows (at least 2).
+    pub fn new(memory: Arc<GuestMemory>, budget: usize) -> Self {
+        let map_limit = map_count_limit();
+        // Each window needs a few VMAs even when empty; leave room for the rest of bt86.
+        let by_limit = (map_limit / 4096).max(2) as usize;
+        let budget = budget.max(2).min(by_limit);
+        Self {
+            memory,
+            spaces: Vec::new(),
+            budget,
+            clock: 0,
+            current: None,
+            rmap: HashMap::new(),
+            deps: HashMap::new(),
+            traces: HashMap::new(),
+            code: HashSet::new(),
+            code_tlb: HashMap::new(),
+            code_tlb_cr3: None,
+            code_epoch: 0,
+            pending: HashSet::new(),
+            live_pages: 0,
+            map_limit,
+            stats: ShadowStats::default(),
+        }
+    }
+
+    /// The window budget in force (after `vm.max_map_count` was considered).
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Windows alive.
+    pub fn windows(&self) -> usize {
+        self.spaces.len()
+    }
+
+    /// Bumped whenever a code-fetch translation may have changed: indirect-branch lookups
+    /// cached by linear EIP must then be forgotten.
+    pub fn code_epoch(&self) -> u64 {
+        self.code_epoch
+    }
+
+    /// Whether guest-physical page `page` is a traced page table.
+    pub fn is_traced(&self, page: u32) -> bool {
+        self.traces.contains_key(&page)
+    }
+
+    fn key_of(p: &Paging) -> Key {
+        if p.enabled {
+            Key::Paged {
+                cr3: p.mode.cr3,
+                user: p.user,
+            }
+        } else {
+            Key::Physical
+        }
+    }
+
+    /// The host base of the window for `p` (creating or recycling one if needed).
+    pub fn activate(&mut self, p: &Paging) -> Result<u64, ShadowError> {
+        let key = Self::key_of(p);
+        self.clock += 1;
+        let id = match self.current {
+            Some((k, id)) if k == key => id,
+            _ => match self.spaces.iter().position(|s| s.key == key) {
+                Some(id) => id,
+                None => self.create(key, p)?,
+            },
+        };
+        self.current = Some((key, id));
+        let pae_stale = p.enabled && p.mode.pae && self.spaces[id].pdptes != p.pdptes;
+        if pae_stale {
+            // The PDPTEs are loaded with CR3, so the window's mappings follow the old ones.
+            self.clear_space(id)?;
+            self.spaces[id].pdptes = p.pdptes;
+        }
+        let s = &mut self.spaces[id];
+        s.last_used = self.clock;
+        Ok(s.window.base())
+    }
+
+    fn create(&mut self, key: Key, p: &Paging) -> Result<usize, ShadowError> {
+        let id = if self.spaces.len() < self.budget {
+            let window = Window::new()?;
+            self.stats.windows_created += 1;
+            self.spaces.push(Space {
+                window,
+                key,
+                pages: HashMap::new(),
+                last_used: 0,
+                pdptes: [0; 4],
+            });
+            self.spaces.len() - 1
+        } else {
+            // Recycle the least recently used window (never the physical one while paging is
+            // off, which cannot happen here: the physical one is then the current key).
+            let id = (0..self.spaces.len())
+                .filter(|&i| Some(i) != self.current.map(|c| c.1))
+                .min_by_key(|&i| self.spaces[i].last_used)
+                .expect("a budget of at least two windows");
+            self.clear_space(id)?;
+            self.stats.windows_recycled += 1;
+            self.spaces[id].key = key;
+            id
+        };
+        self.spaces[id].pdptes = p.pdptes;
+        if key == Key::Physical {
+            self.map_physical(id)?;
+        }
+        Ok(id)
+    }
+
+    /// Paging off: guest-physical memory linearly, RAM read-write (code pages read-only),
+    /// firmware read-only, device memory not at all.
+    fn map_physical(&mut self, id: usize) -> Result<(), ShadowError> {
+        let memory = self.memory.clone();
+        let s = &mut self.spaces[id];
+        s.window.map_physical(&memory)?;
+        self.stats.mmap_calls += memory.layout().regions().len() as u64;
+        for &page in &self.code {
+            if is_ram(&memory, page) {
+                s.window.protect(page << 12, PAGE, false)?;
+                self.stats.mprotect_calls += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties window `id`: every mapping and every dependency of it goes.
+    fn clear_space(&mut self, id: usize) -> Result<(), ShadowError> {
+        let pages: Vec<(u32, PageMap)> = self.spaces[id].pages.drain().collect();
+        for (lin, m) in pages {
+            self.forget(id as u32, lin, &m);
+        }
+        let s = &mut self.spaces[id];
+        s.window.unmap(0, 1 << 32)?;
+        self.stats.mmap_calls += 1;
+        if s.key == Key::Physical {
+            self.map_physical(id)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the bookkeeping of mapping (`id`, `lin`) (not the host mapping itself).
+    fn forget(&mut self, id: u32, lin: u32, m: &PageMap) {
+        self.live_pages = self.live_pages.saturating_sub(1);
+        if let Some(v) = self.rmap.get_mut(&m.gpa_page) {
+            v.remove(&(id, lin));
+            if v.is_empty() {
+                self.rmap.remove(&m.gpa_page);
+            }
+        }
+        self.pending.remove(&(id, lin));
+        for e in m.entries.iter().flatten() {
+            self.release_dep(*e, (id, lin));
+        }
+    }
+
+    fn release_dep(&mut self, entry: u64, who: (u32, u32)) {
+        if let Some(v) = self.deps.get_mut(&entry) {
+            v.remove(&who);
+            if v.is_empty() {
+                self.deps.remove(&entry);
+            }
+        }
+        let page = (entry >> 12) as u32;
+        let gone = match self.traces.get_mut(&page) {
+            Some(t) => {
+                t.users = t.users.saturating_sub(1);
+                t.users == 0
+            }
+            None => false,
+        };
+        if gone {
+            self.traces.remove(&page);
+            self.memory.mark_table_page(page << 12, false);
+        }
+    }
+
+    /// Records that (`id`, `lin`) depends on the guest entry at `entry`, tracing its page.
+    fn add_dep(&mut self, entry: u64, who: (u32, u32)) -> Result<(), ShadowError> {
+        self.deps.entry(entry).or_default().insert(who);
+        let page = (entry >> 12) as u32;
+        if let Some(t) = self.traces.get_mut(&page) {
+            t.users += 1;
+            return Ok(());
+        }
+        let mut copy = vec![0u8; PAGE as usize];
+        if self.memory.read(u64::from(page) << 12, &mut copy).is_err() {
+            // Not RAM: the walk read all ones and nothing can write there.
+            copy.fill(0xFF);
+        }
+        self.traces.insert(
+            page,
+            Trace {
+                copy,
+                users: 1,
+                writes: 0,
+                unsynced: false,
+            },
+        );
+        self.memory.mark_table_page(page << 12, true);
+        self.write_protect(page)
+    }
+
+    /// Makes every window mapping of guest-physical `page` read-only.
+    fn write_protect(&mut self, page: u32) -> Result<(), ShadowError> {
+        if let Some(list) = self.rmap.get(&page).cloned() {
+            for (id, lin) in list {
+                let s = &mut self.spaces[id as usize];
+                if let Some(m) = s.pages.get_mut(&lin)
+                    && m.writable
+                {
+                    m.writable = false;
+                    s.window.protect(lin << 12, PAGE, false)?;
+                    self.stats.mprotect_calls += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops window page (`id`, `lin`): unmapped, its dependencies released.
+    fn drop_page(&mut self, id: u32, lin: u32) -> Result<(), ShadowError> {
+        if id == CODE {
+            if let Some((_, _, entries)) = self.code_tlb.remove(&lin) {
+                for e in entries.iter().flatten() {
+                    self.release_dep(*e, (CODE, lin));
+                }
+                self.code_epoch += 1;
+            }
+            return Ok(());
+        }
+        let Some(m) = self.spaces[id as usize].pages.remove(&lin) else {
+            return Ok(());
+        };
+        self.forget(id, lin, &m);
+        self.spaces[id as usize].window.unmap(lin << 12, PAGE)?;
+        self.stats.mmap_calls += 1;
+        self.stats.entries_dropped += 1;
+        Ok(())
+    }
+
+    /// Drops many window pages (or code pages), unmapping each run of consecutive pages of a
+    /// window with one call.
+    fn drop_pages(&mut self, mut list: Vec<(u32, u32)>) -> Result<(), ShadowError> {
+        list.sort_unstable();
+        list.dedup();
+        let mut run: Option<(u32, u32, u32)> = None; // (window, first, count)
+        for (id, lin) in list {
+            if id == CODE {
+                self.drop_page(CODE, lin)?;
+                continue;
+            }
+            let Some(m) = self.spaces[id as usize].pages.remove(&lin) else {
+                continue;
+            };
+            self.forget(id, lin, &m);
+            self.stats.entries_dropped += 1;
+            match run {
+                Some((rid, first, n)) if rid == id && first + n == lin => {
+                    run = Some((rid, first, n + 1));
+                }
+                _ => {
+                    if let Some((rid, first, n)) = run {
+                        self.unmap_run(rid, first, n)?;
+                    }
+                    run = Some((id, lin, 1));
+                }
+            }
+        }
+        if let Some((rid, first, n)) = run {
+            self.unmap_run(rid, first, n)?;
+        }
+        Ok(())
+    }
+
+    fn unmap_run(&mut self, id: u32, first: u32, n: u32) -> Result<(), ShadowError> {
+        self.spaces[id as usize]
+            .window
+            .unmap(first << 12, u64::from(n) * PAGE)?;
+        self.stats.mmap_calls += 1;
+        Ok(())
+    }
+
+    fn walk(
+        &self,
+        p: &Paging,
+        linear: u32,
+        access: Access,
+    ) -> Result<Translation, walk::PageFault> {
+        walk::walk(
+            &mut WalkMem(&self.memory),
+            p.mode,
+            &p.pdptes,
+            linear,
+            access,
+        )
+    }
+
+    /// Classifies a host fault at host address `addr` (a `write` or a read) under `p`, mapping
+    /// the page when the fault was hidden.
+    pub fn on_fault(&mut self, p: &Paging, addr: u64, write: bool) -> Result<Fault, ShadowError> {
+        let Some((key, id)) = self.current else {
+            return Ok(Fault::Outside);
+        };
+        debug_assert_eq!(key, Self::key_of(p));
+        let base = self.spaces[id].window.base();
+        let Some(off) = addr.checked_sub(base) else {
+            return Ok(Fault::Outside);
+        };
+        if off >= 1 << 32 {
+            // The guard past 4 GiB: the guest's access wraps around.
+            return Ok(if off < (1 << 32) + (64 << 10) {
+                self.stats.emulated += 1;
+                Fault::Emulate
+            } else {
+                Fault::Outside
+            });
+        }
+        let linear = off as u32;
+        if !p.enabled {
+            let page = linear >> 12;
+            if write && self.code.contains(&page) && is_ram(&self.memory, page) {
+                self.stats.code_writes += 1;
+                return Ok(Fault::Code(page));
+            }
+            self.stats.emulated += 1;
+            return Ok(Fault::Emulate);
+        }
+        let t = match self.walk(
+            p,
+            linear,
+            Access {
+                write,
+                user: p.user,
+            },
+        ) {
+            Ok(t) => t,
+            Err(_) => {
+                self.stats.true_faults += 1;
+                return Ok(Fault::True);
+            }
+        };
+        let gpa_page = (t.frame >> 12) as u32;
+        let Some(kind) = region_kind(&self.memory, t.frame) else {
+            self.stats.emulated += 1;
+            return Ok(Fault::Emulate);
+        };
+        let lin = linear >> 12;
+        let may_write = kind == RegionKind::Ram && (t.writable || (!p.user && !p.mode.wp));
+        let protected_code = self.code.contains(&gpa_page);
+        // Trace the tables first: the page may hold its own table.
+        let who = (id as u32, lin);
+        let mut known = self.spaces[id].pages.get(&lin).copied();
+        if let Some(old) = known
+            && (old.entries != t.entries || old.gpa_page != gpa_page)
+        {
+            // A stale shadow entry (its table was not traced at the time): replaced below.
+            self.forget(who.0, lin, &old);
+            self.spaces[id].pages.remove(&lin);
+            known = None;
+        }
+        if known.is_none() {
+            for e in t.entries.iter().flatten() {
+                self.add_dep(*e, who)?;
+            }
+        }
+        let traced = self.traces.get(&gpa_page).is_some_and(|tr| !tr.unsynced);
+        let writable = may_write && t.dirty && !traced && !protected_code;
+        let m = PageMap {
+            gpa_page,
+            writable,
+            global: t.global,
+            page_size: t.page_size,
+            entries: t.entries,
+        };
+        match known {
+            Some(old) => {
+                let s = &mut self.spaces[id];
+                if old.writable != writable {
+                    s.window.protect(lin << 12, PAGE, writable)?;
+                    self.stats.mprotect_calls += 1;
+                }
+                s.pages.insert(lin, m);
+            }
+            None => {
+                let (first, run) = self.run_around(id, lin, m, &t, p.mode.pae)?;
+                self.map_run(id, first, &run)?;
+            }
+        }
+        if write && !writable {
+            if protected_code {
+                self.stats.code_writes += 1;
+                return Ok(Fault::Code(gpa_page));
+            }
+            if traced {
+                self.stats.traced_writes += 1;
+                if let Some(tr) = self.traces.get_mut(&gpa_page) {
+                    tr.writes += 1;
+                    if tr.writes > UNTRACE_WRITES {
+                        self.untrace(gpa_page)?;
+                    }
+                }
+                return Ok(Fault::Traced);
+            }
+            // The firmware area: the write is dropped by the emulation.
+            self.stats.emulated += 1;
+            return Ok(Fault::Emulate);
+        }
+        self.stats.hidden_faults += 1;
+        Ok(Fault::Hidden)
+    }
+
+    /// Maps consecutive window pages from `first`, backed by consecutive guest-physical pages,
+    /// as `maps` say, in one mmap (read-only pages inside a writable run get an mprotect
+    /// each), recycling windows if the host runs out of mappings.
+    fn map_run(&mut self, id: usize, first: u32, maps: &[PageMap]) -> Result<(), ShadowError> {
+        let n = maps.len() as u64;
+        if self.live_pages + n + 1024 >= self.map_limit {
+            self.recycle_others(id)?;
+        }
+        let memory = self.memory.clone();
+        let Some(off) = file_offset(&memory, u64::from(maps[0].gpa_page) << 12) else {
+            return Ok(());
+        };
+        let writable = maps.iter().any(|m| m.writable);
+        let mut tries = 0;
+        loop {
+            let r = self.spaces[id]
+                .window
+                .map(&memory, first << 12, off, n * PAGE, writable);
+            self.stats.mmap_calls += 1;
+            match r {
+                Ok(()) => break,
+                Err(e) if e.out_of_mappings() && tries < 2 => {
+                    tries += 1;
+                    if tries == 1 {
+                        self.recycle_others(id)?;
+                    } else {
+                        self.clear_space(id)?;
+                        self.stats.windows_recycled += 1;
+                    }
+                }
+                Err(e) if e.out_of_mappings() => {
+                    return Err(ShadowError::OutOfMappings {
+                        limit: self.map_limit,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for (i, m) in maps.iter().enumerate() {
+            let lin = first + i as u32;
+            if writable && !m.writable {
+                self.spaces[id].window.protect(lin << 12, PAGE, false)?;
+                self.stats.mprotect_calls += 1;
+            }
+            self.live_pages += 1;
+            self.spaces[id].pages.insert(lin, *m);
+            self.rmap
+                .entry(m.gpa_page)
+                .or_default()
+                .insert((id as u32, lin));
+        }
+        self.stats.eager_pages += n - 1;
+        Ok(())
+    }
+
+    /// The pages to map along with (`id`, `lin`) → `m` in one call: all of a large page, or
+    /// the neighbours in the same page table that map physically contiguous memory with the
+    /// same rights and were already accessed (so mapping them early changes no A bit the guest
+    /// can see). Their dependencies are recorded. Returns the first page and the run.
+    fn run_around(
+        &mut self,
+        id: usize,
+        lin: u32,
+        m: PageMap,
+        t: &Translation,
+        pae: bool,
+    ) -> Result<(u32, Vec<PageMap>), ShadowError> {
+        let Some(region) = self
+            .memory
+            .layout()
+            .region_of(u64::from(m.gpa_page) << 12, 1)
+        else {
+            return Ok((lin, vec![m]));
+        };
+        let (lo, hi) = (
+            (region.guest_addr >> 12) as u32,
+            ((region.end() >> 12) - 1) as u32,
+        );
+        let gpa_of = |l: u32| -> Option<u32> {
+            let g = i64::from(m.gpa_page) + i64::from(l) - i64::from(lin);
+            (i64::from(lo)..=i64::from(hi))
+                .contains(&g)
+                .then_some(g as u32)
+        };
+        // Candidate pages, nearest first on each side, and what each would map.
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        if t.page_size > PAGE as u32 {
+            let span = t.page_size >> 12;
+            let start = lin & !(span - 1);
+            for (side, range) in [
+                (&mut before, (start..lin).rev().collect::<Vec<_>>()),
+                (&mut after, (lin + 1..start + span).collect()),
+            ] {
+                for l in range {
+                    if self.spaces[id].pages.contains_key(&l) {
+                        break;
+                    }
+                    let Some(g) = gpa_of(l) else { break };
+                    let synced = self.traces.get(&g).is_some_and(|tr| !tr.unsynced);
+                    let writable = m.writable && !synced && !self.code.contains(&g);
+                    side.push((
+                        l,
+                        PageMap {
+                            gpa_page: g,
+                            writable,
+                            ..m
+                        },
+                    ));
+                }
+            }
+        } else if let (false, Some(pte_addr)) = (pae, t.entries[1]) {
+            // 2-level tables: up to RUN neighbours each side in the same table.
+            const RUN: u32 = 16;
+            const SAME: u32 = 0x147; // P, RW, US, D, G
+            let mut mem = WalkMem(&self.memory);
+            let leaf = mem.read_u32(pte_addr);
+            let base = pte_addr & !0xFFF;
+            let idx = ((pte_addr & 0xFFF) / 4) as u32;
+            let first_l = lin - idx;
+            let lo_i = idx.saturating_sub(RUN);
+            let hi_i = (idx + RUN).min(1023);
+            for (side, range) in [
+                (&mut before, (lo_i..idx).rev().collect::<Vec<_>>()),
+                (&mut after, (idx + 1..=hi_i).collect()),
+            ] {
+                for j in range {
+                    let l = first_l + j;
+                    if self.spaces[id].pages.contains_key(&l) {
+                        break;
+                    }
+                    let Some(g) = gpa_of(l) else { break };
+                    let e = mem.read_u32(base + 4 * u64::from(j));
+                    let accessed = e & 0x21 == 0x21;
+                    if !accessed || (e ^ leaf) & SAME != 0 || e >> 12 != g {
+                        break;
+                    }
+                    if self.code.contains(&g) || self.traces.contains_key(&g) {
+                        break;
+                    }
+                    side.push((
+                        l,
+                        PageMap {
+                            gpa_page: g,
+                            entries: [t.entries[0], Some(base + 4 * u64::from(j))],
+                            ..m
+                        },
+                    ));
+                }
+            }
+        }
+        before.reverse();
+        let first = before.first().map_or(lin, |(l, _)| *l);
+        for (l, pm) in before.iter().chain(after.iter()) {
+            for e in pm.entries.iter().flatten() {
+                self.add_dep(*e, (id as u32, *l))?;
+            }
+        }
+        let mut run: Vec<PageMap> = before.into_iter().map(|(_, pm)| pm).collect();
+        run.push(m);
+        run.extend(after.into_iter().map(|(_, pm)| pm));
+        Ok((first, run))
+    }
+
+    /// Empties every window but `keep` (the host is short of mappings).
+    fn recycle_others(&mut self, keep: usize) -> Result<(), ShadowError> {
+        for i in 0..self.spaces.len() {
+            if i != keep && !self.spaces[i].pages.is_empty() {
+                self.clear_space(i)?;
+                self.stats.windows_recycled += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adaptive tracing: `page` takes too many writes; stop write-protecting it and
+    /// resynchronise it lazily (CR3 load, INVLPG).
+    fn untrace(&mut self, page: u32) -> Result<(), ShadowError> {
+        if let Some(t) = self.traces.get_mut(&page) {
+            t.unsynced = true;
+            self.stats.trace_drops += 1;
+        }
+        // Its window mappings become writable at their next write fault (they are read-only
+        // now); nothing to do eagerly.
+        Ok(())
+    }
+
+    /// Guest-physical `page` was written (by emulation, a device or the monitor): resolves the
+    /// write against the trace's copy and drops the shadow entries whose guest entry changed.
+    pub fn table_written(&mut self, page: u32) -> Result<(), ShadowError> {
+        match self.traces.get(&page) {
+            Some(t) if !t.unsynced => self.resync(page).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves the current contents of traced `page` against its copy; returns whether
+    /// anything changed.
+    fn resync(&mut self, page: u32) -> Result<bool, ShadowError> {
+        let Some(t) = self.traces.get_mut(&page) else {
+            return Ok(false);
+        };
+        let mut now = vec![0u8; PAGE as usize];
+        if self.memory.read(u64::from(page) << 12, &mut now).is_err() {
+            return Ok(false);
+        }
+        let mut changed = Vec::new();
+        for i in 0..(PAGE as usize / 4) {
+            let old = u32::from_le_bytes(t.copy[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+            let new = u32::from_le_bytes(now[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+            if old != new {
+                changed.push((i, old, new));
+            }
+        }
+        t.copy = now;
+        let any = !changed.is_empty();
+        let base = u64::from(page) << 12;
+        let mut dropped = Vec::new();
+        for (i, old, new) in changed {
+            let diff = u64::from(old ^ new);
+            let ad = pte::A | pte::D;
+            // An entry that only gained A or D changes nothing a window holds; one that lost
+            // them keeps its mapping until the TLB would be flushed.
+            let only_ad = diff & !ad == 0;
+            let lost_ad = u64::from(old) & diff != 0;
+            // The dword belongs to a 4-byte entry (legacy) or an 8-byte one (PAE).
+            for entry in [base + 4 * i as u64, base + 8 * (i as u64 / 2)] {
+                let Some(list) = self.deps.get(&entry).cloned() else {
+                    continue;
+                };
+                for who in list {
+                    if only_ad {
+                        if lost_ad && who.0 != CODE {
+                            self.pending.insert(who);
+                        }
+                    } else {
+                        dropped.push(who);
+                    }
+                }
+            }
+        }
+        self.drop_pages(dropped)?;
+        Ok(any)
+    }
+
+    /// A CR3 load (MOV to CR3, a task switch): entries that lost A/D since they were mapped are
+    /// flushed (global ones stay while PGE is on), untraced tables resynchronised.
+    pub fn cr3_loaded(&mut self, p: &Paging) -> Result<(), ShadowError> {
+        let pending: Vec<(u32, u32)> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|(id, lin)| {
+                !self.spaces[*id as usize]
+                    .pages
+                    .get(lin)
+                    .is_some_and(|m| m.global && p.mode.pge)
+            })
+            .collect();
+        self.drop_pages(pending)?;
+        self.resync_untraced()?;
+        for t in self.traces.values_mut() {
+            t.writes = 0;
+        }
+        if self.code_tlb_cr3 != Some(p.mode.cr3) {
+            self.clear_code_tlb();
+        }
+        Ok(())
+    }
+
+    fn resync_untraced(&mut self) -> Result<(), ShadowError> {
+        let unsynced: Vec<u32> = self
+            .traces
+            .iter()
+            .filter(|(_, t)| t.unsynced)
+            .map(|(p, _)| *p)
+            .collect();
+        for page in unsynced {
+            if self.resync(page)? {
+                // Still being written: it stays untraced until a quiet period.
+                continue;
+            }
+            if let Some(t) = self.traces.get_mut(&page) {
+                t.unsynced = false;
+                t.writes = 0;
+            }
+            self.write_protect(page)?;
+        }
+        Ok(())
+    }
+
+    /// INVLPG of `linear` under `p`: the page (all of its large page) is dropped from the
+    /// current address space's windows, entries pending a flush for it go, untraced tables are
+    /// resynchronised.
+    pub fn invlpg(&mut self, p: &Paging, linear: u32) -> Result<(), ShadowError> {
+        self.resync_untraced()?;
+        let lin = linear >> 12;
+        for id in 0..self.spaces.len() {
+            let cr3_matches =
+                matches!(self.spaces[id].key, Key::Paged { cr3, .. } if cr3 == p.mode.cr3);
+            let Some(m) = self.spaces[id].pages.get(&lin).copied() else {
+                continue;
+            };
+            if !cr3_matches && !self.pending.contains(&(id as u32, lin)) {
+                continue;
+            }
+            let span = m.page_size >> 12;
+            let first = lin & !(span - 1);
+            self.drop_pages((first..first + span).map(|l| (id as u32, l)).collect())?;
+        }
+        self.drop_page(CODE, lin)?;
+        Ok(())
+    }
+
+    /// CR4.PGE toggled (how guests flush global translations): the windows are coherent with
+    /// the guest's tables already, so only what a TLB would still hold goes — entries that
+    /// lost A/D (global ones too), untraced tables resynchronised, cached fetches.
+    pub fn flush_global(&mut self) -> Result<(), ShadowError> {
+        let pending: Vec<(u32, u32)> = self.pending.iter().copied().collect();
+        self.drop_pages(pending)?;
+        self.resync_untraced()?;
+        self.clear_code_tlb();
+        Ok(())
+    }
+
+    /// A paging-mode change (CR0.PG/WP, CR4.PSE/PAE): every paged window is emptied.
+    pub fn flush_all(&mut self) -> Result<(), ShadowError> {
+        for id in 0..self.spaces.len() {
+            if self.spaces[id].key != Key::Physical {
+                self.clear_space(id)?;
+                self.stats.windows_recycled += 1;
+            }
+        }
+        self.clear_code_tlb();
+        Ok(())
+    }
+
+    fn clear_code_tlb(&mut self) {
+        let entries: Vec<(u32, [Option<u64>; 2])> =
+            self.code_tlb.drain().map(|(l, (_, _, e))| (l, e)).collect();
+        for (lin, es) in entries {
+            for e in es.iter().flatten() {
+                self.release_dep(*e, (CODE, lin));
+            }
+        }
+        self.code_tlb_cr3 = None;
+        self.code_epoch += 1;
+    }
+
+    /// The guest-physical page the code at linear `eip` is fetched from under `p`, as an
+    /// instruction fetch at the current privilege sees it (setting A as the fetch does), or None
+    /// if the fetch faults or the page is not memory (the interpreter then runs it).
+    pub fn code_page(&mut self, p: &Paging, eip: u32) -> Result<Option<u32>, ShadowError> {
+        let lin = eip >> 12;
+        if !p.enabled {
+            return Ok(region_kind(&self.memory, u64::from(lin) << 12).map(|_| lin));
+        }
+        if self.code_tlb_cr3 != Some(p.mode.cr3) {
+            self.clear_code_tlb();
+            self.code_tlb_cr3 = Some(p.mode.cr3);
+        }
+        if let Some(&(gpa, user, _)) = self.code_tlb.get(&lin)
+            && (user || !p.user)
+        {
+            return Ok(Some(gpa));
+        }
+        let Ok(t) = self.walk(
+            p,
+            eip,
+            Access {
+                write: false,
+                user: p.user,
+            },
+        ) else {
+            return Ok(None);
+        };
+        if region_kind(&self.memory, t.frame).is_none() {
+            return Ok(None);
+        }
+        let gpa = (t.frame >> 12) as u32;
+        if let Some((_, _, old)) = self.code_tlb.remove(&lin) {
+            for e in old.iter().flatten() {
+                self.release_dep(*e, (CODE, lin));
+            }
+        }
+        for e in t.entries.iter().flatten() {
+            self.add_dep(*e, (CODE, lin))?;
+        }
+        self.code_tlb.insert(lin, (gpa, t.user, t.entries));
+        Ok(Some(gpa))
+    }
+
+    /// Guest-physical `page` now holds translated code: every window maps it read-only.
+    pub fn mark_code(&mut self, page: u32) -> Result<(), ShadowError> {
+        if !self.code.insert(page) {
+            return Ok(());
+        }
+        self.memory.mark_code_page(page << 12, true);
+        if is_ram(&self.memory, page) {
+            for s in &mut self.spaces {
+                if s.key == Key::Physical {
+                    s.window.protect(page << 12, PAGE, false)?;
+                    self.stats.mprotect_calls += 1;
+                }
+            }
+        }
+        self.write_protect(page)
+    }
+
+    /// Guest-physical `page` holds no translated code any more: writes may go through again
+    /// (at once with paging off; at the next write fault in paged windows).
+    pub fn unmark_code(&mut self, page: u32) -> Result<(), ShadowError> {
+        if !self.code.remove(&page) {
+            return Ok(());
+        }
+        self.memory.mark_code_page(page << 12, false);
+        if is_ram(&self.memory, page) {
+            for s in &mut self.spaces {
+                if s.key == Key::Physical {
+                    s.window.protect(page << 12, PAGE, true)?;
+                    self.stats.mprotect_calls += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest-physical `page` holds translated code.
+    pub fn is_code(&self, page: u32) -> bool {
+        self.code.contains(&page)
+    }
+
+    /// What the window for `p` maps at `linear`: the guest-physical page and whether it is
+    /// writable (None if nothing is mapped there, or the window does not exist).
+    pub fn mapping(&self, p: &Paging, linear: u32) -> Option<(u32, bool)> {
+        let key = Self::key_of(p);
+        let s = self.spaces.iter().find(|s| s.key == key)?;
+        s.pages
+            .get(&(linear >> 12))
+            .map(|m| (m.gpa_page, m.writable))
+    }
+}
+
+fn region_kind(memory: &GuestMemory, addr: u64) -> Option<RegionKind> {
+    memory.layout().region_of(addr, 1).map(|r| r.kind)
+}
+
+fn is_ram(memory: &GuestMemory, page: u32) -> bool {
+    region_kind(memory, u64::from(page) << 12) == Some(RegionKind::Ram)
+}
+
+fn file_offset(memory: &GuestMemory, addr: u64) -> Option<u64> {
+    let r = memory.layout().region_of(addr, PAGE as usize)?;
+    Some(r.file_offset + (addr - r.guest_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmdriver::MemoryLayout;
+
+    const PD: u64 = 0x10_0000;
+    const PT: u64 = 0x10_1000;
+    const DATA: u32 = 0x20_0000;
+    const HI: u32 = 0xC000_0000;
+
+    fn put(m: &GuestMemory, addr: u64, v: u32) {
+        m.write(addr, &v.to_le_bytes()).unwrap();
+    }
+
+    /// HI -> DATA (user, writable); HI+1 page -> the page table itself (supervisor);
+    /// HI+2 pages -> DATA+1 page (user, read-only); HI+3 pages -> the local APIC (device).
+    fn setup(budget: usize) -> (Arc<GuestMemory>, ShadowMmu, Paging) {
+        let mem = Arc::new(GuestMemory::new(MemoryLayout::new(8).unwrap()).unwrap());
+        put(&mem, PD + 4 * 0x300, PT as u32 | 7);
+        put(&mem, PT, DATA | 7);
+        put(&mem, PT + 4, PT as u32 | 3);
+        put(&mem, PT + 8, (DATA + 0x1000) | 5);
+        put(&mem, PT + 12, 0xFEE0_0000 | 3);
+        let shadow = ShadowMmu::new(mem.clone(), budget);
+        let p = Paging {
+            enabled: true,
+            mode: Mode {
+                cr3: PD as u32,
+                pae: false,
+                pse: true,
+                wp: true,
+                pge: false,
+            },
+            pdptes: [0; 4],
+            user: false,
+        };
+        (mem, shadow, p)
+    }
+
+    fn fault(s: &mut ShadowMmu, p: &Paging, linear: u32, write: bool) -> Fault {
+        let base = s.activate(p).unwrap();
+        s.on_fault(p, base + u64::from(linear), write).unwrap()
+    }
+
+    #[test]
+    fn a_read_maps_read_only_until_the_first_write_sets_dirty() {
+        let (mem, mut s, p) = setup(4);
+        assert_eq!(fault(&mut s, &p, HI + 8, false), Fault::Hidden);
+        assert_eq!(
+            s.mapping(&p, HI),
+            Some((DATA >> 12, false)),
+            "clean: read-only"
+        );
+        assert_eq!(mem.read_u32(PT).unwrap() & 0x60, 0x20, "A set, D not");
+        assert_eq!(fault(&mut s, &p, HI + 8, true), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, true)));
+        assert_eq!(
+            mem.read_u32(PT).unwrap() & 0x60,
+            0x60,
+            "the first write set D"
+        );
+        assert!(s.is_traced((PT >> 12) as u32), "the page table is traced");
+        assert_eq!(s.stats.hidden_faults, 2);
+    }
+
+    #[test]
+    fn forbidden_accesses_are_true_faults() {
+        let (_mem, mut s, mut p) = setup(4);
+        assert_eq!(
+            fault(&mut s, &p, HI + 0x40_0000, false),
+            Fault::True,
+            "no table"
+        );
+        p.user = true;
+        assert_eq!(
+            fault(&mut s, &p, HI + 0x1000, false),
+            Fault::True,
+            "supervisor page"
+        );
+        assert_eq!(
+            fault(&mut s, &p, HI + 0x2000, true),
+            Fault::True,
+            "read-only page"
+        );
+        assert_eq!(fault(&mut s, &p, HI + 0x2000, false), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI + 0x1000), None);
+        assert_eq!(s.stats.true_faults, 3);
+        // WP=0: the supervisor may write the read-only page.
+        p.user = false;
+        p.mode.wp = false;
+        assert_eq!(fault(&mut s, &p, HI + 0x2000, true), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI + 0x2000), Some(((DATA >> 12) + 1, true)));
+    }
+
+    #[test]
+    fn device_memory_is_never_mapped() {
+        let (_mem, mut s, p) = setup(4);
+        assert_eq!(fault(&mut s, &p, HI + 0x3000, false), Fault::Emulate);
+        assert_eq!(s.mapping(&p, HI + 0x3000), None);
+    }
+
+    #[test]
+    fn a_changed_entry_drops_exactly_its_mapping() {
+        let (mem, mut s, p) = setup(4);
+        fault(&mut s, &p, HI, true);
+        fault(&mut s, &p, HI + 0x2000, false);
+        // The page table, mapped at HI + 0x1000, is read-only: a write there is traced.
+        assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Traced);
+        assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, false)));
+        // The emulated write re-points HI; the other entries keep their mappings.
+        put(&mem, PT, (DATA + 0x3000) | 7);
+        for page in mem.take_written_code_pages() {
+            s.table_written(page).unwrap();
+        }
+        assert_eq!(s.mapping(&p, HI), None);
+        assert_eq!(s.mapping(&p, HI + 0x2000), Some(((DATA >> 12) + 1, false)));
+        assert_eq!(s.stats.entries_dropped, 1);
+        // Clearing A only keeps the mapping (a TLB would keep it) until the next CR3 load.
+        fault(&mut s, &p, HI, false);
+        for page in mem.take_written_code_pages() {
+            s.table_written(page).unwrap(); // the walk's A bit: nothing to drop
+        }
+        assert!(s.mapping(&p, HI).is_some());
+        let e = mem.read_u32(PT).unwrap();
+        put(&mem, PT, e & !0x20);
+        s.table_written((PT >> 12) as u32).unwrap();
+        assert!(s.mapping(&p, HI).is_some());
+        s.cr3_loaded(&p).unwrap();
+        assert_eq!(s.mapping(&p, HI), None);
+    }
+
+    #[test]
+    fn invlpg_drops_the_page_and_code_pages_are_read_only() {
+        let (_mem, mut s, p) = setup(4);
+        fault(&mut s, &p, HI, true);
+        s.invlpg(&p, HI + 0x123).unwrap();
+        assert_eq!(s.mapping(&p, HI), None);
+        fault(&mut s, &p, HI, true);
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, true)));
+        s.mark_code(DATA >> 12).unwrap();
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, false)));
+        assert_eq!(fault(&mut s, &p, HI, true), Fault::Code(DATA >> 12));
+        s.unmark_code(DATA >> 12).unwrap();
+        assert_eq!(fault(&mut s, &p, HI, true), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, true)));
+    }
+
+    #[test]
+    fn a_fetch_follows_the_tables_and_its_changes() {
+        let (mem, mut s, p) = setup(4);
+        assert_eq!(s.code_page(&p, HI + 5).unwrap(), Some(DATA >> 12));
+        let epoch = s.code_epoch();
+        put(&mem, PT, (DATA + 0x3000) | 7);
+        s.table_written((PT >> 12) as u32).unwrap();
+        assert!(s.code_epoch() > epoch, "indirect lookups must be forgotten");
+        assert_eq!(s.code_page(&p, HI + 5).unwrap(), Some((DATA >> 12) + 3));
+        let mut user = p;
+        user.user = true;
+        assert_eq!(
+            s.code_page(&user, HI + 0x1000).unwrap(),
+            None,
+            "supervisor code"
+        );
+    }
+
+    #[test]
+    fn a_table_written_too_often_is_untraced_then_resynchronised() {
+        let (mem, mut s, p) = setup(4);
+        fault(&mut s, &p, HI, true);
+        for _ in 0..=UNTRACE_WRITES {
+            assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Traced);
+        }
+        assert_eq!(s.stats.trace_drops, 1);
+        // Untraced: the table's page becomes writable, and guest writes to it go straight in.
+        assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Hidden);
+        assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, true)));
+        put(&mem, PT, (DATA + 0x3000) | 7);
+        s.table_written((PT >> 12) as u32).unwrap();
+        assert!(
+            s.mapping(&p, HI).is_some(),
+            "stale until the TLB would be flushed"
+        );
+        // INVLPG of another page resynchronises the table: the changed entry goes; the table
+        // was written, so it stays untraced.
+        s.invlpg(&p, HI + 0x2000).unwrap();
+        assert_eq!(s.mapping(&p, HI), None);
+        assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, true)));
+        // A quiet period: the next CR3 load traces it again.
+        s.cr3_loaded(&p).unwrap();
+        assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, false)));
+    }
+
+    #[test]
+    fn large_pages_and_accessed_neighbours_map_in_one_call() {
+        let (mem, mut s, p) = setup(4);
+        // A 4 MiB page at 0x0040_0000 -> 4 MiB (the 8 MiB guest has RAM up to 8 MiB).
+        put(&mem, PD + 4, 0x40_0000 | 0x83);
+        let calls = s.stats.mmap_calls;
+        assert_eq!(fault(&mut s, &p, 0x45_6789, false), Fault::Hidden);
+        assert_eq!(s.mapping(&p, 0x40_0000), Some((0x400, false)));
+        assert_eq!(s.mapping(&p, 0x7F_F000), Some((0x7FF, false)));
+        assert_eq!(
+            s.stats.mmap_calls,
+            calls + 1,
+            "one call for the whole large page"
+        );
+        // 4 KiB pages: neighbours already accessed map along; an unaccessed one stops the run
+        // and keeps A clear.
+        for i in 0..4u64 {
+            let a = if i == 3 { 0 } else { 0x20 };
+            put(
+                &mem,
+                PT + 4 * (0x10 + i),
+                (0x30_0000 + 0x1000 * i as u32) | 3 | a,
+            );
+        }
+        let calls = s.stats.mmap_calls;
+        assert_eq!(fault(&mut s, &p, HI + 0x1_0000, false), Fault::Hidden);
+        assert_eq!(s.stats.mmap_calls, calls + 1);
+        assert_eq!(s.mapping(&p, HI + 0x1_2000), Some((0x302, false)));
+        assert_eq!(s.mapping(&p, HI + 0x1_3000), None);
+        assert_eq!(mem.read_u32(PT + 4 * 0x13).unwrap() & 0x20, 0);
+        // INVLPG of the large page drops all of it.
+        s.invlpg(&p, 0x40_0000).unwrap();
+        assert_eq!(s.mapping(&p, 0x7F_F000), None);
+    }
+
+    #[test]
+    fn windows_are_recycled_within_the_budget() {
+        let (mem, mut s, mut p) = setup(2);
+        for i in 0..5u32 {
+            // Each CR3 a copy of the directory.
+            let pd = 0x30_0000 + u64::from(i) * 0x1000;
+            put(&mem, pd + 4 * 0x300, PT as u32 | 7);
+            p.mode.cr3 = pd as u32;
+            assert_eq!(fault(&mut s, &p, HI, false), Fault::Hidden);
+        }
+        assert_eq!(s.windows(), 2);
+        assert_eq!(s.stats.windows_created, 2);
+        assert_eq!(s.stats.windows_recycled, 3);
+        // The recycled windows gave up their dependencies: only the live ones trace pages.
+        assert_eq!(s.mapping(&p, HI), Some((DATA >> 12, false)));
+    }
+}
