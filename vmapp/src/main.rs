@@ -52,9 +52,19 @@ enum EngineArg {
     Bt,
 }
 
+/// What a guest reboot does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnReboot {
+    /// End the run (exit status 0), like QEMU's -no-reboot.
+    Stop,
+    /// Boot the same guest again in a fresh machine.
+    Restart,
+}
+
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Multiboot v1 kernel to boot (ELF32, or a flat image with the a.out kludge).
+    /// Kernel to boot, recognised by its contents: a Linux bzImage (32-bit boot protocol), or a
+    /// multiboot v1 kernel (ELF32, or a flat image with the a.out kludge).
     #[arg(
         long,
         value_name = "FILE",
@@ -63,8 +73,8 @@ struct RunArgs {
     )]
     kernel: Option<PathBuf>,
 
-    /// Kernel command line. The kernel sees "FILE TEXT", its file name first, as under QEMU
-    /// and GRUB.
+    /// Kernel command line. A multiboot kernel sees "FILE TEXT", its file name first, as under
+    /// QEMU and GRUB; Linux sees TEXT.
     #[arg(long, value_name = "TEXT", default_value = "")]
     append: String,
 
@@ -73,7 +83,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE[ ARGS]")]
     module: Vec<String>,
 
-    /// Initial ramdisk. For a multiboot kernel it becomes the first module, as with QEMU.
+    /// Initial ramdisk. Linux gets it through the boot protocol; for a multiboot kernel it
+    /// becomes the first module, as with QEMU.
     #[arg(long, value_name = "FILE")]
     initrd: Option<String>,
 
@@ -93,6 +104,10 @@ struct RunArgs {
     /// Where the guest's COM1 output goes: "stdio", "file:PATH", or "none".
     #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio", value_parser = run::parse_serial)]
     serial: run::SerialSpec,
+
+    /// What happens when the guest reboots (the keyboard controller's reset line).
+    #[arg(long, value_enum, default_value_t = OnReboot::Stop)]
+    on_reboot: OnReboot,
 
     /// Log every instruction the interpreter executes to stderr: address, disassembly, and the
     /// registers it changed (interp engine only; slow).

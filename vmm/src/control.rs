@@ -9,6 +9,9 @@ pub enum StopRequest {
     DebugExit(u32),
     /// The guest powered the machine off (ACPI S5).
     PowerOff,
+    /// The guest reset the machine (the keyboard controller's reset line, or the reset control
+    /// register).
+    Reset,
 }
 
 /// A shared handle through which devices request a stop; the run loop checks it after every

@@ -14,11 +14,16 @@ use crate::devices::IrqLine;
 use crate::devices::acpi_pm::{PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS, Pm1aControl};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit};
 use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg};
+use crate::devices::i8042::{
+    AUX_IRQ, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, KEYBOARD_IRQ,
+};
 use crate::devices::pic::{Pic, PicPortKind, PicPorts};
 use crate::devices::pit::{Clock, HostClock, PIT_PORT, PORT_B, Pit, PitPorts};
 use crate::devices::post::{POST_PORT, PostCode};
+use crate::devices::rtc::{RTC_IRQ, RTC_PORT, Rtc, RtcPorts};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, Uart};
 use crate::engine::{self, Engine, EngineError, EngineKind};
+use crate::loader::linux::{self, LinuxError, LinuxImage};
 use crate::loader::multiboot::{self, BOOTLOADER_MAGIC, BootModule, MultibootError};
 use crate::platform::e820_map;
 
@@ -32,6 +37,9 @@ pub const BOOT_DATA_SELECTOR: u16 = 0x10;
 /// Null, flat 32-bit code (0x08), flat 32-bit data (0x10); accessed bits preset so the CPU never
 /// writes the read-only table.
 const BOOT_GDT: [u64; 3] = [0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
+/// The Linux 32-bit boot protocol's GDT: flat code at `__BOOT_CS` (0x10), flat data at
+/// `__BOOT_DS` (0x18), accessed bits preset.
+const LINUX_BOOT_GDT: [u64; 4] = [0, 0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
 
 /// What the VM boots.
 #[derive(Debug, Clone)]
@@ -46,6 +54,15 @@ pub enum BootSource {
         cmdline: String,
         /// Modules, in order.
         modules: Vec<BootModule>,
+    },
+    /// A Linux bzImage, entered by the 32-bit boot protocol.
+    Linux {
+        /// The bzImage file's contents.
+        kernel: Vec<u8>,
+        /// The initial ramdisk, if any.
+        initrd: Option<Vec<u8>>,
+        /// The kernel command line.
+        cmdline: String,
     },
     /// A firmware image placed at the top of the 4 GiB space, entered at the reset vector.
     Firmware {
@@ -77,6 +94,9 @@ pub enum VmError {
     /// The kernel could not be loaded.
     #[error(transparent)]
     Kernel(#[from] MultibootError),
+    /// The Linux kernel could not be loaded.
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
     /// The firmware image could not be installed.
     #[error(transparent)]
     Firmware(MemoryError),
@@ -98,6 +118,8 @@ pub enum RunOutcome {
     },
     /// The guest powered the machine off.
     PowerOff,
+    /// The guest reset the machine (a reboot).
+    Reset,
     /// The CPU shut down (triple fault).
     TripleFault {
         /// Registers after the shutdown, if the engine could report them.
@@ -175,6 +197,8 @@ pub struct Vm {
     irqs: Vec<IrqLine>,
     pic: Arc<Mutex<Pic>>,
     pit: Arc<Mutex<Pit>>,
+    rtc: Arc<Mutex<Rtc>>,
+    rtc_irq: IrqLine,
     clock: Arc<HostClock>,
     engine: Box<dyn Engine>,
     stats: VmStats,
@@ -194,6 +218,17 @@ impl Vm {
         let pit = Arc::new(Mutex::new(Pit::new()));
         let clock = Arc::new(HostClock::new());
         let com1_irq = IrqLine::wired(COM1_IRQ, pic.clone());
+        let rtc_irq = IrqLine::wired(RTC_IRQ, pic.clone());
+        let keyboard_irq = IrqLine::wired(KEYBOARD_IRQ, pic.clone());
+        let aux_irq = IrqLine::wired(AUX_IRQ, pic.clone());
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let rtc = Arc::new(Mutex::new(Rtc::new(
+            unix_now,
+            clock.now_ns(),
+            layout.ram_bytes(),
+        )));
         let mut pio = Bus::new();
         for (base, kind, name) in [
             (0x20, PicPortKind::Master, "pic-master"),
@@ -213,7 +248,27 @@ impl Vm {
             u64::from(PORT_B),
             1,
             "port-b",
-            Box::new(PitPorts::port_b(pit.clone(), clock_dyn)),
+            Box::new(PitPorts::port_b(pit.clone(), clock_dyn.clone())),
+        )?;
+        pio.insert(
+            u64::from(RTC_PORT),
+            2,
+            "rtc-cmos",
+            Box::new(RtcPorts::new(rtc.clone(), clock_dyn, rtc_irq.clone())),
+        )?;
+        let (kbd_data, kbd_command) =
+            I8042Port::pair(keyboard_irq.clone(), aux_irq.clone(), control.clone());
+        pio.insert(
+            u64::from(I8042_DATA_PORT),
+            1,
+            "i8042-data",
+            Box::new(kbd_data),
+        )?;
+        pio.insert(
+            u64::from(I8042_COMMAND_PORT),
+            1,
+            "i8042-command",
+            Box::new(kbd_command),
         )?;
         pio.insert(
             u64::from(POST_PORT),
@@ -269,10 +324,38 @@ impl Vm {
                     eip: entry.entry,
                     eax: BOOTLOADER_MAGIC,
                     ebx: entry.info,
+                    esi: 0,
                     gdt_base: BOOT_GDT_ADDR,
                     gdt_limit: (gdt.len() - 1) as u16,
                     code_selector: BOOT_CODE_SELECTOR,
                     data_selector: BOOT_DATA_SELECTOR,
+                }
+            }
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let image = LinuxImage {
+                    kernel: &kernel,
+                    initrd: initrd.as_deref(),
+                    cmdline: &cmdline,
+                };
+                let entry = linux::load(&memory, &image, &e820_map(&layout), None)?;
+                let gdt: Vec<u8> = LINUX_BOOT_GDT
+                    .iter()
+                    .flat_map(|d| d.to_le_bytes())
+                    .collect();
+                memory.write(u64::from(BOOT_GDT_ADDR), &gdt)?;
+                InitialCpu::Flat32 {
+                    eip: entry.entry,
+                    eax: 0,
+                    ebx: 0,
+                    esi: entry.boot_params,
+                    gdt_base: BOOT_GDT_ADDR,
+                    gdt_limit: (gdt.len() - 1) as u16,
+                    code_selector: linux::BOOT_CS,
+                    data_selector: linux::BOOT_DS,
                 }
             }
             BootSource::Firmware { image } => {
@@ -286,9 +369,11 @@ impl Vm {
             pio,
             mmio: Bus::new(),
             control,
-            irqs: vec![com1_irq],
+            irqs: vec![keyboard_irq, com1_irq, rtc_irq.clone(), aux_irq],
             pic,
             pit,
+            rtc,
+            rtc_irq,
             clock,
             engine,
             stats: VmStats::default(),
@@ -322,6 +407,7 @@ impl Vm {
                             return Ok(RunOutcome::DebugExit { value });
                         }
                         Some(StopRequest::PowerOff) => return Ok(RunOutcome::PowerOff),
+                        Some(StopRequest::Reset) => return Ok(RunOutcome::Reset),
                         None => {}
                     }
                 }
@@ -366,6 +452,29 @@ impl Vm {
                 .unwrap_or_else(|e| e.into_inner())
                 .pulse_irq(0);
         }
+        let rtc_fired = self
+            .rtc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update(now);
+        if rtc_fired {
+            self.rtc_irq.raise();
+        }
+    }
+
+    /// The earliest time any timer device (PIT, RTC) can next interrupt, if one is armed.
+    fn next_timer_deadline(&self) -> Option<u64> {
+        let pit = self
+            .pit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_deadline();
+        let rtc = self
+            .rtc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_deadline();
+        [pit, rtc].into_iter().flatten().min()
     }
 
     /// Services timers and, when the engine can take one, delivers a pending interrupt.
@@ -414,12 +523,7 @@ impl Vm {
             {
                 break true;
             }
-            let deadline = self
-                .pit
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .next_deadline();
-            let Some(deadline) = deadline else {
+            let Some(deadline) = self.next_timer_deadline() else {
                 break false;
             };
             let now = self.clock.now_ns();

@@ -4,9 +4,11 @@
 pub mod acpi_pm;
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod i8042;
 pub mod pic;
 pub mod pit;
 pub mod post;
+pub mod rtc;
 pub mod serial;
 
 use std::sync::atomic::{AtomicU64, Ordering};
