@@ -1,5 +1,6 @@
 //! `bt86`: runs unmodified 32-bit x86 guests by binary translation, interpretation, or KVM.
 
+mod console;
 mod run;
 
 use std::path::PathBuf;
@@ -20,6 +21,8 @@ pub mod status {
     pub const HALTED: u8 = 6;
     /// bt86 or the host failed (not the guest's doing).
     pub const INTERNAL: u8 = 8;
+    /// The user stopped the VM (the console's Ctrl-A X, or a signal).
+    pub const STOPPED: u8 = 10;
 }
 
 /// bt86 runs unmodified 32-bit x86 operating systems on x86-64 Linux, by binary translation
@@ -37,7 +40,9 @@ enum Command {
     ///
     /// Exit status: the guest's isa-debug-exit status ((value << 1) | 1, as QEMU), 0 when the
     /// guest powers off, 2 for a bad command line or input file, 4 when the guest triple-faults,
-    /// 6 when it halts with nothing able to wake it, 8 when bt86 or the host fails.
+    /// 6 when it halts with nothing able to wake it, 8 when bt86 or the host fails, 10 when the
+    /// user stops it (Ctrl-A X on the console, or a signal). A guest reboot ends the run with 0
+    /// unless --on-reboot restart.
     Run(RunArgs),
 }
 
@@ -101,7 +106,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = EngineArg::Interp)]
     engine: EngineArg,
 
-    /// Where the guest's COM1 output goes: "stdio", "file:PATH", or "none".
+    /// Where the guest's COM1 output goes: "stdio", "file:PATH", or "none". With stdio, what is
+    /// typed on stdin goes to COM1 (a terminal is put in raw mode; Ctrl-A X quits).
     #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio", value_parser = run::parse_serial)]
     serial: run::SerialSpec,
 

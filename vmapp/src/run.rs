@@ -11,8 +11,8 @@ use vmm::{
     BootModule, BootSource, EngineError, EngineKind, RunOutcome, Vm, VmConfig, VmError, VmStats,
 };
 
-use crate::status;
 use crate::{EngineArg, OnReboot, RunArgs};
+use crate::{console, status};
 
 /// Where COM1's output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,19 +153,32 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
     };
     // One serial backend for every boot of the machine: a reboot continues the same log.
     let serial = SharedWriter(Arc::new(Mutex::new(serial_writer(&args.serial)?)));
+    // The terminal (or whatever stdin is) types into COM1 when COM1 prints to stdout.
+    let slot: console::ControlSlot = Arc::default();
+    let (_console, mut input) = if args.serial == SerialSpec::Stdio {
+        let (console, rx) = console::start(slot.clone());
+        (Some(console), Some(rx))
+    } else {
+        (None, None)
+    };
     loop {
         let config = VmConfig {
             memory_mib: args.memory,
             engine,
             boot: boot.clone(),
             serial: Box::new(serial.clone()),
+            serial_input: input.take(),
             trace: args.trace.then(|| {
                 Box::new(BufWriter::with_capacity(1 << 16, std::io::stderr()))
                     as Box<dyn Write + Send>
             }),
         };
         let mut vm = Vm::new(config).map_err(|e| classify(e, what, &path))?;
-        let outcome = vm.run().map_err(|e| classify(e, what, &path))?;
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.control());
+        let outcome = vm.run().map_err(|e| classify(e, what, &path));
+        let _ = serial.clone().flush();
+        let outcome = outcome?;
+        input = vm.take_serial_input();
         if outcome == RunOutcome::Reset && args.on_reboot == OnReboot::Restart {
             tracing::info!("the guest rebooted; starting it again (--on-reboot restart)");
             continue;
@@ -213,6 +226,10 @@ fn report(outcome: &RunOutcome) -> u8 {
     match outcome {
         RunOutcome::DebugExit { value } => ((value << 1) | 1) as u8,
         RunOutcome::PowerOff => status::POWER_OFF,
+        RunOutcome::Stopped => {
+            eprintln!("bt86: stopped at the user's request");
+            status::STOPPED
+        }
         RunOutcome::Reset => {
             eprintln!("bt86: the guest rebooted; the VM is stopped (--on-reboot stop)");
             status::POWER_OFF

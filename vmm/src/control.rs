@@ -12,6 +12,8 @@ pub enum StopRequest {
     /// The guest reset the machine (the keyboard controller's reset line, or the reset control
     /// register).
     Reset,
+    /// The host asked to stop: the console's quit key or a signal.
+    Host,
 }
 
 /// A shared handle through which devices request a stop; the run loop checks it after every

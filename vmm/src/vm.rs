@@ -1,7 +1,9 @@
 //! The virtual machine: guest memory, the device buses, the stop control and an engine, and the
 //! run loop that ties them together.
 
+use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,7 @@ use crate::devices::pic::{Pic, PicPortKind, PicPorts};
 use crate::devices::pit::{Clock, HostClock, PIT_PORT, PORT_B, Pit, PitPorts};
 use crate::devices::post::{POST_PORT, PostCode};
 use crate::devices::rtc::{RTC_IRQ, RTC_PORT, Rtc, RtcPorts};
-use crate::devices::serial::{COM1_BASE, COM1_IRQ, Uart};
+use crate::devices::serial::{COM1_BASE, COM1_IRQ, SharedUart, Uart};
 use crate::engine::{self, Engine, EngineError, EngineKind};
 use crate::loader::linux::{self, LinuxError, LinuxImage};
 use crate::loader::multiboot::{self, BOOTLOADER_MAGIC, BootModule, MultibootError};
@@ -81,6 +83,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// Where COM1's output goes.
     pub serial: Box<dyn Write + Send>,
+    /// Bytes typed at COM1 (from a terminal, a pipe...), if its input is connected.
+    pub serial_input: Option<Receiver<Vec<u8>>>,
     /// Where to log every executed instruction (interp only), if anywhere.
     pub trace: Option<Box<dyn Write + Send>>,
 }
@@ -120,6 +124,8 @@ pub enum RunOutcome {
     PowerOff,
     /// The guest reset the machine (a reboot).
     Reset,
+    /// The host asked the VM to stop (the console's quit key, a signal).
+    Stopped,
     /// The CPU shut down (triple fault).
     TripleFault {
         /// Registers after the shutdown, if the engine could report them.
@@ -200,6 +206,10 @@ pub struct Vm {
     rtc: Arc<Mutex<Rtc>>,
     rtc_irq: IrqLine,
     clock: Arc<HostClock>,
+    uart: Arc<Mutex<Uart<Box<dyn Write + Send>>>>,
+    serial_input: Option<Receiver<Vec<u8>>>,
+    /// Input received but not yet taken by the UART's FIFO.
+    serial_pending: VecDeque<u8>,
     engine: Box<dyn Engine>,
     stats: VmStats,
 }
@@ -276,11 +286,12 @@ impl Vm {
             "post-code",
             Box::new(PostCode::default()),
         )?;
+        let uart = Arc::new(Mutex::new(Uart::new(com1_irq.clone(), config.serial)));
         pio.insert(
             u64::from(COM1_BASE),
             8,
             "uart-com1",
-            Box::new(Uart::new(com1_irq.clone(), config.serial)),
+            Box::new(SharedUart(uart.clone())),
         )?;
         pio.insert(
             u64::from(DEBUG_EXIT_PORT),
@@ -375,6 +386,9 @@ impl Vm {
             rtc,
             rtc_irq,
             clock,
+            uart,
+            serial_input: config.serial_input,
+            serial_pending: VecDeque::new(),
             engine,
             stats: VmStats::default(),
         })
@@ -400,17 +414,7 @@ impl Vm {
                 mmio: &mut self.mmio,
             };
             match self.engine.run(&mut buses)? {
-                VmExit::Io => {
-                    self.stats.io_exits += 1;
-                    match self.control.pending() {
-                        Some(StopRequest::DebugExit(value)) => {
-                            return Ok(RunOutcome::DebugExit { value });
-                        }
-                        Some(StopRequest::PowerOff) => return Ok(RunOutcome::PowerOff),
-                        Some(StopRequest::Reset) => return Ok(RunOutcome::Reset),
-                        None => {}
-                    }
-                }
+                VmExit::Io => self.stats.io_exits += 1,
                 VmExit::Interrupted => self.stats.interrupted_exits += 1,
                 VmExit::Halt { interrupts_enabled } => {
                     self.stats.halt_exits += 1;
@@ -431,10 +435,78 @@ impl Vm {
                     });
                 }
             }
+            match self.control.pending() {
+                Some(StopRequest::DebugExit(value)) => {
+                    return Ok(RunOutcome::DebugExit { value });
+                }
+                Some(StopRequest::PowerOff) => return Ok(RunOutcome::PowerOff),
+                Some(StopRequest::Reset) => return Ok(RunOutcome::Reset),
+                Some(StopRequest::Host) => return Ok(RunOutcome::Stopped),
+                None => {}
+            }
+            self.feed_serial(None);
             if let Some(outcome) = self.service_interrupts()? {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// Takes the serial input channel back (to hand it to the next boot after a reboot).
+    pub fn take_serial_input(&mut self) -> Option<Receiver<Vec<u8>>> {
+        self.serial_input.take()
+    }
+
+    /// The handle through which the host (a terminal's quit key, a signal) can stop the VM.
+    pub fn control(&self) -> VmControl {
+        self.control.clone()
+    }
+
+    /// Moves serial input into the UART. With `wait`, blocks up to that long for input to
+    /// arrive first (a halted CPU waiting for a key). Returns whether any input arrived.
+    fn feed_serial(&mut self, wait: Option<Duration>) -> bool {
+        let mut got = false;
+        if let Some(rx) = &self.serial_input {
+            let first = match wait {
+                Some(d) if self.serial_pending.is_empty() => match rx.recv_timeout(d) {
+                    Ok(bytes) => Some(bytes),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.serial_input = None;
+                        std::thread::sleep(d);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            if let Some(bytes) = first {
+                got = true;
+                self.serial_pending.extend(bytes);
+            }
+            if let Some(rx) = &self.serial_input {
+                loop {
+                    match rx.try_recv() {
+                        Ok(bytes) => {
+                            got = true;
+                            self.serial_pending.extend(bytes);
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            self.serial_input = None;
+                            break;
+                        }
+                    }
+                }
+            }
+        } else if let Some(d) = wait {
+            std::thread::sleep(d);
+        }
+        if !self.serial_pending.is_empty() {
+            self.uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .receive(&mut self.serial_pending);
+        }
+        got
     }
 
     /// Advances the timers to now, raising their interrupt lines.
@@ -523,15 +595,35 @@ impl Vm {
             {
                 break true;
             }
-            let Some(deadline) = self.next_timer_deadline() else {
+            if self.control.pending().is_some() {
+                break true;
+            }
+            let deadline = self.next_timer_deadline();
+            if deadline.is_none() && !self.serial_can_interrupt() {
                 break false;
-            };
+            }
             let now = self.clock.now_ns();
-            let wait = Duration::from_nanos(deadline.saturating_sub(now)).min(MAX_IDLE_SLEEP);
-            std::thread::sleep(wait);
+            let wait = deadline
+                .map_or(MAX_IDLE_SLEEP, |d| {
+                    Duration::from_nanos(d.saturating_sub(now))
+                })
+                .min(MAX_IDLE_SLEEP);
+            self.feed_serial(Some(wait));
         };
         self.stats.halted_time += started.elapsed();
         woke
+    }
+
+    /// Whether typed input could interrupt the CPU: input is connected and the UART's
+    /// received-data interrupt is enabled.
+    fn serial_can_interrupt(&self) -> bool {
+        if self.serial_input.is_none() {
+            return false;
+        }
+        self.uart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rx_interrupt_enabled()
     }
 
     /// Counters for the run so far.
