@@ -1,6 +1,7 @@
 //! `bt86`: runs unmodified 32-bit x86 guests by binary translation, interpretation, or KVM.
 
 mod bench;
+mod console;
 mod disk;
 mod run;
 
@@ -22,6 +23,8 @@ pub mod status {
     pub const HALTED: u8 = 6;
     /// bt86 or the host failed (not the guest's doing).
     pub const INTERNAL: u8 = 8;
+    /// The user stopped the VM (the console's Ctrl-A X, or a signal).
+    pub const STOPPED: u8 = 10;
 }
 
 /// bt86 runs unmodified 32-bit x86 operating systems on x86-64 Linux, by binary translation
@@ -39,7 +42,9 @@ enum Command {
     ///
     /// Exit status: the guest's isa-debug-exit status ((value << 1) | 1, as QEMU), 0 when the
     /// guest powers off, 2 for a bad command line or input file, 4 when the guest triple-faults,
-    /// 6 when it halts with nothing able to wake it, 8 when bt86 or the host fails.
+    /// 6 when it halts with nothing able to wake it, 8 when bt86 or the host fails, 10 when the
+    /// user stops it (Ctrl-A X on the console, or a signal). A guest reboot ends the run with 0
+    /// unless --on-reboot restart.
     Run(RunArgs),
     /// Compare engines: run the same guest workloads under each engine in one run and report
     /// per-operation times and ratios to a baseline.
@@ -59,9 +64,19 @@ enum EngineArg {
     Bt,
 }
 
+/// What a guest reboot does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnReboot {
+    /// End the run (exit status 0), like QEMU's -no-reboot.
+    Stop,
+    /// Boot the same guest again in a fresh machine.
+    Restart,
+}
+
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Multiboot v1 kernel to boot (ELF32, or a flat image with the a.out kludge).
+    /// Kernel to boot, recognised by its contents: a Linux bzImage (32-bit boot protocol), or a
+    /// multiboot v1 kernel (ELF32, or a flat image with the a.out kludge).
     #[arg(
         long,
         value_name = "FILE",
@@ -70,8 +85,8 @@ struct RunArgs {
     )]
     kernel: Option<PathBuf>,
 
-    /// Kernel command line. The kernel sees "FILE TEXT", its file name first, as under QEMU
-    /// and GRUB.
+    /// Kernel command line. A multiboot kernel sees "FILE TEXT", its file name first, as under
+    /// QEMU and GRUB; Linux sees TEXT.
     #[arg(long, value_name = "TEXT", default_value = "")]
     append: String,
 
@@ -80,7 +95,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE[ ARGS]")]
     module: Vec<String>,
 
-    /// Initial ramdisk. For a multiboot kernel it becomes the first module, as with QEMU.
+    /// Initial ramdisk. Linux gets it through the boot protocol; for a multiboot kernel it
+    /// becomes the first module, as with QEMU.
     #[arg(long, value_name = "FILE")]
     initrd: Option<String>,
 
@@ -97,9 +113,14 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = EngineArg::Interp)]
     engine: EngineArg,
 
-    /// Where the guest's COM1 output goes: "stdio", "file:PATH", or "none".
+    /// Where the guest's COM1 output goes: "stdio", "file:PATH", or "none". With stdio, what is
+    /// typed on stdin goes to COM1 (a terminal is put in raw mode; Ctrl-A X quits).
     #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio", value_parser = run::parse_serial)]
     serial: run::SerialSpec,
+
+    /// What happens when the guest reboots (the keyboard controller's reset line).
+    #[arg(long, value_enum, default_value_t = OnReboot::Stop)]
+    on_reboot: OnReboot,
 
     /// Log every instruction the interpreter executes to stderr: address, disassembly, and the
     /// registers it changed (interp engine only; slow).

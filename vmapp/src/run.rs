@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use vmm::chipset::{DriveSpec, IdeSlot};
@@ -13,8 +14,8 @@ use vmm::{
 };
 
 use crate::disk::{self, DiskSpec};
-use crate::status;
-use crate::{EngineArg, RunArgs};
+use crate::{EngineArg, OnReboot, RunArgs};
+use crate::{console, status};
 
 /// Where COM1's output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,20 +150,40 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
     };
     let (boot, what, path) = match (&args.kernel, &args.bios) {
         (Some(kernel), _) => {
-            let mut modules = Vec::new();
-            if let Some(initrd) = &args.initrd {
-                modules.push(read_module(initrd)?);
+            let data = read_input("kernel", kernel)?;
+            if vmm::loader::linux::is_linux(&data) {
+                if !args.module.is_empty() {
+                    return Err(usage(anyhow::anyhow!(
+                        "kernel {} is a Linux kernel: --module is for multiboot kernels (use --initrd)",
+                        kernel.display()
+                    )));
+                }
+                let initrd = match &args.initrd {
+                    Some(path) => Some(read_input("initrd", Path::new(path))?),
+                    None => None,
+                };
+                let boot = BootSource::Linux {
+                    kernel: data,
+                    initrd,
+                    cmdline: args.append.clone(),
+                };
+                (boot, "kernel", kernel.clone())
+            } else {
+                let mut modules = Vec::new();
+                if let Some(initrd) = &args.initrd {
+                    modules.push(read_module(initrd)?);
+                }
+                for m in &args.module {
+                    modules.push(read_module(m)?);
+                }
+                let boot = BootSource::Multiboot {
+                    kernel: data,
+                    name: kernel.display().to_string(),
+                    cmdline: args.append.clone(),
+                    modules,
+                };
+                (boot, "kernel", kernel.clone())
             }
-            for m in &args.module {
-                modules.push(read_module(m)?);
-            }
-            let boot = BootSource::Multiboot {
-                kernel: read_input("kernel", kernel)?,
-                name: kernel.display().to_string(),
-                cmdline: args.append.clone(),
-                modules,
-            };
-            (boot, "kernel", kernel.clone())
         }
         (None, Some(bios)) => {
             let boot = BootSource::Firmware {
@@ -172,32 +193,68 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
         }
         (None, None) => return Err(usage(anyhow::anyhow!("give --kernel FILE or --bios FILE"))),
     };
-    let drives = drives(&args.disk, args.cdrom.as_deref())?;
-    let config = VmConfig {
-        drives,
-        memory_mib: args.memory,
-        engine,
-        boot,
-        serial: serial_writer(&args.serial)?,
-        trace: args.trace.then(|| {
-            Box::new(BufWriter::with_capacity(1 << 16, std::io::stderr())) as Box<dyn Write + Send>
-        }),
+    // One serial backend for every boot of the machine: a reboot continues the same log.
+    let serial = SharedWriter(Arc::new(Mutex::new(serial_writer(&args.serial)?)));
+    // The terminal (or whatever stdin is) types into COM1 when COM1 prints to stdout.
+    let slot: console::ControlSlot = Arc::default();
+    let (_console, mut input) = if args.serial == SerialSpec::Stdio {
+        let (console, rx) = console::start(slot.clone());
+        (Some(console), Some(rx))
+    } else {
+        (None, None)
     };
-    let mut vm = Vm::new(config).map_err(|e| classify(e, what, &path))?;
-    let outcome = vm.run().map_err(|e| classify(e, what, &path))?;
-    Ok((outcome, vm.stats()))
+    loop {
+        // The drives are opened (and locked) for each boot; the previous boot's VM is gone.
+        let drives = drives(&args.disk, args.cdrom.as_deref())?;
+        let config = VmConfig {
+            drives,
+            memory_mib: args.memory,
+            engine,
+            boot: boot.clone(),
+            serial: Box::new(serial.clone()),
+            serial_input: input.take(),
+            trace: args.trace.then(|| {
+                Box::new(BufWriter::with_capacity(1 << 16, std::io::stderr()))
+                    as Box<dyn Write + Send>
+            }),
+        };
+        let mut vm = Vm::new(config).map_err(|e| classify(e, what, &path))?;
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.control());
+        let outcome = vm.run().map_err(|e| classify(e, what, &path));
+        let _ = serial.clone().flush();
+        let outcome = outcome?;
+        input = vm.take_serial_input();
+        if outcome == RunOutcome::Reset && args.on_reboot == OnReboot::Restart {
+            tracing::info!("the guest rebooted; starting it again (--on-reboot restart)");
+            continue;
+        }
+        return Ok((outcome, vm.stats()));
+    }
+}
+
+/// A writer several owners share (the serial backend across reboots).
+#[derive(Clone)]
+struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
 }
 
 /// Chooses the exit status for a VM error and words it for the user.
 fn classify(e: VmError, what: &str, path: &Path) -> Failure {
     let status = match &e {
-        VmError::Kernel(_) | VmError::Firmware(_) => status::USAGE,
+        VmError::Kernel(_) | VmError::Linux(_) | VmError::Firmware(_) => status::USAGE,
         VmError::Memory(vmdriver_err) if is_config_error(vmdriver_err) => status::USAGE,
         VmError::Engine(EngineError::NoTrace(_)) => status::USAGE,
         _ => status::INTERNAL,
     };
     let error = match e {
-        VmError::Kernel(_) | VmError::Firmware(_) => {
+        VmError::Kernel(_) | VmError::Linux(_) | VmError::Firmware(_) => {
             anyhow::Error::new(e).context(format!("{what} {}", path.display()))
         }
         _ => anyhow::Error::new(e),
@@ -214,6 +271,14 @@ fn report(outcome: &RunOutcome) -> u8 {
     match outcome {
         RunOutcome::DebugExit { value } => ((value << 1) | 1) as u8,
         RunOutcome::PowerOff => status::POWER_OFF,
+        RunOutcome::Stopped => {
+            eprintln!("bt86: stopped at the user's request");
+            status::STOPPED
+        }
+        RunOutcome::Reset => {
+            eprintln!("bt86: the guest rebooted; the VM is stopped (--on-reboot stop)");
+            status::POWER_OFF
+        }
         RunOutcome::TripleFault { regs } => {
             let at = regs.map(|r| format!(" ({r})")).unwrap_or_default();
             eprintln!("bt86: the guest triple-faulted (CPU shutdown); the VM is stopped{at}");

@@ -84,7 +84,8 @@ pub enum KvmError {
 pub enum InitialCpu {
     /// The x86 power-on/reset state: real mode, CS=F000 with base FFFF0000, IP=FFF0.
     Reset,
-    /// Flat 32-bit protected mode, paging off, interrupts off: the multiboot entry state.
+    /// Flat 32-bit protected mode, paging off, interrupts off: the multiboot entry state, and the
+    /// Linux 32-bit boot protocol's.
     Flat32 {
         /// EIP.
         eip: u32,
@@ -92,6 +93,8 @@ pub enum InitialCpu {
         eax: u32,
         /// EBX (the multiboot information address).
         ebx: u32,
+        /// ESI (the Linux boot protocol's `boot_params` address).
+        esi: u32,
         /// Base of the GDT holding the flat descriptors.
         gdt_base: u32,
         /// GDT limit.
@@ -191,6 +194,7 @@ impl KvmVm {
                 eip,
                 eax,
                 ebx,
+                esi,
                 gdt_base,
                 gdt_limit,
                 code_selector,
@@ -209,6 +213,7 @@ impl KvmVm {
                 regs.rip = u64::from(eip);
                 regs.rax = u64::from(eax);
                 regs.rbx = u64::from(ebx);
+                regs.rsi = u64::from(esi);
             }
         }
         sregs.cr3 = 0;

@@ -9,6 +9,11 @@ pub enum StopRequest {
     DebugExit(u32),
     /// The guest powered the machine off (ACPI S5).
     PowerOff,
+    /// The guest reset the machine (the keyboard controller's reset line, or the reset control
+    /// register).
+    Reset,
+    /// The host asked to stop: the console's quit key or a signal.
+    Host,
 }
 
 /// A shared handle through which devices request a stop; the run loop checks it after every

@@ -1,7 +1,9 @@
 //! The virtual machine: guest memory, the device buses, the stop control and an engine, and the
 //! run loop that ties them together.
 
+use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,11 +18,16 @@ use crate::devices::acpi_pm::{PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS, Pm1aControl};
 use crate::devices::coprocessor::{COPROCESSOR_PORT, CoprocessorPort};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit};
 use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg};
+use crate::devices::i8042::{
+    AUX_IRQ, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, KEYBOARD_IRQ,
+};
 use crate::devices::pic::{Pic, PicPortKind, PicPorts};
 use crate::devices::pit::{Clock, HostClock, PIT_PORT, PORT_B, Pit, PitPorts};
 use crate::devices::post::{POST_PORT, PostCode};
-use crate::devices::serial::{COM1_BASE, COM1_IRQ, Uart};
+use crate::devices::rtc::{RTC_IRQ, RTC_PORT, Rtc, RtcPorts};
+use crate::devices::serial::{COM1_BASE, COM1_IRQ, SharedUart, Uart};
 use crate::engine::{self, Engine, EngineError, EngineKind};
+use crate::loader::linux::{self, LinuxError, LinuxImage};
 use crate::loader::multiboot::{self, BOOTLOADER_MAGIC, BootModule, MultibootError};
 use crate::platform::e820_map;
 
@@ -34,6 +41,9 @@ pub const BOOT_DATA_SELECTOR: u16 = 0x10;
 /// Null, flat 32-bit code (0x08), flat 32-bit data (0x10); accessed bits preset so the CPU never
 /// writes the read-only table.
 const BOOT_GDT: [u64; 3] = [0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
+/// The Linux 32-bit boot protocol's GDT: flat code at `__BOOT_CS` (0x10), flat data at
+/// `__BOOT_DS` (0x18), accessed bits preset.
+const LINUX_BOOT_GDT: [u64; 4] = [0, 0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
 
 /// What the VM boots.
 #[derive(Debug, Clone)]
@@ -48,6 +58,15 @@ pub enum BootSource {
         cmdline: String,
         /// Modules, in order.
         modules: Vec<BootModule>,
+    },
+    /// A Linux bzImage, entered by the 32-bit boot protocol.
+    Linux {
+        /// The bzImage file's contents.
+        kernel: Vec<u8>,
+        /// The initial ramdisk, if any.
+        initrd: Option<Vec<u8>>,
+        /// The kernel command line.
+        cmdline: String,
     },
     /// A firmware image placed at the top of the 4 GiB space, entered at the reset vector.
     Firmware {
@@ -66,6 +85,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// Where COM1's output goes.
     pub serial: Box<dyn Write + Send>,
+    /// Bytes typed at COM1 (from a terminal, a pipe...), if its input is connected.
+    pub serial_input: Option<Receiver<Vec<u8>>>,
     /// Where to log every executed instruction (interp only), if anywhere.
     pub trace: Option<Box<dyn Write + Send>>,
     /// Drives on the IDE controller.
@@ -81,6 +102,9 @@ pub enum VmError {
     /// The kernel could not be loaded.
     #[error(transparent)]
     Kernel(#[from] MultibootError),
+    /// The Linux kernel could not be loaded.
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
     /// The firmware image could not be installed.
     #[error(transparent)]
     Firmware(MemoryError),
@@ -105,6 +129,10 @@ pub enum RunOutcome {
     },
     /// The guest powered the machine off.
     PowerOff,
+    /// The guest reset the machine (a reboot).
+    Reset,
+    /// The host asked the VM to stop (the console's quit key, a signal).
+    Stopped,
     /// The CPU shut down (triple fault).
     TripleFault {
         /// Registers after the shutdown, if the engine could report them.
@@ -186,8 +214,14 @@ pub struct Vm {
     irqs: Vec<IrqLine>,
     pic: Arc<Mutex<Pic>>,
     pit: Arc<Mutex<Pit>>,
+    rtc: Arc<Mutex<Rtc>>,
+    rtc_irq: IrqLine,
     clock: Arc<HostClock>,
     chipset: Chipset,
+    uart: Arc<Mutex<Uart<Box<dyn Write + Send>>>>,
+    serial_input: Option<Receiver<Vec<u8>>>,
+    /// Input received but not yet taken by the UART's FIFO.
+    serial_pending: VecDeque<u8>,
     engine: Box<dyn Engine>,
     stats: VmStats,
     /// IGNNE#, latched by a write to port 0xF0.
@@ -210,6 +244,17 @@ impl Vm {
         let pit = Arc::new(Mutex::new(Pit::new()));
         let clock = Arc::new(HostClock::new());
         let com1_irq = IrqLine::wired(COM1_IRQ, pic.clone());
+        let rtc_irq = IrqLine::wired(RTC_IRQ, pic.clone());
+        let keyboard_irq = IrqLine::wired(KEYBOARD_IRQ, pic.clone());
+        let aux_irq = IrqLine::wired(AUX_IRQ, pic.clone());
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let rtc = Arc::new(Mutex::new(Rtc::new(
+            unix_now,
+            clock.now_ns(),
+            layout.ram_bytes(),
+        )));
         let mut pio = Bus::new();
         for (base, kind, name) in [
             (0x20, PicPortKind::Master, "pic-master"),
@@ -229,7 +274,27 @@ impl Vm {
             u64::from(PORT_B),
             1,
             "port-b",
-            Box::new(PitPorts::port_b(pit.clone(), clock_dyn)),
+            Box::new(PitPorts::port_b(pit.clone(), clock_dyn.clone())),
+        )?;
+        pio.insert(
+            u64::from(RTC_PORT),
+            2,
+            "rtc-cmos",
+            Box::new(RtcPorts::new(rtc.clone(), clock_dyn, rtc_irq.clone())),
+        )?;
+        let (kbd_data, kbd_command) =
+            I8042Port::pair(keyboard_irq.clone(), aux_irq.clone(), control.clone());
+        pio.insert(
+            u64::from(I8042_DATA_PORT),
+            1,
+            "i8042-data",
+            Box::new(kbd_data),
+        )?;
+        pio.insert(
+            u64::from(I8042_COMMAND_PORT),
+            1,
+            "i8042-command",
+            Box::new(kbd_command),
         )?;
         let coprocessor = CoprocessorPort::default();
         let ignne = coprocessor.latch();
@@ -245,11 +310,12 @@ impl Vm {
             "post-code",
             Box::new(PostCode::default()),
         )?;
+        let uart = Arc::new(Mutex::new(Uart::new(com1_irq.clone(), config.serial)));
         pio.insert(
             u64::from(COM1_BASE),
             8,
             "uart-com1",
-            Box::new(Uart::new(com1_irq.clone(), config.serial)),
+            Box::new(SharedUart(uart.clone())),
         )?;
         pio.insert(
             u64::from(DEBUG_EXIT_PORT),
@@ -273,7 +339,7 @@ impl Vm {
         }
 
         let chipset = Chipset::install(&mut pio, memory.clone(), &pic, config.drives)?;
-        let mut irqs = vec![com1_irq];
+        let mut irqs = vec![keyboard_irq, com1_irq, rtc_irq.clone(), aux_irq];
         irqs.extend(chipset.irq_lines().iter().cloned());
 
         let initial = match config.boot {
@@ -297,10 +363,38 @@ impl Vm {
                     eip: entry.entry,
                     eax: BOOTLOADER_MAGIC,
                     ebx: entry.info,
+                    esi: 0,
                     gdt_base: BOOT_GDT_ADDR,
                     gdt_limit: (gdt.len() - 1) as u16,
                     code_selector: BOOT_CODE_SELECTOR,
                     data_selector: BOOT_DATA_SELECTOR,
+                }
+            }
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let image = LinuxImage {
+                    kernel: &kernel,
+                    initrd: initrd.as_deref(),
+                    cmdline: &cmdline,
+                };
+                let entry = linux::load(&memory, &image, &e820_map(&layout), None)?;
+                let gdt: Vec<u8> = LINUX_BOOT_GDT
+                    .iter()
+                    .flat_map(|d| d.to_le_bytes())
+                    .collect();
+                memory.write(u64::from(BOOT_GDT_ADDR), &gdt)?;
+                InitialCpu::Flat32 {
+                    eip: entry.entry,
+                    eax: 0,
+                    ebx: 0,
+                    esi: entry.boot_params,
+                    gdt_base: BOOT_GDT_ADDR,
+                    gdt_limit: (gdt.len() - 1) as u16,
+                    code_selector: linux::BOOT_CS,
+                    data_selector: linux::BOOT_DS,
                 }
             }
             BootSource::Firmware { image } => {
@@ -317,8 +411,13 @@ impl Vm {
             irqs,
             pic,
             pit,
+            rtc,
+            rtc_irq,
             clock,
             chipset,
+            uart,
+            serial_input: config.serial_input,
+            serial_pending: VecDeque::new(),
             engine,
             stats: VmStats::default(),
             ignne,
@@ -348,16 +447,7 @@ impl Vm {
             let exit = self.engine.run(&mut buses)?;
             self.sync_ferr();
             match exit {
-                VmExit::Io => {
-                    self.stats.io_exits += 1;
-                    match self.control.pending() {
-                        Some(StopRequest::DebugExit(value)) => {
-                            return Ok(RunOutcome::DebugExit { value });
-                        }
-                        Some(StopRequest::PowerOff) => return Ok(RunOutcome::PowerOff),
-                        None => {}
-                    }
-                }
+                VmExit::Io => self.stats.io_exits += 1,
                 VmExit::Interrupted => self.stats.interrupted_exits += 1,
                 VmExit::Halt { interrupts_enabled } => {
                     self.stats.halt_exits += 1;
@@ -379,6 +469,16 @@ impl Vm {
                 }
             }
             self.chipset.service(&mut self.pio);
+            match self.control.pending() {
+                Some(StopRequest::DebugExit(value)) => {
+                    return Ok(RunOutcome::DebugExit { value });
+                }
+                Some(StopRequest::PowerOff) => return Ok(RunOutcome::PowerOff),
+                Some(StopRequest::Reset) => return Ok(RunOutcome::Reset),
+                Some(StopRequest::Host) => return Ok(RunOutcome::Stopped),
+                None => {}
+            }
+            self.feed_serial(None);
             if let Some(outcome) = self.service_interrupts()? {
                 return Ok(outcome);
             }
@@ -405,6 +505,64 @@ impl Vm {
         self.engine.set_ignne(ignne);
     }
 
+    /// Takes the serial input channel back (to hand it to the next boot after a reboot).
+    pub fn take_serial_input(&mut self) -> Option<Receiver<Vec<u8>>> {
+        self.serial_input.take()
+    }
+
+    /// The handle through which the host (a terminal's quit key, a signal) can stop the VM.
+    pub fn control(&self) -> VmControl {
+        self.control.clone()
+    }
+
+    /// Moves serial input into the UART. With `wait`, blocks up to that long for input to
+    /// arrive first (a halted CPU waiting for a key). Returns whether any input arrived.
+    fn feed_serial(&mut self, wait: Option<Duration>) -> bool {
+        let mut got = false;
+        if let Some(rx) = &self.serial_input {
+            let first = match wait {
+                Some(d) if self.serial_pending.is_empty() => match rx.recv_timeout(d) {
+                    Ok(bytes) => Some(bytes),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.serial_input = None;
+                        std::thread::sleep(d);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            if let Some(bytes) = first {
+                got = true;
+                self.serial_pending.extend(bytes);
+            }
+            if let Some(rx) = &self.serial_input {
+                loop {
+                    match rx.try_recv() {
+                        Ok(bytes) => {
+                            got = true;
+                            self.serial_pending.extend(bytes);
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            self.serial_input = None;
+                            break;
+                        }
+                    }
+                }
+            }
+        } else if let Some(d) = wait {
+            std::thread::sleep(d);
+        }
+        if !self.serial_pending.is_empty() {
+            self.uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .receive(&mut self.serial_pending);
+        }
+        got
+    }
+
     /// Advances the timers to now, raising their interrupt lines.
     fn update_timers(&mut self) {
         let now = self.clock.now_ns();
@@ -420,6 +578,29 @@ impl Vm {
                 .unwrap_or_else(|e| e.into_inner())
                 .pulse_irq(0);
         }
+        let rtc_fired = self
+            .rtc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update(now);
+        if rtc_fired {
+            self.rtc_irq.raise();
+        }
+    }
+
+    /// The earliest time any timer device (PIT, RTC) can next interrupt, if one is armed.
+    fn next_timer_deadline(&self) -> Option<u64> {
+        let pit = self
+            .pit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_deadline();
+        let rtc = self
+            .rtc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_deadline();
+        [pit, rtc].into_iter().flatten().min()
     }
 
     /// Services timers and, when the engine can take one, delivers a pending interrupt.
@@ -477,24 +658,43 @@ impl Vm {
             {
                 break true;
             }
-            let deadline = self
-                .pit
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .next_deadline();
-            let wait = match deadline {
-                Some(deadline) => {
-                    let now = self.clock.now_ns();
-                    Duration::from_nanos(deadline.saturating_sub(now)).min(MAX_IDLE_SLEEP)
-                }
-                None if self.chipset.io_in_flight() => MAX_IDLE_SLEEP,
-                None => break false,
-            };
-            // An I/O completion ends the sleep early.
-            self.chipset.wait_io(wait);
+            if self.control.pending().is_some() {
+                break true;
+            }
+            let deadline = self.next_timer_deadline();
+            let io = self.chipset.io_in_flight();
+            if deadline.is_none() && !io && !self.serial_can_interrupt() {
+                break false;
+            }
+            let now = self.clock.now_ns();
+            let wait = deadline
+                .map_or(MAX_IDLE_SLEEP, |d| {
+                    Duration::from_nanos(d.saturating_sub(now))
+                })
+                .min(MAX_IDLE_SLEEP);
+            // A disk completion or serial input ends the sleep early (while a disk request is
+            // in flight the wait is on the disk, and input is taken right after).
+            if io {
+                self.chipset.wait_io(wait);
+                self.feed_serial(None);
+            } else {
+                self.feed_serial(Some(wait));
+            }
         };
         self.stats.halted_time += started.elapsed();
         woke
+    }
+
+    /// Whether typed input could interrupt the CPU: input is connected and the UART's
+    /// received-data interrupt is enabled.
+    fn serial_can_interrupt(&self) -> bool {
+        if self.serial_input.is_none() {
+            return false;
+        }
+        self.uart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rx_interrupt_enabled()
     }
 
     /// Counters for the run so far.

@@ -6,11 +6,13 @@ pub mod atapi;
 pub mod coprocessor;
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod i8042;
 pub mod ide;
 pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod post;
+pub mod rtc;
 pub mod serial;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,7 +1,9 @@
 //! The 16550A UART on COM1 (ports 0x3F8–0x3FF, IRQ 4), from rust-vmm's vm-superio.
 //!
 //! The transmitter is always ready: a byte written to THR goes straight to the output backend, and
-//! LSR always reports THR empty. Input is not connected yet.
+//! LSR always reports THR empty. Input arrives through [`Uart::receive`] into the 64-byte receive
+//! FIFO (with the data-ready interrupt when the guest enabled it); what does not fit waits with the
+//! caller, as a real terminal line would be flow-controlled.
 
 use std::io::Write;
 
@@ -37,6 +39,43 @@ impl<W: Write + Send> Uart<W> {
             inner: Serial::new(irq, out),
             output_failed: false,
         }
+    }
+}
+
+impl<W: Write + Send> Uart<W> {
+    /// Whether the guest enabled the received-data interrupt (IER bit 0).
+    pub fn rx_interrupt_enabled(&self) -> bool {
+        self.inner.state().interrupt_enable & 1 != 0
+    }
+
+    /// Moves as many bytes from the front of `input` into the receive FIFO as fit.
+    pub fn receive(&mut self, input: &mut std::collections::VecDeque<u8>) {
+        let n = self.inner.fifo_capacity().min(input.len());
+        if n == 0 {
+            return;
+        }
+        let bytes: Vec<u8> = input.drain(..n).collect();
+        // The FIFO has room for all of them, and raising the interrupt cannot fail.
+        let _ = self.inner.enqueue_raw_bytes(&bytes);
+    }
+}
+
+/// A UART shared between the bus and the VM (which feeds it input).
+pub struct SharedUart<W: Write + Send>(pub std::sync::Arc<std::sync::Mutex<Uart<W>>>);
+
+impl<W: Write + Send> BusDevice for SharedUart<W> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, data);
     }
 }
 
@@ -109,6 +148,33 @@ mod tests {
         uart.write(LCR, &[0x03]);
         uart.write(THR, b"z");
         assert_eq!(uart.inner.writer(), b"z");
+    }
+
+    #[test]
+    fn received_bytes_fill_the_fifo_raise_data_ready_and_wait_when_full() {
+        const RBR: u64 = 0;
+        let irq = IrqLine::new(COM1_IRQ);
+        let mut uart = Uart::new(irq.clone(), Vec::new());
+        uart.write(IER, &[0x01]); // ERBFI: received-data interrupt
+        let mut input: std::collections::VecDeque<u8> = (0..100u8).collect();
+        uart.receive(&mut input);
+        assert_eq!(
+            input.len(),
+            100 - 64,
+            "the FIFO holds 64 bytes; the rest waits"
+        );
+        assert!(irq.raised() >= 1);
+        let mut b = [0u8];
+        uart.read(LSR, &mut b);
+        assert_eq!(b[0] & 1, 1, "data ready");
+        uart.read(RBR, &mut b);
+        assert_eq!(b[0], 0);
+        uart.receive(&mut input);
+        assert_eq!(input.len(), 35);
+        for expect in 1..65u8 {
+            uart.read(RBR, &mut b);
+            assert_eq!(b[0], expect);
+        }
     }
 
     struct Broken;

@@ -227,6 +227,7 @@ impl Interp {
                 eip,
                 eax,
                 ebx,
+                esi,
                 gdt_base,
                 gdt_limit,
                 code_selector,
@@ -238,6 +239,7 @@ impl Interp {
                 cpu.gpr = [0; 8];
                 cpu.gpr[0] = eax;
                 cpu.gpr[3] = ebx;
+                cpu.gpr[6] = esi;
                 cpu.gdtr = TableReg {
                     base: gdt_base,
                     limit: gdt_limit,
@@ -1642,7 +1644,7 @@ impl Interp {
                 self.string_op(ins, io)?;
             }
             M::Bt | M::Bts | M::Btr | M::Btc => self.bit_test(ins, io)?,
-            M::Bsf | M::Bsr => self.bit_scan(ins, io)?,
+            M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => self.bit_scan(ins, io)?,
             M::Shld | M::Shrd => {
                 let a = self.read_op(ins, 0, io)?;
                 let b = self.read_op(ins, 1, io)?;
@@ -2051,6 +2053,7 @@ mod tests {
                 eip: CODE,
                 eax: 0,
                 ebx: 0,
+                esi: 0,
                 gdt_base: GDT,
                 gdt_limit: 23,
                 code_selector: 0x08,

@@ -176,7 +176,10 @@ impl Interp {
         Ok(())
     }
 
-    /// BSF, BSR: ZF=1 and the destination unchanged for a zero source.
+    /// BSF, BSR: ZF=1 and the destination unchanged for a zero source. Also TZCNT and LZCNT
+    /// (F3 0F BC/BD): on a processor without BMI1/LZCNT in CPUID, as this one, the F3 prefix is
+    /// ignored and they execute as BSF/BSR (Intel SDM, TZCNT and LZCNT); Linux's `__ffs` relies
+    /// on that.
     pub(super) fn bit_scan(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
         let src = self.read_op(ins, 1, io)?;
         let bits = Self::op_size(ins, 0) * 8;
@@ -185,7 +188,7 @@ impl Interp {
             self.cpu.eflags |= flags::ZF;
             return Ok(());
         }
-        let index = if ins.mnemonic() == Mnemonic::Bsf {
+        let index = if matches!(ins.mnemonic(), Mnemonic::Bsf | Mnemonic::Tzcnt) {
             src.trailing_zeros()
         } else {
             31 - src.leading_zeros()

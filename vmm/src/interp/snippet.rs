@@ -157,6 +157,7 @@ fn run_on(
             eip: CODE_ADDR,
             eax: gpr[0],
             ebx: gpr[3],
+            esi: gpr[6],
             gdt_base: GDT_ADDR,
             gdt_limit: (gdt_bytes.len() - 1) as u16,
             code_selector: 0x08,
@@ -336,6 +337,23 @@ mod tests {
         let b = run_bt(&code, gpr, 0, &fninit(), &[0; 0x100]).unwrap();
         assert_eq!(i.end, SnippetEnd::Exception(0));
         assert_eq!(b, i);
+    }
+
+    #[test]
+    fn tzcnt_and_lzcnt_run_as_bsf_and_bsr_without_bmi1() {
+        // F3 0F BC / F3 0F BD: the REP prefix is ignored on processors that do not report
+        // BMI1/LZCNT (Intel SDM), which is this CPU's CPUID. Linux's __ffs is `rep; bsf`.
+        let code = [0xF3, 0x0F, 0xBC, 0xC8, 0xF3, 0x0F, 0xBD, 0xD0]; // tzcnt ecx,eax; lzcnt edx,eax
+        let mut gpr = [0u32; 8];
+        gpr[0] = 0x0001_0100;
+        let r = run(&code, gpr, 0, &fninit(), &[]).unwrap();
+        assert_eq!(r.end, SnippetEnd::Completed);
+        assert_eq!(r.gpr[1], 8, "index of the lowest set bit, as BSF");
+        assert_eq!(
+            r.gpr[2], 16,
+            "index of the highest set bit, as BSR (LZCNT would give 15)"
+        );
+        assert_eq!(r.eflags & crate::cpu::flags::ZF, 0);
     }
 
     #[test]
