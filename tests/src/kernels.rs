@@ -883,6 +883,31 @@ pub(crate) fn handler_address(k: &mut Kit, body: impl FnOnce(&mut Kit) -> AsmRes
     Ok(())
 }
 
+/// Emits an IRET into ring 3 (CS 0x1B, SS 0x23:`user_stack`, EFLAGS 2, interrupts off) that
+/// continues right after itself, with DS and ES loaded with 0x23: what follows runs at CPL 3.
+fn enter_ring3(k: &mut Kit, user_stack: u32) -> AsmResult {
+    let slot = k.address_slot();
+    k.asm().push(0x23u32)?;
+    k.asm().push(user_stack)?;
+    k.asm().push(0x2u32)?;
+    k.asm().push(0x1Bu32)?;
+    k.asm().push(dword_ptr(slot))?;
+    k.asm().iretd()?;
+    let mut user = k.asm().create_label();
+    k.set_label_at(&mut user, slot)?;
+    k.asm().mov(eax, 0x23u32)?;
+    k.asm().mov(ds, eax)?;
+    Ok(k.asm().mov(es, eax)?)
+}
+
+/// Emits code storing a 32-bit interrupt gate for vector `v` at `idt` to the handler whose
+/// address the data word `slot` holds, through selector 0x08, with `access` (0x8E: DPL 0
+/// interrupt gate; 0xEE: DPL 3).
+fn set_gate_from_slot(k: &mut Kit, idt: u32, v: u32, slot: u32, access: u32) -> AsmResult {
+    k.asm().mov(eax, dword_ptr(slot))?;
+    set_gate(k, idt, v, access)
+}
+
 /// Emits code that stores an interrupt gate for vector `v` at `idt`, pointing at EAX through
 /// selector 0x08, with `access` (0x8E: DPL 0 interrupt gate; 0xEE: DPL 3).
 pub(crate) fn set_gate(k: &mut Kit, idt: u32, v: u32, access: u32) -> AsmResult {

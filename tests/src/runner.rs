@@ -284,6 +284,50 @@ pub fn skip_if(test: &str, reason: Option<String>) -> bool {
     }
 }
 
+/// Runs kit kernel `kernel` under QEMU (when installed; otherwise the interpreter is the
+/// reference, and the skip is printed) and on each of `engines`: every engine must give the
+/// reference's serial output and exit status. Returns a `bt --stats` run of it, for tests that
+/// check which path the translator took.
+pub fn compare_kit_kernel(kernel: &str, engines: &[&str]) -> Outcome {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let name = write_kit_kernel(dir.path(), kernel);
+    let guest = Guest::kernel(dir.path(), &name);
+    let reference = if qemu_binary().is_some() {
+        run_qemu(&guest).expect("qemu present")
+    } else {
+        skip_if(
+            &format!("{kernel} against QEMU"),
+            Some("qemu-system-i386 is not installed (run scripts/setup.sh)".into()),
+        );
+        run_bt86(&guest, "interp", &[])
+    };
+    assert!(!reference.timed_out, "{kernel}: the reference timed out");
+    for engine in engines {
+        let ours = run_bt86(&guest, engine, &[]);
+        assert!(!ours.timed_out, "{kernel} on {engine}: timed out");
+        assert_eq!(
+            ours.serial_text(),
+            reference.serial_text(),
+            "{kernel} on {engine}: serial output differs (stderr: {})",
+            ours.stderr
+        );
+        assert_eq!(ours.status, reference.status, "{kernel} on {engine}");
+    }
+    let o = run_bt86(&guest, "bt", &["--stats"]);
+    assert_eq!(o.status, reference.status, "{kernel} with --stats");
+    o
+}
+
+/// The value of a `bt86 run --stats` counter line in `o`'s stderr.
+pub fn stat(o: &Outcome, name: &str) -> u64 {
+    o.stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no '{name}' in the stats: {}", o.stderr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

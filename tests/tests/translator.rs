@@ -4,49 +4,13 @@
 //! shows the translator really took the path each kernel is about.
 
 use bt86_tests::runner::{
-    Guest, Outcome, interrupt_engines, protected_mode_engines, qemu_binary, run_bt86, run_qemu,
-    skip_if, write_kit_kernel,
+    Outcome, compare_kit_kernel, interrupt_engines, protected_mode_engines, stat,
 };
 
-/// Runs `kernel` under QEMU (when installed) and on `engines`; every engine must match QEMU,
-/// or, without QEMU, the interpreter. Returns bt's `--stats` output.
+/// Runs `kernel` under QEMU and on `engines`; returns bt's `--stats` run.
 fn compare(kernel: &str, engines: &[&str]) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    let name = write_kit_kernel(dir.path(), kernel);
-    let guest = Guest::kernel(dir.path(), &name);
-    let reference = if qemu_binary().is_some() {
-        run_qemu(&guest).expect("qemu present")
-    } else {
-        skip_if(
-            &format!("{kernel} against QEMU"),
-            Some("qemu-system-i386 is not installed (run scripts/setup.sh)".into()),
-        );
-        run_bt86(&guest, "interp", &[])
-    };
-    assert!(!reference.timed_out, "{kernel}: the reference timed out");
-    for engine in engines {
-        let ours = run_bt86(&guest, engine, &[]);
-        assert!(!ours.timed_out, "{kernel} on {engine}: timed out");
-        assert_eq!(
-            ours.serial_text(),
-            reference.serial_text(),
-            "{kernel} on {engine}: serial output differs (stderr: {})",
-            ours.stderr
-        );
-        assert_eq!(ours.status, reference.status, "{kernel} on {engine}");
-    }
     assert!(engines.contains(&"bt"), "bt is always available");
-    run_bt86(&guest, "bt", &["--stats"])
-}
-
-/// The value of a `--stats` line.
-fn stat(o: &Outcome, name: &str) -> u64 {
-    o.stderr
-        .lines()
-        .find(|l| l.trim_start().starts_with(name))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no '{name}' in the stats: {}", o.stderr))
+    compare_kit_kernel(kernel, engines)
 }
 
 fn translated_and_safe(o: &Outcome) {

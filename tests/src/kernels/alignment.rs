@@ -4,7 +4,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::{com1_tss, set_tss_descriptor};
+use super::{com1_tss, enter_ring3, set_gate_from_slot, set_tss_descriptor};
 use crate::kit::{AsmResult, Kit};
 
 const GDT: [u64; 6] = [
@@ -25,16 +25,9 @@ pub fn alignment() -> AsmResult<Vec<u8>> {
     let word = k.data(&0x4433_2211_u64.to_le_bytes());
     let resume_at = k.data(&[0; 4]);
     let user_stack = k.data(&[0u8; 4096]) + 4096;
-    let (ac_slot, exit_slot, user_slot) = (k.address_slot(), k.address_slot(), k.address_slot());
+    let (ac_slot, exit_slot) = (k.address_slot(), k.address_slot());
     for (v, slot) in [(17u32, ac_slot), (0x80, exit_slot)] {
-        k.asm().mov(eax, dword_ptr(slot))?;
-        k.asm().mov(edx, eax)?;
-        k.asm().and(edx, 0xFFFF_0000u32)?;
-        k.asm().or(edx, 0xEE00u32)?;
-        k.asm().mov(dword_ptr(idt + v * 8 + 4), edx)?;
-        k.asm().and(eax, 0xFFFFu32)?;
-        k.asm().or(eax, 0x0008_0000u32)?;
-        k.asm().mov(dword_ptr(idt + v * 8), eax)?;
+        set_gate_from_slot(&mut k, idt, v, slot, 0xEE)?;
     }
     set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
     k.asm().lgdt(ptr(gdtr))?;
@@ -73,18 +66,7 @@ pub fn alignment() -> AsmResult<Vec<u8>> {
     })?;
     set_ac(&mut k, false)?;
 
-    // Into CPL 3.
-    k.asm().push(0x23u32)?;
-    k.asm().push(user_stack)?;
-    k.asm().push(0x2u32)?;
-    k.asm().push(0x1Bu32)?;
-    k.asm().push(dword_ptr(user_slot))?;
-    k.asm().iretd()?;
-    let mut user = k.asm().create_label();
-    k.set_label_at(&mut user, user_slot)?;
-    k.asm().mov(eax, 0x23u32)?;
-    k.asm().mov(ds, eax)?;
-    k.asm().mov(es, eax)?;
+    enter_ring3(&mut k, user_stack)?;
     probe(&mut k, "cpl3 AC clear, misaligned dword", &|a| {
         Ok(a.mov(eax, dword_ptr(word + 1))?)
     })?;

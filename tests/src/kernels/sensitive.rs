@@ -6,7 +6,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::{com1_tss, set_tss_descriptor};
+use super::{com1_tss, enter_ring3, set_gate_from_slot, set_tss_descriptor};
 use crate::kit::{AsmResult, Kit};
 
 /// Flat ring-0 and ring-3 segments, the TSS, an LDT, a DPL-3 call gate and a DPL-0 data segment.
@@ -153,8 +153,7 @@ pub fn sensitive() -> AsmResult<Vec<u8>> {
     let far_pointer = k.data(&[0; 8]);
     let user_stack = k.data(&[0u8; 4096]) + 4096;
 
-    let (fault_slot, int80_slot, gate_slot, user_slot, jmp0_slot, back0_slot) = (
-        k.address_slot(),
+    let (fault_slot, int80_slot, gate_slot, jmp0_slot, back0_slot) = (
         k.address_slot(),
         k.address_slot(),
         k.address_slot(),
@@ -165,20 +164,10 @@ pub fn sensitive() -> AsmResult<Vec<u8>> {
     k.asm().mov(al, 0xFFu32)?;
     k.asm().out(0x21, al)?;
     k.asm().out(0xA1, al)?;
-    let gate = |k: &mut Kit, v: u32, slot: u32, access: u32| -> AsmResult {
-        k.asm().mov(eax, dword_ptr(slot))?;
-        k.asm().mov(edx, eax)?;
-        k.asm().and(edx, 0xFFFF_0000u32)?;
-        k.asm().or(edx, access << 8)?;
-        k.asm().mov(dword_ptr(idt + v * 8 + 4), edx)?;
-        k.asm().and(eax, 0xFFFFu32)?;
-        k.asm().or(eax, 0x0008_0000u32)?;
-        Ok(k.asm().mov(dword_ptr(idt + v * 8), eax)?)
-    };
     for v in [11, 12, 13] {
-        gate(&mut k, v, fault_slot, 0x8E)?;
+        set_gate_from_slot(&mut k, idt, v, fault_slot, 0x8E)?;
     }
-    gate(&mut k, 0x80, int80_slot, 0xEE)?;
+    set_gate_from_slot(&mut k, idt, 0x80, int80_slot, 0xEE)?;
     // The call gate at 0x38: DPL 3, 32-bit, one parameter, to 0x08:gate_target.
     k.asm().mov(eax, dword_ptr(gate_slot))?;
     k.asm().mov(edx, eax)?;
@@ -218,17 +207,7 @@ pub fn sensitive() -> AsmResult<Vec<u8>> {
     k.print("cpl0 ret far to 0x08 ok\n")?;
 
     // Into CPL 3 with IRET (IOPL 0, IF 0).
-    k.asm().push(0x23u32)?;
-    k.asm().push(user_stack)?;
-    k.asm().push(0x2u32)?;
-    k.asm().push(0x1Bu32)?;
-    k.asm().push(dword_ptr(user_slot))?;
-    k.asm().iretd()?;
-    let mut user = k.asm().create_label();
-    k.set_label_at(&mut user, user_slot)?;
-    k.asm().mov(eax, 0x23u32)?;
-    k.asm().mov(ds, eax)?;
-    k.asm().mov(es, eax)?;
+    enter_ring3(&mut k, user_stack)?;
     probes(&mut k, "cpl3", scratch, resume_at)?;
     // JMP far at CPL 3 to a DPL-0 code segment: #GP.
     k.print("cpl3 jmp far 0x08: ")?;
