@@ -10,7 +10,8 @@
 //! completed plus exceptions raised), and the two complete CPU states are compared: general
 //! registers, EIP, EFLAGS, segment registers with their cached descriptors, descriptor tables,
 //! control and debug registers, MSRs and the x87/SSE state. Guest memory (RAM and firmware)
-//! is compared every [`MEMORY_CHECK_STEPS`] steps and whenever the guest halts or shuts down.
+//! is compared every [`MEMORY_CHECK_STEPS`] steps and when the guest halts with interrupts
+//! disabled or shuts down.
 //!
 //! Devices are driven once, by bt: the reference interpreter gets the same port and MMIO read
 //! values replayed, in order, and must make the same accesses; it reads the same TSC values
@@ -329,6 +330,10 @@ impl LockstepEngine {
                     .read(at, &mut a[..n])
                     .and_then(|()| self.ref_memory.read(at, &mut b[..n]));
                 read.map_err(|e| EngineError::LockstepSetup(format!("comparing memory: {e}")))?;
+                if a[..n] == b[..n] {
+                    at += n as u64;
+                    continue;
+                }
                 if let Some(i) = (0..n).find(|&i| a[i] != b[i]) {
                     let end = (i + 16).min(n);
                     return Err(EngineError::Diverged(format!(
@@ -440,8 +445,16 @@ impl Engine for LockstepEngine {
                 self.bt.interp_mut().cpu_mut().gpr[0] ^= 1;
             }
             self.check("the bt step", &before)?;
-            let halted = matches!(exit, Some(VmExit::Halt { .. } | VmExit::Shutdown));
-            if halted || self.steps.is_multiple_of(MEMORY_CHECK_STEPS) {
+            // A halt that nothing can wake, or a shutdown, is the end of the run.
+            let last = matches!(
+                exit,
+                Some(
+                    VmExit::Halt {
+                        interrupts_enabled: false
+                    } | VmExit::Shutdown
+                )
+            );
+            if last || self.steps.is_multiple_of(MEMORY_CHECK_STEPS) {
                 self.check_memory()?;
             }
             if let Some(exit) = exit {
