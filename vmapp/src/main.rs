@@ -25,6 +25,8 @@ pub mod status {
     pub const INTERNAL: u8 = 8;
     /// The user stopped the VM (the console's Ctrl-A X, or a signal).
     pub const STOPPED: u8 = 10;
+    /// Lockstep mode found bt and the interpreter in different states (a translator bug).
+    pub const DIVERGED: u8 = 12;
 }
 
 /// bt86 runs unmodified 32-bit x86 operating systems on x86-64 Linux, by binary translation
@@ -43,14 +45,22 @@ enum Command {
     /// Exit status: the guest's isa-debug-exit status ((value << 1) | 1, as QEMU), 0 when the
     /// guest powers off, 2 for a bad command line or input file, 4 when the guest triple-faults,
     /// 6 when it halts with nothing able to wake it, 8 when bt86 or the host fails, 10 when the
-    /// user stops it (Ctrl-A X on the console, or a signal). A guest reboot ends the run with 0
-    /// unless --on-reboot restart.
+    /// user stops it (Ctrl-A X on the console, or a signal), 12 when --lockstep finds bt and the
+    /// interpreter in different states. A guest reboot ends the run with 0 unless --on-reboot
+    /// restart.
     Run(RunArgs),
     /// Compare engines: run the same guest workloads under each engine in one run and report
     /// per-operation times and ratios to a baseline.
     ///
     /// Example: bt86 bench --suite nano --engines bt,interp,kvm,qemu-tcg --runs 5 --json out.json
     Bench(bench::BenchArgs),
+}
+
+/// The reference engine of --lockstep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LockstepArg {
+    /// The IA-32 interpreter.
+    Interp,
 }
 
 /// Which engine runs guest code.
@@ -126,6 +136,13 @@ struct RunArgs {
     /// registers it changed (interp engine only; slow).
     #[arg(long)]
     trace: bool,
+
+    /// Run the interpreter side by side with bt (--engine bt only; slow): every translated unit,
+    /// and every instruction bt interprets, is checked against the interpreter on its own copy
+    /// of guest memory, and the run stops at the first step after which their states differ,
+    /// printing both (exit status 12). Devices run once; the interpreter gets the same inputs.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    lockstep: Option<LockstepArg>,
 
     /// A hard disk image on the IDE controller:
     /// FILE[,format=raw|qcow2][,readonly][,cache=writeback|writethrough][,overlay=FILE].

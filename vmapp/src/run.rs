@@ -213,6 +213,7 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
             boot: boot.clone(),
             serial: Box::new(serial.clone()),
             serial_input: input.take(),
+            lockstep: args.lockstep.is_some(),
             trace: args.trace.then(|| {
                 Box::new(BufWriter::with_capacity(1 << 16, std::io::stderr()))
                     as Box<dyn Write + Send>
@@ -250,7 +251,8 @@ fn classify(e: VmError, what: &str, path: &Path) -> Failure {
     let status = match &e {
         VmError::Kernel(_) | VmError::Linux(_) | VmError::Firmware(_) => status::USAGE,
         VmError::Memory(vmdriver_err) if is_config_error(vmdriver_err) => status::USAGE,
-        VmError::Engine(EngineError::NoTrace(_)) => status::USAGE,
+        VmError::Engine(EngineError::NoTrace(_) | EngineError::NoLockstep(_)) => status::USAGE,
+        VmError::Engine(EngineError::Diverged(_)) => status::DIVERGED,
         _ => status::INTERNAL,
     };
     let error = match e {

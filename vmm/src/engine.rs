@@ -6,6 +6,7 @@ use vmdriver::kvm::{InitialCpu, KvmError, KvmVm};
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, VmExit};
 
 use crate::interp::{Interp, InterpError};
+use crate::lockstep::LockstepEngine;
 use crate::translated::{BtEngine, BtError};
 
 /// Which engine runs the guest.
@@ -56,6 +57,15 @@ pub enum EngineError {
     /// The engine cannot trace instructions.
     #[error("--trace is only available with the interp engine, not {0}")]
     NoTrace(EngineKind),
+    /// Lockstep mode checks the bt engine only.
+    #[error("--lockstep interp checks the bt engine, not {0}")]
+    NoLockstep(EngineKind),
+    /// Lockstep mode could not start (no memory for the reference, a bad self-test setting).
+    #[error("lockstep mode cannot start: {0}")]
+    LockstepSetup(String),
+    /// Lockstep mode found bt and the interpreter in different states: the report.
+    #[error("{0}")]
+    Diverged(String),
 }
 
 /// An engine: something that runs the vCPU until the VM must look at what happened.
@@ -105,15 +115,23 @@ pub trait Engine {
     }
 }
 
-/// Creates the engine `kind` over `memory`, with the vCPU in `initial` state.
+/// Creates the engine `kind` over `memory`, with the vCPU in `initial` state; with
+/// `lockstep`, bt checked step by step against the interpreter ([`LockstepEngine`]).
 pub fn create(
     kind: EngineKind,
     memory: Arc<GuestMemory>,
     initial: InitialCpu,
     trace: Option<Box<dyn std::io::Write + Send>>,
+    lockstep: bool,
 ) -> Result<Box<dyn Engine>, EngineError> {
     if trace.is_some() && kind != EngineKind::Interp {
         return Err(EngineError::NoTrace(kind));
+    }
+    if lockstep {
+        if kind != EngineKind::Bt {
+            return Err(EngineError::NoLockstep(kind));
+        }
+        return Ok(Box::new(LockstepEngine::new(memory, initial)?));
     }
     match kind {
         EngineKind::Kvm => {

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod engine;
 pub mod interp;
 pub mod loader;
+pub mod lockstep;
 pub mod platform;
 pub mod translated;
 pub mod vm;

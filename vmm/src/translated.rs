@@ -159,6 +159,8 @@ pub struct BtEngine {
     trapping: HashMap<(u32, u32), u32>,
     /// Instructions retranslated as callouts.
     emulated: HashSet<(u32, u32)>,
+    /// Lockstep mode: every unit returns to the monitor ([`BtEngine::set_lockstep`]).
+    lockstep: bool,
 }
 
 impl BtEngine {
@@ -207,6 +209,7 @@ impl BtEngine {
             code_epoch: 0,
             trapping: HashMap::new(),
             emulated: HashSet::new(),
+            lockstep: false,
         })
     }
 
@@ -405,98 +408,106 @@ impl BtEngine {
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
         self.sync()?;
         for _ in 0..EXITS_PER_RUN {
-            if self.vcpu.exit_requested() {
-                self.vcpu.clear_exit_request();
-                self.counters.exits_request += 1;
-                return Ok(VmExit::Interrupted);
-            }
-            if !self.translatable() {
-                self.counters.interpreted_runs += 1;
-                // An interrupt shadow, or RF (which the return from every fault handler sets,
-                // and which the next instruction clears): one instruction, then translated
-                // code again.
-                if self.interp.in_shadow() || self.interp.cpu().eflags & flags::RF != 0 {
-                    match self.interpret_one(io)? {
-                        Some(exit) => return Ok(exit),
-                        None => continue,
-                    }
-                }
-                let exit = self.interp.run(io)?;
-                self.sync()?;
+            if let Some(exit) = self.step_unit(io)? {
                 return Ok(exit);
-            }
-            let eip = self.interp.cpu().eip;
-            let Some(host) = self.unit_for(eip)? else {
-                // The fetch faults (or runs from device memory): the interpreter raises the
-                // #PF or executes it.
-                match self.interpret_one(io)? {
-                    Some(exit) => return Ok(exit),
-                    None => continue,
-                }
-            };
-            if self.shadow.code_epoch() != self.code_epoch {
-                self.translator.forget_indirect();
-                self.code_epoch = self.shadow.code_epoch();
-            }
-            let base = self.shadow.activate(&self.paging())?;
-            self.load_context();
-            // SAFETY: `host` is the entry of a unit the translator built under the contract
-            // (guest memory only through GS, exits only through the stub), and the window maps
-            // only guest memory.
-            unsafe { self.vcpu.enter(host, base) };
-            self.store_context();
-            let ctx = self.vcpu.context();
-            let (why, target) = (ctx.exit_reason, ctx.exit_eip);
-            match why {
-                reason::BRANCH => {
-                    self.counters.exits_branch += 1;
-                    let (unit, slot) = (ctx.exit_unit, ctx.exit_slot);
-                    self.interp.cpu_mut().eip = target;
-                    let from = self.translator.unit(unit).map(|u| (u.eip, u.page));
-                    // While paging is on, only a target in the unit's own page is sure to map
-                    // to the same code whenever the unit runs.
-                    let same_page = from.is_some_and(|(eip, _)| eip >> 12 == target >> 12);
-                    if self.translatable()
-                        && (same_page || !self.paging().enabled)
-                        && self.unit_for(target)?.is_some()
-                    {
-                        let page = match from {
-                            Some((_, page)) if same_page => page,
-                            _ => target >> 12,
-                        };
-                        self.translator.chain(unit, slot, target, page);
-                    }
-                }
-                reason::LOOKUP_MISS => {
-                    self.counters.exits_lookup += 1;
-                    self.interp.cpu_mut().eip = target;
-                    if self.translatable()
-                        && let Some(host) = self.unit_for(target)?
-                    {
-                        self.translator.remember_indirect(target, host);
-                    }
-                }
-                reason::CALLOUT => {
-                    self.counters.exits_callout += 1;
-                    self.interp.cpu_mut().eip = target;
-                    self.count_callout(target)?;
-                    if let Some(exit) = self.interpret_one(io)? {
-                        return Ok(exit);
-                    }
-                }
-                reason::SIGNAL => {
-                    if let Some(exit) = self.on_signal(io)? {
-                        return Ok(exit);
-                    }
-                }
-                other => {
-                    return Err(BtError::Setup(format!(
-                        "translated code left with an unknown exit reason {other}"
-                    )));
-                }
             }
         }
         Ok(VmExit::Interrupted)
+    }
+
+    /// Makes every unit return to the monitor (no chaining, no indirect-branch lookup, one
+    /// interpreted instruction at a time where bt interprets), so [`BtEngine::step_unit`] runs
+    /// exactly one unit or one instruction: the lockstep mode's granularity. Set it before
+    /// the engine first runs (units chained before would still run on into each other).
+    pub fn set_lockstep(&mut self, on: bool) {
+        self.lockstep = on;
+    }
+
+    /// Runs one translated unit (or, where bt interprets, the interpreter: one instruction in
+    /// lockstep mode) and handles its exit. Returns the exit for the VM, if there is one.
+    pub fn step_unit(&mut self, io: &mut dyn IoHandler) -> Result<Option<VmExit>, BtError> {
+        if self.vcpu.exit_requested() {
+            self.vcpu.clear_exit_request();
+            self.counters.exits_request += 1;
+            return Ok(Some(VmExit::Interrupted));
+        }
+        if !self.translatable() {
+            self.counters.interpreted_runs += 1;
+            // An interrupt shadow, or RF (which the return from every fault handler sets,
+            // and which the next instruction clears): one instruction, then translated
+            // code again.
+            if self.lockstep || self.interp.in_shadow() || self.interp.cpu().eflags & flags::RF != 0
+            {
+                return self.interpret_one(io);
+            }
+            let exit = self.interp.run(io)?;
+            self.sync()?;
+            return Ok(Some(exit));
+        }
+        let eip = self.interp.cpu().eip;
+        let Some(host) = self.unit_for(eip)? else {
+            // The fetch faults (or runs from device memory): the interpreter raises the
+            // #PF or executes it.
+            return self.interpret_one(io);
+        };
+        if self.shadow.code_epoch() != self.code_epoch {
+            self.translator.forget_indirect();
+            self.code_epoch = self.shadow.code_epoch();
+        }
+        let base = self.shadow.activate(&self.paging())?;
+        self.load_context();
+        // SAFETY: `host` is the entry of a unit the translator built under the contract
+        // (guest memory only through GS, exits only through the stub), and the window maps
+        // only guest memory.
+        unsafe { self.vcpu.enter(host, base) };
+        self.store_context();
+        let ctx = self.vcpu.context();
+        let (why, target) = (ctx.exit_reason, ctx.exit_eip);
+        match why {
+            reason::BRANCH => {
+                self.counters.exits_branch += 1;
+                let (unit, slot) = (ctx.exit_unit, ctx.exit_slot);
+                self.interp.cpu_mut().eip = target;
+                let from = self.translator.unit(unit).map(|u| (u.eip, u.page));
+                // While paging is on, only a target in the unit's own page is sure to map
+                // to the same code whenever the unit runs.
+                let same_page = from.is_some_and(|(eip, _)| eip >> 12 == target >> 12);
+                if !self.lockstep
+                    && self.translatable()
+                    && (same_page || !self.paging().enabled)
+                    && self.unit_for(target)?.is_some()
+                {
+                    let page = match from {
+                        Some((_, page)) if same_page => page,
+                        _ => target >> 12,
+                    };
+                    self.translator.chain(unit, slot, target, page);
+                }
+            }
+            reason::LOOKUP_MISS => {
+                self.counters.exits_lookup += 1;
+                self.interp.cpu_mut().eip = target;
+                if !self.lockstep
+                    && self.translatable()
+                    && let Some(host) = self.unit_for(target)?
+                {
+                    self.translator.remember_indirect(target, host);
+                }
+            }
+            reason::CALLOUT => {
+                self.counters.exits_callout += 1;
+                self.interp.cpu_mut().eip = target;
+                self.count_callout(target)?;
+                return self.interpret_one(io);
+            }
+            reason::SIGNAL => return self.on_signal(io),
+            other => {
+                return Err(BtError::Setup(format!(
+                    "translated code left with an unknown exit reason {other}"
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// A host signal interrupted translated code.

@@ -89,6 +89,8 @@ pub struct VmConfig {
     pub serial_input: Option<Receiver<Vec<u8>>>,
     /// Where to log every executed instruction (interp only), if anywhere.
     pub trace: Option<Box<dyn Write + Send>>,
+    /// Check bt against the interpreter step by step (bt only; see [`crate::lockstep`]).
+    pub lockstep: bool,
     /// Drives on the IDE controller.
     pub drives: Vec<DriveSpec>,
 }
@@ -402,7 +404,13 @@ impl Vm {
                 InitialCpu::Reset
             }
         };
-        let engine = engine::create(config.engine, memory.clone(), initial, config.trace)?;
+        let engine = engine::create(
+            config.engine,
+            memory.clone(),
+            initial,
+            config.trace,
+            config.lockstep,
+        )?;
         Ok(Self {
             memory,
             pio,

@@ -200,7 +200,15 @@ pub struct Interp {
     data_hits: Cell<u32>,
     /// The floating-point unit's engine state (host FPU executor, FERR#/IGNNE#).
     fpu: fpu::FpuUnit,
+    /// Lockstep: TSC reads recorded to (false) or replayed from (true) a shared tape.
+    tsc_tape: Option<(bool, TscTape)>,
+    /// Lockstep: the EFLAGS bits the instructions since the last look left undefined.
+    undefined_flags: Option<u32>,
 }
+
+/// TSC values one interpreter read, for another to replay: the lockstep mode gives both
+/// engines the same time.
+pub type TscTape = Arc<std::sync::Mutex<std::collections::VecDeque<u64>>>;
 
 /// What the instruction just executed holds off until after the next one.
 #[derive(Debug, Default, Clone, Copy)]
@@ -266,7 +274,31 @@ impl Interp {
             trap_suppressed: false,
             data_hits: Cell::new(0),
             fpu: fpu::FpuUnit::default(),
+            tsc_tape: None,
+            undefined_flags: None,
         }
+    }
+
+    /// Appends every TSC value this interpreter reads (RDTSC, RDMSR) to `tape`.
+    pub fn record_tsc(&mut self, tape: TscTape) {
+        self.tsc_tape = Some((false, tape));
+    }
+
+    /// Takes TSC reads from `tape` (in order) instead of the clock, while it has any.
+    pub fn replay_tsc(&mut self, tape: TscTape) {
+        self.tsc_tape = Some((true, tape));
+    }
+
+    /// Starts noting which EFLAGS bits the executed instructions leave undefined (the SDM's
+    /// "undefined" flags, which CPUs set differently), for [`Interp::take_undefined_flags`].
+    pub fn track_undefined_flags(&mut self) {
+        self.undefined_flags = Some(0);
+    }
+
+    /// The EFLAGS bits whose value the instructions executed since the last call left
+    /// undefined (and no later one defined again).
+    pub fn take_undefined_flags(&mut self) -> u32 {
+        self.undefined_flags.as_mut().map_or(0, std::mem::take)
     }
 
     /// The CPU state.
@@ -1254,6 +1286,9 @@ impl Interp {
             self.cpu.eflags &= !flags::RF;
         }
         self.instructions += 1;
+        if let Some(u) = &mut self.undefined_flags {
+            *u = (*u & !eflags_of(ins.rflags_modified())) | eflags_of(ins.rflags_undefined());
+        }
         Ok(exit)
     }
 
@@ -1985,6 +2020,23 @@ fn setcc(m: Mnemonic) -> Option<u8> {
         _ => return None,
     };
     Some(cc)
+}
+
+/// iced's flag bits as EFLAGS bits (the arithmetic flags, which are the ones that can be
+/// undefined).
+fn eflags_of(bits: u32) -> u32 {
+    use iced_x86::RflagsBits as R;
+    [
+        (R::OF, flags::OF),
+        (R::SF, flags::SF),
+        (R::ZF, flags::ZF),
+        (R::AF, flags::AF),
+        (R::CF, flags::CF),
+        (R::PF, flags::PF),
+    ]
+    .iter()
+    .filter(|(r, _)| bits & r != 0)
+    .fold(0, |acc, (_, f)| acc | f)
 }
 
 #[cfg(test)]

@@ -71,9 +71,19 @@ impl Interp {
     /// The guest's TSC now.
     pub(super) fn tsc(&self) -> u64 {
         let elapsed = self.started.elapsed().as_nanos() as u64;
-        elapsed
+        let now = elapsed
             .wrapping_mul(TSC_HZ / 1_000_000_000)
-            .wrapping_add(self.tsc_offset)
+            .wrapping_add(self.tsc_offset);
+        let Some((replay, tape)) = &self.tsc_tape else {
+            return now;
+        };
+        let mut tape = tape.lock().unwrap_or_else(|e| e.into_inner());
+        if *replay {
+            tape.pop_front().unwrap_or(now)
+        } else {
+            tape.push_back(now);
+            now
+        }
     }
 
     /// Loads a system segment register (LDTR or TR) from the GDT.
