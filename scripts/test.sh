@@ -4,6 +4,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+echo "== guest for the Linux boot test (scripts/fetch-guest.sh; downloads once)" >&2
+if guest=$(scripts/fetch-guest.sh); then
+    export BT86_GUEST_DIR="$guest"
+    # The interpreter boots Linux in minutes only when optimised.
+    echo "== cargo build --release -p vmapp (for the Linux boot test)" >&2
+    cargo build --release --quiet -p vmapp
+    export BT86_LINUX_BIN="$PWD/target/release/bt86"
+else
+    echo "== no Linux guest: the Debian boot test will be skipped" >&2
+fi
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
