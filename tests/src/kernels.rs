@@ -1419,14 +1419,14 @@ pub fn tasks() -> AsmResult<Vec<u8>> {
     k.build()
 }
 
-/// Takes timer interrupts while halted: the PICs remapped to 0x20/0x28 with only IRQ 0
-/// unmasked, the PIT's channel 0 in mode 2 at 100 Hz, and an `sti; hlt` loop until the
-/// handler has counted 10 ticks. Exits with value 0x19.
-pub fn timer() -> AsmResult<Vec<u8>> {
-    let mut k = Kit::new()?;
+/// Emits the timer setup shared by the interrupt kernels: an IDT whose vector 0x20 counts
+/// ticks (with a non-specific EOI), the 8259s remapped to 0x20/0x28 with only IRQ 0 unmasked,
+/// and the PIT's channel 0 in mode 2 at 100 Hz. Interrupts stay disabled; returns the address of
+/// the tick counter.
+pub(crate) fn count_pit_ticks(k: &mut Kit) -> AsmResult<u32> {
     let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     let ticks = k.data(&[0; 4]);
-    handler_address(&mut k, |k| {
+    handler_address(k, |k| {
         k.asm().push(eax)?;
         k.asm().inc(dword_ptr(ticks))?;
         k.asm().mov(al, 0x20u32)?;
@@ -1434,12 +1434,8 @@ pub fn timer() -> AsmResult<Vec<u8>> {
         k.asm().pop(eax)?;
         Ok(k.asm().iretd()?)
     })?;
-    set_gate(&mut k, idt, 0x20, 0x8E)?;
+    set_gate(k, idt, 0x20, 0x8E)?;
     k.asm().lidt(ptr(idtr))?;
-    let outb = |k: &mut Kit, port: u32, v: u32| -> AsmResult {
-        k.asm().mov(al, v)?;
-        Ok(k.asm().out(port, al)?)
-    };
     for (port, v) in [
         (0x20u32, 0x11u32),
         (0x21, 0x20),
@@ -1455,8 +1451,22 @@ pub fn timer() -> AsmResult<Vec<u8>> {
         (0x40, 11932 & 0xFF),
         (0x40, 11932 >> 8),
     ] {
-        outb(&mut k, port, v)?;
+        k.asm().mov(al, v)?;
+        k.asm().out(port, al)?;
     }
+    Ok(ticks)
+}
+
+/// Takes timer interrupts while halted: the PICs remapped to 0x20/0x28 with only IRQ 0
+/// unmasked, the PIT's channel 0 in mode 2 at 100 Hz, and an `sti; hlt` loop until the
+/// handler has counted 10 ticks. Exits with value 0x19.
+pub fn timer() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    let ticks = count_pit_ticks(&mut k)?;
+    let outb = |k: &mut Kit, port: u32, v: u32| -> AsmResult {
+        k.asm().mov(al, v)?;
+        Ok(k.asm().out(port, al)?)
+    };
     k.asm().sti()?;
     let mut again = k.asm().create_label();
     k.asm().set_label(&mut again)?;

@@ -5,7 +5,7 @@
 
 use iced_x86::code_asm::*;
 
-use crate::kernels::{handler_address, set_gate};
+use crate::kernels::{count_pit_ticks, handler_address, set_gate};
 use crate::kit::{AsmResult, KERNEL_BASE, Kit};
 
 /// Rewrites code the guest already ran: the next instruction of the running unit, a function
@@ -207,36 +207,7 @@ pub fn isolation() -> AsmResult<Vec<u8>> {
 /// Exits with value 0x24.
 pub fn spin_timer() -> AsmResult<Vec<u8>> {
     let mut k = Kit::new()?;
-    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
-    let ticks = k.data(&[0; 4]);
-    handler_address(&mut k, |k| {
-        k.asm().push(eax)?;
-        k.asm().inc(dword_ptr(ticks))?;
-        k.asm().mov(al, 0x20u32)?;
-        k.asm().out(0x20, al)?;
-        k.asm().pop(eax)?;
-        Ok(k.asm().iretd()?)
-    })?;
-    set_gate(&mut k, idt, 0x20, 0x8E)?;
-    k.asm().lidt(ptr(idtr))?;
-    for (port, v) in [
-        (0x20u32, 0x11u32),
-        (0x21, 0x20),
-        (0x21, 0x04),
-        (0x21, 0x01),
-        (0xA0, 0x11),
-        (0xA1, 0x28),
-        (0xA1, 0x02),
-        (0xA1, 0x01),
-        (0x21, 0xFE),
-        (0xA1, 0xFF),
-        (0x43, 0x34),
-        (0x40, 11932 & 0xFF),
-        (0x40, 11932 >> 8),
-    ] {
-        k.asm().mov(al, v)?;
-        k.asm().out(port, al)?;
-    }
+    let ticks = count_pit_ticks(&mut k)?;
     k.asm().xor(esi, esi)?;
     k.asm().sti()?;
     let mut again = k.asm().create_label();
