@@ -201,3 +201,105 @@ fn debian_kernel_boots_on_interp_as_far_as_the_platform_allows() {
         "last lines:\n{tail}"
     );
 }
+
+// ---- The PC platform under Debian's kernel: ACPI, power-off, the APICs ----------------------
+
+/// Boots the Debian guest on `engine` with `append`, stdin closed, until bt86 exits or the
+/// safety net `limit` ends it. Returns the exit code (None if killed) and the console output.
+fn boot_debian(
+    guest: &Path,
+    bin: &Path,
+    engine: &str,
+    append: &str,
+    limit: Duration,
+) -> (Option<i32>, String) {
+    let mut child = Command::new(bin)
+        .args(["run", "--engine", engine, "--memory", "256"])
+        .arg("--kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initramfs.gz"))
+        .args(["--append", append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
+        out
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
+    let mut console = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    console.push_str(&stderr);
+    (status, console)
+}
+
+/// The last `n` lines of `s`, for failure messages.
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[test]
+fn debian_kernel_finds_the_acpi_tables_and_powers_off_on_bt() {
+    let (Some(guest), Some(bin)) = (debian_guest(), release_binary()) else {
+        eprintln!(
+            "skipped: needs scripts/fetch-guest.sh's guest and a release build of bt86 \
+             (scripts/test.sh provides both)"
+        );
+        return;
+    };
+    // busybox as init runs `poweroff -f` (the words the kernel does not know are init's
+    // arguments): reboot(2) straight away, which powers off through ACPI S5.
+    let (status, console) = boot_debian(
+        &guest,
+        &bin,
+        "bt",
+        "console=ttyS0 rdinit=/bin/busybox poweroff -f",
+        Duration::from_secs(10 * 60),
+    );
+    let last = tail(&console, 30);
+    for want in [
+        "ACPI: RSDP 0x00000000000F0000",
+        "ACPI: FACP",
+        "ACPI: DSDT",
+        "ACPI: Interpreter enabled",
+        "ACPI: PM: (supports S0 S5)",
+        "ACPI: PCI Root Bridge [PCI0]",
+        "clocksource: acpi_pm",
+        "ACPI: PM: Preparing to enter system sleep state S5",
+        "reboot: Power down",
+    ] {
+        assert!(
+            console.contains(want),
+            "console never showed {want:?}; last lines:\n{last}"
+        );
+    }
+    for bad in ["RSDP was not found", "unchecked MSR access", "Kernel panic"] {
+        assert!(
+            !console.contains(bad),
+            "console showed {bad:?}; last lines:\n{last}"
+        );
+    }
+    assert_eq!(
+        status,
+        Some(0),
+        "bt86 should exit 0 on power-off; last lines:\n{last}"
+    );
+}
