@@ -185,6 +185,24 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "string-edges",
+        about: "rep string instructions with huge ECX into an unmapped page, off the top of the address space and backwards (#PF with exact partial progress); code that rep-stosb's over itself",
+        build: tk::string_edges,
+        firmware: false,
+    },
+    Entry {
+        name: "syscalls",
+        about: "int 0x80 (DPL 3 and DPL 0 gates), syscall, sysret, sysenter and sysexit at CPL 0, 1, 2 and 3",
+        build: tk::syscalls,
+        firmware: false,
+    },
+    Entry {
+        name: "segment-edges",
+        about: "segment bases that wrap past 4 GiB (FS, ES string stores, DS), expand-down and byte-limit segments (#GP as the SDM says; QEMU does not check limits)",
+        build: tk::segment_edges,
+        firmware: false,
+    },
+    Entry {
         name: "spin-timer",
         about: "takes 10 timer interrupts at 100 Hz while spinning in a tight loop (no HLT)",
         build: tk::spin_timer,
@@ -851,7 +869,7 @@ pub fn paging() -> AsmResult<Vec<u8>> {
 
 /// A 32-bit TSS whose ring-0 stack is the kit's stack (SS0 = 0x10) and whose I/O permission
 /// bitmap allows only COM1 (ports 0x3F8-0x3FF): returns its address and limit.
-fn com1_tss(k: &mut Kit) -> (u32, u32) {
+pub(crate) fn com1_tss(k: &mut Kit) -> (u32, u32) {
     let mut tss = vec![0u8; 104];
     tss[4..8].copy_from_slice(&0x0011_4000u32.to_le_bytes());
     tss[8..10].copy_from_slice(&0x10u16.to_le_bytes());
@@ -865,7 +883,7 @@ fn com1_tss(k: &mut Kit) -> (u32, u32) {
 
 /// Emits code writing an available 32-bit TSS descriptor (byte-granular `limit`) for the TSS
 /// at `base` into the GDT entry at `entry`.
-fn set_tss_descriptor(k: &mut Kit, entry: u32, base: u32, limit: u32) -> AsmResult {
+pub(crate) fn set_tss_descriptor(k: &mut Kit, entry: u32, base: u32, limit: u32) -> AsmResult {
     let low = (base << 16) | (limit & 0xFFFF);
     let high = (base & 0xFF00_0000) | ((base >> 16) & 0xFF) | 0x8900 | (limit & 0xF_0000);
     k.asm().mov(dword_ptr(entry), low)?;

@@ -5,7 +5,7 @@
 
 use iced_x86::code_asm::*;
 
-use crate::kernels::{count_pit_ticks, handler_address, set_gate};
+use crate::kernels::{count_pit_ticks, handler_address, set_gate, set_tss_descriptor};
 use crate::kit::{AsmResult, KERNEL_BASE, Kit};
 
 /// Rewrites code the guest already ran: the next instruction of the running unit, a function
@@ -278,5 +278,467 @@ pub fn call_bench() -> AsmResult<Vec<u8>> {
     k.asm().set_label(&mut done)?;
     k.print_field("checksum", eax)?;
     k.exit(0x31)?;
+    k.build()
+}
+
+/// Emits a handler for each `(vector, name, has_error_code)` of `vectors` that prints `name`,
+/// the error code, CR2 (for #PF) and, with `regs`, ECX, ESI and EDI as the faulting
+/// instruction left them; then resumes at the address held in the data word `resume_at`.
+fn resuming_fault_handlers(
+    k: &mut Kit,
+    idt: u32,
+    vectors: &[(u32, &str, bool)],
+    resume_at: u32,
+    regs: bool,
+) -> AsmResult {
+    for &(v, name, has_error) in vectors {
+        handler_address(k, |k| {
+            if !has_error {
+                k.asm().push(0u32)?;
+            }
+            k.asm().push(eax)?;
+            k.print(&format!(" {name} err="))?;
+            k.asm().mov(eax, dword_ptr(esp + 4))?;
+            k.print_hex(eax)?;
+            if v == 14 {
+                k.print(" cr2=")?;
+                k.asm().mov(eax, cr2)?;
+                k.print_hex(eax)?;
+            }
+            if regs {
+                for (label, r) in [(" ecx=", ecx), (" esi=", esi), (" edi=", edi)] {
+                    k.print(label)?;
+                    k.print_hex(r)?;
+                }
+                k.print("\n")?;
+            }
+            k.asm().mov(eax, dword_ptr(resume_at))?;
+            k.asm().mov(dword_ptr(esp + 8), eax)?;
+            k.asm().pop(eax)?;
+            k.asm().add(esp, 4u32)?;
+            Ok(k.asm().iretd()?)
+        })?;
+        set_gate(k, idt, v, 0x8E)?;
+    }
+    Ok(())
+}
+
+/// Emits `body` with the fault handlers armed to resume right after it.
+fn guarded(k: &mut Kit, resume_at: u32, body: impl FnOnce(&mut Kit) -> AsmResult) -> AsmResult {
+    let slot = k.address_slot();
+    k.asm().push(eax)?;
+    k.asm().mov(eax, dword_ptr(slot))?;
+    k.asm().mov(dword_ptr(resume_at), eax)?;
+    k.asm().pop(eax)?;
+    body(k)?;
+    let mut after = k.asm().create_label();
+    k.set_label_at(&mut after, slot)?;
+    Ok(k.asm().nop()?)
+}
+
+/// Paging layout of [`string_edges`]: 0-4 MiB identity-mapped except page 0 and [`HOLE`], and
+/// the last page of the address space mapped to [`TOP_FRAME`].
+mod edges {
+    pub const PD: u32 = 0x20_0000;
+    pub const PT0: u32 = 0x20_1000;
+    pub const PT_TOP: u32 = 0x20_2000;
+    /// A page left unmapped.
+    pub const HOLE: u32 = 0x30_0000;
+    /// The frame behind linear 0xFFFFF000.
+    pub const TOP_FRAME: u32 = 0x30_2000;
+    /// Where the self-writing code runs.
+    pub const CODE_BUF: u32 = 0x28_1000;
+}
+
+/// String instructions with huge counts running into an unmapped page, off the end of the
+/// address space (EDI wraps to 0, unmapped) and backwards (DF=1): each #PF reports the exact
+/// partial progress (ECX/ESI/EDI after the iterations that completed, as the Intel SDM
+/// describes for REP: the registers are updated per iteration and a fault leaves them
+/// restartable). Then code that overwrites itself with `rep stosb`: the first time before it
+/// ran, the second time after it was translated. Exits with value 0x25.
+pub fn string_edges() -> AsmResult<Vec<u8>> {
+    use edges::*;
+    let mut k = Kit::new()?;
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
+    let resume_at = k.data(&[0; 4]);
+    resuming_fault_handlers(
+        &mut k,
+        idt,
+        &[(13, "#GP", true), (14, "#PF", true)],
+        resume_at,
+        true,
+    )?;
+    k.asm().lidt(ptr(idtr))?;
+    const _: () = assert!(PT0 == PD + 0x1000);
+    k.identity_map_4mib(PD)?;
+    k.asm().mov(dword_ptr(PT0), 0u32)?;
+    k.asm().mov(dword_ptr(PT0 + 4 * (HOLE >> 12)), 0u32)?;
+    k.asm().mov(dword_ptr(PD + 4 * 1023), PT_TOP | 3)?;
+    k.asm().mov(dword_ptr(PT_TOP + 4 * 1023), TOP_FRAME | 3)?;
+    k.asm().mov(eax, PD)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 0x8001_0000u32)?;
+    k.asm().mov(cr0, eax)?;
+
+    type Body<'a> = &'a dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>;
+    let case = |k: &mut Kit, name: &str, body: Body| -> AsmResult {
+        k.print(name)?;
+        guarded(k, resume_at, |k| {
+            body(k.asm())?;
+            k.print(" no fault\n")
+        })
+    };
+    case(&mut k, "rep stosd up", &|a| {
+        a.cld()?;
+        a.mov(eax, 0xA1A1_A1A1u32)?;
+        a.mov(edi, HOLE - 0x10)?;
+        a.mov(ecx, u32::MAX)?;
+        a.rep().stosd()
+    })?;
+    k.asm().mov(eax, dword_ptr(HOLE - 4))?;
+    k.print_field("last dword", eax)?;
+    case(&mut k, "rep stosd down", &|a| {
+        a.std()?;
+        a.mov(eax, 0xB2B2_B2B2u32)?;
+        a.mov(edi, HOLE + 0x100C)?;
+        a.mov(ecx, 0x7FFF_FFFFu32)?;
+        a.rep().stosd()?;
+        a.cld()
+    })?;
+    k.asm().cld()?;
+    k.asm().mov(eax, dword_ptr(HOLE + 0x1000))?;
+    k.print_field("lowest dword", eax)?;
+    case(&mut k, "rep movsd from the hole", &|a| {
+        a.mov(esi, HOLE - 8)?;
+        a.mov(edi, 0x28_0000u32)?;
+        a.mov(ecx, 0x4000_0000u32)?;
+        a.rep().movsd()
+    })?;
+    k.asm().mov(eax, dword_ptr(0x28_0004u32))?;
+    k.print_field("copied", eax)?;
+    case(&mut k, "rep stosd off the top", &|a| {
+        a.mov(eax, 0xC3C3_C3C3u32)?;
+        a.mov(edi, 0xFFFF_FFF8u32)?;
+        a.mov(ecx, 0x1000_0000u32)?;
+        a.rep().stosd()
+    })?;
+    k.asm().mov(eax, dword_ptr(0xFFFF_FFFCu32))?;
+    k.print_field("top dword", eax)?;
+    case(&mut k, "repne scasb", &|a| {
+        a.mov(al, 0x5Au32)?;
+        a.mov(edi, HOLE - 0x100)?;
+        a.mov(ecx, u32::MAX)?;
+        a.repne().scasb()
+    })?;
+    case(&mut k, "repe cmpsd", &|a| {
+        a.mov(esi, HOLE - 0x10)?;
+        a.mov(edi, HOLE - 0x10)?;
+        a.mov(ecx, u32::MAX)?;
+        a.repe().cmpsd()
+    })?;
+    case(&mut k, "lodsb", &|a| {
+        a.mov(esi, HOLE)?;
+        a.mov(ecx, 0x1234u32)?;
+        a.lodsb()
+    })?;
+    case(&mut k, "rep movsb, ecx=0", &|a| {
+        a.mov(esi, HOLE)?;
+        a.mov(edi, 0u32)?;
+        a.xor(ecx, ecx)?;
+        a.rep().movsb()
+    })?;
+
+    // Code that overwrites itself: `rep stosb` (AL = NOP) over the `mov eax, 0xDEADBEEF`
+    // after it. The CPU runs the bytes as they are after the store (Intel SDM vol. 3, 11.6:
+    // a write to code already fetched is detected and the new code runs).
+    let template = k.data(&[0xF3, 0xAA, 0xB8, 0xEF, 0xBE, 0xAD, 0xDE, 0xC3]);
+    for (round, count) in [(0, 5u32), (1, 0), (2, 5)] {
+        if round != 2 {
+            k.asm().mov(esi, template)?;
+            k.asm().mov(edi, CODE_BUF)?;
+            k.asm().mov(ecx, 2u32)?;
+            k.asm().rep().movsd()?;
+        }
+        k.asm().mov(eax, 0x1234_5690u32)?;
+        k.asm().mov(edi, CODE_BUF + 2)?;
+        k.asm().mov(ecx, count)?;
+        k.asm().mov(ebx, CODE_BUF)?;
+        k.asm().call(ebx)?;
+        k.print_field(&format!("self-write {round}"), eax)?;
+    }
+    k.exit(0x25)?;
+    k.build()
+}
+
+/// Flat code and data segments for each privilege level, and the TSS.
+const LEVELS_GDT: [u64; 10] = [
+    0,
+    0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0 (SYSENTER_CS)
+    0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
+    0x00CF_FB00_0000_FFFF, // 0x18 code, DPL 3 (what SYSEXIT loads)
+    0x00CF_F300_0000_FFFF, // 0x20 data, DPL 3
+    0,                     // 0x28 TSS, built at run time
+    0x00CF_BB00_0000_FFFF, // 0x30 code, DPL 1
+    0x00CF_B300_0000_FFFF, // 0x38 data, DPL 1
+    0x00CF_DB00_0000_FFFF, // 0x40 code, DPL 2
+    0x00CF_D300_0000_FFFF, // 0x48 data, DPL 2
+];
+
+/// `int 0x80` (a DPL-3 gate), `int 0x83` (a DPL-0 gate), `syscall`, `sysret`, `sysenter` and
+/// `sysexit` at CPL 0, 1, 2 and 3. None may reach the host: INT goes through the guest's IDT
+/// (#GP(0x41A) through the DPL-0 gate above CPL 0); SYSCALL and SYSRET are #UD outside long
+/// mode on this Intel CPU (Pentium M CPUID: no SYSCALL; Intel SDM vol. 2); SYSENTER is #GP(0)
+/// while SYSENTER_CS is 0, then enters CPL 0 from every level; SYSEXIT is #GP(0) above CPL 0.
+/// Exits with value 0x26.
+pub fn syscalls() -> AsmResult<Vec<u8>> {
+    let mut k = Kit::new()?;
+    let (gdt, gdtr) = k.descriptor_table(&LEVELS_GDT.map(u64::to_le_bytes).concat());
+    let (tss, tss_limit) = crate::kernels::com1_tss(&mut k);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
+    let resume_at = k.data(&[0; 4]);
+    let next_level = k.data(&[0; 4]);
+    let stacks: Vec<u32> = (0..4).map(|_| k.data(&[0u8; 2048]) + 2048).collect();
+    let sysenter_stack = k.data(&[0u8; 2048]) + 2048;
+    resuming_fault_handlers(
+        &mut k,
+        idt,
+        &[(6, "#UD", false), (13, "#GP", true)],
+        resume_at,
+        false,
+    )?;
+    // INT 0x80 (DPL 3) and INT 0x83 (DPL 0): print the caller's CS.
+    for (v, access) in [(0x80u32, 0xEEu32), (0x83, 0x8E)] {
+        handler_address(&mut k, |k| {
+            k.print(&format!(" int{v:02x} from cs="))?;
+            k.asm().push(eax)?;
+            k.asm().mov(eax, dword_ptr(esp + 8))?;
+            k.print_hex(eax)?;
+            k.asm().pop(eax)?;
+            Ok(k.asm().iretd()?)
+        })?;
+        set_gate(&mut k, idt, v, access)?;
+    }
+    // INT 0x82 (DPL 3): back to CPL 0, dropping the outer level's frame, on to the next level.
+    handler_address(&mut k, |k| {
+        k.asm().add(esp, 20u32)?;
+        Ok(k.asm().jmp(dword_ptr(next_level))?)
+    })?;
+    set_gate(&mut k, idt, 0x82, 0xEE)?;
+    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().mov(eax, 0x28u32)?;
+    k.asm().ltr(ax)?;
+
+    // SYSENTER while SYSENTER_CS is 0: #GP(0).
+    k.print("cpl0 before the MSRs:")?;
+    guarded(&mut k, resume_at, |k| Ok(k.asm().sysenter()?))?;
+    k.print("\n")?;
+    // SYSENTER's target: prints CS and the caller's level (EBX = its CS, ECX = its ESP, EDX =
+    // where to resume), then goes back: an IRET frame to an outer level, a jump at CPL 0.
+    let target = k.address_slot();
+    k.asm().mov(ecx, 0x174u32)?;
+    k.asm().mov(eax, 0x08u32)?;
+    k.asm().xor(edx, edx)?;
+    k.asm().wrmsr()?;
+    k.asm().mov(ecx, 0x175u32)?;
+    k.asm().mov(eax, sysenter_stack)?;
+    k.asm().wrmsr()?;
+    k.asm().mov(ecx, 0x176u32)?;
+    k.asm().mov(eax, dword_ptr(target))?;
+    k.asm().wrmsr()?;
+
+    let levels = [
+        (0u32, 0x08u32, 0x10u32),
+        (1, 0x31, 0x39),
+        (2, 0x42, 0x4A),
+        (3, 0x1B, 0x23),
+    ];
+    for (level, code_sel, stack_sel) in levels {
+        let stack = stacks[level as usize];
+        if level > 0 {
+            // Into the level with IRET; INT 0x82 brings the code after the probes back.
+            let (entry, next) = (k.address_slot(), k.address_slot());
+            k.asm().mov(eax, dword_ptr(next))?;
+            k.asm().mov(dword_ptr(next_level), eax)?;
+            k.asm().push(stack_sel)?;
+            k.asm().push(stack)?;
+            k.asm().push(0x2u32)?;
+            k.asm().push(code_sel)?;
+            k.asm().push(dword_ptr(entry))?;
+            k.asm().iretd()?;
+            let mut at = k.asm().create_label();
+            k.set_label_at(&mut at, entry)?;
+            k.asm().mov(eax, stack_sel)?;
+            k.asm().mov(ds, eax)?;
+            k.asm().mov(es, eax)?;
+            probes(&mut k, level, code_sel, resume_at)?;
+            k.asm().int(0x82)?;
+            let mut back = k.asm().create_label();
+            k.set_label_at(&mut back, next)?;
+            k.asm().mov(eax, 0x10u32)?;
+            k.asm().mov(ds, eax)?;
+            k.asm().mov(es, eax)?;
+        } else {
+            probes(&mut k, level, code_sel, resume_at)?;
+        }
+    }
+    k.exit(0x26)?;
+
+    let mut at = k.asm().create_label();
+    k.set_label_at(&mut at, target)?;
+    k.print(" sysenter to cs=")?;
+    k.asm().xor(eax, eax)?;
+    k.asm().mov(ax, cs)?;
+    k.print_hex(eax)?;
+    let mut outer = k.asm().create_label();
+    k.asm().test(ebx, 3u32)?;
+    k.asm().jnz(outer)?;
+    k.asm().mov(esp, ecx)?;
+    k.asm().jmp(edx)?;
+    k.asm().set_label(&mut outer)?;
+    k.asm().lea(eax, dword_ptr(ebx + 8))?; // the level's data selector
+    k.asm().push(eax)?;
+    k.asm().push(ecx)?;
+    k.asm().push(0x2u32)?;
+    k.asm().push(ebx)?;
+    k.asm().push(edx)?;
+    k.asm().iretd()?;
+    k.build()
+}
+
+/// The system-call instructions at one level (code selector `code_sel`), printing one line.
+fn probes(k: &mut Kit, level: u32, code_sel: u32, resume_at: u32) -> AsmResult {
+    k.print(&format!("cpl{level}:"))?;
+    k.asm().int(0x80)?;
+    guarded(k, resume_at, |k| Ok(k.asm().int(0x83)?))?;
+    guarded(k, resume_at, |k| Ok(k.asm().syscall()?))?;
+    guarded(k, resume_at, |k| Ok(k.asm().sysret()?))?;
+    if level > 0 {
+        guarded(k, resume_at, |k| Ok(k.asm().sysexit()?))?;
+    }
+    // SYSENTER, coming back to the label after it.
+    let back = k.address_slot();
+    k.asm().mov(ebx, code_sel)?;
+    k.asm().mov(ecx, esp)?;
+    k.asm().mov(edx, dword_ptr(back))?;
+    k.asm().sysenter()?;
+    let mut after = k.asm().create_label();
+    k.set_label_at(&mut after, back)?;
+    k.asm().xor(eax, eax)?;
+    k.asm().mov(ax, ss)?;
+    k.print(" back at ss=")?;
+    k.print_hex(eax)?;
+    k.print("\n")
+}
+
+/// Data segments whose base makes offsets wrap past 4 GiB, an expand-down segment and a
+/// byte-granular one, reached through FS, ES (string stores) and DS. Exits with value 0x27.
+///
+/// Limit violations raise #GP(0) with nothing stored (Intel SDM vol. 3, 5.3: the limit check
+/// comes before the access; for an expand-down segment with B=1 the valid offsets are
+/// limit+1 to 0xFFFFFFFF). QEMU's TCG does not check data-segment limits, so the SDM, not
+/// QEMU, decides this kernel's output.
+pub fn segment_edges() -> AsmResult<Vec<u8>> {
+    const GDT: [u64; 6] = [
+        0,
+        0x00CF_9B00_0000_FFFF, // 0x08 code, flat
+        0x00CF_9300_0000_FFFF, // 0x10 data, flat
+        0xFFCF_93FF_F000_FFFF, // 0x18 data, base 0xFFFFF000, limit 4 GiB
+        0x0040_9720_0000_FFFF, // 0x20 data, expand-down, base 0x200000, limit 0xFFFF, B=1
+        0x0040_9320_0000_0FFF, // 0x28 data, base 0x200000, byte-granular limit 0xFFF
+    ];
+    let mut k = Kit::new()?;
+    let (_, gdtr) = k.descriptor_table(&GDT.map(u64::to_le_bytes).concat());
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
+    let resume_at = k.data(&[0; 4]);
+    resuming_fault_handlers(&mut k, idt, &[(13, "#GP", true)], resume_at, true)?;
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    // The multiboot entry's CS is 0x08 and DS 0x10, as in this GDT.
+    k.asm().mov(eax, 0x10u32)?;
+    k.asm().mov(ds, eax)?;
+    k.asm().mov(es, eax)?;
+    k.asm().mov(ss, eax)?;
+
+    // Base 0xFFFFF000: offset 0x2000 is linear 0x1000 (the sum wraps modulo 4 GiB).
+    k.asm().mov(dword_ptr(0x1000u32), 0xC0FF_EE01u32)?;
+    k.asm().mov(eax, 0x18u32)?;
+    k.asm().mov(fs, eax)?;
+    k.asm().mov(eax, dword_ptr(0x2000u32).fs())?;
+    k.print_field("fs wrap load", eax)?;
+    k.asm().mov(ebx, 0x1000u32)?;
+    k.asm().mov(dword_ptr(ebx + 0x1008).fs(), 0xC0FF_EE02u32)?;
+    k.asm().mov(eax, dword_ptr(0x1008u32))?;
+    k.print_field("fs wrap store", eax)?;
+    // ES with that base: string stores wrap too.
+    k.asm().mov(eax, 0x18u32)?;
+    k.asm().mov(es, eax)?;
+    k.asm().cld()?;
+    k.asm().mov(edi, 0x2010u32)?;
+    k.asm().mov(ecx, 2u32)?;
+    k.asm().mov(eax, 0xC0FF_EE03u32)?;
+    k.asm().rep().stosd()?;
+    k.asm().mov(eax, 0x10u32)?;
+    k.asm().mov(es, eax)?;
+    k.asm().mov(eax, dword_ptr(0x1014u32))?;
+    k.print_field("es wrap rep stosd", eax)?;
+    // DS with that base (nothing may print until DS is flat again).
+    k.asm().mov(eax, 0x18u32)?;
+    k.asm().mov(ds, eax)?;
+    k.asm().mov(edx, dword_ptr(0x2000u32))?;
+    k.asm().mov(eax, 0x10u32)?;
+    k.asm().mov(ds, eax)?;
+    k.print_field("ds wrap load", edx)?;
+
+    // Expand-down: offsets 0x10000 and up are valid; 0xFFFFFFFC is linear 0x1FFFFC.
+    k.asm().mov(eax, 0x20u32)?;
+    k.asm().mov(fs, eax)?;
+    k.asm().mov(dword_ptr(0x21_0000u32), 0x0D0D_0001u32)?;
+    k.asm().mov(eax, dword_ptr(0x1_0000u32).fs())?;
+    k.print_field("expand-down at 0x10000", eax)?;
+    k.asm()
+        .mov(dword_ptr(0xFFFF_FFFCu32).fs(), 0x0D0D_0002u32)?;
+    k.asm().mov(eax, dword_ptr(0x1F_FFFCu32))?;
+    k.print_field("expand-down at 0xfffffffc", eax)?;
+    for offset in [0xFFFCu32, 0xFFFE] {
+        k.print(&format!("expand-down at {offset:#x}:"))?;
+        guarded(&mut k, resume_at, |k| {
+            k.asm().xor(ecx, ecx)?;
+            k.asm().xor(esi, esi)?;
+            k.asm().xor(edi, edi)?;
+            k.asm().mov(dword_ptr(offset).fs(), 0xBADu32)?;
+            k.print(" no fault\n")
+        })?;
+    }
+    k.asm().mov(eax, dword_ptr(0x20_FFFCu32))?;
+    k.print_field("below the limit, untouched", eax)?;
+
+    // Limit 0xFFF: rep stosb stops with #GP at the first byte past it; a dword straddling the
+    // limit stores nothing.
+    k.asm().mov(eax, 0x28u32)?;
+    k.asm().mov(es, eax)?;
+    k.print("rep stosb past the limit:")?;
+    guarded(&mut k, resume_at, |k| {
+        k.asm().mov(edi, 0xFF0u32)?;
+        k.asm().mov(ecx, 0x20u32)?;
+        k.asm().xor(esi, esi)?;
+        k.asm().mov(al, 0x77u32)?;
+        k.asm().rep().stosb()?;
+        k.print(" no fault\n")
+    })?;
+    k.print("dword across the limit:")?;
+    guarded(&mut k, resume_at, |k| {
+        k.asm().mov(dword_ptr(0xFFEu32).es(), 0x1111_1111u32)?;
+        k.print(" no fault\n")
+    })?;
+    k.asm().mov(eax, 0x10u32)?;
+    k.asm().mov(es, eax)?;
+    k.asm().mov(eax, dword_ptr(0x20_0FFCu32))?;
+    k.print_field("last dword in the limit", eax)?;
+    k.asm().mov(eax, dword_ptr(0x20_1000u32))?;
+    k.print_field("first dword past it", eax)?;
+    k.exit(0x27)?;
     k.build()
 }

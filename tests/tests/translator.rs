@@ -4,7 +4,8 @@
 //! shows the translator really took the path each kernel is about.
 
 use bt86_tests::runner::{
-    Outcome, compare_kit_kernel, interrupt_engines, protected_mode_engines, stat,
+    Guest, Outcome, compare_kit_kernel, interrupt_engines, protected_mode_engines, run_bt86, stat,
+    write_kit_kernel,
 };
 
 /// Runs `kernel` under QEMU and on `engines`; returns bt's `--stats` run.
@@ -129,5 +130,87 @@ fn the_17_sensitive_instructions_match_qemu_at_cpl0_and_cpl3() {
         "sgdt", "sidt", "sldt", "smsw", "str", "lar", "lsl", "verr", "verw", "popfd", "pushfd",
     ] {
         assert!(stat(&o, &format!("callout {m} ")) > 0, "{m}: {}", o.stderr);
+    }
+}
+
+#[test]
+fn string_instructions_stop_with_the_exact_partial_progress() {
+    let o = compare("string-edges", &protected_mode_engines());
+    // QEMU agrees with the Intel SDM here: each iteration of a REP string instruction updates
+    // ECX/ESI/EDI after its accesses, so a #PF leaves the count of iterations still to do.
+    assert_eq!(
+        o.serial_text(),
+        "rep stosd up #PF err=00000002 cr2=00300000 ecx=fffffffb esi=00000000 edi=00300000\n\
+         last dword=a1a1a1a1\n\
+         rep stosd down #PF err=00000002 cr2=00300ffc ecx=7ffffffb esi=00000000 edi=00300ffc\n\
+         lowest dword=b2b2b2b2\n\
+         rep movsd from the hole #PF err=00000000 cr2=00300000 ecx=3ffffffe esi=00300000 edi=00280008\n\
+         copied=a1a1a1a1\n\
+         rep stosd off the top #PF err=00000002 cr2=00000000 ecx=0ffffffe esi=00300000 edi=00000000\n\
+         top dword=c3c3c3c3\n\
+         repne scasb #PF err=00000000 cr2=00300000 ecx=fffffeff esi=00300000 edi=00300000\n\
+         repe cmpsd #PF err=00000000 cr2=00300000 ecx=fffffffb esi=00300000 edi=00300000\n\
+         lodsb #PF err=00000000 cr2=00300000 ecx=00001234 esi=00300000 edi=00300000\n\
+         rep movsb, ecx=0 no fault\n\
+         self-write 0=12345690\nself-write 1=deadbeef\nself-write 2=12345690\n"
+    );
+    translated_and_safe(&o);
+    // The third self-write ran over a unit already translated.
+    assert!(stat(&o, "units invalidated") >= 1, "{}", o.stderr);
+}
+
+#[test]
+fn system_call_instructions_never_reach_the_host_at_any_cpl() {
+    let o = compare("syscalls", &protected_mode_engines());
+    let text = o.serial_text();
+    assert!(
+        text.starts_with("cpl0 before the MSRs: #GP err=00000000\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "cpl0: int80 from cs=00000008 int83 from cs=00000008 #UD err=00000000 \
+             #UD err=00000000 sysenter to cs=00000008 back at ss=00000010\n"
+        ),
+        "{text}"
+    );
+    for (level, cs, ss) in [(1, 0x31, 0x39), (2, 0x42, 0x4A), (3, 0x1B, 0x23)] {
+        let line = format!(
+            "cpl{level}: int80 from cs={cs:08x} #GP err=0000041a #UD err=00000000 \
+             #UD err=00000000 #GP err=00000000 sysenter to cs=00000008 back at ss={ss:08x}\n"
+        );
+        assert!(text.contains(&line), "{line} in {text}");
+    }
+    translated_and_safe(&o);
+    for m in ["int", "syscall", "sysret", "sysenter", "sysexit"] {
+        assert!(stat(&o, &format!("callout {m} ")) > 0, "{m}: {}", o.stderr);
+    }
+}
+
+/// The `segment-edges` output. QEMU's TCG does not check data-segment limits, so the Intel SDM
+/// decides (vol. 3, 5.3: the check precedes the access; expand-down segments with B=1 allow
+/// offsets limit+1..0xFFFFFFFF): every engine must print exactly this.
+const SEGMENT_EDGES: &str = "fs wrap load=c0ffee01\nfs wrap store=c0ffee02\n\
+    es wrap rep stosd=c0ffee03\nds wrap load=c0ffee01\n\
+    expand-down at 0x10000=0d0d0001\nexpand-down at 0xfffffffc=0d0d0002\n\
+    expand-down at 0xfffc: #GP err=00000000 ecx=00000000 esi=00000000 edi=00000000\n\
+    expand-down at 0xfffe: #GP err=00000000 ecx=00000000 esi=00000000 edi=00000000\n\
+    below the limit, untouched=00000000\n\
+    rep stosb past the limit: #GP err=00000000 ecx=00000010 esi=00000000 edi=00001000\n\
+    dword across the limit: #GP err=00000000 ecx=00000010 esi=00000000 edi=00001000\n\
+    last dword in the limit=77777777\nfirst dword past it=00000000\n";
+
+#[test]
+fn segment_bases_wrap_and_limits_hold() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let name = write_kit_kernel(dir.path(), "segment-edges");
+    let guest = Guest::kernel(dir.path(), &name);
+    for engine in protected_mode_engines() {
+        let o = run_bt86(&guest, engine, &["--stats"]);
+        assert_eq!(o.serial_text(), SEGMENT_EDGES, "{engine}: {}", o.stderr);
+        assert_eq!(o.status, Some(0x27 * 2 + 1), "{engine}");
+        if engine == "bt" {
+            translated_and_safe(&o);
+        }
     }
 }

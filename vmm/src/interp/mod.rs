@@ -1620,7 +1620,9 @@ impl Interp {
                     self.cpu.idtr = t;
                 }
             }
-            M::Ud2 => return Err(Fault::Exception(vector::UD, None)),
+            // SYSCALL/SYSRET are #UD outside 64-bit mode on Intel CPUs (Intel SDM vol. 2), and
+            // our Pentium M CPUID has no SYSCALL at all (EFER.SCE cannot be set).
+            M::Ud2 | M::Syscall | M::Sysret => return Err(Fault::Exception(vector::UD, None)),
             M::Int3 | M::Int | M::Into => {
                 let v = match ins.mnemonic() {
                     M::Int3 => 3,
