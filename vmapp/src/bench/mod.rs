@@ -6,7 +6,9 @@
 //! tcg` for QEMU), so a guest or engine that misbehaves costs one sample, never the whole
 //! report: it shows as failed, with its log kept.
 
+mod docs;
 mod engines;
+mod linux;
 mod plot;
 mod report;
 mod stats;
@@ -21,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use engines::BenchEngine;
 use engines::{Availability, Runner, Sample};
-use report::{Cell, Report, Row};
+use report::{Cell, Report, Row, Unit};
 
 /// Which workloads to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -47,7 +49,8 @@ pub struct BenchArgs {
     )]
     engines: Vec<BenchEngine>,
 
-    /// Which workloads to run.
+    /// Which workloads to run: nano (guest kernels timing one operation each), linux (the
+    /// Debian guest with a benchmark /init; scripts/fetch-guest.sh fetches it), or all.
     #[arg(long, value_enum, default_value_t = Suite::Nano)]
     suite: Suite,
 
@@ -60,7 +63,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     baseline: Option<BenchEngine>,
 
-    /// Only these workloads (comma-separated names; default: the whole suite).
+    /// Only these workloads (comma-separated names from any suite run; default: every workload).
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
 
@@ -68,9 +71,15 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     iterations: Option<u32>,
 
-    /// Seconds one sample may take before it is stopped and counted as failed.
-    #[arg(long, default_value_t = 300)]
-    timeout: u64,
+    /// Seconds one sample may take before it is stopped and counted as failed (default: 300
+    /// for a nano kernel; for one run of the linux suite 900, and 3600 on interp).
+    #[arg(long)]
+    timeout: Option<u64>,
+
+    /// The fetched Debian guest for the linux suite (default: $BT86_GUEST_DIR, else
+    /// .bt86-cache/guest in the current directory or in the repository bt86 was built in).
+    #[arg(long, value_name = "DIR")]
+    guest: Option<PathBuf>,
 
     /// Write every number of the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
@@ -79,6 +88,11 @@ pub struct BenchArgs {
     /// Draw the medians as a bar chart to FILE (.svg or .png).
     #[arg(long, value_name = "FILE.svg|png")]
     plot: Option<PathBuf>,
+
+    /// Write the tables, with the date and the host, into FILE (docs/performance.md): between
+    /// its "bt86 bench --update-docs" markers, or under its title when it has none.
+    #[arg(long, value_name = "FILE")]
+    update_docs: Option<PathBuf>,
 
     /// Where the logs of failed samples are kept.
     #[arg(long, value_name = "DIR", default_value = "bt86-bench-logs")]
@@ -98,31 +112,205 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             plot.display()
         );
     }
-    if args.suite == Suite::Linux {
-        bail!(
-            "the linux suite needs the Debian guest to boot to a shell, which this build of bt86 \
-             cannot do yet; run --suite nano"
-        );
+    let suites: &[Suite] = match args.suite {
+        Suite::All => &[Suite::Nano, Suite::Linux],
+        Suite::Nano => &[Suite::Nano],
+        Suite::Linux => &[Suite::Linux],
+    };
+    for name in &args.workloads {
+        let nano = suites.contains(&Suite::Nano) && nano::find(name).is_some();
+        let linux = suites.contains(&Suite::Linux) && linux_row_exists(name);
+        if !nano && !linux {
+            let mut all: Vec<&str> = Vec::new();
+            if suites.contains(&Suite::Nano) {
+                all.extend(nano::WORKLOADS.iter().map(|w| w.name));
+            }
+            if suites.contains(&Suite::Linux) {
+                all.push(linux::BOOT);
+                all.extend(linux::STEPS.iter().map(|s| s.name));
+            }
+            bail!(
+                "no workload is called {name}; the {} suite has {}",
+                suites
+                    .iter()
+                    .map(|s| format!("{s:?}").to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                all.join(", ")
+            );
+        }
     }
     let mut engines = args.engines.clone();
     engines.dedup();
-    let workloads = select_workloads(&args.workloads)?;
     let work = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let runner = Runner::new(Duration::from_secs(args.timeout));
-    let columns: Vec<(BenchEngine, Availability)> = engines
-        .iter()
-        .map(|&e| (e, runner.availability(e)))
-        .collect();
-    let running: Vec<BenchEngine> = columns
-        .iter()
-        .filter(|(_, a)| a.runs())
-        .map(|(e, _)| *e)
-        .collect();
-    if let Some(b) = args.baseline
-        && !running.contains(&b)
-    {
-        bail!("--baseline {b}: that engine is not among the engines that run here");
+    let runner = Runner::new(Duration::from_secs(args.timeout.unwrap_or(300)));
+    let mut reports = Vec::new();
+    for suite in suites {
+        let selected = |has: &dyn Fn(&str) -> bool| {
+            args.workloads.is_empty() || args.workloads.iter().any(|w| has(w))
+        };
+        let wanted = match suite {
+            Suite::Nano => selected(&|w| nano::find(w).is_some()),
+            _ => selected(&linux_row_exists),
+        };
+        if !wanted {
+            continue;
+        }
+        reports.push(match suite {
+            Suite::Nano => nano_report(&args, &runner, &engines, work.path())?,
+            _ => linux_report(&args, &runner, &engines, work.path())?,
+        });
     }
+    for (i, report) in reports.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print!("{}", report.text());
+    }
+    if cfg!(debug_assertions) {
+        println!(
+            "\nnote: this bt86 is a debug build; bt86's own engines run several times slower \
+             than in a release build (cargo build --release)"
+        );
+    }
+    if let Some(path) = &args.json {
+        let text = match &reports[..] {
+            [one] => one.json(),
+            all => {
+                let v = serde_json::json!({
+                    "suites": all.iter().map(Report::json_value).collect::<Vec<_>>()
+                });
+                serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+            }
+        };
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let all: Vec<&Report> = reports.iter().collect();
+    if let Some(path) = &args.plot {
+        let svg = plot::svg(&all);
+        let bytes = if path.extension().and_then(|e| e.to_str()) == Some("png") {
+            plot::png(&svg).map_err(|e| anyhow::anyhow!("cannot draw the PNG chart: {e}"))?
+        } else {
+            svg.into_bytes()
+        };
+        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.update_docs {
+        let command: Vec<String> = std::env::args().collect();
+        docs::update(path, &all, &command.join(" "))?;
+        eprintln!("bt86 bench: wrote the tables into {}", path.display());
+    }
+    Ok(())
+}
+
+/// The engine columns of one suite and which of them run here.
+struct Columns {
+    all: Vec<(BenchEngine, Availability)>,
+    running: Vec<BenchEngine>,
+}
+
+impl Columns {
+    fn new(engines: &[BenchEngine], availability: impl Fn(BenchEngine) -> Availability) -> Self {
+        let all: Vec<(BenchEngine, Availability)> =
+            engines.iter().map(|&e| (e, availability(e))).collect();
+        let running = all
+            .iter()
+            .filter(|(_, a)| a.runs())
+            .map(|(e, _)| *e)
+            .collect();
+        Columns { all, running }
+    }
+
+    /// Refuses a --baseline that does not run here.
+    fn check_baseline(&self, asked: Option<BenchEngine>, suite: &str) -> anyhow::Result<()> {
+        if let Some(b) = asked
+            && !self.running.contains(&b)
+        {
+            bail!(
+                "--baseline {b}: that engine is not among the engines that run the {suite} suite here"
+            );
+        }
+        Ok(())
+    }
+
+    /// Engine indexes (into `running`) in the order of one round of samples: rotated by `shift`
+    /// so that no engine always runs first or last.
+    fn rotation(&self, shift: usize) -> impl Iterator<Item = usize> + use<> {
+        let n = self.running.len();
+        (0..n).map(move |k| (k + shift) % n)
+    }
+
+    /// The asked baseline, else kvm if it measured anything, else the first engine that did
+    /// (`samples[row][running index]`).
+    fn baseline(
+        &self,
+        asked: Option<BenchEngine>,
+        samples: &[Vec<Vec<Sample>>],
+    ) -> Option<BenchEngine> {
+        let measured_any = |e: &BenchEngine| {
+            self.running.iter().position(|r| r == e).is_some_and(|ei| {
+                samples
+                    .iter()
+                    .any(|w| !w[ei].is_empty() && w[ei].iter().all(|s| matches!(s, Sample::Ok(_))))
+            })
+        };
+        asked.or_else(|| {
+            std::iter::once(BenchEngine::Kvm)
+                .chain(self.running.iter().copied())
+                .find(|e| self.running.contains(e) && measured_any(e))
+        })
+    }
+
+    /// One row's cells: `samples[running index]`; `not_applicable` says why an engine does not
+    /// run this row at all. Failed samples' logs are kept as `logs/ENGINE-NAME-runN.log`.
+    fn cells(
+        &self,
+        samples: &[Vec<Sample>],
+        not_applicable: impl Fn(BenchEngine) -> Option<String>,
+        logs: &Path,
+        name: &str,
+    ) -> Vec<Cell> {
+        self.all
+            .iter()
+            .map(
+                |(engine, availability)| match self.running.iter().position(|e| e == engine) {
+                    _ if not_applicable(*engine).is_some() => {
+                        Cell::Unavailable(not_applicable(*engine).unwrap_or_default())
+                    }
+                    Some(ei) => keep_logs(&samples[ei], logs, *engine, name),
+                    None => Cell::Unavailable(availability.reason().to_string()),
+                },
+            )
+            .collect()
+    }
+
+    /// The report's engine list.
+    fn described(&self) -> Vec<(String, Availability)> {
+        self.all
+            .iter()
+            .map(|(e, a)| (e.to_string(), a.clone()))
+            .collect()
+    }
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
+}
+
+/// The nano suite: one guest kernel per workload, per engine, per run.
+fn nano_report(
+    args: &BenchArgs,
+    runner: &Runner,
+    engines: &[BenchEngine],
+    work: &Path,
+) -> anyhow::Result<Report> {
+    let workloads = select_workloads(&args.workloads)?;
+    let columns = Columns::new(engines, |e| runner.availability(e));
+    columns.check_baseline(args.baseline, "nano")?;
+    let running = &columns.running;
 
     // Build every kernel first: a kit failure is a bt86 bug and should stop before any timing.
     let mut kernels = Vec::new();
@@ -130,7 +318,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let iterations = args.iterations.unwrap_or(w.iterations);
         let image = nano::build(w, iterations)
             .with_context(|| format!("cannot build the {} kernel", w.name))?;
-        let path = work.path().join(format!("{}.elf", w.name));
+        let path = work.join(format!("{}.elf", w.name));
         std::fs::write(&path, image).with_context(|| format!("cannot write {}", path.display()))?;
         kernels.push(path);
     }
@@ -142,24 +330,18 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .iter()
         .map(|w| running.iter().filter(|&&e| applies(w, e)).count())
         .sum::<usize>();
-    let total = u64::from(args.runs) * pairs as u64;
-    let progress = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let progress = progress_bar(u64::from(args.runs) * pairs as u64);
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); running.len()]; workloads.len()];
     for run in 0..args.runs as usize {
         for (wi, w) in workloads.iter().enumerate() {
-            // Rotate the engine order each time so no engine always runs first or last.
-            for k in 0..running.len() {
-                let ei = (k + run + wi) % running.len();
+            for ei in columns.rotation(run + wi) {
                 let engine = running[ei];
                 if !applies(w, engine) {
                     continue;
                 }
                 progress.set_message(format!("run {} {} on {engine}", run + 1, w.name));
                 let iterations = args.iterations.unwrap_or(w.iterations);
-                let sample = runner.nano(engine, w, iterations, &kernels[wi], work.path());
+                let sample = runner.nano(engine, w, iterations, &kernels[wi], work);
                 samples[wi][ei].push(sample);
                 progress.inc(1);
             }
@@ -167,89 +349,204 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     progress.finish_and_clear();
 
-    // Default baseline: kvm if it measured anything, else the first engine that did.
-    let measured_any = |e: &BenchEngine| {
-        running.iter().position(|r| r == e).is_some_and(|ei| {
-            samples
-                .iter()
-                .any(|w| !w[ei].is_empty() && w[ei].iter().all(|s| matches!(s, Sample::Ok(_))))
-        })
-    };
-    let baseline = args.baseline.or_else(|| {
-        std::iter::once(BenchEngine::Kvm)
-            .chain(running.iter().copied())
-            .find(|e| running.contains(e) && measured_any(e))
-    });
-    let mut rows = Vec::new();
-    for (wi, w) in workloads.iter().enumerate() {
-        let mut cells = Vec::new();
-        for (engine, availability) in &columns {
-            let cell = match running.iter().position(|e| e == engine) {
-                _ if !applies(w, *engine) => {
-                    Cell::Unavailable("a privileged operation cannot run natively".into())
-                }
-                Some(ei) => keep_logs(&samples[wi][ei], &args.logs, *engine, w.name),
-                None => Cell::Unavailable(availability.reason().to_string()),
-            };
-            cells.push(cell);
-        }
-        rows.push(Row {
+    let baseline = columns.baseline(args.baseline, &samples);
+    let rows = workloads
+        .iter()
+        .enumerate()
+        .map(|(wi, w)| Row {
             workload: w.name.to_string(),
             operation: w.operation.to_string(),
             iterations: u64::from(args.iterations.unwrap_or(w.iterations)),
-            cells,
-        });
-    }
-    let report = Report::new(
+            cells: columns.cells(
+                &samples[wi],
+                |e| {
+                    (!applies(w, e))
+                        .then(|| "a privileged operation cannot run natively".to_string())
+                },
+                &args.logs,
+                w.name,
+            ),
+            host: Vec::new(),
+        })
+        .collect();
+    Ok(Report::new(
         "nano",
+        Unit::NS_PER_OP,
         args.runs,
-        columns
-            .iter()
-            .map(|(e, a)| (e.to_string(), a.clone()))
-            .collect(),
+        columns.described(),
         baseline.map(|b| b.to_string()),
         rows,
         engines::host_description(),
-    );
-    print!("{}", report.text());
-    if cfg!(debug_assertions) {
-        println!(
-            "\nnote: this bt86 is a debug build; bt86's own engines run several times slower \
-             than in a release build (cargo build --release)"
-        );
+    ))
+}
+
+/// Whether the linux suite has a row called `name`.
+fn linux_row_exists(name: &str) -> bool {
+    name == linux::BOOT || linux::find(name).is_some()
+}
+
+/// Where the fetched Debian guest is: --guest, $BT86_GUEST_DIR, ./.bt86-cache/guest, or the
+/// .bt86-cache/guest of the repository whose target/ holds this bt86.
+fn guest_dir(asked: Option<&Path>) -> PathBuf {
+    if let Some(dir) = asked {
+        return dir.to_path_buf();
     }
-    if let Some(path) = &args.json {
-        std::fs::write(path, report.json())
-            .with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(dir) = std::env::var_os("BT86_GUEST_DIR") {
+        return dir.into();
     }
-    if let Some(path) = &args.plot {
-        let svg = plot::svg(&report);
-        let bytes = if path.extension().and_then(|e| e.to_str()) == Some("png") {
-            plot::png(&svg).map_err(|e| anyhow::anyhow!("cannot draw the PNG chart: {e}"))?
-        } else {
-            svg.into_bytes()
-        };
-        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    let local = PathBuf::from(".bt86-cache/guest");
+    let beside_build = std::env::current_exe().ok().and_then(|exe| {
+        // REPO/target/PROFILE/bt86
+        Some(exe.parent()?.parent()?.parent()?.join(".bt86-cache/guest"))
+    });
+    [Some(local.clone()), beside_build]
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("vmlinuz").is_file())
+        .unwrap_or(local)
+}
+
+/// The linux suite: one boot of the benchmark guest per engine and run, every step timed in it.
+fn linux_report(
+    args: &BenchArgs,
+    runner: &Runner,
+    engines: &[BenchEngine],
+    work: &Path,
+) -> anyhow::Result<Report> {
+    let chosen = |name: &str| args.workloads.is_empty() || args.workloads.iter().any(|w| w == name);
+    let boot = chosen(linux::BOOT);
+    let steps: Vec<&linux::Step> = linux::STEPS.iter().filter(|s| chosen(s.name)).collect();
+    let mut columns = Columns::new(engines, |e| runner.linux_availability(e));
+    let dir = guest_dir(args.guest.as_deref());
+    let guest = match linux::Guest::prepare(&dir, &steps, work) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            // Reported, never dropped: every engine's cells say why nothing ran.
+            let why = format!("{e:#}");
+            for (_, a) in &mut columns.all {
+                *a = Availability::Unavailable(why.clone());
+            }
+            columns.running.clear();
+            None
+        }
+    };
+    columns.check_baseline(args.baseline, "linux")?;
+    let running = &columns.running;
+
+    // Rows: the boot, then the steps. Native runs user space only.
+    let mut rows_meta: Vec<(String, String, u64, Option<&linux::Step>)> = Vec::new();
+    if boot {
+        rows_meta.push((linux::BOOT.into(), linux::BOOT_OPERATION.into(), 1, None));
     }
-    Ok(())
+    for s in &steps {
+        rows_meta.push((s.name.into(), s.operation.into(), s.count, Some(*s)));
+    }
+    let not_applicable = |step: Option<&linux::Step>, e: BenchEngine| -> Option<String> {
+        (e == BenchEngine::Native).then_some(())?;
+        match step {
+            None => Some("kernel-side: the native column runs only the user-space steps".into()),
+            Some(s) if !s.native => Some("needs the guest's devices".into()),
+            Some(_) => None,
+        }
+    };
+    let native_steps: Vec<&linux::Step> = steps.iter().copied().filter(|s| s.native).collect();
+
+    let progress = progress_bar(u64::from(args.runs) * running.len() as u64);
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); running.len()]; rows_meta.len()];
+    let mut host: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); running.len()]; rows_meta.len()];
+    if let Some(guest) = &guest {
+        for run in 0..args.runs as usize {
+            for ei in columns.rotation(run) {
+                let engine = running[ei];
+                progress.set_message(format!("run {} linux on {engine}", run + 1));
+                let timeout = Duration::from_secs(args.timeout.unwrap_or(match engine {
+                    BenchEngine::Interp => 3600,
+                    _ => 900,
+                }));
+                let native = engine == BenchEngine::Native;
+                let (engine_boot, engine_steps) = if native {
+                    (false, &native_steps)
+                } else {
+                    (boot, &steps)
+                };
+                let (outcomes, log) =
+                    runner.linux(engine, guest, engine_boot, engine_steps, work, timeout);
+                // Map the engine's outcomes back onto the rows it ran.
+                let mut outcomes = outcomes.into_iter();
+                for (ri, (_, _, _, step)) in rows_meta.iter().enumerate() {
+                    if not_applicable(*step, engine).is_some() {
+                        continue;
+                    }
+                    match outcomes.next() {
+                        Some(linux::Outcome::Timed { guest_ms, host_ms }) => {
+                            samples[ri][ei].push(Sample::Ok(guest_ms));
+                            host[ri][ei].push(host_ms);
+                        }
+                        Some(linux::Outcome::Failed(reason)) => {
+                            samples[ri][ei].push(Sample::Failed {
+                                reason,
+                                log: log.clone().unwrap_or_default(),
+                            })
+                        }
+                        None => samples[ri][ei].push(Sample::Failed {
+                            reason: "no result for this row".into(),
+                            log: log.clone().unwrap_or_default(),
+                        }),
+                    }
+                }
+                progress.inc(1);
+            }
+        }
+    }
+    progress.finish_and_clear();
+
+    let baseline = columns.baseline(args.baseline, &samples);
+    let rows = rows_meta
+        .iter()
+        .enumerate()
+        .map(|(ri, (name, operation, count, step))| Row {
+            workload: name.clone(),
+            operation: operation.clone(),
+            iterations: *count,
+            cells: columns.cells(
+                &samples[ri],
+                |e| not_applicable(*step, e),
+                &args.logs,
+                "linux",
+            ),
+            host: columns
+                .all
+                .iter()
+                .map(|(e, _)| {
+                    running
+                        .iter()
+                        .position(|r| r == e)
+                        .map_or_else(Vec::new, |ei| host[ri][ei].clone())
+                })
+                .collect(),
+        })
+        .collect();
+    let mut host_text = engines::host_description();
+    if let Some(g) = &guest {
+        host_text += &format!("; guest: {} with a busybox benchmark /init", g.version);
+    }
+    Ok(Report::new(
+        "linux",
+        Unit::MS_PER_STEP,
+        args.runs,
+        columns.described(),
+        baseline.map(|b| b.to_string()),
+        rows,
+        host_text,
+    ))
 }
 
 fn select_workloads(names: &[String]) -> anyhow::Result<Vec<&'static nano::Workload>> {
     if names.is_empty() {
         return Ok(nano::WORKLOADS.iter().collect());
     }
-    names
-        .iter()
-        .map(|n| {
-            nano::find(n).with_context(|| {
-                let all: Vec<&str> = nano::WORKLOADS.iter().map(|w| w.name).collect();
-                format!(
-                    "no nano workload is called {n}; the suite has {}",
-                    all.join(", ")
-                )
-            })
-        })
-        .collect()
+    // Names of other suites were checked by the caller.
+    Ok(names.iter().filter_map(|n| nano::find(n)).collect())
 }
 
 /// Turns one engine's samples of one workload into a report cell, keeping the logs of failures
@@ -261,9 +558,10 @@ fn keep_logs(samples: &[Sample], logs: &Path, engine: BenchEngine, workload: &st
             Sample::Ok(v) => ns.push(*v),
             Sample::Failed { reason, log } => {
                 let path = logs.join(format!("{engine}-{workload}-run{}.log", run + 1));
-                let kept = std::fs::create_dir_all(logs)
-                    .and_then(|()| std::fs::write(&path, log))
-                    .is_ok();
+                let kept = !log.is_empty()
+                    && std::fs::create_dir_all(logs)
+                        .and_then(|()| std::fs::write(&path, log))
+                        .is_ok();
                 return Cell::Failed {
                     reason: reason.clone(),
                     log: kept.then(|| path.display().to_string()),
