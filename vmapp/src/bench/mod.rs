@@ -477,19 +477,16 @@ fn linux_report(
                     if not_applicable(*step, engine).is_some() {
                         continue;
                     }
-                    match outcomes.next() {
-                        Some(linux::Outcome::Timed { guest_ms, host_ms }) => {
+                    let outcome = outcomes.next().unwrap_or_else(|| {
+                        linux::Outcome::Failed("the engine gave no result for this row".into())
+                    });
+                    match outcome {
+                        linux::Outcome::Timed { guest_ms, host_ms } => {
                             samples[ri][ei].push(Sample::Ok(guest_ms));
                             host[ri][ei].push(host_ms);
                         }
-                        Some(linux::Outcome::Failed(reason)) => {
-                            samples[ri][ei].push(Sample::Failed {
-                                reason,
-                                log: log.clone().unwrap_or_default(),
-                            })
-                        }
-                        None => samples[ri][ei].push(Sample::Failed {
-                            reason: "no result for this row".into(),
+                        linux::Outcome::Failed(reason) => samples[ri][ei].push(Sample::Failed {
+                            reason,
                             log: log.clone().unwrap_or_default(),
                         }),
                     }
