@@ -6,6 +6,7 @@
 #
 # Takes a while (the interpreter boots Linux in minutes, once per run). Environment:
 #   BT86_BENCH_RUNS   samples per workload and engine (default 3)
+#   BT86_BENCH_INTERP_RUNS  samples for the interpreter (default 1: it boots Linux in minutes)
 #   BT86_BENCH_OUT    where the JSON, the chart and failure logs go (default target/bench-docs)
 # Run it as root for the native column of the linux suite (a chroot); otherwise that column
 # says "needs root".
@@ -13,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runs=${BT86_BENCH_RUNS:-3}
+interp_runs=${BT86_BENCH_INTERP_RUNS:-1}
 out=${BT86_BENCH_OUT:-target/bench-docs}
 scripts/setup.sh
 guest=$(scripts/fetch-guest.sh)
@@ -20,5 +22,5 @@ echo "== cargo build --release -p vmapp" >&2
 cargo build --release --quiet -p vmapp
 mkdir -p "$out"
 exec target/release/bt86 bench --suite all --engines bt,interp,kvm,qemu-tcg,native \
-    --runs "$runs" --guest "$guest" --json "$out/bench.json" --plot "$out/bench.svg" \
+    --runs "$runs" --runs-of "interp=$interp_runs" --guest "$guest" --json "$out/bench.json" --plot "$out/bench.svg" \
     --logs "$out/logs" --update-docs docs/performance.md

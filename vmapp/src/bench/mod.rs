@@ -58,6 +58,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     runs: u32,
 
+    /// Fewer (or more) samples for some engines: ENGINE=N, comma-separated or repeated. With
+    /// `--runs 3 --runs-of interp=1` the interpreter, which boots Linux in minutes, takes part
+    /// in the first round only.
+    #[arg(long, value_name = "ENGINE=N", value_delimiter = ',', value_parser = parse_runs_of)]
+    runs_of: Vec<(BenchEngine, u32)>,
+
     /// The engine ratios are computed against (default: kvm if it runs, else the first engine
     /// that runs).
     #[arg(long, value_enum)]
@@ -203,22 +209,63 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The engine columns of one suite and which of them run here.
+/// `--runs-of`'s ENGINE=N.
+fn parse_runs_of(text: &str) -> Result<(BenchEngine, u32), String> {
+    let (engine, n) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text}: give ENGINE=N, for example interp=1"))?;
+    let engine = BenchEngine::from_str(engine, true)?;
+    match n.parse::<u32>() {
+        Ok(n @ 1..=1000) => Ok((engine, n)),
+        _ => Err(format!("{text}: N is a number of runs from 1 to 1000")),
+    }
+}
+
+/// The engine columns of one suite, which of them run here, and how many samples each takes.
 struct Columns {
     all: Vec<(BenchEngine, Availability)>,
     running: Vec<BenchEngine>,
+    /// Samples per running engine (same order as `running`).
+    runs: Vec<u32>,
+    /// --runs.
+    default_runs: u32,
 }
 
 impl Columns {
-    fn new(engines: &[BenchEngine], availability: impl Fn(BenchEngine) -> Availability) -> Self {
+    fn new(
+        engines: &[BenchEngine],
+        availability: impl Fn(BenchEngine) -> Availability,
+        args: &BenchArgs,
+    ) -> Self {
         let all: Vec<(BenchEngine, Availability)> =
             engines.iter().map(|&e| (e, availability(e))).collect();
-        let running = all
+        let running: Vec<BenchEngine> = all
             .iter()
             .filter(|(_, a)| a.runs())
             .map(|(e, _)| *e)
             .collect();
-        Columns { all, running }
+        let runs = running.iter().map(|&e| runs_of(args, e)).collect();
+        Columns {
+            all,
+            running,
+            runs,
+            default_runs: args.runs,
+        }
+    }
+
+    /// How many rounds of samples there are: the most runs any engine takes.
+    fn rounds(&self) -> usize {
+        self.runs.iter().copied().max().unwrap_or(0) as usize
+    }
+
+    /// Samples all running engines take together, per workload they all run.
+    fn samples_per_workload(&self, applies: impl Fn(BenchEngine) -> bool) -> u64 {
+        self.running
+            .iter()
+            .zip(&self.runs)
+            .filter(|(e, _)| applies(**e))
+            .map(|(_, &n)| u64::from(n))
+            .sum()
     }
 
     /// Refuses a --baseline that does not run here.
@@ -233,11 +280,15 @@ impl Columns {
         Ok(())
     }
 
-    /// Engine indexes (into `running`) in the order of one round of samples: rotated by `shift`
-    /// so that no engine always runs first or last.
-    fn rotation(&self, shift: usize) -> impl Iterator<Item = usize> + use<> {
+    /// Engine indexes (into `running`) in the order of round `round` of samples, rotated by
+    /// `shift` so that no engine always runs first or last; an engine that has taken its
+    /// samples sits the round out.
+    fn rotation(&self, round: usize, shift: usize) -> impl Iterator<Item = usize> + use<> {
         let n = self.running.len();
-        (0..n).map(move |k| (k + shift) % n)
+        let runs = self.runs.clone();
+        (0..n)
+            .map(move |k| (k + shift) % n)
+            .filter(move |&ei| round < runs[ei] as usize)
     }
 
     /// The asked baseline, else kvm if it measured anything, else the first engine that did
@@ -284,11 +335,25 @@ impl Columns {
             .collect()
     }
 
-    /// The report's engine list.
+    /// The report's engine list (saying so where an engine took its own number of samples).
     fn described(&self) -> Vec<(String, Availability)> {
         self.all
             .iter()
-            .map(|(e, a)| (e.to_string(), a.clone()))
+            .map(|(e, a)| {
+                let own = self
+                    .running
+                    .iter()
+                    .position(|r| r == e)
+                    .map(|ei| self.runs[ei])
+                    .filter(|&n| n != self.default_runs);
+                let a = match (a, own) {
+                    (Availability::Runs(what), Some(n)) => {
+                        Availability::Runs(format!("{what} ({n} run(s), --runs-of)"))
+                    }
+                    _ => a.clone(),
+                };
+                (e.to_string(), a)
+            })
             .collect()
     }
 }
@@ -308,7 +373,7 @@ fn nano_report(
     work: &Path,
 ) -> anyhow::Result<Report> {
     let workloads = select_workloads(&args.workloads)?;
-    let columns = Columns::new(engines, |e| runner.availability(e));
+    let columns = Columns::new(engines, |e| runner.availability(e), args);
     columns.check_baseline(args.baseline, "nano")?;
     let running = &columns.running;
 
@@ -326,15 +391,15 @@ fn nano_report(
     // Native runs only the workloads whose operation is unprivileged.
     let applies =
         |w: &nano::Workload, e: BenchEngine| e != BenchEngine::Native || nano::runs_natively(w);
-    let pairs = workloads
+    let total = workloads
         .iter()
-        .map(|w| running.iter().filter(|&&e| applies(w, e)).count())
-        .sum::<usize>();
-    let progress = progress_bar(u64::from(args.runs) * pairs as u64);
+        .map(|w| columns.samples_per_workload(|e| applies(w, e)))
+        .sum::<u64>();
+    let progress = progress_bar(total);
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); running.len()]; workloads.len()];
-    for run in 0..args.runs as usize {
+    for run in 0..columns.rounds() {
         for (wi, w) in workloads.iter().enumerate() {
-            for ei in columns.rotation(run + wi) {
+            for ei in columns.rotation(run, run + wi) {
                 let engine = running[ei];
                 if !applies(w, engine) {
                     continue;
@@ -380,6 +445,15 @@ fn nano_report(
     ))
 }
 
+/// How many samples `engine` takes.
+fn runs_of(args: &BenchArgs, engine: BenchEngine) -> u32 {
+    args.runs_of
+        .iter()
+        .rev()
+        .find(|(e, _)| *e == engine)
+        .map_or(args.runs, |(_, n)| *n)
+}
+
 /// Whether the linux suite has a row called `name`.
 fn linux_row_exists(name: &str) -> bool {
     name == linux::BOOT || linux::find(name).is_some()
@@ -416,7 +490,7 @@ fn linux_report(
     let chosen = |name: &str| args.workloads.is_empty() || args.workloads.iter().any(|w| w == name);
     let boot = chosen(linux::BOOT);
     let steps: Vec<&linux::Step> = linux::STEPS.iter().filter(|s| chosen(s.name)).collect();
-    let mut columns = Columns::new(engines, |e| runner.linux_availability(e));
+    let mut columns = Columns::new(engines, |e| runner.linux_availability(e), args);
     let dir = guest_dir(args.guest.as_deref());
     let guest = match linux::Guest::prepare(&dir, &steps, work) {
         Ok(g) => Some(g),
@@ -427,6 +501,7 @@ fn linux_report(
                 *a = Availability::Unavailable(why.clone());
             }
             columns.running.clear();
+            columns.runs.clear();
             None
         }
     };
@@ -451,12 +526,12 @@ fn linux_report(
     };
     let native_steps: Vec<&linux::Step> = steps.iter().copied().filter(|s| s.native).collect();
 
-    let progress = progress_bar(u64::from(args.runs) * running.len() as u64);
+    let progress = progress_bar(columns.samples_per_workload(|_| true));
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); running.len()]; rows_meta.len()];
     let mut host: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); running.len()]; rows_meta.len()];
     if let Some(guest) = &guest {
-        for run in 0..args.runs as usize {
-            for ei in columns.rotation(run) {
+        for run in 0..columns.rounds() {
+            for ei in columns.rotation(run, run) {
                 let engine = running[ei];
                 progress.set_message(format!("run {} linux on {engine}", run + 1));
                 let timeout = Duration::from_secs(args.timeout.unwrap_or(match engine {
@@ -567,4 +642,72 @@ fn keep_logs(samples: &[Sample], logs: &Path, engine: BenchEngine, workload: &st
         }
     }
     Cell::Measured(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn args(line: &[&str]) -> BenchArgs {
+        Cli::try_parse_from(std::iter::once("bench").chain(line.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn runs_of_gives_an_engine_its_own_number_of_rounds() {
+        let a = args(&["--runs", "3", "--runs-of", "interp=1,kvm=2"]);
+        let engines = [BenchEngine::Bt, BenchEngine::Interp, BenchEngine::Kvm];
+        let c = Columns::new(&engines, |_| Availability::Runs("x".into()), &a);
+        assert_eq!(c.runs, vec![3, 1, 2]);
+        assert_eq!(c.rounds(), 3);
+        assert_eq!(c.samples_per_workload(|_| true), 6);
+        assert_eq!(c.samples_per_workload(|e| e != BenchEngine::Bt), 3);
+        // Every engine takes part while it has samples left, the order rotating.
+        assert_eq!(c.rotation(0, 0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(c.rotation(1, 1).collect::<Vec<_>>(), vec![2, 0]);
+        assert_eq!(c.rotation(2, 2).collect::<Vec<_>>(), vec![0]);
+        let described = c.described();
+        assert_eq!(described[0].1.reason(), "x");
+        assert_eq!(described[1].1.reason(), "x (1 run(s), --runs-of)");
+
+        assert!(parse_runs_of("interp").is_err());
+        assert!(parse_runs_of("interp=0").is_err());
+        assert!(parse_runs_of("nosuch=1").is_err());
+        assert_eq!(parse_runs_of("qemu-tcg=5"), Ok((BenchEngine::QemuTcg, 5)));
+    }
+
+    #[test]
+    fn an_unavailable_engine_takes_no_samples() {
+        let a = args(&["--runs", "2"]);
+        let c = Columns::new(
+            &[BenchEngine::Kvm, BenchEngine::Bt],
+            |e| {
+                if e == BenchEngine::Kvm {
+                    Availability::Unavailable("no /dev/kvm".into())
+                } else {
+                    Availability::Runs("bt".into())
+                }
+            },
+            &a,
+        );
+        assert_eq!(c.running, vec![BenchEngine::Bt]);
+        assert_eq!(c.rounds(), 2);
+        assert!(c.check_baseline(Some(BenchEngine::Kvm), "nano").is_err());
+        let cells = c.cells(
+            &[vec![Sample::Ok(5.0)]],
+            |_| None,
+            Path::new("/nonexistent"),
+            "w",
+        );
+        assert_eq!(cells[0], Cell::Unavailable("no /dev/kvm".into()));
+        assert_eq!(cells[1], Cell::Measured(vec![5.0]));
+    }
 }
