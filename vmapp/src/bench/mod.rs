@@ -202,7 +202,16 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.update_docs {
-        let command: Vec<String> = std::env::args().collect();
+        // Paths under the current directory read better relative (and hide no host detail).
+        let cwd = std::env::current_dir()
+            .map(|d| format!("{}/", d.display()))
+            .unwrap_or_default();
+        let command: Vec<String> = std::env::args()
+            .map(|a| match a.strip_prefix(&cwd) {
+                Some(rel) if !cwd.is_empty() => rel.to_string(),
+                _ => a,
+            })
+            .collect();
         docs::update(path, &all, &command.join(" "))?;
         eprintln!("bt86 bench: wrote the tables into {}", path.display());
     }
