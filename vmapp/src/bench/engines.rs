@@ -582,6 +582,56 @@ mod tests {
     }
 
     #[test]
+    fn output_lines_are_stamped_and_a_finished_child_gets_only_its_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = |l: &str| l == "done";
+        let run = run_with_timeout(
+            Command::new("sh").args(["-c", "echo first; sleep 0.1; echo done; exec sleep 600"]),
+            Duration::from_secs(600),
+            dir.path(),
+            Some((&done, Duration::from_millis(50))),
+        )
+        .unwrap();
+        let text: Vec<&str> = run.lines.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(text, ["first", "done"]);
+        assert!(run.lines[1].0 > run.lines[0].0, "{:?}", run.lines);
+        assert_eq!(run.stdout, "first\ndone\n");
+        // Killed after the grace, which is not the time limit.
+        assert_eq!(run.status, None);
+        assert!(!run.timed_out);
+    }
+
+    #[test]
+    fn the_time_limit_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        // The background child holds the output pipe: unless it dies too, the reader never
+        // sees the end of the pipe.
+        let run = run_with_timeout(
+            Command::new("sh").args([
+                "-c",
+                "(sleep 600; echo late) & echo early >&2; echo a; wait",
+            ]),
+            Duration::from_millis(200),
+            dir.path(),
+            None,
+        )
+        .unwrap();
+        assert!(run.timed_out);
+        assert_eq!(run.status, None);
+        assert_eq!(run.stdout, "a\n");
+        assert_eq!(run.stderr, "early\n");
+        let run = run_with_timeout(
+            Command::new("sh").args(["-c", "echo out; exit 3"]),
+            Duration::from_secs(600),
+            dir.path(),
+            None,
+        )
+        .unwrap();
+        assert_eq!((run.status, run.timed_out), (Some(3), false));
+        assert_eq!(run.stdout, "out\n");
+    }
+
+    #[test]
     fn native_runs_unprivileged_loops_and_refuses_privileged_ones() {
         let r = Runner::new(Duration::from_secs(5));
         let compute = nano::find("compute").unwrap();
