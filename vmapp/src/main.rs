@@ -52,7 +52,9 @@ enum Command {
     /// Compare engines: run the same guest workloads under each engine in one run and report
     /// per-operation times and ratios to a baseline.
     ///
-    /// Example: bt86 bench --suite nano --engines bt,interp,kvm,qemu-tcg --runs 5 --json out.json
+    /// Examples: bt86 bench --suite nano --engines bt,interp,kvm,qemu-tcg --runs 5 --json out.json;
+    /// bt86 bench --suite linux --engines bt,qemu-tcg,native (the Debian guest from
+    /// scripts/fetch-guest.sh); scripts/bench-docs.sh regenerates docs/performance.md.
     Bench(bench::BenchArgs),
 }
 

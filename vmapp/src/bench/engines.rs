@@ -5,6 +5,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bt86_guests::nano;
+
+use super::linux;
 use clap::ValueEnum;
 use vmm::EngineKind;
 
@@ -170,7 +172,7 @@ impl Runner {
             BenchEngine::Native => return self.native(workload, iterations),
         };
         cmd.current_dir(dir);
-        let run = match run_with_timeout(&mut cmd, self.timeout, dir) {
+        let run = match run_with_timeout(&mut cmd, self.timeout, dir, None) {
             Ok(run) => run,
             Err(e) => return failed(&format!("cannot start {engine}: {e}"), String::new()),
         };
@@ -211,6 +213,137 @@ impl Runner {
 }
 
 impl Runner {
+    /// Whether `engine` can run the linux suite here.
+    pub fn linux_availability(&self, engine: BenchEngine) -> Availability {
+        match engine {
+            BenchEngine::Native if !rustix::process::geteuid().is_root() => {
+                Availability::Unavailable(
+                    "needs root (chroot, and mounts in a private mount namespace)".into(),
+                )
+            }
+            BenchEngine::Native => Availability::Runs(
+                "the host CPU running the guest's i386 busybox in a chroot (user space only)"
+                    .into(),
+            ),
+            other => self.availability(other),
+        }
+    }
+
+    /// Boots the benchmark guest once on `engine` (or, for native, runs its workload script in
+    /// a chroot) and returns one outcome per row (the boot row first when `boot`), and the
+    /// run's log when something failed. `timeout` bounds the whole run.
+    pub fn linux(
+        &self,
+        engine: BenchEngine,
+        guest: &linux::Guest,
+        boot: bool,
+        steps: &[&linux::Step],
+        dir: &Path,
+        timeout: Duration,
+    ) -> (Vec<linux::Outcome>, Option<String>) {
+        let fail_all = |why: &str| {
+            let rows = usize::from(boot) + steps.len();
+            (
+                vec![linux::Outcome::Failed(why.to_string()); rows],
+                None::<String>,
+            )
+        };
+        let mut cmd = match engine {
+            BenchEngine::Bt | BenchEngine::Interp | BenchEngine::Kvm => {
+                let Some(bt86) = &self.bt86 else {
+                    return fail_all("cannot find the bt86 executable");
+                };
+                let mut cmd = Command::new(bt86);
+                cmd.arg("run")
+                    .arg("--kernel")
+                    .arg(&guest.kernel)
+                    .arg("--initrd")
+                    .arg(&guest.initrd)
+                    .args(["--append", linux::APPEND, "--memory"])
+                    .arg(linux::MEMORY_MIB.to_string())
+                    .args(["--serial", "stdio", "--stats", "--engine"])
+                    .arg(engine.to_string());
+                cmd
+            }
+            BenchEngine::QemuTcg => {
+                let Some(qemu) = &self.qemu else {
+                    return fail_all("qemu is not installed");
+                };
+                let mut cmd = Command::new(qemu);
+                // A Pentium III with SSE2 is the P6 with SSE2 that bt86's CPUID describes (a
+                // Pentium M); the PC machine as bt86's (8259, PIT, 16550, i8042).
+                cmd.args(["-accel", "tcg", "-M", "pc", "-cpu", "pentium3,+sse2", "-m"])
+                    .arg(linux::MEMORY_MIB.to_string())
+                    .args(["-nographic", "-no-reboot", "-kernel"])
+                    .arg(&guest.kernel)
+                    .arg("-initrd")
+                    .arg(&guest.initrd)
+                    .args(["-append", linux::APPEND]);
+                cmd
+            }
+            BenchEngine::Native => {
+                // The guest's own busybox makes the private mount namespace and the chroot, so
+                // the host needs nothing but root.
+                let busybox = guest.root.join("bin/busybox");
+                let mut cmd = Command::new(&busybox);
+                cmd.args(["unshare", "-m", "--propagation", "private"])
+                    .arg(&busybox)
+                    .arg("chroot")
+                    .arg(&guest.root)
+                    .args(["/bin/busybox", "sh", "/bench/native.sh"])
+                    .env_clear();
+                cmd
+            }
+        };
+        cmd.current_dir(dir);
+        let done = |l: &str| linux::parse_marker(l) == Some(linux::Marker::Done);
+        // After the last step only the guest's reboot is left; a guest that does not manage
+        // it has still measured everything.
+        let run = match run_with_timeout(
+            &mut cmd,
+            timeout,
+            dir,
+            Some((&done, Duration::from_secs(20))),
+        ) {
+            Ok(run) => run,
+            Err(e) => return fail_all(&format!("cannot start {engine}: {e}")),
+        };
+        // What the engine itself said last about why it stopped.
+        let said = run
+            .stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("bt86:") || l.starts_with(QEMU))
+            .map(|l| match l.char_indices().nth(140) {
+                Some((at, _)) => format!(": {}...", &l[..at]),
+                None => format!(": {l}"),
+            })
+            .unwrap_or_default();
+        let ended = if run.timed_out {
+            Some(format!("stopped after {} s", timeout.as_secs()))
+        } else if linux::finished(&run.lines) {
+            None
+        } else {
+            Some(match run.status {
+                Some(s) => format!("{engine} exited with status {s}{said}"),
+                None => format!("{engine} was killed{said}"),
+            })
+        };
+        let rows = linux::outcomes(&run.lines, boot, steps, ended.as_deref());
+        let log = rows
+            .iter()
+            .any(|r| matches!(r, linux::Outcome::Failed(_)))
+            .then(|| {
+                format!(
+                    "command: {cmd:?}\nstatus: {}\n--- console (stdout)\n{}\n--- stderr\n{}\n",
+                    run.status.map_or("killed".to_string(), |s| s.to_string()),
+                    run.stdout,
+                    run.stderr
+                )
+            });
+        (rows, log)
+    }
+
     /// Runs `workload`'s loop natively on the host CPU, in the 32-bit sandbox the native oracle
     /// uses, timed with the host TSC.
     fn native(&self, workload: &nano::Workload, iterations: u32) -> Sample {
@@ -263,41 +396,112 @@ fn stated_tsc_hz(stats: &str) -> Option<u64> {
 }
 
 struct Finished {
+    /// The exit status; None when the child was killed (see `timed_out`).
     status: Option<i32>,
+    /// It ran past the time limit and was killed.
+    timed_out: bool,
+    /// Standard output as text.
     stdout: String,
+    /// Standard output's lines with the time each arrived, from the start.
+    lines: Vec<(Duration, String)>,
     stderr: String,
 }
 
-/// Runs `cmd` with its output in files under `dir`, killing it after `timeout`.
-fn run_with_timeout(cmd: &mut Command, timeout: Duration, dir: &Path) -> std::io::Result<Finished> {
-    let out_path = dir.join("sample.stdout");
+/// A line that says the work is done, and how long the child then has to exit.
+type Finish<'a> = (&'a dyn Fn(&str) -> bool, Duration);
+
+/// At most this much of a child's standard output is kept (a guest may print forever).
+const STDOUT_LIMIT: usize = 16 << 20;
+
+/// Runs `cmd` in its own process group, its standard output read line by line and stamped with
+/// each line's arrival time, its standard error in a file under `dir`. The whole group is
+/// killed after `timeout`, or `grace` after a line for which `finished` holds (the work is done
+/// and only the child's exit is awaited).
+fn run_with_timeout(
+    cmd: &mut Command,
+    timeout: Duration,
+    dir: &Path,
+    finished: Option<Finish<'_>>,
+) -> std::io::Result<Finished> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
     let err_path = dir.join("sample.stderr");
+    let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path)?)
+        .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&err_path)?)
+        .process_group(0)
         .spawn()?;
-    let start = Instant::now();
+    let group = rustix::process::Pid::from_child(&child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(out);
+            let mut kept = 0;
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let at = start.elapsed();
+                kept += line.len();
+                if kept <= STDOUT_LIMIT {
+                    let text = String::from_utf8_lossy(&line);
+                    let text = text.trim_end_matches(['\n', '\r']).to_string();
+                    if tx.send((at, text)).is_err() {
+                        break;
+                    }
+                }
+                line.clear();
+            }
+        });
+    }
+    let mut lines = Vec::new();
+    let mut deadline = start + timeout;
+    let mut done_at = None;
+    let kill = |child: &mut std::process::Child| {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        let _ = child.kill();
+        let _ = child.wait();
+    };
     let status = loop {
+        while let Ok(l) = rx.try_recv() {
+            if done_at.is_none()
+                && let Some((done, grace)) = finished
+                && done(&l.1)
+            {
+                done_at = Some(Instant::now());
+                deadline = deadline.min(Instant::now() + grace);
+            }
+            lines.push(l);
+        }
         if let Some(status) = child.try_wait()? {
+            // Whatever of the group is left cannot keep the output pipe open.
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
             break status.code();
         }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
+        if Instant::now() > deadline {
+            kill(&mut child);
             break None;
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let read = |p: &Path| {
-        std::fs::read(p)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    };
+    // The reader ends at the pipe's end; give it a moment for the last lines.
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        lines.push(l);
+    }
+    let stderr = std::fs::read(&err_path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let mut stdout = String::new();
+    for (_, l) in &lines {
+        stdout += l;
+        stdout.push('\n');
+    }
     Ok(Finished {
         status,
-        stdout: read(&out_path),
-        stderr: read(&err_path),
+        timed_out: status.is_none() && done_at.is_none(),
+        stdout,
+        lines,
+        stderr,
     })
 }
 
@@ -337,6 +541,18 @@ fn kvm_description() -> String {
     }
 }
 
+/// Which KVM this host has, for the report's host description.
+pub fn kvm_summary() -> String {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => kvm_description(),
+        Err(e) => format!("none usable (/dev/kvm: {e})"),
+    }
+}
+
 /// One line about the host: CPU model, CPU count, kernel.
 pub fn host_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -363,6 +579,56 @@ mod tests {
         let stats = "bt86 statistics (engine interp)\n  guest TSC rate       1000000000 Hz\n";
         assert_eq!(stated_tsc_hz(stats), Some(1_000_000_000));
         assert_eq!(stated_tsc_hz("  guest TSC rate       unknown\n"), None);
+    }
+
+    #[test]
+    fn output_lines_are_stamped_and_a_finished_child_gets_only_its_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = |l: &str| l == "done";
+        let run = run_with_timeout(
+            Command::new("sh").args(["-c", "echo first; sleep 0.1; echo done; exec sleep 600"]),
+            Duration::from_secs(600),
+            dir.path(),
+            Some((&done, Duration::from_millis(50))),
+        )
+        .unwrap();
+        let text: Vec<&str> = run.lines.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(text, ["first", "done"]);
+        assert!(run.lines[1].0 > run.lines[0].0, "{:?}", run.lines);
+        assert_eq!(run.stdout, "first\ndone\n");
+        // Killed after the grace, which is not the time limit.
+        assert_eq!(run.status, None);
+        assert!(!run.timed_out);
+    }
+
+    #[test]
+    fn the_time_limit_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        // The background child holds the output pipe: unless it dies too, the reader never
+        // sees the end of the pipe.
+        let run = run_with_timeout(
+            Command::new("sh").args([
+                "-c",
+                "(sleep 600; echo late) & echo early >&2; echo a; wait",
+            ]),
+            Duration::from_millis(200),
+            dir.path(),
+            None,
+        )
+        .unwrap();
+        assert!(run.timed_out);
+        assert_eq!(run.status, None);
+        assert_eq!(run.stdout, "a\n");
+        assert_eq!(run.stderr, "early\n");
+        let run = run_with_timeout(
+            Command::new("sh").args(["-c", "echo out; exit 3"]),
+            Duration::from_secs(600),
+            dir.path(),
+            None,
+        )
+        .unwrap();
+        assert_eq!((run.status, run.timed_out), (Some(3), false));
+        assert_eq!(run.stdout, "out\n");
     }
 
     #[test]

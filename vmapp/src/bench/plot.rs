@@ -33,8 +33,25 @@ pub fn png(svg: &str) -> Result<Vec<u8>, String> {
     pixmap.encode_png().map_err(|e| e.to_string())
 }
 
-/// Draws the report's medians.
-pub fn svg(report: &Report) -> String {
+/// Draws the medians of each report, one chart under the other.
+pub fn svg(reports: &[&Report]) -> String {
+    let mut body = String::new();
+    let mut y = 0.0;
+    for r in reports {
+        let (part, height) = chart(r, y);
+        body += &part;
+        y += height;
+    }
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{y}\" \
+         font-family=\"DejaVu Sans, Liberation Sans, Arial, sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n"
+    )
+}
+
+/// One report's chart, its top at `y0`, and its height.
+fn chart(report: &Report, y0: f64) -> (String, f64) {
+    let unit = report.unit();
     let engines: Vec<&str> = report.engine_names().collect();
     let rows: Vec<(&str, Vec<Option<f64>>)> = report.medians().collect();
     let values = rows.iter().flat_map(|(_, v)| v.iter().flatten().copied());
@@ -50,17 +67,18 @@ pub fn svg(report: &Report) -> String {
     };
     let x = |v: f64| LEFT + (v.log10() - d0) / (d1 - d0) * (WIDTH - LEFT - 20.0);
     let group = engines.len() as f64 * BAR + GAP;
-    let top = 40.0 + 18.0 * engines.len() as f64;
-    let height = top + group * rows.len() as f64 + 40.0;
+    let top = y0 + 40.0 + 18.0 * engines.len() as f64;
+    let height = top - y0 + group * rows.len() as f64 + 40.0;
+    let clock = unit.clock.map(|c| format!(", {c}")).unwrap_or_default();
 
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
-         font-family=\"DejaVu Sans, Liberation Sans, Arial, sans-serif\" font-size=\"11\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"10\" y=\"18\" font-size=\"14\">bt86 bench: ns per operation (median, log scale)</text>\n"
+        "<text x=\"10\" y=\"{}\" font-size=\"14\">bt86 bench, {} suite: {}{clock} (median, log scale)</text>\n",
+        y0 + 18.0,
+        escape(report.suite()),
+        unit.what
     );
     for (i, e) in engines.iter().enumerate() {
-        let y = 30.0 + 18.0 * i as f64;
+        let y = y0 + 30.0 + 18.0 * i as f64;
         s += &format!(
             "<rect x=\"10\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/>\
              <text x=\"28\" y=\"{}\">{}</text>\n",
@@ -72,12 +90,13 @@ pub fn svg(report: &Report) -> String {
     let mut decade = d0;
     while decade <= d1 {
         let gx = x(10f64.powf(decade));
-        let bottom = height - 30.0;
+        let bottom = y0 + height - 30.0;
         s += &format!(
             "<line x1=\"{gx:.1}\" y1=\"{top}\" x2=\"{gx:.1}\" y2=\"{bottom}\" stroke=\"#ccc\"/>\
-             <text x=\"{gx:.1}\" y=\"{}\" text-anchor=\"middle\">{} ns</text>\n",
+             <text x=\"{gx:.1}\" y=\"{}\" text-anchor=\"middle\">{} {}</text>\n",
             bottom + 14.0,
-            10f64.powf(decade)
+            10f64.powf(decade),
+            unit.symbol
         );
         decade += 1.0;
     }
@@ -95,11 +114,12 @@ pub fn svg(report: &Report) -> String {
                 Some(v) => {
                     s += &format!(
                         "<rect x=\"{LEFT}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\">\
-                         <title>{}: {v:.2} ns</title></rect>\n",
+                         <title>{}: {v:.2} {}</title></rect>\n",
                         (x(*v) - LEFT).max(1.0),
                         BAR - 2.0,
                         COLOURS[i % COLOURS.len()],
-                        escape(engines[i])
+                        escape(engines[i]),
+                        unit.symbol
                     );
                 }
                 None => {
@@ -113,20 +133,20 @@ pub fn svg(report: &Report) -> String {
             }
         }
     }
-    s += "</svg>\n";
-    s
+    (s, height)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::engines::Availability;
-    use super::super::report::{Cell, Row};
+    use super::super::report::{Cell, Row, Unit};
     use super::*;
 
     #[test]
     fn bars_are_drawn_per_engine_and_missing_results_are_labelled() {
         let report = Report::new(
             "nano",
+            Unit::NS_PER_OP,
             1,
             vec![
                 ("interp".into(), Availability::Runs("i".into())),
@@ -144,10 +164,11 @@ mod tests {
                         log: None,
                     },
                 ],
+                host: Vec::new(),
             }],
             "h".into(),
         );
-        let svg = svg(&report);
+        let svg = svg(&[&report]);
         assert!(svg.starts_with("<svg"), "{svg}");
         assert!(svg.contains("<title>interp: 1000.00 ns</title>"), "{svg}");
         assert!(svg.contains("kvm: no result"), "{svg}");

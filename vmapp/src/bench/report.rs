@@ -48,12 +48,45 @@ pub struct Row {
     pub iterations: u64,
     /// One cell per engine column.
     pub cells: Vec<Cell>,
+    /// The same samples timed by the host's clock, per engine column (empty where a cell has
+    /// none; an empty vector when the suite times only one way).
+    pub host: Vec<Vec<f64>>,
 }
+
+/// What a report's numbers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unit {
+    /// In words, for table titles ("ns per operation").
+    pub what: &'static str,
+    /// The unit's symbol, for JSON keys and chart axes ("ns").
+    pub symbol: &'static str,
+    /// Which clock the main table is timed with, when the report also has a host-clock table.
+    pub clock: Option<&'static str>,
+}
+
+impl Unit {
+    /// Nanoseconds per operation (the nano suite).
+    pub const NS_PER_OP: Unit = Unit {
+        what: "ns per operation",
+        symbol: "ns",
+        clock: None,
+    };
+    /// Milliseconds per step, by the guest's clock and by the host's (the linux suite).
+    pub const MS_PER_STEP: Unit = Unit {
+        what: "ms per step",
+        symbol: "ms",
+        clock: Some("guest clock"),
+    };
+}
+
+/// The host clock's table title.
+const HOST_CLOCK: &str = "host clock: console line arrival";
 
 /// A whole bench run.
 #[derive(Debug, Clone)]
 pub struct Report {
     suite: String,
+    unit: Unit,
     runs: u32,
     date: String,
     host: String,
@@ -62,7 +95,7 @@ pub struct Report {
     rows: Vec<Row>,
 }
 
-/// Formats nanoseconds with about three significant digits.
+/// Formats a time with about three significant digits.
 fn ns(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
@@ -89,10 +122,57 @@ fn ratio_text(r: f64) -> String {
     }
 }
 
+/// "median (min)" of samples.
+fn median_min(samples: &[f64]) -> String {
+    match (stats::median(samples), stats::min(samples)) {
+        (Some(m), Some(lo)) => format!("{} ({})", ns(m), ns(lo)),
+        _ => "-".into(),
+    }
+}
+
+/// What makes two failures one footnote: engine, reason, log.
+type FailureKey<'a> = (&'a str, &'a str, Option<&'a str>);
+
+/// A table as text: a header row, then rows; the first column left-aligned.
+struct Table {
+    title: String,
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn text(&self, width: usize) -> String {
+        let mut out = format!("\n{}\n", self.title);
+        for line in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, c) in line.iter().enumerate() {
+                if i == 0 {
+                    out += &format!("{c:<18}");
+                } else {
+                    out += &format!("{c:>width$}");
+                }
+            }
+            out += "\n";
+        }
+        out
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = format!("\n{}:\n\n", self.title);
+        let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+        out += &line(&self.header);
+        out += &line(&vec!["---".to_string(); self.header.len()]);
+        for r in &self.rows {
+            out += &line(r);
+        }
+        out
+    }
+}
+
 impl Report {
     /// A report of `rows`, taken now.
     pub fn new(
         suite: &str,
+        unit: Unit,
         runs: u32,
         engines: Vec<(String, Availability)>,
         baseline: Option<String>,
@@ -101,6 +181,7 @@ impl Report {
     ) -> Self {
         Report {
             suite: suite.to_string(),
+            unit,
             runs,
             date: utc_now(),
             host,
@@ -108,6 +189,26 @@ impl Report {
             baseline,
             rows,
         }
+    }
+
+    /// The suite's name.
+    pub fn suite(&self) -> &str {
+        &self.suite
+    }
+
+    /// What the numbers are.
+    pub fn unit(&self) -> Unit {
+        self.unit
+    }
+
+    /// When the report was taken ("YYYY-MM-DD HH:MM UTC").
+    pub fn date(&self) -> &str {
+        &self.date
+    }
+
+    /// The host description.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The engine column names.
@@ -136,6 +237,123 @@ impl Report {
         stats::ratio(row.cells[i].median(), row.cells[b].median())
     }
 
+    fn has_host_clock(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.host.iter().any(|h| !h.is_empty()))
+    }
+
+    /// The report's tables (values, host clock when timed, ratios) and its footnotes.
+    fn tables(&self) -> (Vec<Table>, Vec<String>) {
+        let header: Vec<String> = std::iter::once("workload".to_string())
+            .chain(self.engines.iter().map(|(n, _)| n.clone()))
+            .collect();
+        // ((engine, reason, log), workloads) per footnote.
+        let mut failures: Vec<(FailureKey, Vec<&str>)> = Vec::new();
+        let mut failed_note = Vec::new(); // (row, column) -> note number
+        let mut values = Vec::new();
+        for (r, row) in self.rows.iter().enumerate() {
+            let mut line = vec![row.workload.clone()];
+            for (i, (cell, (engine, _))) in row.cells.iter().zip(&self.engines).enumerate() {
+                line.push(match cell {
+                    Cell::Measured(v) => median_min(v),
+                    Cell::Failed { reason, log } => {
+                        // One footnote per engine, reason and log, naming every workload.
+                        let key = (engine.as_str(), reason.as_str(), log.as_deref());
+                        let n = match failures.iter().position(|(k, _)| *k == key) {
+                            Some(n) => n,
+                            None => {
+                                failures.push((key, Vec::new()));
+                                failures.len() - 1
+                            }
+                        };
+                        failures[n].1.push(row.workload.as_str());
+                        failed_note.push(((r, i), n + 1));
+                        format!("failed [{}]", n + 1)
+                    }
+                    Cell::Unavailable(_) => "n/a".into(),
+                });
+            }
+            values.push(line);
+        }
+        let notes: Vec<String> = failures
+            .iter()
+            .enumerate()
+            .map(|(n, ((engine, reason, log), workloads))| {
+                format!(
+                    "[{}] {engine} {}: {reason}{}",
+                    n + 1,
+                    workloads.join(", "),
+                    log.map(|l| format!("; log: {l}")).unwrap_or_default()
+                )
+            })
+            .collect();
+        let clock = self
+            .unit
+            .clock
+            .map(|c| format!(", {c}"))
+            .unwrap_or_default();
+        let mut tables = vec![Table {
+            title: format!("{}{clock}, median (min)", self.unit.what),
+            header: header.clone(),
+            rows: values,
+        }];
+        if self.has_host_clock() {
+            let rows = self
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(r, row)| {
+                    let mut line = vec![row.workload.clone()];
+                    for (i, cell) in row.cells.iter().enumerate() {
+                        let host = row.host.get(i).map_or(&[][..], Vec::as_slice);
+                        line.push(match cell {
+                            Cell::Measured(_) if !host.is_empty() => median_min(host),
+                            Cell::Measured(_) => "-".into(),
+                            Cell::Failed { .. } => failed_note
+                                .iter()
+                                .find(|(at, _)| *at == (r, i))
+                                .map_or("failed".into(), |(_, n)| format!("failed [{n}]")),
+                            Cell::Unavailable(_) => "n/a".into(),
+                        });
+                    }
+                    line
+                })
+                .collect();
+            tables.push(Table {
+                title: format!("{}, {HOST_CLOCK}, median (min)", self.unit.what),
+                header: header.clone(),
+                rows,
+            });
+        }
+        if let Some(b) = &self.baseline {
+            let shown: Vec<usize> = (0..self.engines.len())
+                .filter(|&i| self.engines[i].1.runs())
+                .collect();
+            let rows = self
+                .rows
+                .iter()
+                .map(|row| {
+                    std::iter::once(row.workload.clone())
+                        .chain(
+                            shown
+                                .iter()
+                                .map(|&i| self.ratio(row, i).map_or("-".to_string(), ratio_text)),
+                        )
+                        .collect()
+                })
+                .collect();
+            tables.push(Table {
+                title: format!("ratio to {b} (median / median{clock})"),
+                header: std::iter::once("workload".to_string())
+                    .chain(shown.iter().map(|&i| self.engines[i].0.clone()))
+                    .collect(),
+                rows,
+            });
+        }
+        (tables, notes)
+    }
+
     /// The report as text tables.
     pub fn text(&self) -> String {
         let mut out = format!(
@@ -150,57 +368,11 @@ impl Report {
             };
             out += &format!("  {name:<10} {what}\n");
         }
-        let width = 20;
-        let mut notes = Vec::new();
-        out += "\nns per operation, median (min)\n";
-        out += &format!("{:<18}", "workload");
-        for (name, _) in &self.engines {
-            out += &format!("{name:>width$}");
-        }
-        out += "\n";
-        for row in &self.rows {
-            out += &format!("{:<18}", row.workload);
-            for (cell, (engine, _)) in row.cells.iter().zip(&self.engines) {
-                let text = match cell {
-                    Cell::Measured(_) => match (cell.median(), cell.min()) {
-                        (Some(m), Some(lo)) => format!("{} ({})", ns(m), ns(lo)),
-                        _ => "-".into(),
-                    },
-                    Cell::Failed { reason, log } => {
-                        notes.push(format!(
-                            "[{}] {engine} {}: {reason}{}",
-                            notes.len() + 1,
-                            row.workload,
-                            log.as_deref()
-                                .map(|l| format!("; log: {l}"))
-                                .unwrap_or_default()
-                        ));
-                        format!("failed [{}]", notes.len())
-                    }
-                    Cell::Unavailable(_) => "n/a".into(),
-                };
-                out += &format!("{text:>width$}");
-            }
-            out += "\n";
-        }
-        if let Some(b) = &self.baseline {
-            out += &format!("\nratio to {b} (median / median)\n");
-            out += &format!("{:<18}", "workload");
-            let shown: Vec<usize> = (0..self.engines.len())
-                .filter(|&i| self.engines[i].1.runs())
-                .collect();
-            for &i in &shown {
-                out += &format!("{:>12}", self.engines[i].0);
-            }
-            out += "\n";
-            for row in &self.rows {
-                out += &format!("{:<18}", row.workload);
-                for &i in &shown {
-                    let text = self.ratio(row, i).map_or("-".to_string(), ratio_text);
-                    out += &format!("{text:>12}");
-                }
-                out += "\n";
-            }
+        let (tables, notes) = self.tables();
+        for (i, t) in tables.iter().enumerate() {
+            // The ratio table is narrower: ratios are short.
+            let ratios = self.baseline.is_some() && i + 1 == tables.len();
+            out += &t.text(if ratios { 12 } else { 20 });
         }
         if !notes.is_empty() {
             out += "\n";
@@ -212,8 +384,43 @@ impl Report {
         out
     }
 
+    /// The report as Markdown (for docs/performance.md): what each workload is, the tables
+    /// and the footnotes.
+    pub fn markdown(&self) -> String {
+        let mut out = format!(
+            "### {} suite: {} run(s) per workload and engine, interleaved\n\nEngines:\n\n",
+            self.suite, self.runs
+        );
+        for (name, a) in &self.engines {
+            let what = match a {
+                Availability::Runs(s) => s.clone(),
+                Availability::Unavailable(s) => format!("not available: {s}"),
+            };
+            out += &format!("- `{name}`: {what}\n");
+        }
+        out += "\nWorkloads:\n\n";
+        for row in &self.rows {
+            out += &format!(
+                "- `{}`: {} ({} per run)\n",
+                row.workload, row.operation, row.iterations
+            );
+        }
+        let (tables, notes) = self.tables();
+        for t in &tables {
+            out += &t.markdown();
+        }
+        if !notes.is_empty() {
+            out += "\n";
+            for n in notes {
+                out += &format!("- {n}\n");
+            }
+        }
+        out
+    }
+
     /// The report as JSON: every number of the text tables, plus the raw samples.
-    pub fn json(&self) -> String {
+    pub fn json_value(&self) -> Value {
+        let u = self.unit.symbol;
         let engines: Vec<Value> = self
             .engines
             .iter()
@@ -232,13 +439,20 @@ impl Report {
                 let mut results = serde_json::Map::new();
                 for (i, (cell, (engine, _))) in row.cells.iter().zip(&self.engines).enumerate() {
                     let v = match cell {
-                        Cell::Measured(samples) => json!({
-                            "status": "ok",
-                            "samples_ns": samples,
-                            "median_ns": cell.median(),
-                            "min_ns": cell.min(),
-                            "ratio_to_baseline": self.ratio(row, i),
-                        }),
+                        Cell::Measured(samples) => {
+                            let mut v = serde_json::Map::new();
+                            v.insert("status".into(), json!("ok"));
+                            v.insert(format!("samples_{u}"), json!(samples));
+                            v.insert(format!("median_{u}"), json!(cell.median()));
+                            v.insert(format!("min_{u}"), json!(cell.min()));
+                            v.insert("ratio_to_baseline".into(), json!(self.ratio(row, i)));
+                            if let Some(host) = row.host.get(i).filter(|h| !h.is_empty()) {
+                                v.insert(format!("host_samples_{u}"), json!(host));
+                                v.insert(format!("host_median_{u}"), json!(stats::median(host)));
+                                v.insert(format!("host_min_{u}"), json!(stats::min(host)));
+                            }
+                            Value::Object(v)
+                        }
                         Cell::Failed { reason, log } => json!({
                             "status": "failed",
                             "reason": reason,
@@ -259,17 +473,23 @@ impl Report {
                 })
             })
             .collect();
-        let doc = json!({
+        json!({
             "suite": self.suite,
             "runs": self.runs,
             "date": self.date,
             "host": self.host,
-            "unit": "ns per operation",
+            "unit": self.unit.what,
+            "clock": self.unit.clock,
+            "host_clock": self.has_host_clock().then_some(HOST_CLOCK),
             "baseline": self.baseline,
             "engines": engines,
             "workloads": workloads,
-        });
-        serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+        })
+    }
+
+    /// [`Report::json_value`] as pretty-printed text.
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(&self.json_value()).unwrap_or_default() + "\n"
     }
 }
 
@@ -306,6 +526,7 @@ mod tests {
     fn sample() -> Report {
         Report::new(
             "nano",
+            Unit::NS_PER_OP,
             3,
             vec![
                 ("bt".into(), Availability::Unavailable("not built".into())),
@@ -323,6 +544,7 @@ mod tests {
                         Cell::Measured(vec![3000.0, 1000.0, 2000.0]),
                         Cell::Measured(vec![500.0, 400.0, 600.0]),
                     ],
+                    host: Vec::new(),
                 },
                 Row {
                     workload: "ptemod".into(),
@@ -336,6 +558,7 @@ mod tests {
                         },
                         Cell::Measured(vec![7.5]),
                     ],
+                    host: Vec::new(),
                 },
             ],
             "test host".into(),
@@ -374,6 +597,104 @@ mod tests {
         assert_eq!(pte["interp"]["log"], "logs/interp-ptemod-run1.log");
         assert_eq!(v["baseline"], "qemu-tcg");
         assert_eq!(v["engines"][0]["available"], false);
+    }
+
+    /// A linux-suite report: two clocks, one failure shared by two rows, one engine that does
+    /// not apply to the boot row.
+    fn linux_sample() -> Report {
+        let failed = || Cell::Failed {
+            reason: "kvm exited with status 8".into(),
+            log: Some("logs/kvm-linux-run1.log".into()),
+        };
+        Report::new(
+            "linux",
+            Unit::MS_PER_STEP,
+            2,
+            vec![
+                ("bt".into(), Availability::Runs("bt86 bt".into())),
+                ("kvm".into(), Availability::Runs("KVM via PVM".into())),
+                ("native".into(), Availability::Runs("chroot".into())),
+            ],
+            Some("bt".into()),
+            vec![
+                Row {
+                    workload: "boot".into(),
+                    operation: "kernel boot".into(),
+                    iterations: 1,
+                    cells: vec![
+                        Cell::Measured(vec![4000.0, 5000.0]),
+                        failed(),
+                        Cell::Unavailable("kernel-side".into()),
+                    ],
+                    host: vec![vec![8000.0, 9000.0], Vec::new(), Vec::new()],
+                },
+                Row {
+                    workload: "fork".into(),
+                    operation: "fork".into(),
+                    iterations: 500,
+                    cells: vec![
+                        Cell::Measured(vec![120.0, 100.0]),
+                        failed(),
+                        Cell::Measured(vec![10.0, 12.0]),
+                    ],
+                    host: vec![vec![130.0, 110.0], Vec::new(), vec![11.0, 13.0]],
+                },
+            ],
+            "test host".into(),
+        )
+    }
+
+    #[test]
+    fn linux_reports_show_both_clocks_and_one_footnote_per_failure() {
+        let r = linux_sample();
+        let t = r.text();
+        assert!(t.contains("ms per step, guest clock, median (min)"), "{t}");
+        assert!(
+            t.contains("ms per step, host clock: console line arrival, median (min)"),
+            "{t}"
+        );
+        assert!(t.contains("4500 (4000)"), "{t}");
+        assert!(t.contains("8500 (8000)"), "{t}");
+        assert!(t.contains("120 (110)"), "{t}");
+        assert!(t.contains("12.0 (11.0)"), "{t}");
+        assert!(t.contains("0.100x"), "{t}");
+        assert_eq!(t.matches("failed [1]").count(), 4, "{t}");
+        assert!(!t.contains("[2]"), "{t}");
+        assert!(
+            t.contains(
+                "[1] kvm boot, fork: kvm exited with status 8; log: logs/kvm-linux-run1.log"
+            ),
+            "{t}"
+        );
+        let md = r.markdown();
+        assert!(md.contains("| workload | bt | kvm | native |"), "{md}");
+        assert!(
+            md.contains("| boot | 4500 (4000) | failed [1] | n/a |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| fork | 110 (100) | failed [1] | 11.0 (10.0) |"),
+            "{md}"
+        );
+        assert!(md.contains("- `fork`: fork (500 per run)"), "{md}");
+        assert!(md.contains("- `kvm`: KVM via PVM"), "{md}");
+
+        let v: Value = serde_json::from_str(&r.json()).unwrap();
+        assert_eq!(v["unit"], "ms per step");
+        assert_eq!(v["clock"], "guest clock");
+        let boot = &v["workloads"][0]["results"];
+        assert_eq!(boot["bt"]["median_ms"], 4500.0);
+        assert_eq!(boot["bt"]["host_median_ms"], 8500.0);
+        assert_eq!(boot["bt"]["host_min_ms"], 8000.0);
+        assert_eq!(boot["native"]["status"], "unavailable");
+        assert_eq!(boot["kvm"]["status"], "failed");
+        let fork = &v["workloads"][1]["results"];
+        assert_eq!(fork["native"]["ratio_to_baseline"], 0.1);
+        assert_eq!(
+            fork["native"]["host_samples_ms"].as_array().unwrap().len(),
+            2
+        );
+        assert!(fork["native"].get("median_ns").is_none(), "{fork}");
     }
 
     #[test]
