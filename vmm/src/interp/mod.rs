@@ -2568,6 +2568,37 @@ mod tests {
     }
 
     #[test]
+    fn rdpmc_reads_the_two_p6_counters_and_faults_on_any_other() {
+        // SDM: WRMSR to PerfCtr0/1 writes the low 32 bits, sign-extended to the counter's 40;
+        // RDPMC returns all 40 with EDX holding bits 39-32; ECX other than 0 or 1 is #GP(0).
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.mov(ecx, 0xC2u32)?;
+                a.mov(eax, 0x8000_0005u32)?;
+                a.mov(edx, 0x1234u32)?;
+                a.wrmsr()?;
+                a.mov(ecx, 1u32)?;
+                a.rdpmc()?;
+                a.out(0x80, eax)?;
+                a.mov(eax, edx)?;
+                a.out(0x80, eax)?;
+                a.mov(ecx, 2u32)?;
+                a.rdpmc()?;
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                a.set_label(handler)?;
+                a.mov(eax, 0x6Du32)?;
+                a.out(0x80, eax)?;
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                Ok(())
+            },
+            &[(13, 0x8E)],
+        );
+        assert_eq!(run_to_exit(&mut i, &mut p), [0x8000_0005, 0xFF, 0x6D]);
+    }
+
+    #[test]
     fn unimplemented_instructions_stop_with_their_name() {
         let (mut i, mut p) = machine(
             |a, handler| {
