@@ -9,6 +9,7 @@
 //! message naming it (it is never turned into a silent #UD).
 
 pub mod alu;
+mod decode_cache;
 mod fpu;
 mod ops;
 pub mod snippet;
@@ -204,6 +205,8 @@ pub struct Interp {
     tsc_tape: Option<(bool, TscTape)>,
     /// Lockstep: the EFLAGS bits the instructions since the last look left undefined.
     undefined_flags: Option<u32>,
+    /// Instructions decoded before, by address.
+    decoded: RefCell<decode_cache::DecodeCache>,
 }
 
 /// TSC values one interpreter read, for another to replay: the lockstep mode gives both
@@ -276,6 +279,7 @@ impl Interp {
             fpu: fpu::FpuUnit::default(),
             tsc_tape: None,
             undefined_flags: None,
+            decoded: RefCell::default(),
         }
     }
 
@@ -1233,10 +1237,14 @@ impl Interp {
                 Err(f) => second_fault = Some(f),
             }
         }
+        let eip = self.cpu.eip;
+        if let Some(ins) = self.decoded.borrow().get(eip, bitness, &bytes[..avail]) {
+            return Ok(ins);
+        }
         let mut d = Decoder::with_ip(
             bitness,
             &bytes[..avail],
-            u64::from(self.cpu.eip),
+            u64::from(eip),
             DecoderOptions::NONE,
         );
         let ins = d.decode();
@@ -1253,6 +1261,9 @@ impl Interp {
                 Err(Fault::Exception(vector::UD, None))
             };
         }
+        self.decoded
+            .borrow_mut()
+            .put(eip, bitness, &bytes[..avail], ins);
         Ok(ins)
     }
 
