@@ -2,6 +2,7 @@
 //! runners for bt86 itself and for the QEMU reference, and the native oracle that checks the
 //! interpreter against the host CPU.
 
+pub mod console;
 pub mod kernels;
 pub use bt86_guests::kit;
 pub mod mmu_kernels;

@@ -4,10 +4,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
-use bt86_tests::runner::bt86_binary;
+use bt86_tests::console::{self, ConsoleError, Ended, Output, Session};
+use bt86_tests::runner::{bt86_binary, qemu_binary};
 use iced_x86::code_asm::*;
 
 /// A bzImage whose protected-mode code checks what the boot protocol promises (ESI = the zero
@@ -201,6 +202,346 @@ fn debian_kernel_boots_on_interp_as_far_as_the_platform_allows() {
         "last lines:\n{tail}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The shell session: Debian's kernel to the busybox prompt, a scripted console session, and a
+// clean end, on each engine and under QEMU.
+
+/// The prompt the initramfs's /init gives the shell (scripts/fetch-guest.sh).
+const PROMPT: &str = "bt86# ";
+
+/// The kernel command line of every session: the serial console, nothing else (KASLR stays on,
+/// as on the user's boot).
+const SESSION_APPEND: &str = "console=ttyS0";
+
+/// Safety nets, not timings: the interpreter boots in minutes on an idle machine, and these
+/// machines are shared. A wait that runs out fails with the console's tail.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// The scripted commands, in order.
+const SESSION: &[&str] = &[
+    "uname -a",
+    "cat /proc/cpuinfo",
+    // 100 processes, each forked by the subshell and exec'ing a shell that prints its number.
+    // A subshell, so the interactive shell's job-control notices stay out of the output.
+    "(for i in $(seq 100); do sh -c 'echo fork-$0-ok' $i & done; wait)",
+    "ls -a /",
+    "ls -l /init /bin/busybox",
+    "ls /bin | wc -l",
+    "md5sum /bin/busybox",
+    "cat /proc/cmdline",
+    "dmesg",
+];
+
+/// What a session gave.
+struct SessionLog {
+    /// Who ran it (for messages).
+    who: String,
+    /// Each scripted command's output, in `SESSION`'s order.
+    outputs: Vec<Output>,
+    /// How the emulator ended after the guest was told to go down.
+    ended: Ended,
+    /// Wall time from starting the emulator to the first prompt.
+    to_prompt: Duration,
+}
+
+impl SessionLog {
+    fn output(&self, command: &str) -> &Output {
+        self.outputs
+            .iter()
+            .find(|o| o.command == command)
+            .expect("a scripted command")
+    }
+}
+
+/// Boots `cmd` to the prompt, runs the session, ends the guest with a reboot through the
+/// keyboard controller (`reboot -f`: bt86's default `--on-reboot stop` and QEMU's -no-reboot
+/// both end the run with status 0), and returns what the console showed. Panics with the
+/// console's tail if a step does not happen.
+fn console_session(who: &str, cmd: Command) -> SessionLog {
+    let fail = |e: ConsoleError| -> ! { panic!("{who}: {e}") };
+    let mut s = Session::spawn(cmd).unwrap_or_else(|e| fail(e));
+    s.wait_for(PROMPT, BOOT_TIMEOUT).unwrap_or_else(|e| fail(e));
+    let to_prompt = s.elapsed();
+    eprintln!("{who}: at the shell prompt after {to_prompt:.1?} (wall time)");
+    let mut outputs = Vec::new();
+    for command in SESSION {
+        let out = s
+            .run(command, PROMPT, COMMAND_TIMEOUT)
+            .unwrap_or_else(|e| fail(e));
+        outputs.push(out);
+    }
+    s.send("reboot -f\n").unwrap_or_else(|e| fail(e));
+    let ended = s.finish(COMMAND_TIMEOUT);
+    SessionLog {
+        who: who.to_string(),
+        outputs,
+        ended,
+        to_prompt,
+    }
+}
+
+/// The kernel release the fetched package holds ("linux-image-6.1.0-50-686" -> "6.1.0-50-686").
+fn kernel_release(guest: &Path) -> String {
+    let pkg = std::fs::read_to_string(guest.join("VERSION")).expect("the guest's VERSION file");
+    pkg.trim()
+        .strip_prefix("linux-image-")
+        .expect("VERSION names a linux-image package")
+        .to_string()
+}
+
+fn bt86_session_command(bin: &Path, guest: &Path, engine: &str) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--engine", engine, "--memory", "256"])
+        .arg("--kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initramfs.gz"))
+        .args(["--append", SESSION_APPEND]);
+    cmd
+}
+
+/// Console output the kernel prints when something went wrong: an oops, a BUG() or a WARN()
+/// (both print a call trace), and timer interrupts the kernel noticed were lost.
+const KERNEL_COMPLAINTS: &[&str] = &["Oops", "BUG", "Call Trace", "lost ticks"];
+
+/// Whether `line` contains `word` with no letter or digit on either side ("BUG" matches
+/// "BUG: unable to handle" and "kernel BUG at", not "DEBUG").
+fn has_word(line: &str, word: &str) -> bool {
+    line.match_indices(word).any(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        let after = line[at + word.len()..].chars().next();
+        !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+    })
+}
+
+#[test]
+fn kernel_complaints_are_matched_as_whole_words() {
+    assert!(has_word("[    1.0] BUG: unable to handle page fault", "BUG"));
+    assert!(has_word("kernel BUG at mm/slub.c:42!", "BUG"));
+    assert!(!has_word("ACPI BIOS Error (bug): A valid RSDP was not found", "BUG"));
+    assert!(!has_word("CONFIG_DEBUG_BUGVERBOSE", "BUG"));
+    assert!(has_word("[    0.0] Call Trace:", "Call Trace"));
+}
+
+/// Checks what the session must show on bt86, whatever the engine.
+fn check_bt86_session(log: &SessionLog, release: &str) {
+    let who = &log.who;
+    for o in &log.outputs {
+        assert_eq!(o.status, 0, "{who}: `{}` failed:\n{}", o.command, o.text);
+    }
+    let uname = &log.output("uname -a").text;
+    assert!(
+        uname.starts_with(&format!("Linux (none) {release} ")) && uname.contains(" i686 "),
+        "{who}: uname -a says {uname:?}; the fetched kernel is {release}"
+    );
+
+    // The CPU the interpreter's CPUID describes (vmm/src/interp/system.rs): a Pentium M,
+    // family 6 model 13 stepping 6, with the features it really implements.
+    let cpuinfo = &log.output("cat /proc/cpuinfo").text;
+    let field = |key: &str| {
+        cpuinfo
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == key).then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("{who}: no {key:?} in /proc/cpuinfo:\n{cpuinfo}"))
+    };
+    assert_eq!(field("vendor_id"), "GenuineIntel", "{who}");
+    assert_eq!(field("cpu family"), "6", "{who}");
+    assert_eq!(field("model"), "13", "{who}");
+    assert_eq!(field("stepping"), "6", "{who}");
+    let flags = field("flags");
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    for f in [
+        "fpu", "de", "pse", "tsc", "msr", "pae", "cx8", "sep", "pge", "cmov", "clflush", "mmx",
+        "fxsr", "sse", "sse2",
+    ] {
+        assert!(flags.contains(&f), "{who}: flag {f} missing from {flags:?}");
+    }
+
+    let forks = &log.output(SESSION[2]).text;
+    let mut seen: Vec<&str> = forks.lines().collect();
+    seen.sort_unstable();
+    let mut expected: Vec<String> = (1..=100).map(|i| format!("fork-{i}-ok")).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        seen, expected,
+        "{who}: the 100 forked shells did not each print their line once:\n{forks}"
+    );
+
+    // Each complaint with the line before it, which usually says what it is about.
+    let dmesg: Vec<&str> = log.output("dmesg").text.lines().collect();
+    let complaints: Vec<String> = (0..dmesg.len())
+        .filter(|&i| KERNEL_COMPLAINTS.iter().any(|w| has_word(dmesg[i], w)))
+        .map(|i| dmesg[i.saturating_sub(1)..=i].join("\n"))
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "{who}: the kernel log has complaints:\n{}",
+        complaints.join("\n")
+    );
+
+    let end = &log.ended;
+    assert!(
+        !end.timed_out && end.status == Some(0),
+        "{who}: after `reboot -f` bt86 should exit 0, got {:?} (timed out: {}); stderr: {}\n\
+         console tail:\n{}",
+        end.status,
+        end.timed_out,
+        end.stderr,
+        console::tail_of(&end.transcript)
+    );
+}
+
+/// The guest and the release binary, or None (printing why the test is skipped).
+fn session_prerequisites(test: &str) -> Option<(PathBuf, PathBuf)> {
+    match (debian_guest(), release_binary()) {
+        (Some(g), Some(b)) => Some((g, b)),
+        _ => {
+            eprintln!(
+                "SKIPPED {test}: needs scripts/fetch-guest.sh's guest and a release build of \
+                 bt86 (scripts/test.sh provides both)"
+            );
+            None
+        }
+    }
+}
+
+/// The session on bt, run once for the tests that need it.
+fn bt_session(guest: &Path, bin: &Path) -> &'static SessionLog {
+    static LOG: OnceLock<SessionLog> = OnceLock::new();
+    LOG.get_or_init(|| console_session("bt86 --engine bt", bt86_session_command(bin, guest, "bt")))
+}
+
+#[test]
+fn debian_shell_session_on_bt() {
+    let Some((guest, bin)) = session_prerequisites("debian_shell_session_on_bt") else {
+        return;
+    };
+    check_bt86_session(bt_session(&guest, &bin), &kernel_release(&guest));
+}
+
+#[test]
+fn debian_shell_session_on_interp() {
+    let Some((guest, bin)) = session_prerequisites("debian_shell_session_on_interp") else {
+        return;
+    };
+    let log = console_session(
+        "bt86 --engine interp",
+        bt86_session_command(&bin, &guest, "interp"),
+    );
+    check_bt86_session(&log, &kernel_release(&guest));
+}
+
+/// QEMU's CPU for the comparison, made as close to bt86's CPUID as QEMU allows: a Pentium III
+/// base relabelled family 6 model 13 stepping 6 with SSE2 and CLFLUSH (the Pentium M bt86
+/// advertises), without what bt86's CPU does not report (machine check, MTRRs, PSE-36, the
+/// hypervisor bit), the same highest basic leaf and no brand string. Its local APIC is off in
+/// CPUID, so the kernel runs on the 8259 under both.
+const QEMU_CPU: &str = "pentium3,family=6,model=13,stepping=6,+sse2,+clflush,-mce,-mca,-mtrr,\
+                        -pse36,-apic,-hypervisor,level=2,model-id=";
+
+/// /proc/cpuinfo lines whose values are allowed to differ between bt86 and QEMU, and why.
+const CPUINFO_DIFFERENCES: &[(&str, &str)] = &[
+    // Measured by the kernel against each machine's timers (and bt86's guest cannot calibrate
+    // its TSC yet: "tsc: Unable to calibrate against PIT", so it shows 0.000).
+    ("cpu MHz", "measured"),
+    ("bogomips", "measured"),
+    // QEMU answers IA32_BIOS_SIGN_ID with microcode revision 1; bt86 with 0, and the kernel
+    // leaves the line out.
+    ("microcode", "emulator-specific MSR value"),
+    // Decoded from CPUID leaf 2's cache descriptors, which each emulator fills differently.
+    ("cache size", "emulator-specific CPUID leaf 2"),
+];
+
+/// Flags allowed to differ, and why: none but the local APIC, which QEMU's CPU has turned off
+/// above and bt86 reports once its local APIC exists.
+const FLAG_DIFFERENCES: &[&str] = &["apic"];
+
+/// `text` with the lines of `CPUINFO_DIFFERENCES` taken out and the flags line reduced to the
+/// flags both must share.
+fn comparable_cpuinfo(text: &str) -> String {
+    text.lines()
+        .filter_map(|l| {
+            let key = l.split(':').next().unwrap_or("").trim();
+            if CPUINFO_DIFFERENCES.iter().any(|(k, _)| *k == key) {
+                return None;
+            }
+            if key == "flags" {
+                let (k, v) = l.split_once(':')?;
+                let kept: Vec<&str> = v
+                    .split_whitespace()
+                    .filter(|f| !FLAG_DIFFERENCES.contains(f))
+                    .collect();
+                return Some(format!("{k}: {}", kept.join(" ")));
+            }
+            Some(l.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A command's output as the comparison sees it: the forked shells print in whatever order
+/// they are scheduled, so their lines are sorted; `dmesg` is not compared (each machine's boot
+/// log describes its own firmware and devices — QEMU's has ACPI tables, an HPET, PCI devices
+/// bt86 does not have — and every line carries a timestamp); the rest must agree byte for byte.
+fn comparable(o: &Output) -> Option<String> {
+    match o.command.as_str() {
+        "dmesg" => None,
+        "cat /proc/cpuinfo" => Some(comparable_cpuinfo(&o.text)),
+        c if c == SESSION[2] => {
+            let mut lines: Vec<&str> = o.text.lines().collect();
+            lines.sort_unstable();
+            Some(lines.join("\n"))
+        }
+        _ => Some(o.text.clone()),
+    }
+}
+
+#[test]
+fn debian_shell_session_on_bt_matches_qemu() {
+    let test = "debian_shell_session_on_bt_matches_qemu";
+    let Some((guest, bin)) = session_prerequisites(test) else {
+        return;
+    };
+    let Some(qemu) = qemu_binary() else {
+        eprintln!("SKIPPED {test}: qemu-system-i386 is not installed (run scripts/setup.sh)");
+        return;
+    };
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", "tcg", "-M", "pc", "-cpu", QEMU_CPU, "-m", "256"])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(guest.join("initramfs.gz"))
+        .args(["-append", SESSION_APPEND]);
+    let reference = console_session("qemu-system-i386 -accel tcg", cmd);
+    let ours = bt_session(&guest, &bin);
+    for (q, b) in reference.outputs.iter().zip(&ours.outputs) {
+        assert_eq!(q.status, b.status, "`{}`: exit status", q.command);
+        assert_eq!(
+            comparable(b),
+            comparable(q),
+            "`{}` printed differently under bt86 (left) and QEMU (right)",
+            q.command
+        );
+    }
+    assert_eq!(
+        reference.ended.status,
+        Some(0),
+        "QEMU after `reboot -f` (-no-reboot)"
+    );
+    assert_eq!(ours.ended.status, Some(0), "bt86 after `reboot -f`");
+    eprintln!(
+        "wall time to the shell prompt: bt {:.1?}, qemu-tcg {:.1?}",
+        ours.to_prompt, reference.to_prompt
+    );
+}
+
 
 // ---- The PC platform under Debian's kernel: ACPI, power-off, the APICs ----------------------
 

@@ -79,12 +79,14 @@ pub mod cr4 {
     pub const PAE: u32 = 1 << 5;
     /// Page global enable.
     pub const PGE: u32 = 1 << 7;
+    /// Performance-monitoring counter enable: RDPMC works at every privilege level.
+    pub const PCE: u32 = 1 << 8;
     /// The OS saves SSE state with FXSAVE: SSE instructions are allowed.
     pub const OSFXSR: u32 = 1 << 9;
     /// The OS handles #XM: unmasked SIMD floating-point exceptions are #XM, not #UD.
     pub const OSXMMEXCPT: u32 = 1 << 10;
     /// The bits this CPU model implements; setting any other is #GP.
-    pub const SUPPORTED: u32 = TSD | DE | PSE | PAE | PGE | OSFXSR | OSXMMEXCPT;
+    pub const SUPPORTED: u32 = TSD | DE | PSE | PAE | PGE | PCE | OSFXSR | OSXMMEXCPT;
 }
 
 /// Index of a segment register in [`CpuState::seg`], in encoding order.

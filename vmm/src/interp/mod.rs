@@ -9,6 +9,7 @@
 //! message naming it (it is never turned into a silent #UD).
 
 pub mod alu;
+mod decode_cache;
 mod fpu;
 mod ops;
 pub mod snippet;
@@ -204,6 +205,8 @@ pub struct Interp {
     tsc_tape: Option<(bool, TscTape)>,
     /// Lockstep: the EFLAGS bits the instructions since the last look left undefined.
     undefined_flags: Option<u32>,
+    /// Instructions decoded before, by address.
+    decoded: RefCell<decode_cache::DecodeCache>,
 }
 
 /// TSC values one interpreter read, for another to replay: the lockstep mode gives both
@@ -276,6 +279,7 @@ impl Interp {
             fpu: fpu::FpuUnit::default(),
             tsc_tape: None,
             undefined_flags: None,
+            decoded: RefCell::default(),
         }
     }
 
@@ -1233,10 +1237,14 @@ impl Interp {
                 Err(f) => second_fault = Some(f),
             }
         }
+        let eip = self.cpu.eip;
+        if let Some(ins) = self.decoded.borrow().get(eip, bitness, &bytes[..avail]) {
+            return Ok(ins);
+        }
         let mut d = Decoder::with_ip(
             bitness,
             &bytes[..avail],
-            u64::from(self.cpu.eip),
+            u64::from(eip),
             DecoderOptions::NONE,
         );
         let ins = d.decode();
@@ -1253,6 +1261,9 @@ impl Interp {
                 Err(Fault::Exception(vector::UD, None))
             };
         }
+        self.decoded
+            .borrow_mut()
+            .put(eip, bitness, &bytes[..avail], ins);
         Ok(ins)
     }
 
@@ -2567,6 +2578,37 @@ mod tests {
         i.set_ignne(true);
         assert_eq!(i.run(&mut p), Ok(VmExit::Io));
         assert!(!i.ferr(), "FNCLEX cleared the error");
+    }
+
+    #[test]
+    fn rdpmc_reads_the_two_p6_counters_and_faults_on_any_other() {
+        // SDM: WRMSR to PerfCtr0/1 writes the low 32 bits, sign-extended to the counter's 40;
+        // RDPMC returns all 40 with EDX holding bits 39-32; ECX other than 0 or 1 is #GP(0).
+        let (mut i, mut p) = machine(
+            |a, handler| {
+                a.mov(ecx, 0xC2u32)?;
+                a.mov(eax, 0x8000_0005u32)?;
+                a.mov(edx, 0x1234u32)?;
+                a.wrmsr()?;
+                a.mov(ecx, 1u32)?;
+                a.rdpmc()?;
+                a.out(0x80, eax)?;
+                a.mov(eax, edx)?;
+                a.out(0x80, eax)?;
+                a.mov(ecx, 2u32)?;
+                a.rdpmc()?;
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                a.set_label(handler)?;
+                a.mov(eax, 0x6Du32)?;
+                a.out(0x80, eax)?;
+                a.out(0xF4, al)?;
+                a.hlt()?;
+                Ok(())
+            },
+            &[(13, 0x8E)],
+        );
+        assert_eq!(run_to_exit(&mut i, &mut p), [0x8000_0005, 0xFF, 0x6D]);
     }
 
     #[test]

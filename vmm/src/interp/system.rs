@@ -64,6 +64,9 @@ const MSRS: &[(u32, u64)] = &[
     (0x2FF, 0),                     // MTRRdefType
 ];
 
+/// The width of the P6 performance counters PerfCtr0/1: 40 bits.
+const PERFCTR_MASK: u64 = (1 << 40) - 1;
+
 fn msr_exists(index: u32) -> bool {
     MSRS.iter().any(|(i, _)| *i == index)
         || (0x200..=0x20F).contains(&index) // variable-range MTRRs
@@ -313,6 +316,23 @@ impl Interp {
                 self.cpu.gpr[0] = t as u32;
                 self.cpu.gpr[2] = (t >> 32) as u32;
             }
+            M::Rdpmc => {
+                // SDM, RDPMC: CPL 0 (or CR4.PCE) may read; a P6 has two 40-bit counters,
+                // PerfCtr0/1 (MSRs 0xC1/0xC2), selected by ECX = 0 or 1; anything else is #GP(0).
+                // Linux's p6 PMU driver reads them this way when it stops a perf event. The
+                // counters hold what was written and do not count events.
+                if self.cpu.cr4 & cr4::PCE == 0 && self.cpu.cpl() != 0 {
+                    return gp0();
+                }
+                let index = match self.cpu.gpr[1] {
+                    0 => 0xC1,
+                    1 => 0xC2,
+                    _ => return gp0(),
+                };
+                let v = self.cpu.msrs.get(&index).copied().unwrap_or(0) & PERFCTR_MASK;
+                self.cpu.gpr[0] = v as u32;
+                self.cpu.gpr[2] = (v >> 32) as u32;
+            }
             M::Rdmsr | M::Wrmsr => {
                 self.require_cpl0()?;
                 let index = self.cpu.gpr[1];
@@ -337,6 +357,10 @@ impl Interp {
                         // Writes set the counter; P6 writes only the low 32 bits, zeroing the rest.
                         let now = self.tsc().wrapping_sub(self.tsc_offset);
                         self.tsc_offset = (v & 0xFFFF_FFFF).wrapping_sub(now);
+                    } else if matches!(index, 0xC1 | 0xC2) {
+                        // P6 performance counters take the low 32 bits, sign-extended to 40.
+                        let v = i64::from(self.cpu.gpr[0] as i32) as u64 & PERFCTR_MASK;
+                        self.cpu.msrs.insert(index, v);
                     } else {
                         self.cpu.msrs.insert(index, v);
                     }
