@@ -318,9 +318,15 @@ fn has_word(line: &str, word: &str) -> bool {
 
 #[test]
 fn kernel_complaints_are_matched_as_whole_words() {
-    assert!(has_word("[    1.0] BUG: unable to handle page fault", "BUG"));
+    assert!(has_word(
+        "[    1.0] BUG: unable to handle page fault",
+        "BUG"
+    ));
     assert!(has_word("kernel BUG at mm/slub.c:42!", "BUG"));
-    assert!(!has_word("ACPI BIOS Error (bug): A valid RSDP was not found", "BUG"));
+    assert!(!has_word(
+        "ACPI BIOS Error (bug): A valid RSDP was not found",
+        "BUG"
+    ));
     assert!(!has_word("CONFIG_DEBUG_BUGVERBOSE", "BUG"));
     assert!(has_word("[    0.0] Call Trace:", "Call Trace"));
 }
@@ -541,7 +547,6 @@ fn debian_shell_session_on_bt_matches_qemu() {
         ours.to_prompt, reference.to_prompt
     );
 }
-
 
 // ---- The PC platform under Debian's kernel: ACPI, power-off, the APICs ----------------------
 

@@ -293,21 +293,6 @@ impl Interp {
                 self.cpu.gpr[1] = c;
                 self.cpu.gpr[2] = d;
             }
-            M::Rdpmc => {
-                // P6: counters 0 and 1 (PERFCTR0/1), 40 bits wide; CR4.PCE opens it to CPL > 0.
-                // The counters hold what was written to them: no event this CPU reports ever
-                // occurs (IA32_MISC_ENABLE says performance monitoring is unavailable).
-                if self.cpu.cr4 & (1 << 8) == 0 && self.cpu.cpl() != 0 {
-                    return gp0();
-                }
-                let index = self.cpu.gpr[1];
-                if index > 1 {
-                    return gp0();
-                }
-                let v = self.cpu.msrs.get(&(0xC1 + index)).copied().unwrap_or(0) & 0xFF_FFFF_FFFF;
-                self.cpu.gpr[0] = v as u32;
-                self.cpu.gpr[2] = (v >> 32) as u32;
-            }
             M::Rdtsc => {
                 if self.cpu.cr4 & (1 << 2) != 0 && self.cpu.cpl() != 0 {
                     return gp0();
