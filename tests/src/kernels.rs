@@ -4,6 +4,7 @@
 use iced_x86::code_asm::*;
 
 mod alignment;
+mod apic;
 pub mod disk;
 mod modes;
 mod sensitive;
@@ -248,6 +249,12 @@ pub const CATALOG: &[Entry] = &[
         name: "shadow-user",
         about: "a ring-3 process: read-only, supervisor and 4 MiB supervisor pages fault; copy-on-write; a WP=0 kernel write",
         build: crate::mmu_kernels::shadow_user,
+        firmware: false,
+    },
+    Entry {
+        name: "apic",
+        about: "local APIC and IOAPIC: TPR masking of self-IPIs, LAPIC timer one-shot and periodic, the PIT through IOAPIC pin 2, a level-triggered SCI with remote IRR and EOI",
+        build: apic::apic,
         firmware: false,
     },
     Entry {

@@ -649,3 +649,60 @@ fn debian_kernel_finds_the_acpi_tables_and_powers_off_on_bt() {
         "bt86 should exit 0 on power-off; last lines:\n{last}"
     );
 }
+
+#[test]
+fn debian_kernel_uses_the_local_apic_and_the_ioapic_on_bt() {
+    let (Some(guest), Some(bin)) = (debian_guest(), release_binary()) else {
+        eprintln!(
+            "skipped: needs scripts/fetch-guest.sh's guest and a release build of bt86 \
+             (scripts/test.sh provides both)"
+        );
+        return;
+    };
+    // No "lapic"/"noapic" options: the kernel finds the APICs in the MADT and CPUID, as on a
+    // PC. busybox as init powers off once the boot is done.
+    let (status, console) = boot_debian(
+        &guest,
+        &bin,
+        "bt",
+        "console=ttyS0 rdinit=/bin/busybox poweroff -f",
+        Duration::from_secs(10 * 60),
+    );
+    let last = tail(&console, 30);
+    for want in [
+        "ACPI: LAPIC_NMI (acpi_id[0xff] dfl dfl lint[0x1])",
+        "IOAPIC[0]: apic_id 1, version 17, address 0xfec00000, GSI 0-23",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 9 global_irq 9 high level)",
+        "APIC: Switch to symmetric I/O mode setup",
+        // check_timer() found the 8254 on IOAPIC pin 2 on its first try.
+        "..TIMER: vector=0x30 apic1=0 pin1=2 apic2=-1 pin2=-1",
+        "ACPI: Using IOAPIC for interrupt routing",
+        "serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A",
+        "reboot: Power down",
+    ] {
+        assert!(
+            console.contains(want),
+            "console never showed {want:?}; last lines:\n{last}"
+        );
+    }
+    for bad in [
+        "Local APIC disabled by BIOS",
+        "Keep in PIC mode",
+        "MP-BIOS bug",
+        "lost ticks",
+        "APIC error",
+        "spurious APIC interrupt",
+        "Kernel panic",
+    ] {
+        assert!(
+            !console.contains(bad),
+            "console showed {bad:?}; last lines:\n{last}"
+        );
+    }
+    assert_eq!(
+        status,
+        Some(0),
+        "bt86 should exit 0 on power-off; last lines:\n{last}"
+    );
+}

@@ -389,3 +389,35 @@ fn fpu_results_and_exceptions_match_qemu() {
         assert_eq!(ours.status, Some((0x1C << 1) | 1), "fpu-sdm on {engine}");
     }
 }
+
+#[test]
+fn local_apic_and_ioapic_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kit_kernel(dir.path(), "apic");
+    let guest = Guest::kernel(dir.path(), &k);
+    let Some((_, ours)) = compare_on("apic", &guest, &interrupt_engines()) else {
+        return;
+    };
+    let text = ours.serial_text();
+    // The SDM's priority rules: TPR 0x60 lets class 7 through and holds class 5 in IRR.
+    assert!(text.contains("irr.0x40-0x5f=00020000"), "{text}");
+    assert!(text.contains("taken.with.tpr.0x60=00000071"), "{text}");
+    assert!(text.contains("taken.after.tpr.0=00005171"), "{text}");
+    assert!(text.contains("one-shot.current-count=00000000"), "{text}");
+    assert!(text.contains("lapic-timer.interrupts=00000006"), "{text}");
+    assert!(
+        text.contains("pit-through-pin2.interrupts=00000005"),
+        "{text}"
+    );
+    assert!(text.contains("through-8259.interrupts=00000000"), "{text}");
+    // The level SCI: sent again while still active after the first EOI, remote IRR and the
+    // TMR bit set in both handlers, remote IRR clear after the last EOI.
+    assert!(text.contains("sci.interrupts=00000002"), "{text}");
+    assert!(
+        text.contains("sci.remote-irr-in-service=00000002"),
+        "{text}"
+    );
+    assert!(text.contains("sci.tmr-in-service=00000002"), "{text}");
+    assert!(text.contains("sci.entry-after-eoi=00008070"), "{text}");
+    assert_eq!(ours.status, Some(0x83));
+}

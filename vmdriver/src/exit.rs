@@ -37,6 +37,18 @@ pub trait IoHandler {
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]);
     /// A write to guest-physical `addr` that is not backed by RAM (or is ROM).
     fn mmio_write(&mut self, addr: u64, data: &[u8]);
+    /// RDMSR of a model-specific register that belongs to a platform device rather than the
+    /// CPU core (IA32_APIC_BASE: the local APIC). `None` if the platform has no such register.
+    fn msr_read(&mut self, index: u32) -> Option<u64> {
+        let _ = index;
+        None
+    }
+    /// WRMSR of such a register: `Some(true)` if taken, `Some(false)` if the value is invalid
+    /// (the WRMSR raises #GP), `None` if the platform has no such register.
+    fn msr_write(&mut self, index: u32, value: u64) -> Option<bool> {
+        let _ = (index, value);
+        None
+    }
 }
 
 /// The general registers and the few system registers that explain where a guest is.

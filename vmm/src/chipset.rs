@@ -13,7 +13,6 @@ use vmdriver::GuestMemory;
 
 use crate::block::{BlockBackend, BlockError, BlockQueue, IoNotifier};
 use crate::bus::{Bus, BusError};
-use crate::devices::IrqLine;
 use crate::devices::ide::{
     COMMAND_PORTS, DriveConfig, Ide, IdePortKind, IdePorts, Media, PRIMARY_COMMAND,
     PRIMARY_CONTROL, PRIMARY_IRQ, PiixIde, SECONDARY_COMMAND, SECONDARY_CONTROL, SECONDARY_IRQ,
@@ -23,7 +22,7 @@ use crate::devices::pci::{
     BarChanges, CONFIG_ADDRESS_PORT, CONFIG_PORTS, PciBus, PciConfigPorts, PlainFunction,
     SharedPciBus,
 };
-use crate::devices::pic::Pic;
+use crate::devices::{IrqChips, IrqLine};
 
 /// Where a drive sits on the IDE controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +106,7 @@ impl Chipset {
     pub fn install(
         pio: &mut Bus,
         memory: Arc<GuestMemory>,
-        pic: &Arc<Mutex<Pic>>,
+        chips: &IrqChips,
         drives: Vec<DriveSpec>,
     ) -> Result<Self, ChipsetError> {
         let notifier = IoNotifier::new();
@@ -123,8 +122,8 @@ impl Chipset {
             });
         }
         let irqs = [
-            IrqLine::wired(PRIMARY_IRQ, pic.clone()),
-            IrqLine::wired(SECONDARY_IRQ, pic.clone()),
+            IrqLine::wired(PRIMARY_IRQ, chips),
+            IrqLine::wired(SECONDARY_IRQ, chips),
         ];
         let ide = Arc::new(Mutex::new(Ide::new(memory, irqs.clone(), slots)));
         let bar_changes = BarChanges::new();

@@ -42,7 +42,14 @@ pub const CORRUPT_VAR: &str = "BT86_LOCKSTEP_CORRUPT";
 /// Bytes of guest memory compared at a time.
 const CHUNK: usize = 1 << 16;
 
-/// One device access, as bt made it.
+/// Marks an [`Access`] address as a platform MSR's index (`addr` is otherwise a port or a
+/// guest-physical address, both below this bit).
+const MSR_SPACE: u64 = 1 << 40;
+
+/// One device access, as bt made it. A platform MSR access is a port-space access at
+/// `MSR_SPACE | index` whose data is the value (reads: empty when the platform has no such
+/// register; writes: the value then the platform's answer, 0 #GP, 1 taken, 2 not the
+/// platform's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Access {
     /// True for MMIO, false for ports.
@@ -55,7 +62,13 @@ struct Access {
 impl std::fmt::Display for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (space, dir) = (
-            if self.mmio { "MMIO" } else { "port" },
+            if self.mmio {
+                "MMIO"
+            } else if self.addr & MSR_SPACE != 0 {
+                "MSR"
+            } else {
+                "port"
+            },
             if self.write { "write" } else { "read" },
         );
         write!(f, "{space} {dir} at {:#x} of {:02x?}", self.addr, self.data)
@@ -95,6 +108,19 @@ impl IoHandler for Recorder<'_> {
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         self.io.mmio_write(addr, data);
         self.note(true, true, addr, data);
+    }
+    fn msr_read(&mut self, index: u32) -> Option<u64> {
+        let v = self.io.msr_read(index);
+        let data = v.map_or(Vec::new(), |v| v.to_le_bytes().to_vec());
+        self.note(false, false, MSR_SPACE | u64::from(index), &data);
+        v
+    }
+    fn msr_write(&mut self, index: u32, value: u64) -> Option<bool> {
+        let taken = self.io.msr_write(index, value);
+        let mut data = value.to_le_bytes().to_vec();
+        data.push(taken.map_or(2, u8::from));
+        self.note(false, true, MSR_SPACE | u64::from(index), &data);
+        taken
     }
 }
 
@@ -166,6 +192,35 @@ impl IoHandler for Replayer<'_> {
     }
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         self.next(true, true, addr, &mut data.to_vec());
+    }
+    fn msr_read(&mut self, index: u32) -> Option<u64> {
+        let addr = MSR_SPACE | u64::from(index);
+        match self.log.front() {
+            Some(a) if !a.mmio && !a.write && a.addr == addr => {
+                let a = self.log.pop_front()?;
+                let bytes: [u8; 8] = a.data.as_slice().try_into().ok()?;
+                Some(u64::from_le_bytes(bytes))
+            }
+            _ => {
+                self.next(false, false, addr, &mut []);
+                None
+            }
+        }
+    }
+    fn msr_write(&mut self, index: u32, value: u64) -> Option<bool> {
+        let addr = MSR_SPACE | u64::from(index);
+        match self.log.front() {
+            Some(a)
+                if !a.mmio && a.write && a.addr == addr && a.data[..8] == value.to_le_bytes() =>
+            {
+                let taken = self.log.pop_front()?.data[8];
+                (taken != 2).then_some(taken == 1)
+            }
+            _ => {
+                self.next(false, true, addr, &mut value.to_le_bytes().to_vec());
+                None
+            }
+        }
     }
 }
 

@@ -14,7 +14,6 @@ use crate::acpi::{self, AcpiConfig, RSDP_ADDR};
 use crate::bus::{Bus, BusError, DeviceStats};
 use crate::chipset::{Chipset, ChipsetError, DriveSpec, DriveStats};
 use crate::control::{StopRequest, VmControl};
-use crate::devices::IrqLine;
 use crate::devices::acpi_pm::{
     AcpiPm, AcpiPmBlock, AcpiPmPorts, PM_TMR_PORT, PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS,
     PM1A_EVT_PORT, SCI_IRQ,
@@ -25,15 +24,17 @@ use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg};
 use crate::devices::i8042::{
     AUX_IRQ, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042Port, KEYBOARD_IRQ,
 };
+use crate::devices::lapic::MSR_APIC_BASE;
 use crate::devices::pic::{Pic, PicPortKind, PicPorts};
 use crate::devices::pit::{Clock, HostClock, PIT_PORT, PORT_B, Pit, PitPorts};
 use crate::devices::post::{POST_PORT, PostCode};
 use crate::devices::rtc::{RTC_IRQ, RTC_PORT, Rtc, RtcPorts};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, SharedUart, Uart};
+use crate::devices::{Apics, IoApicMmio, IrqChips, IrqLine};
 use crate::engine::{self, Engine, EngineError, EngineKind};
 use crate::loader::linux::{self, LinuxError, LinuxImage};
 use crate::loader::multiboot::{self, BOOTLOADER_MAGIC, BootModule, MultibootError};
-use crate::platform::{FIRMWARE_TABLES_SIZE, e820_map};
+use crate::platform::{FIRMWARE_TABLES_SIZE, IOAPIC_BASE, IOAPIC_ID, e820_map};
 
 /// Guest-physical address of the GDT bt86 provides for a multiboot entry: the start of the
 /// firmware area's alias below 1 MiB (read-only, outside usable RAM, like QEMU's option ROM).
@@ -190,10 +191,25 @@ pub struct VmStats {
     pub drives: Vec<DriveStats>,
 }
 
-/// The port and MMIO buses, as the engines see them.
+/// The port and MMIO buses and the local APIC, as the engines see them.
 struct Buses<'a> {
     pio: &'a mut Bus,
     mmio: &'a mut Bus,
+    apics: &'a Mutex<Apics>,
+    clock: &'a HostClock,
+}
+
+impl Buses<'_> {
+    fn apics(&self) -> std::sync::MutexGuard<'_, Apics> {
+        self.apics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The offset in the local APIC's register page, if `addr` is in it while it is enabled
+    /// (the page moves with IA32_APIC_BASE and goes away with its global enable).
+    fn lapic_offset(&self, addr: u64) -> Option<u64> {
+        let base = self.apics().lapic.mmio_base()?;
+        (addr & !0xFFF == base).then_some(addr & 0xFFF)
+    }
 }
 
 impl IoHandler for Buses<'_> {
@@ -204,10 +220,26 @@ impl IoHandler for Buses<'_> {
         self.pio.write(u64::from(port), data);
     }
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        if let Some(offset) = self.lapic_offset(addr) {
+            let now = self.clock.now_ns();
+            self.apics().lapic_read(offset, data, now);
+            return;
+        }
         self.mmio.read(addr, data);
     }
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        if let Some(offset) = self.lapic_offset(addr) {
+            let now = self.clock.now_ns();
+            self.apics().lapic_write_bytes(offset, data, now);
+            return;
+        }
         self.mmio.write(addr, data);
+    }
+    fn msr_read(&mut self, index: u32) -> Option<u64> {
+        (index == MSR_APIC_BASE).then(|| self.apics().lapic.base_msr())
+    }
+    fn msr_write(&mut self, index: u32, value: u64) -> Option<bool> {
+        (index == MSR_APIC_BASE).then(|| self.apics().lapic.write_base_msr(value))
     }
 }
 
@@ -219,6 +251,8 @@ pub struct Vm {
     control: VmControl,
     irqs: Vec<IrqLine>,
     pic: Arc<Mutex<Pic>>,
+    apics: Arc<Mutex<Apics>>,
+    chips: IrqChips,
     pit: Arc<Mutex<Pit>>,
     rtc: Arc<Mutex<Rtc>>,
     rtc_irq: IrqLine,
@@ -251,11 +285,16 @@ impl Vm {
         let pic = Arc::new(Mutex::new(Pic::new()));
         let pit = Arc::new(Mutex::new(Pit::new()));
         let clock = Arc::new(HostClock::new());
-        let com1_irq = IrqLine::wired(COM1_IRQ, pic.clone());
-        let rtc_irq = IrqLine::wired(RTC_IRQ, pic.clone());
-        let keyboard_irq = IrqLine::wired(KEYBOARD_IRQ, pic.clone());
-        let aux_irq = IrqLine::wired(AUX_IRQ, pic.clone());
-        let sci = IrqLine::wired(SCI_IRQ, pic.clone());
+        let apics = Arc::new(Mutex::new(Apics::new(IOAPIC_ID)));
+        let chips = IrqChips {
+            pic: pic.clone(),
+            apics: apics.clone(),
+        };
+        let com1_irq = IrqLine::wired(COM1_IRQ, &chips);
+        let rtc_irq = IrqLine::wired(RTC_IRQ, &chips);
+        let keyboard_irq = IrqLine::wired(KEYBOARD_IRQ, &chips);
+        let aux_irq = IrqLine::wired(AUX_IRQ, &chips);
+        let sci = IrqLine::wired(SCI_IRQ, &chips);
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -363,7 +402,14 @@ impl Vm {
             )?;
         }
 
-        let chipset = Chipset::install(&mut pio, memory.clone(), &pic, config.drives)?;
+        let chipset = Chipset::install(&mut pio, memory.clone(), &chips, config.drives)?;
+        let mut mmio = Bus::new();
+        mmio.insert(
+            u64::from(IOAPIC_BASE),
+            0x1000,
+            "ioapic",
+            Box::new(IoApicMmio(apics.clone())),
+        )?;
         chipset
             .pci()
             .lock()
@@ -385,7 +431,7 @@ impl Vm {
             let tables = acpi::build(&AcpiConfig {
                 ram_bytes: layout.ram_bytes(),
                 tables_base: tables_base as u32,
-                apic: false,
+                apic: true,
             });
             memory.write(tables_base, &tables.area)?;
             memory.write(u64::from(RSDP_ADDR), &tables.rsdp)
@@ -467,10 +513,12 @@ impl Vm {
         Ok(Self {
             memory,
             pio,
-            mmio: Bus::new(),
+            mmio,
             control,
             irqs,
             pic,
+            apics,
+            chips,
             pit,
             rtc,
             rtc_irq,
@@ -506,6 +554,8 @@ impl Vm {
             let mut buses = Buses {
                 pio: &mut self.pio,
                 mmio: &mut self.mmio,
+                apics: &self.apics,
+                clock: &self.clock,
             };
             let exit = self.engine.run(&mut buses)?;
             self.sync_ferr();
@@ -560,10 +610,7 @@ impl Vm {
         let irq = ferr && !ignne;
         if irq != self.irq13 {
             self.irq13 = irq;
-            self.pic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_irq(13, irq);
+            self.chips.set_irq(13, irq);
         }
         self.engine.set_ignne(ignne);
     }
@@ -636,11 +683,13 @@ impl Vm {
             .update(now);
         if fired {
             self.stats.timer_ticks += 1;
-            self.pic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pulse_irq(0);
+            self.chips.pulse_irq(0);
         }
+        self.apics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lapic
+            .update(now);
         let rtc_fired = self
             .rtc
             .lock()
@@ -657,7 +706,8 @@ impl Vm {
         self.sci.set_level(sci);
     }
 
-    /// The earliest time any timer device (PIT, RTC, the PM timer's overflow) can next interrupt, if one is armed.
+    /// The earliest time any timer device (PIT, RTC, the PM timer's overflow, the local APIC
+    /// timer) can next interrupt, if one is armed.
     fn next_timer_deadline(&self) -> Option<u64> {
         let pit = self
             .pit
@@ -674,7 +724,13 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .next_deadline(self.clock.now_ns());
-        [pit, rtc, pm].into_iter().flatten().min()
+        let lapic = self
+            .apics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lapic
+            .next_deadline();
+        [pit, rtc, pm, lapic].into_iter().flatten().min()
     }
 
     /// Services timers and, when the engine can take one, delivers a pending interrupt.
@@ -684,27 +740,20 @@ impl Vm {
         }
         self.update_timers();
         if !self.engine.interrupt_window() {
-            if self
-                .pic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .has_interrupt()
-            {
+            if self.interrupt_pending() {
                 self.engine.request_interrupt_window();
             }
             return Ok(None);
         }
-        let vector = {
-            let mut pic = self.pic.lock().unwrap_or_else(|e| e.into_inner());
-            if !pic.has_interrupt() {
-                return Ok(None);
-            }
-            pic.acknowledge()
+        let Some(vector) = self.acknowledge_interrupt() else {
+            return Ok(None);
         };
         self.stats.interrupts_injected += 1;
         let mut buses = Buses {
             pio: &mut self.pio,
             mmio: &mut self.mmio,
+            apics: &self.apics,
+            clock: &self.clock,
         };
         match self.engine.inject_interrupt(vector, &mut buses)? {
             Some(VmExit::Shutdown) => {
@@ -717,6 +766,34 @@ impl Vm {
         }
     }
 
+    /// Whether a maskable interrupt is waiting for the CPU: a deliverable vector in the local
+    /// APIC, or the 8259's INTR where it reaches the CPU (LINT0 in ExtINT mode, or the APIC
+    /// globally disabled).
+    fn interrupt_pending(&self) -> bool {
+        let apics = self.apics.lock().unwrap_or_else(|e| e.into_inner());
+        apics.lapic.pending().is_some()
+            || (apics.lapic.pic_routed()
+                && self
+                    .pic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .has_interrupt())
+    }
+
+    /// The interrupt acknowledge cycle: the local APIC's vector first (QEMU orders them the
+    /// same way), else the 8259's through the ExtINT path.
+    fn acknowledge_interrupt(&self) -> Option<u8> {
+        let mut apics = self.apics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = apics.lapic.acknowledge() {
+            return Some(v);
+        }
+        if !apics.lapic.pic_routed() {
+            return None;
+        }
+        let mut pic = self.pic.lock().unwrap_or_else(|e| e.into_inner());
+        pic.has_interrupt().then(|| pic.acknowledge())
+    }
+
     /// Sleeps while the CPU is halted, until an interrupt is pending. Returns false if no
     /// interrupt can ever arrive (no timer armed, no disk I/O under way), so the halt is final.
     fn wait_for_interrupt(&mut self) -> bool {
@@ -724,12 +801,7 @@ impl Vm {
         let woke = loop {
             self.chipset.service(&mut self.pio);
             self.update_timers();
-            if self
-                .pic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .has_interrupt()
-            {
+            if self.interrupt_pending() {
                 break true;
             }
             if self.control.pending().is_some() {

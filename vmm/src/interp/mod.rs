@@ -199,6 +199,9 @@ pub struct Interp {
     trap_suppressed: bool,
     /// Data breakpoints (DR0-DR3, as DR6 B bits) the current instruction has hit.
     data_hits: Cell<u32>,
+    /// Whether the current instruction touched device memory (it then exits to the VM like a
+    /// port access, so that an interrupt controller's new state is looked at right away).
+    device_access: Cell<bool>,
     /// The floating-point unit's engine state (host FPU executor, FERR#/IGNNE#).
     fpu: fpu::FpuUnit,
     /// Lockstep: TSC reads recorded to (false) or replayed from (true) a shared tape.
@@ -276,6 +279,7 @@ impl Interp {
             shadow: Shadow::default(),
             trap_suppressed: false,
             data_hits: Cell::new(0),
+            device_access: Cell::new(false),
             fpu: fpu::FpuUnit::default(),
             tsc_tape: None,
             undefined_flags: None,
@@ -501,6 +505,7 @@ impl Interp {
             return Ok((self.raise(vector::DB, None, io)?, false));
         }
         self.data_hits.set(0);
+        self.device_access.set(false);
         let single_step = self.cpu.eflags & flags::TF != 0;
         let delayed = std::mem::take(&mut self.shadow);
         self.trap_suppressed = false;
@@ -523,6 +528,7 @@ impl Interp {
                         return Ok((Some(shutdown), true));
                     }
                 }
+                let exit = exit.or_else(|| self.device_access.get().then_some(VmExit::Io));
                 Ok((exit, true))
             }
             Err(Fault::Exception(v, code)) => {
@@ -592,6 +598,7 @@ impl Interp {
             return;
         }
         let backed = |a: u64| self.memory.layout().region_of(a & 0xFFFF_FFFF, 1).is_some();
+        self.device_access.set(true);
         if !(0..buf.len()).any(|i| backed(addr + i as u64)) {
             // Entirely device memory: one access of the full width, as the CPU makes it.
             io.mmio_read(addr, buf);
@@ -618,6 +625,7 @@ impl Interp {
             let _ = self.memory.write(addr, data);
             return;
         }
+        self.device_access.set(true);
         if !(0..data.len()).any(|i| ram((addr + i as u64) & 0xFFFF_FFFF, 1)) {
             // Entirely outside RAM (device memory, or the read-only firmware area).
             io.mmio_write(addr, data);

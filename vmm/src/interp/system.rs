@@ -31,7 +31,7 @@ const FEATURES_EDX: u32 = 1
     | (1 << 24)
     | (1 << 25)
     | (1 << 26);
-/// CPUID.1:EBX: CLFLUSH line size 8 × 8 = 64 bytes (bits 15-8), APIC ID 0.
+/// CPUID.1:EBX: CLFLUSH line size 8 × 8 = 64 bytes (bits 15-8), initial APIC ID 0 (bits 31-24).
 const FEATURES_EBX: u32 = 8 << 8;
 /// The highest basic leaf.
 const MAX_LEAF: u32 = 2;
@@ -285,7 +285,16 @@ impl Interp {
                 let leaf = self.cpu.gpr[0].min(MAX_LEAF);
                 let (a, b, c, d) = match leaf {
                     0 => (MAX_LEAF, 0x756E_6547, 0x6C65_746E, 0x4965_6E69), // "GenuineIntel"
-                    1 => (SIGNATURE, FEATURES_EBX, 0, FEATURES_EDX),
+                    // EDX.APIC (bit 9) follows IA32_APIC_BASE's global enable, as on the CPU.
+                    1 => {
+                        let apic = io.msr_read(0x1B).is_some_and(|b| b & (1 << 11) != 0);
+                        (
+                            SIGNATURE,
+                            FEATURES_EBX,
+                            0,
+                            FEATURES_EDX | (u32::from(apic) << 9),
+                        )
+                    }
                     _ => (0x0302_0101, 0, 0, 0x0C04_0843), // P6 cache descriptors
                 };
                 self.cpu.gpr[0] = a;
@@ -321,6 +330,21 @@ impl Interp {
             M::Rdmsr | M::Wrmsr => {
                 self.require_cpl0()?;
                 let index = self.cpu.gpr[1];
+                // The platform's MSRs first (IA32_APIC_BASE belongs to the local APIC).
+                if ins.mnemonic() == M::Rdmsr {
+                    if let Some(v) = io.msr_read(index) {
+                        self.cpu.gpr[0] = v as u32;
+                        self.cpu.gpr[2] = (v >> 32) as u32;
+                        return Ok(true);
+                    }
+                } else {
+                    let v = (u64::from(self.cpu.gpr[2]) << 32) | u64::from(self.cpu.gpr[0]);
+                    match io.msr_write(index, v) {
+                        Some(true) => return Ok(true),
+                        Some(false) => return gp0(),
+                        None => {}
+                    }
+                }
                 if !msr_exists(index) {
                     return gp0();
                 }
