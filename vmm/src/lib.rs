@@ -4,6 +4,7 @@
 //! `vmm` never does host I/O itself: device output goes through injected writers, and everything
 //! that touches the host kernel lives in `vmdriver`.
 
+pub mod acpi;
 pub mod block;
 pub mod bus;
 pub mod chipset;

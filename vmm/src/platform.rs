@@ -9,6 +9,12 @@ pub const EBDA_START: u64 = 0x9_FC00;
 pub const BIOS_LOW_START: u64 = 0xF_0000;
 /// RAM at the top of memory kept back for firmware tables (ACPI, SMBIOS), as SeaBIOS does.
 pub const FIRMWARE_TABLES_SIZE: u64 = 0x2_0000;
+/// The local APIC's default guest-physical base (IA32_APIC_BASE after reset).
+pub const LAPIC_BASE: u32 = 0xFEE0_0000;
+/// The IOAPIC's guest-physical base.
+pub const IOAPIC_BASE: u32 = 0xFEC0_0000;
+/// The IOAPIC's APIC ID (the CPU's local APIC has ID 0).
+pub const IOAPIC_ID: u8 = 1;
 
 /// An E820 address-range type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

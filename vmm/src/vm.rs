@@ -10,11 +10,15 @@ use std::time::{Duration, Instant};
 use vmdriver::kvm::InitialCpu;
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, MemoryError, MemoryLayout, VmExit};
 
+use crate::acpi::{self, AcpiConfig, RSDP_ADDR};
 use crate::bus::{Bus, BusError, DeviceStats};
 use crate::chipset::{Chipset, ChipsetError, DriveSpec, DriveStats};
 use crate::control::{StopRequest, VmControl};
 use crate::devices::IrqLine;
-use crate::devices::acpi_pm::{PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS, Pm1aControl};
+use crate::devices::acpi_pm::{
+    AcpiPm, AcpiPmBlock, AcpiPmPorts, PM_TMR_PORT, PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS,
+    PM1A_EVT_PORT, SCI_IRQ,
+};
 use crate::devices::coprocessor::{COPROCESSOR_PORT, CoprocessorPort};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit};
 use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg};
@@ -29,7 +33,7 @@ use crate::devices::serial::{COM1_BASE, COM1_IRQ, SharedUart, Uart};
 use crate::engine::{self, Engine, EngineError, EngineKind};
 use crate::loader::linux::{self, LinuxError, LinuxImage};
 use crate::loader::multiboot::{self, BOOTLOADER_MAGIC, BootModule, MultibootError};
-use crate::platform::e820_map;
+use crate::platform::{FIRMWARE_TABLES_SIZE, e820_map};
 
 /// Guest-physical address of the GDT bt86 provides for a multiboot entry: the start of the
 /// firmware area's alias below 1 MiB (read-only, outside usable RAM, like QEMU's option ROM).
@@ -218,6 +222,8 @@ pub struct Vm {
     pit: Arc<Mutex<Pit>>,
     rtc: Arc<Mutex<Rtc>>,
     rtc_irq: IrqLine,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    sci: IrqLine,
     clock: Arc<HostClock>,
     chipset: Chipset,
     uart: Arc<Mutex<Uart<Box<dyn Write + Send>>>>,
@@ -249,6 +255,7 @@ impl Vm {
         let rtc_irq = IrqLine::wired(RTC_IRQ, pic.clone());
         let keyboard_irq = IrqLine::wired(KEYBOARD_IRQ, pic.clone());
         let aux_irq = IrqLine::wired(AUX_IRQ, pic.clone());
+        let sci = IrqLine::wired(SCI_IRQ, pic.clone());
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -331,19 +338,58 @@ impl Vm {
             "fw_cfg",
             Box::new(FwCfg::new(memory.clone(), 1, layout.ram_bytes())),
         )?;
-        for port in [PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS] {
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(control.clone())));
+        for (port, len, block, name) in [
+            (PM1A_EVT_PORT, 4, AcpiPmBlock::Event, "acpi-pm1a-evt"),
+            (PM1A_CNT_PORT, 2, AcpiPmBlock::Control, "acpi-pm1a-cnt"),
+            (PM_TMR_PORT, 4, AcpiPmBlock::Timer, "acpi-pm-tmr"),
+            (
+                PM1A_CNT_PORT_BOCHS,
+                2,
+                AcpiPmBlock::Control,
+                "acpi-pm1a-cnt-bochs",
+            ),
+        ] {
             pio.insert(
                 u64::from(port),
-                2,
-                "acpi-pm1a-cnt",
-                Box::new(Pm1aControl::new(control.clone())),
+                len,
+                name,
+                Box::new(AcpiPmPorts::new(
+                    acpi_pm.clone(),
+                    clock.clone(),
+                    sci.clone(),
+                    block,
+                )),
             )?;
         }
 
         let chipset = Chipset::install(&mut pio, memory.clone(), &pic, config.drives)?;
-        let mut irqs = vec![keyboard_irq, com1_irq, rtc_irq.clone(), aux_irq];
+        chipset
+            .pci()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_reset_control(control.clone());
+        let mut irqs = vec![
+            keyboard_irq,
+            com1_irq,
+            rtc_irq.clone(),
+            aux_irq,
+            sci.clone(),
+        ];
         irqs.extend(chipset.irq_lines().iter().cloned());
 
+        // The tables a PC's firmware leaves behind, for the boots that have no firmware; a
+        // firmware image (--bios) owns the BIOS area and brings its own.
+        let install_acpi = || -> Result<(), MemoryError> {
+            let tables_base = layout.ram_bytes() - FIRMWARE_TABLES_SIZE;
+            let tables = acpi::build(&AcpiConfig {
+                ram_bytes: layout.ram_bytes(),
+                tables_base: tables_base as u32,
+                apic: false,
+            });
+            memory.write(tables_base, &tables.area)?;
+            memory.write(u64::from(RSDP_ADDR), &tables.rsdp)
+        };
         let initial = match config.boot {
             BootSource::Multiboot {
                 kernel,
@@ -361,6 +407,7 @@ impl Vm {
                 )?;
                 let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
                 memory.write(u64::from(BOOT_GDT_ADDR), &gdt)?;
+                install_acpi()?;
                 InitialCpu::Flat32 {
                     eip: entry.entry,
                     eax: BOOTLOADER_MAGIC,
@@ -382,7 +429,13 @@ impl Vm {
                     initrd: initrd.as_deref(),
                     cmdline: &cmdline,
                 };
-                let entry = linux::load(&memory, &image, &e820_map(&layout), None)?;
+                install_acpi()?;
+                let entry = linux::load(
+                    &memory,
+                    &image,
+                    &e820_map(&layout),
+                    Some(u64::from(RSDP_ADDR)),
+                )?;
                 let gdt: Vec<u8> = LINUX_BOOT_GDT
                     .iter()
                     .flat_map(|d| d.to_le_bytes())
@@ -421,6 +474,8 @@ impl Vm {
             pit,
             rtc,
             rtc_irq,
+            acpi_pm,
+            sci,
             clock,
             chipset,
             uart,
@@ -594,9 +649,15 @@ impl Vm {
         if rtc_fired {
             self.rtc_irq.raise();
         }
+        let sci = self
+            .acpi_pm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sci_level(now);
+        self.sci.set_level(sci);
     }
 
-    /// The earliest time any timer device (PIT, RTC) can next interrupt, if one is armed.
+    /// The earliest time any timer device (PIT, RTC, the PM timer's overflow) can next interrupt, if one is armed.
     fn next_timer_deadline(&self) -> Option<u64> {
         let pit = self
             .pit
@@ -608,7 +669,12 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .next_deadline();
-        [pit, rtc].into_iter().flatten().min()
+        let pm = self
+            .acpi_pm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_deadline(self.clock.now_ns());
+        [pit, rtc, pm].into_iter().flatten().min()
     }
 
     /// Services timers and, when the engine can take one, delivers a pending interrupt.

@@ -4,8 +4,9 @@
 //! Configuration mechanism #1 (PCI Local Bus Specification 3.0, section 3.2.2.3.2): a 32-bit
 //! write to CONFIG_ADDRESS (0xCF8) selects bus, device, function and register (bit 31 enables);
 //! CONFIG_DATA (0xCFC-0xCFF) then reads or writes that function's configuration space at any
-//! width. Only 32-bit accesses to 0xCF8 reach CONFIG_ADDRESS; narrower ones go to other
-//! registers of the chipset (the PIIX's reset control at 0xCF9), not modelled here.
+//! width. Only 32-bit accesses to 0xCF8 reach CONFIG_ADDRESS; a byte at 0xCF9 is the PIIX's
+//! reset control register (bit 2 RST_CPU rising resets the machine; bit 1 SRST picks a hard
+//! reset, which bt86 treats like a soft one: both end the run as a reboot).
 //!
 //! A function's [`ConfigSpace`] models the type-0 header: identification, the command register,
 //! base address registers with size probing (writable bits below the size read as zero), and the
@@ -16,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{Bus, BusDevice};
+use crate::control::{StopRequest, VmControl};
 
 /// CONFIG_ADDRESS.
 pub const CONFIG_ADDRESS_PORT: u16 = 0xCF8;
@@ -371,7 +373,15 @@ pub struct PciBus {
     /// Where each function's I/O BARs decode, as last reported.
     io_bars: BTreeMap<(u8, usize), Option<u32>>,
     changes: BarChanges,
+    /// The reset control register (0xCF9): SRST as last written.
+    reset_control: u8,
+    reset: Option<VmControl>,
 }
+
+/// Reset control (0xCF9) RST_CPU: a 0 -> 1 transition resets.
+const RCR_RST_CPU: u8 = 1 << 2;
+/// Reset control (0xCF9) SRST: the reset is a hard (system) reset.
+const RCR_SRST: u8 = 1 << 1;
 
 impl PciBus {
     /// An empty bus reporting BAR moves to `changes`.
@@ -381,7 +391,14 @@ impl PciBus {
             functions: BTreeMap::new(),
             io_bars: BTreeMap::new(),
             changes,
+            reset_control: 0,
+            reset: None,
         }
+    }
+
+    /// Connects the reset control register at 0xCF9 to the VM's stop control.
+    pub fn set_reset_control(&mut self, control: VmControl) {
+        self.reset = Some(control);
     }
 
     /// Plugs `function` in at `device.function` (device 0-31, function 0-7).
@@ -451,6 +468,7 @@ impl BusDevice for PciBus {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match offset {
             0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            1 if data.len() == 1 => data[0] = self.reset_control,
             4..=7 => match self.selected() {
                 Some((devfn, reg)) => self.config_read(devfn, reg + (offset as usize - 4), data),
                 None => data.fill(0xFF),
@@ -466,6 +484,14 @@ impl BusDevice for PciBus {
                 // on the i440FX.
                 let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 self.address = v & 0x80FF_FFFC;
+            }
+            1 if data.len() == 1 => {
+                let rising = data[0] & RCR_RST_CPU != 0 && self.reset_control & RCR_RST_CPU == 0;
+                // RST_CPU reads back 0 once the reset it started is under way.
+                self.reset_control = data[0] & RCR_SRST;
+                if rising && let Some(control) = &self.reset {
+                    control.request_stop(StopRequest::Reset);
+                }
             }
             4..=7 => {
                 if let Some((devfn, reg)) = self.selected() {
@@ -596,6 +622,29 @@ mod tests {
         let mut b = [0u8; 1];
         bus.read(0, &mut b);
         assert_eq!(b, [0xFF]);
+    }
+
+    #[test]
+    fn reset_control_at_cf9_resets_on_rst_cpu_rising() {
+        let (mut bus, _, _) = bus_with_bar();
+        let control = VmControl::new();
+        bus.set_reset_control(control.clone());
+        bus.write(1, &[RCR_SRST]);
+        assert_eq!(
+            control.pending(),
+            None,
+            "SRST alone only selects the reset type"
+        );
+        let mut b = [0u8; 1];
+        bus.read(1, &mut b);
+        assert_eq!(b, [RCR_SRST]);
+        bus.write(1, &[RCR_SRST | RCR_RST_CPU]);
+        assert_eq!(control.pending(), Some(StopRequest::Reset));
+        // The dword at 0xCF8 is still CONFIG_ADDRESS.
+        bus.write(0, &addr(0, 0));
+        let mut d = [0u8; 4];
+        bus.read(0, &mut d);
+        assert_eq!(d, addr(0, 0));
     }
 
     #[test]

@@ -39,22 +39,26 @@ const MAX_LEAF: u32 = 2;
 /// MSRs a P6 has, with their reset values. Reading or writing any other MSR is #GP(0), as on
 /// the processor.
 const MSRS: &[(u32, u64)] = &[
-    (0x10, 0),                      // IA32_TIME_STAMP_COUNTER (read through the TSC)
-    (0x17, 0),                      // IA32_PLATFORM_ID
-    (0x1B, 0xFEE0_0900),            // IA32_APIC_BASE: BSP, enabled, default base
-    (0x2A, 0),                      // EBL_CR_POWERON
-    (0x79, 0),                      // BIOS_UPDT_TRIG
-    (0x8B, 0),                      // BIOS_SIGN_ID
-    (0xC1, 0),                      // PERFCTR0
-    (0xC2, 0),                      // PERFCTR1
-    (0xFE, 0x508),                  // MTRRcap: 8 variable ranges, fixed ranges, write-combining
-    (0x174, 0),                     // SYSENTER_CS
-    (0x175, 0),                     // SYSENTER_ESP
-    (0x176, 0),                     // SYSENTER_EIP
-    (0x179, 0),                     // MCG_CAP
-    (0x17A, 0),                     // MCG_STATUS
-    (0x186, 0),                     // PERFEVTSEL0
-    (0x187, 0),                     // PERFEVTSEL1
+    (0x10, 0),           // IA32_TIME_STAMP_COUNTER (read through the TSC)
+    (0x17, 0),           // IA32_PLATFORM_ID
+    (0x1B, 0xFEE0_0900), // IA32_APIC_BASE: BSP, enabled, default base
+    (0x2A, 0),           // EBL_CR_POWERON
+    (0x79, 0),           // BIOS_UPDT_TRIG
+    (0x8B, 0),           // BIOS_SIGN_ID
+    (0xC1, 0),           // PERFCTR0
+    (0xC2, 0),           // PERFCTR1
+    (0xFE, 0x508),       // MTRRcap: 8 variable ranges, fixed ranges, write-combining
+    (0x174, 0),          // SYSENTER_CS
+    (0x175, 0),          // SYSENTER_ESP
+    (0x176, 0),          // SYSENTER_EIP
+    (0x179, 0),          // MCG_CAP
+    (0x17A, 0),          // MCG_STATUS
+    (0x186, 0),          // PERFEVTSEL0
+    (0x187, 0),          // PERFEVTSEL1
+    // IA32_MISC_ENABLE: fast strings on (bit 0, which Linux checks on a Dothan), branch trace
+    // store and PEBS unavailable (bits 11, 12), performance monitoring not available (bit 7
+    // clear: the counters above do not count). SDM vol. 4, the Pentium M's MSR table.
+    (0x1A0, 0x1801),
     (0x1D9, 0),                     // DEBUGCTL
     (0x277, 0x0007_0406_0007_0406), // PAT
     (0x2FF, 0),                     // MTRRdefType
@@ -289,6 +293,21 @@ impl Interp {
                 self.cpu.gpr[1] = c;
                 self.cpu.gpr[2] = d;
             }
+            M::Rdpmc => {
+                // P6: counters 0 and 1 (PERFCTR0/1), 40 bits wide; CR4.PCE opens it to CPL > 0.
+                // The counters hold what was written to them: no event this CPU reports ever
+                // occurs (IA32_MISC_ENABLE says performance monitoring is unavailable).
+                if self.cpu.cr4 & cr4::PCE == 0 && self.cpu.cpl() != 0 {
+                    return gp0();
+                }
+                let index = self.cpu.gpr[1];
+                if index > 1 {
+                    return gp0();
+                }
+                let v = self.cpu.msrs.get(&(0xC1 + index)).copied().unwrap_or(0) & 0xFF_FFFF_FFFF;
+                self.cpu.gpr[0] = v as u32;
+                self.cpu.gpr[2] = (v >> 32) as u32;
+            }
             M::Rdtsc => {
                 if self.cpu.cr4 & (1 << 2) != 0 && self.cpu.cpl() != 0 {
                     return gp0();
@@ -296,23 +315,6 @@ impl Interp {
                 let t = self.tsc();
                 self.cpu.gpr[0] = t as u32;
                 self.cpu.gpr[2] = (t >> 32) as u32;
-            }
-            M::Rdpmc => {
-                // SDM, RDPMC: CPL 0 (or CR4.PCE) may read; a P6 has two 40-bit counters,
-                // PerfCtr0/1 (MSRs 0xC1/0xC2), selected by ECX = 0 or 1; anything else is #GP(0).
-                // Linux's p6 PMU driver reads them this way when it stops a perf event. The
-                // counters hold what was written and do not count events.
-                if self.cpu.cr4 & cr4::PCE == 0 && self.cpu.cpl() != 0 {
-                    return gp0();
-                }
-                let index = match self.cpu.gpr[1] {
-                    0 => 0xC1,
-                    1 => 0xC2,
-                    _ => return gp0(),
-                };
-                let v = self.cpu.msrs.get(&index).copied().unwrap_or(0) & PERFCTR_MASK;
-                self.cpu.gpr[0] = v as u32;
-                self.cpu.gpr[2] = (v >> 32) as u32;
             }
             M::Rdmsr | M::Wrmsr => {
                 self.require_cpl0()?;
