@@ -5,7 +5,7 @@
 # First use downloads the guest (scripts/fetch-guest.sh: Debian bookworm's 686 kernel and
 # busybox, with apt; it says so) and builds bt86 in release mode. Then:
 #   - type at the `bt86# ` prompt; Ctrl-A X quits bt86 (Ctrl-A Ctrl-A sends one Ctrl-A);
-#   - `reboot -f` in the guest ends the run with status 0 (bt86's default --on-reboot stop).
+#   - `poweroff -f` in the guest powers it off through ACPI: bt86 exits with status 0.
 # Extra arguments go to `bt86 run` (e.g. --stats); BT86_ENGINE=interp|kvm picks another engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,6 @@ echo "== cargo build --release -p vmapp" >&2
 cargo build --release --quiet -p vmapp
 engine=${BT86_ENGINE:-bt}
 echo "== booting $(cat "$guest/VERSION") with a busybox initramfs on bt86 (engine: $engine)" >&2
-echo "== Ctrl-A X quits; 'reboot -f' in the guest ends the run" >&2
-exec target/release/bt86 run --engine "$engine" --memory 256 \
+echo "== Ctrl-A X quits; 'poweroff -f' in the guest ends the run" >&2
+exec "${CARGO_TARGET_DIR:-target}/release/bt86" run --engine "$engine" --memory 256 \
     --kernel "$guest/vmlinuz" --initrd "$guest/initramfs.gz" --append "console=ttyS0" "$@"

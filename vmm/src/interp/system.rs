@@ -310,23 +310,6 @@ impl Interp {
                 self.cpu.gpr[0] = t as u32;
                 self.cpu.gpr[2] = (t >> 32) as u32;
             }
-            M::Rdpmc => {
-                // SDM, RDPMC: CPL 0 (or CR4.PCE) may read; a P6 has two 40-bit counters,
-                // PerfCtr0/1 (MSRs 0xC1/0xC2), selected by ECX = 0 or 1; anything else is #GP(0).
-                // Linux's p6 PMU driver reads them this way when it stops a perf event. The
-                // counters hold what was written and do not count events.
-                if self.cpu.cr4 & cr4::PCE == 0 && self.cpu.cpl() != 0 {
-                    return gp0();
-                }
-                let index = match self.cpu.gpr[1] {
-                    0 => 0xC1,
-                    1 => 0xC2,
-                    _ => return gp0(),
-                };
-                let v = self.cpu.msrs.get(&index).copied().unwrap_or(0) & PERFCTR_MASK;
-                self.cpu.gpr[0] = v as u32;
-                self.cpu.gpr[2] = (v >> 32) as u32;
-            }
             M::Rdmsr | M::Wrmsr => {
                 self.require_cpl0()?;
                 let index = self.cpu.gpr[1];
