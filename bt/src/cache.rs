@@ -32,6 +32,9 @@ pub struct Unit {
     pub page: u32,
     /// The mode it was translated for.
     pub mode: Mode,
+    /// The guest-physical page its instruction runs on into, for a unit whose one instruction
+    /// crosses a page boundary.
+    pub page2: Option<u32>,
     /// Host address of its entry.
     pub host: u64,
     /// Host code length.
@@ -74,6 +77,8 @@ pub struct Translated {
     pub host: u64,
     /// Guest pages that lost all their units because the cache was flushed to make room.
     pub flushed_pages: Vec<u32>,
+    /// The second page the unit's instruction runs on into, if it does.
+    pub page2: Option<u32>,
 }
 
 /// The translation cache of one vCPU.
@@ -136,13 +141,15 @@ impl Translator {
         self.by_page.keys().copied()
     }
 
-    /// Translates the unit at guest `eip`, whose code `src` reads from guest-physical `page`,
-    /// for `mode` (which must not be translated yet).
+    /// Translates the unit at guest `eip`, whose code `src` reads from guest-physical `page`
+    /// (and reads on from `page2` past the page's end), for `mode` (which must not be
+    /// translated yet).
     pub fn translate(
         &mut self,
         src: &dyn CodeSource,
         eip: u32,
         page: u32,
+        page2: Option<u32>,
         mode: Mode,
     ) -> Result<Translated, CacheError> {
         let started = Instant::now();
@@ -164,10 +171,12 @@ impl Translator {
             .iter()
             .map(|s| self.cache.read_i32(host + u64::from(s.rel32_offset)))
             .collect();
+        let page2 = page2.filter(|_| encoded.crosses);
         self.units.push(Some(Unit {
             eip,
             page,
             mode,
+            page2,
             host,
             len: encoded.code.len() as u32,
             map: encoded.map,
@@ -179,6 +188,9 @@ impl Translator {
         }));
         self.by_eip.insert((eip, page, mode), id);
         self.by_page.entry(page).or_default().push(id);
+        if let Some(p2) = page2 {
+            self.by_page.entry(p2).or_default().push(id);
+        }
         self.by_host.insert(host, id);
         self.stats.units += 1;
         self.stats.instructions += u64::from(encoded.instructions);
@@ -186,20 +198,25 @@ impl Translator {
         Ok(Translated {
             host,
             flushed_pages,
+            page2,
         })
     }
 
     /// Patches exit `slot` of unit `from` to jump straight to the unit at `target` with its
     /// code in guest-physical `page`, translated for the same mode (when both are live).
     /// Returns whether it did. The caller makes sure `target` maps to `page` whenever `from`
-    /// runs.
-    pub fn chain(&mut self, from: u32, slot: u32, target: u32, page: u32) -> bool {
+    /// runs; a target whose instruction runs on into the next page is only chained to when
+    /// `crossing` says the next page cannot map elsewhere either (paging off).
+    pub fn chain(&mut self, from: u32, slot: u32, target: u32, page: u32, crossing: bool) -> bool {
         let Some(mode) = self.unit(from).map(|u| u.mode) else {
             return false;
         };
         let Some(&to) = self.by_eip.get(&(target, page, mode)) else {
             return false;
         };
+        if !crossing && self.unit(to).is_some_and(|u| u.page2.is_some()) {
+            return false;
+        }
         let Some(to_host) = self.unit(to).map(|u| u.host) else {
             return false;
         };

@@ -105,6 +105,9 @@ pub struct Encoded {
     pub guest_end: u32,
     /// The instruction the unit ends with a callout for, if any.
     pub callout: Option<Mnemonic>,
+    /// Whether the unit's (one) instruction runs on into the next page: the unit then depends
+    /// on that page's code too.
+    pub crosses: bool,
 }
 
 /// Host registers translated code uses for itself (never guest state).
@@ -751,7 +754,8 @@ fn without_bmi(code: Code) -> Option<Code> {
 /// Reads guest code for the translator.
 pub trait CodeSource {
     /// Copies guest code at linear `eip` into `buf`; returns how many bytes are readable (0 if
-    /// the address is not RAM or firmware).
+    /// the address is not RAM or firmware). Bytes past the end of `eip`'s page come from the
+    /// page that follows it, if that one can be fetched from.
     fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize;
 
     /// Whether the instruction at `eip` must be executed by the emulator even though it could
@@ -774,9 +778,12 @@ pub fn translate(
 ) -> Result<Encoded, TranslateError> {
     let page_end = (u64::from(eip) & !0xFFF) + 0x1000;
     let avail = (page_end - u64::from(eip)) as usize;
-    let mut bytes = vec![0u8; avail];
+    // Up to 14 more bytes, from the next page, for an instruction that runs on into it.
+    let mut bytes = vec![0u8; avail + 14];
     let got = src.read_code(eip, &mut bytes);
     bytes.truncate(got);
+    let in_page = got.min(avail);
+    let mut crosses = false;
 
     let mut e = Emitter::new(eip, mode);
     e.emit(Instruction::with2(Code::Mov_r32_rm32, S3, ctx(OFF_POLL)));
@@ -794,7 +801,10 @@ pub fn translate(
     loop {
         let at = eip.wrapping_add(decoder.position() as u32);
         e.tag = (at, count);
-        if count as usize >= MAX_INSTRUCTIONS || (decoder.position() >= bytes.len() && count > 0) {
+        if count as usize >= MAX_INSTRUCTIONS
+            || crosses
+            || (decoder.position() >= in_page && count > 0)
+        {
             // The cap, the end of the page, or the end of readable memory: continue at `at`.
             if shadow {
                 e.sti_shadow_exit(at);
@@ -819,6 +829,19 @@ pub fn translate(
             break;
         }
         let next = ins.next_ip32();
+        if decoder.position() > in_page {
+            // The instruction runs on into the next page: it gets a unit of its own (which
+            // then depends on both pages), and otherwise the next unit starts with it.
+            if count > 0 {
+                if shadow {
+                    e.sti_shadow_exit(at);
+                } else {
+                    e.slot(None, at);
+                }
+                break;
+            }
+            crosses = true;
+        }
         guest_end = next;
         if src.emulate(at) {
             if shadow {
@@ -918,6 +941,7 @@ pub fn translate(
         instructions: count,
         guest_end,
         callout,
+        crosses,
     })
 }
 
@@ -1576,6 +1600,145 @@ mod tests {
             let m = l.split_whitespace().next().unwrap();
             assert!(["mov", "movzx", "lea", "jrcxz", "jmp"].contains(&m), "{l}");
         }
+    }
+
+    fn unit_in(
+        mode: u8,
+        f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> (Encoded, Vec<String>) {
+        let e = translate(&Bytes(guest(f)), BASE, 7, RIP, Mode(mode)).unwrap();
+        let t = text(&host(&e.code));
+        (e, t)
+    }
+
+    #[test]
+    fn fs_operands_add_the_base_from_the_context_when_fs_is_flat_limit() {
+        let code = |a: &mut CodeAssembler| {
+            a.mov(eax, dword_ptr(ebx + esi * 2 + 8).fs())?;
+            a.add(dword_ptr(esp + 4).gs(), 1)?;
+            a.hlt()
+        };
+        let (e, t) = unit_in(Mode::FS_FLAT | Mode::GS_FLAT, code);
+        assert_eq!(e.instructions, 2);
+        assert_eq!(t[2], format!("mov r9d,[r15+{OFF_FS_BASE:X}h]"));
+        assert_eq!(t[3], "lea r8d,[ebx+esi*2+8]");
+        assert_eq!(t[4], "lea r8d,[r8d+r9d]");
+        assert_eq!(t[5], "mov eax,gs:[r8d]");
+        assert_eq!(t[6], format!("mov r9d,[r15+{OFF_GS_BASE:X}h]"));
+        assert_eq!(t[7], "lea r8d,[r9d+r12d+4]");
+        assert_eq!(t[8], "add dword ptr gs:[r8d],1");
+        // Any other FS: the interpreter checks its limit and type.
+        let (e, _) = unit_in(Mode::GS_FLAT, code);
+        assert_eq!((e.instructions, e.callout), (0, Some(Mnemonic::Mov)));
+    }
+
+    #[test]
+    fn string_instructions_step_by_the_context_df_and_rep_loops_poll() {
+        let (e, t) = unit_in(0, |a| {
+            a.stosb()?;
+            a.rep().movsd()?;
+            a.repne().scasb()?;
+            a.hlt()
+        });
+        assert_eq!(e.instructions, 3);
+        let df = format!("mov r9d,[r15+{OFF_DF_STEP:X}h]");
+        let poll = format!("mov r11d,[r15+{OFF_POLL:X}h]");
+        assert_eq!(
+            &t[2..5],
+            [df.as_str(), "mov gs:[edi],al", "lea edi,[edi+r9d]"]
+        );
+        let movs = t.iter().position(|l| l == "mov r8d,gs:[esi]").unwrap();
+        assert_eq!(t[movs - 2], poll);
+        assert!(t[movs - 1].starts_with("jecxz"), "{t:?}");
+        assert_eq!(
+            &t[movs + 1..movs + 5],
+            [
+                "mov gs:[edi],r8d",
+                "lea esi,[esi+r9d*4]",
+                "lea edi,[edi+r9d*4]",
+                "lea ecx,[ecx-1]"
+            ]
+        );
+        let scas = t.iter().position(|l| l == "cmp al,gs:[edi]").unwrap();
+        assert!(
+            t[scas + 3].starts_with("je "),
+            "REPNE stops on a match: {t:?}"
+        );
+        // CLD/STD keep the context's step in line with DF.
+        let (_, t) = unit_in(0, |a| {
+            a.std()?;
+            a.hlt()
+        });
+        assert_eq!(t[2], "std");
+        assert_eq!(
+            t[3],
+            format!("mov dword ptr [r15+{OFF_DF_STEP:X}h],0FFFFFFFFh")
+        );
+    }
+
+    #[test]
+    fn cli_sti_and_pushf_are_inline_at_cpl0_only() {
+        let (e, t) = unit_in(Mode::CPL0, |a| {
+            a.pushfd()?;
+            a.cli()?;
+            a.sti()?;
+            a.nop()?;
+            a.hlt()
+        });
+        // The unit ends after the instruction in STI's shadow, checking for a waiting IRQ.
+        assert_eq!(e.instructions, 4);
+        assert_eq!(&t[2..4], ["pushfq", "pop r8"]);
+        assert!(t.contains(&format!("mov dword ptr [r15+{OFF_VIF:X}h],0")));
+        assert!(t.contains(&format!("mov dword ptr [r15+{OFF_VIF:X}h],200h")));
+        assert!(t.contains(&format!("mov ecx,[r15+{OFF_IRQ_PENDING:X}h]")));
+        // STI before an instruction that leaves the unit: the monitor runs that one.
+        let (e, t) = unit_in(Mode::CPL0, |a| {
+            a.sti()?;
+            a.hlt()
+        });
+        assert_eq!((e.instructions, e.callout), (1, None));
+        assert!(t.contains(&format!(
+            "mov dword ptr [r15+{OFF_EXIT_REASON:X}h],{}",
+            reason::STI_SHADOW
+        )));
+        for f in [
+            (|a: &mut CodeAssembler| a.cli()) as fn(&mut CodeAssembler) -> Result<(), IcedError>,
+            |a| a.sti(),
+            |a| a.pushfd(),
+        ] {
+            let (e, _) = unit_in(Mode::FS_FLAT, f);
+            assert_eq!(e.instructions, 0, "a callout above CPL 0");
+        }
+    }
+
+    #[test]
+    fn branches_to_another_page_try_the_lookup_table_before_leaving() {
+        let (e, t) = unit(|a| a.jmp(0x0010_2000));
+        assert_eq!(e.slots[0].target, 0x0010_2000);
+        assert!(t.contains(&"mov r8d,102000h".to_string()), "{t:?}");
+        assert!(t.contains(&"movzx r9d,r8w".to_string()), "{t:?}");
+        let (_, t) = unit(|a| {
+            let mut l = a.create_label();
+            a.set_label(&mut l)?;
+            a.jmp(l)
+        });
+        assert!(
+            !t.contains(&"movzx r9d,r8w".to_string()),
+            "same page: {t:?}"
+        );
+    }
+
+    #[test]
+    fn an_instruction_across_the_page_end_gets_a_unit_of_its_own() {
+        let mut code = vec![0x90u8; 0x1000 - 3];
+        code.extend([0xB8, 0x78, 0x56, 0x34, 0x12, 0x90]); // mov eax,12345678h across the end
+        let e = translate(&Bytes(code.clone()), BASE + 0x1000 - 4, 0, RIP, Mode(0)).unwrap();
+        assert_eq!((e.instructions, e.crosses), (1, false));
+        assert_eq!(e.slots.last().unwrap().target, BASE + 0x1000 - 3);
+        let e = translate(&Bytes(code), BASE + 0x1000 - 3, 0, RIP, Mode(0)).unwrap();
+        assert_eq!((e.instructions, e.crosses), (1, true));
+        assert_eq!(text(&host(&e.code))[2], "mov eax,12345678h");
+        assert_eq!(e.slots.last().unwrap().target, BASE + 0x1000 + 2);
     }
 
     #[test]

@@ -108,16 +108,16 @@ struct PageCode<'a> {
     memory: &'a GuestMemory,
     linear_page: u32,
     phys_page: u32,
+    /// The guest-physical page the next linear page maps to, for an instruction that runs on
+    /// into it (None: not fetched from).
+    next_phys: Option<u32>,
     /// Instructions (EIP, code page) retranslated as callouts because they kept trapping.
     emulated: &'a HashSet<(u32, u32)>,
 }
 
-impl CodeSource for PageCode<'_> {
-    fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize {
-        if eip >> 12 != self.linear_page {
-            return 0;
-        }
-        let phys = (u64::from(self.phys_page) << 12) | u64::from(eip & 0xFFF);
+impl PageCode<'_> {
+    /// Copies code from guest-physical `phys` up to the end of its page; returns the count.
+    fn read_phys(&self, phys: u64, buf: &mut [u8]) -> usize {
         let Some(r) = self.memory.layout().region_of(phys, 1) else {
             return 0;
         };
@@ -126,6 +126,23 @@ impl CodeSource for PageCode<'_> {
         match self.memory.read(phys, &mut buf[..n]) {
             Ok(()) => n,
             Err(_) => 0,
+        }
+    }
+}
+
+impl CodeSource for PageCode<'_> {
+    fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize {
+        if eip >> 12 != self.linear_page {
+            return 0;
+        }
+        let phys = (u64::from(self.phys_page) << 12) | u64::from(eip & 0xFFF);
+        let n = self.read_phys(phys, buf);
+        let to_end = (0x1000 - (eip & 0xFFF)) as usize;
+        match self.next_phys {
+            Some(next) if n == to_end && buf.len() > n => {
+                n + self.read_phys(u64::from(next) << 12, &mut buf[n..])
+            }
+            _ => n,
         }
     }
 
@@ -346,16 +363,38 @@ impl BtEngine {
             return Ok(None);
         };
         let mode = mode_of(&self.interp);
-        if let Some(host) = self.translator.entry(eip, page, mode) {
+        let next_linear = (eip | 0xFFF).wrapping_add(1);
+        if let Some(unit) = self
+            .translator
+            .unit_id(eip, page, mode)
+            .and_then(|id| self.translator.unit(id))
+        {
+            let (host, page2) = (unit.host, unit.page2);
+            if let Some(p2) = page2
+                && self.shadow.code_page(&p, next_linear)? != Some(p2)
+            {
+                // The instruction runs on into a page that now maps elsewhere (or faults):
+                // the interpreter fetches it afresh.
+                return Ok(None);
+            }
             return Ok(Some(host));
         }
+        // An instruction near the page's end may run on into the next page.
+        let next_phys = if eip & 0xFFF > 0x1000 - 15 {
+            self.shadow.code_page(&p, next_linear)?
+        } else {
+            None
+        };
         let src = PageCode {
             memory: &self.memory,
             linear_page: eip >> 12,
             phys_page: page,
+            next_phys,
             emulated: &self.emulated,
         };
-        let t = self.translator.translate(&src, eip, page, mode)?;
+        let t = self
+            .translator
+            .translate(&src, eip, page, next_phys, mode)?;
         for flushed in t.flushed_pages {
             if flushed != page {
                 self.shadow.unmark_code(flushed)?;
@@ -363,6 +402,9 @@ impl BtEngine {
         }
         // Guest writes to the page must now fault (translated code) or be noted (monitor).
         self.shadow.mark_code(page)?;
+        if let Some(p2) = t.page2 {
+            self.shadow.mark_code(p2)?;
+        }
         Ok(Some(t.host))
     }
 
@@ -428,6 +470,7 @@ impl BtEngine {
             memory: &self.memory,
             linear_page: eip >> 12,
             phys_page: page,
+            next_phys: None,
             emulated: &self.emulated,
         };
         let n = src.read_code(eip, &mut bytes);
@@ -520,7 +563,8 @@ impl BtEngine {
                                 Some((_, page)) if same_page => page,
                                 _ => target >> 12,
                             };
-                            self.translator.chain(unit, slot, target, page);
+                            let crossing = !self.paging().enabled;
+                            self.translator.chain(unit, slot, target, page, crossing);
                         }
                     } else if let Some(host) = self.unit_for(target)? {
                         // Another page, which may map elsewhere next time: the slot's
