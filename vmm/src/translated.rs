@@ -556,19 +556,21 @@ impl BtEngine {
                 // While paging is on, only a target in the unit's own page is sure to map
                 // to the same code whenever the unit runs.
                 let same_page = from.is_some_and(|(eip, _)| eip >> 12 == target >> 12);
-                if !self.lockstep && self.translatable() {
-                    if same_page || !self.paging().enabled {
-                        if self.unit_for(target)?.is_some() {
-                            let page = match from {
-                                Some((_, page)) if same_page => page,
-                                _ => target >> 12,
-                            };
-                            let crossing = !self.paging().enabled;
-                            self.translator.chain(unit, slot, target, page, crossing);
-                        }
-                    } else if let Some(host) = self.unit_for(target)? {
-                        // Another page, which may map elsewhere next time: the slot's
-                        // trampoline looks the target up first (like an indirect branch).
+                if !self.lockstep
+                    && self.translatable()
+                    && let Some(host) = self.unit_for(target)?
+                {
+                    let page = match from {
+                        Some((_, page)) if same_page => page,
+                        _ => target >> 12,
+                    };
+                    let paging = self.paging().enabled;
+                    let chained = (same_page || !paging)
+                        && self.translator.chain(unit, slot, target, page, !paging);
+                    if !chained {
+                        // Another page, which may map elsewhere next time, or an instruction
+                        // running on into one: the slot's trampoline looks the target up
+                        // first (like an indirect branch).
                         self.translator.remember_indirect(target, host);
                     }
                 }
