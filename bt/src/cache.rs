@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmdriver::codecache::{CodeCache, CodeCacheError};
 
-use crate::translate::{self, CodeSource, MapEntry, Slot, TranslateError};
+use crate::translate::{self, CodeSource, MapEntry, Mode, Slot, TranslateError};
 
 /// Entries of the indirect-branch lookup table (indexed by the guest EIP's low 16 bits).
 const LOOKUP_ENTRIES: usize = 1 << 16;
@@ -30,6 +30,11 @@ pub struct Unit {
     pub eip: u32,
     /// The guest-physical page (number) its code was read from.
     pub page: u32,
+    /// The mode it was translated for.
+    pub mode: Mode,
+    /// The guest-physical page its instruction runs on into, for a unit whose one instruction
+    /// crosses a page boundary.
+    pub page2: Option<u32>,
     /// Host address of its entry.
     pub host: u64,
     /// Host code length.
@@ -72,15 +77,18 @@ pub struct Translated {
     pub host: u64,
     /// Guest pages that lost all their units because the cache was flushed to make room.
     pub flushed_pages: Vec<u32>,
+    /// The second page the unit's instruction runs on into, if it does.
+    pub page2: Option<u32>,
 }
 
 /// The translation cache of one vCPU.
 pub struct Translator {
     cache: CodeCache,
     units: Vec<Option<Unit>>,
-    /// Units by (linear EIP, guest-physical page of the code): a unit translated under one
-    /// address space is only found under another that maps its code to the same page.
-    by_eip: HashMap<(u32, u32), u32>,
+    /// Units by (linear EIP, guest-physical page of the code, mode): a unit translated under
+    /// one address space is only found under another that maps its code to the same page, and
+    /// only in the mode it was translated for.
+    by_eip: HashMap<(u32, u32, Mode), u32>,
     by_page: HashMap<u32, Vec<u32>>,
     by_host: BTreeMap<u64, u32>,
     lookup: Box<[[u64; 2]]>,
@@ -110,16 +118,17 @@ impl Translator {
         self.lookup.as_ptr() as u64
     }
 
-    /// Host entry of the unit at guest `eip` whose code is in guest-physical `page`, if
-    /// translated.
-    pub fn entry(&self, eip: u32, page: u32) -> Option<u64> {
-        let id = *self.by_eip.get(&(eip, page))?;
+    /// Host entry of the unit at guest `eip` whose code is in guest-physical `page`, translated
+    /// for `mode`, if there is one.
+    pub fn entry(&self, eip: u32, page: u32, mode: Mode) -> Option<u64> {
+        let id = *self.by_eip.get(&(eip, page, mode))?;
         self.units[id as usize].as_ref().map(|u| u.host)
     }
 
-    /// The unit number at guest `eip` with its code in guest-physical `page`, if translated.
-    pub fn unit_id(&self, eip: u32, page: u32) -> Option<u32> {
-        self.by_eip.get(&(eip, page)).copied()
+    /// The unit number at guest `eip` with its code in guest-physical `page`, translated for
+    /// `mode`, if there is one.
+    pub fn unit_id(&self, eip: u32, page: u32, mode: Mode) -> Option<u32> {
+        self.by_eip.get(&(eip, page, mode)).copied()
     }
 
     /// A live unit.
@@ -133,20 +142,23 @@ impl Translator {
     }
 
     /// Translates the unit at guest `eip`, whose code `src` reads from guest-physical `page`
-    /// (which must not be translated yet).
+    /// (and reads on from `page2` past the page's end), for `mode` (which must not be
+    /// translated yet).
     pub fn translate(
         &mut self,
         src: &dyn CodeSource,
         eip: u32,
         page: u32,
+        page2: Option<u32>,
+        mode: Mode,
     ) -> Result<Translated, CacheError> {
         let started = Instant::now();
         let id = self.units.len() as u32;
-        let mut encoded = translate::translate(src, eip, id, self.cache.next_address())?;
+        let mut encoded = translate::translate(src, eip, id, self.cache.next_address(), mode)?;
         let mut flushed_pages = Vec::new();
         if !self.cache.fits(encoded.code.len()) {
             flushed_pages = self.flush();
-            encoded = translate::translate(src, eip, 0, self.cache.next_address())?;
+            encoded = translate::translate(src, eip, 0, self.cache.next_address(), mode)?;
         }
         let id = self.units.len() as u32;
         let host = self
@@ -159,9 +171,12 @@ impl Translator {
             .iter()
             .map(|s| self.cache.read_i32(host + u64::from(s.rel32_offset)))
             .collect();
+        let page2 = page2.filter(|_| encoded.crosses);
         self.units.push(Some(Unit {
             eip,
             page,
+            mode,
+            page2,
             host,
             len: encoded.code.len() as u32,
             map: encoded.map,
@@ -171,8 +186,11 @@ impl Translator {
             incoming: Vec::new(),
             original,
         }));
-        self.by_eip.insert((eip, page), id);
+        self.by_eip.insert((eip, page, mode), id);
         self.by_page.entry(page).or_default().push(id);
+        if let Some(p2) = page2 {
+            self.by_page.entry(p2).or_default().push(id);
+        }
         self.by_host.insert(host, id);
         self.stats.units += 1;
         self.stats.instructions += u64::from(encoded.instructions);
@@ -180,16 +198,25 @@ impl Translator {
         Ok(Translated {
             host,
             flushed_pages,
+            page2,
         })
     }
 
     /// Patches exit `slot` of unit `from` to jump straight to the unit at `target` with its
-    /// code in guest-physical `page` (when both are live). Returns whether it did. The caller
-    /// makes sure `target` maps to `page` whenever `from` runs.
-    pub fn chain(&mut self, from: u32, slot: u32, target: u32, page: u32) -> bool {
-        let Some(&to) = self.by_eip.get(&(target, page)) else {
+    /// code in guest-physical `page`, translated for the same mode (when both are live).
+    /// Returns whether it did. The caller makes sure `target` maps to `page` whenever `from`
+    /// runs; a target whose instruction runs on into the next page is only chained to when
+    /// `crossing` says the next page cannot map elsewhere either (paging off).
+    pub fn chain(&mut self, from: u32, slot: u32, target: u32, page: u32, crossing: bool) -> bool {
+        let Some(mode) = self.unit(from).map(|u| u.mode) else {
             return false;
         };
+        let Some(&to) = self.by_eip.get(&(target, page, mode)) else {
+            return false;
+        };
+        if !crossing && self.unit(to).is_some_and(|u| u.page2.is_some()) {
+            return false;
+        }
         let Some(to_host) = self.unit(to).map(|u| u.host) else {
             return false;
         };
@@ -261,8 +288,9 @@ impl Translator {
             let Some(unit) = self.units[id as usize].take() else {
                 continue;
             };
-            if self.by_eip.get(&(unit.eip, unit.page)) == Some(&id) {
-                self.by_eip.remove(&(unit.eip, unit.page));
+            let key = (unit.eip, unit.page, unit.mode);
+            if self.by_eip.get(&key) == Some(&id) {
+                self.by_eip.remove(&key);
             }
             self.by_host.remove(&unit.host);
             let entry = &mut self.lookup[(unit.eip & 0xFFFF) as usize];

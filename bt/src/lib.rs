@@ -13,4 +13,4 @@ pub mod cache;
 pub mod translate;
 
 pub use cache::{CacheError, CacheStats, Translator, Unit};
-pub use translate::{CodeSource, MAX_INSTRUCTIONS, TranslateError};
+pub use translate::{CodeSource, MAX_INSTRUCTIONS, Mode, TranslateError};

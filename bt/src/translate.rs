@@ -29,9 +29,30 @@ use iced_x86::{
     InstructionBlock, MemoryOperand, Mnemonic, OpKind, Register,
 };
 use vmdriver::world::{
-    OFF_EXIT_EIP, OFF_EXIT_REASON, OFF_EXIT_SLOT, OFF_EXIT_STUB, OFF_EXIT_UNIT, OFF_LOOKUP,
-    OFF_LOOKUP_HITS, OFF_POLL, reason,
+    OFF_DF_STEP, OFF_EXIT_EIP, OFF_EXIT_REASON, OFF_EXIT_SLOT, OFF_EXIT_STUB, OFF_EXIT_UNIT,
+    OFF_FS_BASE, OFF_GS_BASE, OFF_IRQ_PENDING, OFF_LOOKUP, OFF_LOOKUP_HITS, OFF_POLL, OFF_SYSFLAGS,
+    OFF_VIF, reason,
 };
+
+/// What a unit may assume about the CPU it runs on: part of its key in the cache, so a unit
+/// only runs in the mode it was translated for (the monitor enters units of the current mode;
+/// chains link units of one mode; the lookup table is emptied when the mode changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Mode(pub u8);
+
+impl Mode {
+    /// CPL 0: CLI, STI and PUSHF run inline on the virtual IF in the context.
+    pub const CPL0: u8 = 1;
+    /// FS is a present, writable, expand-up data segment with a 4 GiB limit: FS-relative
+    /// operands only need its base (from the context) added.
+    pub const FS_FLAT: u8 = 2;
+    /// GS likewise.
+    pub const GS_FLAT: u8 = 4;
+
+    fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+}
 
 /// Most guest instructions in one unit.
 pub const MAX_INSTRUCTIONS: usize = 48;
@@ -84,6 +105,9 @@ pub struct Encoded {
     pub guest_end: u32,
     /// The instruction the unit ends with a callout for, if any.
     pub callout: Option<Mnemonic>,
+    /// Whether the unit's (one) instruction runs on into the next page: the unit then depends
+    /// on that page's code too.
+    pub crosses: bool,
 }
 
 /// Host registers translated code uses for itself (never guest state).
@@ -125,10 +149,11 @@ struct Emitter {
     slots: Vec<(usize, u32, u64, u32)>,
     tag: (u32, u32),
     err: Option<String>,
+    mode: Mode,
 }
 
 impl Emitter {
-    fn new(eip: u32) -> Self {
+    fn new(eip: u32, mode: Mode) -> Self {
         Self {
             out: Vec::new(),
             tags: Vec::new(),
@@ -136,7 +161,15 @@ impl Emitter {
             slots: Vec::new(),
             tag: (eip, 0),
             err: None,
+            mode,
         }
+    }
+
+    /// Drops every host instruction from index `len` on (and the slots among them).
+    fn truncate(&mut self, len: usize) {
+        self.out.truncate(len);
+        self.tags.truncate(len);
+        self.slots.retain(|s| s.0 < len);
     }
 
     fn label(&mut self) -> u64 {
@@ -192,6 +225,43 @@ impl Emitter {
         self.jmp_exit_stub();
     }
 
+    /// An exit asking the monitor to execute the instruction at `eip` in an STI's interrupt
+    /// shadow.
+    fn sti_shadow_exit(&mut self, eip: u32) {
+        self.store_ctx(OFF_EXIT_EIP, eip);
+        self.store_ctx(OFF_EXIT_REASON, reason::STI_SHADOW);
+        self.jmp_exit_stub();
+    }
+
+    /// Leaves for the monitor (continuing at `next`) when an interrupt waits for IF, which
+    /// inline code just set; RFLAGS untouched.
+    fn irq_check(&mut self, next: u32) {
+        let none = self.label();
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            SAVE_Q,
+            Register::RCX,
+        ));
+        self.emit(Instruction::with2(
+            Code::Mov_r32_rm32,
+            Register::ECX,
+            ctx(OFF_IRQ_PENDING),
+        ));
+        self.emit(Instruction::with_branch(Code::Jrcxz_rel8_64, none));
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RCX,
+            SAVE_Q,
+        ));
+        self.store_ctx(OFF_EXIT_EIP, next);
+        self.store_ctx(OFF_EXIT_REASON, reason::IRQ_WINDOW);
+        self.jmp_exit_stub();
+        self.emit_at(
+            Instruction::with2(Code::Mov_r64_rm64, Register::RCX, SAVE_Q),
+            none,
+        );
+    }
+
     /// A patchable `jmp rel32` (or `jcc rel32`) to `target`, leading to an exit for now.
     fn slot(&mut self, cc: Option<u8>, target: u32) {
         let tramp = self.label();
@@ -206,24 +276,43 @@ impl Emitter {
         self.slots.push((idx, off, tramp, target));
     }
 
-    /// The trampolines the slots lead to until chained.
+    /// The trampolines the slots lead to until chained. Each tries the lookup table first:
+    /// with paging on the monitor does not chain to another page (it may map elsewhere the
+    /// next time) nor to a unit whose instruction runs on into the next page, so those
+    /// targets go through the table, as indirect ones do; only a miss leaves.
     fn trampolines(&mut self, unit_id: u32) {
         let slots = self.slots.clone();
         for (k, (_, _, tramp, target)) in slots.into_iter().enumerate() {
-            self.emit_at(
-                Instruction::with2(Code::Mov_rm32_imm32, ctx(OFF_EXIT_EIP), target),
-                tramp,
-            );
-            self.store_ctx(OFF_EXIT_UNIT, unit_id);
-            self.store_ctx(OFF_EXIT_SLOT, k as u32);
-            self.store_ctx(OFF_EXIT_REASON, reason::BRANCH);
-            self.jmp_exit_stub();
+            let miss = Miss::Branch {
+                unit: unit_id,
+                slot: k as u32,
+            };
+            self.emit_at(Instruction::with2(Code::Mov_r32_imm32, S0, target), tramp);
+            self.lookup_or(miss);
         }
+    }
+
+    /// Stores what a lookup miss or untaken slot needs and leaves (exit EIP already stored).
+    fn branch_exit(&mut self, miss: Miss) {
+        match miss {
+            Miss::Lookup => self.store_ctx(OFF_EXIT_REASON, reason::LOOKUP_MISS),
+            Miss::Branch { unit, slot } => {
+                self.store_ctx(OFF_EXIT_UNIT, unit);
+                self.store_ctx(OFF_EXIT_SLOT, slot);
+                self.store_ctx(OFF_EXIT_REASON, reason::BRANCH);
+            }
+        }
+        self.jmp_exit_stub();
     }
 
     /// Jumps to the translation of the guest EIP in S0 (R8D) through the lookup table, leaving
     /// RFLAGS untouched; a miss exits to the monitor.
     fn lookup(&mut self) {
+        self.lookup_or(Miss::Lookup);
+    }
+
+    /// [`Emitter::lookup`], with what a miss reports.
+    fn lookup_or(&mut self, miss: Miss) {
         let hit = self.label();
         self.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, Register::R8W));
         self.emit(Instruction::with2(Code::Mov_r64_rm64, S2Q, ctx(OFF_LOOKUP)));
@@ -260,8 +349,7 @@ impl Emitter {
             ctx(OFF_EXIT_EIP),
             S0,
         ));
-        self.store_ctx(OFF_EXIT_REASON, reason::LOOKUP_MISS);
-        self.jmp_exit_stub();
+        self.branch_exit(miss);
         self.emit_at(
             Instruction::with2(Code::Mov_r64_rm64, Register::RCX, SAVE_Q),
             hit,
@@ -328,6 +416,15 @@ fn gs_lea(base: Register, disp: i32) -> MemoryOperand {
     )
 }
 
+/// What a lookup miss reports to the monitor.
+#[derive(Clone, Copy)]
+enum Miss {
+    /// An indirect branch: [`reason::LOOKUP_MISS`].
+    Lookup,
+    /// A direct branch's slot: [`reason::BRANCH`], so the monitor may chain it.
+    Branch { unit: u32, slot: u32 },
+}
+
 #[derive(Clone, Copy)]
 enum Src {
     Reg(Register),
@@ -346,16 +443,16 @@ fn high_byte(r: Register) -> bool {
     matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
 }
 
-/// The guest memory operand as a host `gs:[…]` operand, or None if it cannot be (FS/GS/CS
-/// segments and 16-bit addressing). DS, ES and SS are flat whenever translated code runs.
-fn guest_mem(ins: &Instruction, segment: Register) -> Option<MemoryOperand> {
-    // FS and GS may have any base; CS is not writable (and is rare as an override).
-    if matches!(
-        ins.memory_segment(),
-        Register::FS | Register::GS | Register::CS
-    ) {
-        return None;
-    }
+/// The guest memory operand as a host `gs:[…]` operand, or None if it cannot be (CS, FS or GS
+/// segments the unit's mode does not make flat-limit, and 16-bit addressing). DS, ES and SS are
+/// flat whenever translated code runs. With an FS or GS segment the operand is `gs:[r8d]`, and
+/// the second value is the context offset of the segment base that [`seg_address`] adds into
+/// R8D first. `segment` None is for LEA (no segment, no access).
+fn guest_mem(
+    ins: &Instruction,
+    segment: Option<Register>,
+    mode: Mode,
+) -> Option<(MemoryOperand, Option<i32>)> {
     let base = ins.memory_base();
     let index = ins.memory_index();
     if base.is_gpr16()
@@ -364,15 +461,56 @@ fn guest_mem(ins: &Instruction, segment: Register) -> Option<MemoryOperand> {
     {
         return None;
     }
-    Some(MemoryOperand::new(
-        map_reg(base),
-        index,
-        ins.memory_index_scale(),
-        i64::from(ins.memory_displacement32()),
-        4,
-        false,
-        segment,
+    let based = match (segment, ins.memory_segment()) {
+        (None, _) => None,
+        (Some(_), Register::FS) if mode.has(Mode::FS_FLAT) => Some(OFF_FS_BASE),
+        (Some(_), Register::GS) if mode.has(Mode::GS_FLAT) => Some(OFF_GS_BASE),
+        // FS and GS may have any base and limit; CS is not writable (and is rare as an override).
+        (Some(_), Register::FS | Register::GS | Register::CS) => return None,
+        _ => None,
+    };
+    if let Some(off) = based {
+        let m = MemoryOperand::new(S0, Register::None, 1, 0, 0, false, Register::GS);
+        return Some((m, Some(off)));
+    }
+    Some((
+        MemoryOperand::new(
+            map_reg(base),
+            index,
+            ins.memory_index_scale(),
+            i64::from(ins.memory_displacement32()),
+            4,
+            false,
+            segment.unwrap_or(Register::None),
+        ),
+        None,
     ))
+}
+
+/// Emits `r8d = segment base (context offset `base_off`) + the effective address of `ins`'s
+/// memory operand`, modulo 4 GiB, without touching flags (two `lea`s with 32-bit addressing).
+fn seg_address(e: &mut Emitter, ins: &Instruction, base_off: i32) {
+    e.emit(Instruction::with2(Code::Mov_r32_rm32, S1, ctx(base_off)));
+    let base = map_reg(ins.memory_base());
+    let index = ins.memory_index();
+    let scale = ins.memory_index_scale();
+    let disp = i64::from(ins.memory_displacement32() as i32);
+    let lea = |b: Register, i: Register, sc: u32, d: i64| {
+        Instruction::with2(
+            Code::Lea_r32_m,
+            S0,
+            MemoryOperand::new(b, i, sc, d, 4, false, Register::None),
+        )
+    };
+    match (base, index) {
+        (Register::None, Register::None) => e.emit(lea(S1, Register::None, 1, disp)),
+        (b, Register::None) => e.emit(lea(S1, b, 1, disp)),
+        (Register::None, i) => e.emit(lea(S1, i, scale, disp)),
+        (b, i) => {
+            e.emit(lea(b, i, scale, disp));
+            e.emit(lea(S0, S1, 1, 0))
+        }
+    };
 }
 
 /// Mnemonics that mean the same in 64-bit mode once ESP is R12D and memory is GS-relative.
@@ -467,15 +605,33 @@ fn ident_mnemonic(m: Mnemonic) -> bool {
             | M::Cmovge
             | M::Cmovle
             | M::Cmovg
+            | M::Tzcnt
+            | M::Lzcnt
+            | M::Lfence
+            | M::Mfence
+            | M::Sfence
     )
 }
 
-/// The 64-bit form of an ident instruction, or None if it must be a callout.
-fn ident(ins: &Instruction) -> Option<Instruction> {
+/// The 64-bit form of an ident instruction, or None if it must be a callout; with the context
+/// offset of a segment base [`seg_address`] must add into R8D first.
+fn ident(ins: &Instruction, mode: Mode) -> Option<(Instruction, Option<i32>)> {
     if !ident_mnemonic(ins.mnemonic()) {
         return None;
     }
     let mut h = *ins;
+    let mut based = None;
+    let mut mem = |seg| {
+        let (m, b) = guest_mem(ins, seg, mode)?;
+        based = based.or(b);
+        Some(m)
+    };
+    // Without BMI1/LZCNT (our CPUID), F3 0F BC/BD are BSF/BSR (the REP prefix is ignored):
+    // the host, which has TZCNT and LZCNT, must be given BSF and BSR.
+    if let Some(code) = without_bmi(ins.code()) {
+        h.set_code(code);
+        h.set_has_rep_prefix(false);
+    }
     // Forms 64-bit mode lacks: inc/dec 0x40-0x4F and the moffs movs.
     match ins.code() {
         Code::Inc_r32 => h = Instruction::with1(Code::Inc_rm32, ins.op0_register()).ok()?,
@@ -483,52 +639,26 @@ fn ident(ins: &Instruction) -> Option<Instruction> {
         Code::Inc_r16 => h = Instruction::with1(Code::Inc_rm16, ins.op0_register()).ok()?,
         Code::Dec_r16 => h = Instruction::with1(Code::Dec_rm16, ins.op0_register()).ok()?,
         Code::Mov_AL_moffs8 => {
-            h = Instruction::with2(
-                Code::Mov_r8_rm8,
-                Register::AL,
-                guest_mem(ins, Register::GS)?,
-            )
-            .ok()?
+            h = Instruction::with2(Code::Mov_r8_rm8, Register::AL, mem(Some(Register::GS))?).ok()?
         }
         Code::Mov_AX_moffs16 => {
-            h = Instruction::with2(
-                Code::Mov_r16_rm16,
-                Register::AX,
-                guest_mem(ins, Register::GS)?,
-            )
-            .ok()?
+            h = Instruction::with2(Code::Mov_r16_rm16, Register::AX, mem(Some(Register::GS))?)
+                .ok()?
         }
         Code::Mov_EAX_moffs32 => {
-            h = Instruction::with2(
-                Code::Mov_r32_rm32,
-                Register::EAX,
-                guest_mem(ins, Register::GS)?,
-            )
-            .ok()?
+            h = Instruction::with2(Code::Mov_r32_rm32, Register::EAX, mem(Some(Register::GS))?)
+                .ok()?
         }
         Code::Mov_moffs8_AL => {
-            h = Instruction::with2(
-                Code::Mov_rm8_r8,
-                guest_mem(ins, Register::GS)?,
-                Register::AL,
-            )
-            .ok()?
+            h = Instruction::with2(Code::Mov_rm8_r8, mem(Some(Register::GS))?, Register::AL).ok()?
         }
         Code::Mov_moffs16_AX => {
-            h = Instruction::with2(
-                Code::Mov_rm16_r16,
-                guest_mem(ins, Register::GS)?,
-                Register::AX,
-            )
-            .ok()?
+            h = Instruction::with2(Code::Mov_rm16_r16, mem(Some(Register::GS))?, Register::AX)
+                .ok()?
         }
         Code::Mov_moffs32_EAX => {
-            h = Instruction::with2(
-                Code::Mov_rm32_r32,
-                guest_mem(ins, Register::GS)?,
-                Register::EAX,
-            )
-            .ok()?
+            h = Instruction::with2(Code::Mov_rm32_r32, mem(Some(Register::GS))?, Register::EAX)
+                .ok()?
         }
         code => {
             if !code.op_code().mode64() {
@@ -555,20 +685,29 @@ fn ident(ins: &Instruction) -> Option<Instruction> {
             }
             OpKind::Memory => {
                 if ins.mnemonic() == Mnemonic::Lea {
-                    let m = guest_mem(ins, Register::None)?;
+                    let m = mem(None)?;
                     uses_rex |= m.base == GUEST_ESP;
                     h.set_memory_base(m.base);
+                    h.set_segment_prefix(Register::None);
                     if m.base == Register::None && m.index == Register::None {
                         h.set_memory_displ_size(4);
                     }
-                } else if h.code() == ins.code() {
-                    let m = guest_mem(ins, Register::GS)?;
-                    uses_rex |= m.base == GUEST_ESP;
+                } else if h.code() == ins.code() || without_bmi(ins.code()).is_some() {
+                    let m = mem(Some(Register::GS))?;
+                    uses_rex |= m.base == GUEST_ESP || m.base == S0;
                     h.set_memory_base(m.base);
                     h.set_segment_prefix(Register::GS);
-                    if m.base == Register::None && m.index == Register::None {
+                    if m.base == S0 {
+                        h.set_memory_index(Register::None);
+                        h.set_memory_index_scale(1);
+                        h.set_memory_displacement32(0);
+                        h.set_memory_displ_size(0);
+                    } else if m.base == Register::None && m.index == Register::None {
                         h.set_memory_displ_size(4);
                     }
+                } else {
+                    // A rewritten moffs form: its operand came from `mem`.
+                    uses_rex |= h.memory_base() == S0;
                 }
             }
             OpKind::Immediate8
@@ -588,13 +727,25 @@ fn ident(ins: &Instruction) -> Option<Instruction> {
     if ins.stack_pointer_increment() != 0 {
         return None;
     }
-    Some(h)
+    Some((h, based))
+}
+
+/// BSF or BSR for the TZCNT or LZCNT encodings (what they mean without BMI1/LZCNT).
+fn without_bmi(code: Code) -> Option<Code> {
+    Some(match code {
+        Code::Tzcnt_r32_rm32 => Code::Bsf_r32_rm32,
+        Code::Tzcnt_r16_rm16 => Code::Bsf_r16_rm16,
+        Code::Lzcnt_r32_rm32 => Code::Bsr_r32_rm32,
+        Code::Lzcnt_r16_rm16 => Code::Bsr_r16_rm16,
+        _ => return None,
+    })
 }
 
 /// Reads guest code for the translator.
 pub trait CodeSource {
     /// Copies guest code at linear `eip` into `buf`; returns how many bytes are readable (0 if
-    /// the address is not RAM or firmware).
+    /// the address is not RAM or firmware). Bytes past the end of `eip`'s page come from the
+    /// page that follows it, if that one can be fetched from.
     fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize;
 
     /// Whether the instruction at `eip` must be executed by the emulator even though it could
@@ -606,20 +757,25 @@ pub trait CodeSource {
     }
 }
 
-/// Translates the unit at guest `eip` (unit number `unit_id`) for host address `rip`.
+/// Translates the unit at guest `eip` (unit number `unit_id`) for host address `rip`, to run
+/// in `mode`.
 pub fn translate(
     src: &dyn CodeSource,
     eip: u32,
     unit_id: u32,
     rip: u64,
+    mode: Mode,
 ) -> Result<Encoded, TranslateError> {
     let page_end = (u64::from(eip) & !0xFFF) + 0x1000;
     let avail = (page_end - u64::from(eip)) as usize;
-    let mut bytes = vec![0u8; avail];
+    // Up to 14 more bytes, from the next page, for an instruction that runs on into it.
+    let mut bytes = vec![0u8; avail + 14];
     let got = src.read_code(eip, &mut bytes);
     bytes.truncate(got);
+    let in_page = got.min(avail);
+    let mut crosses = false;
 
-    let mut e = Emitter::new(eip);
+    let mut e = Emitter::new(eip, mode);
     e.emit(Instruction::with2(Code::Mov_r32_rm32, S3, ctx(OFF_POLL)));
     let count_idx = e.emit(Instruction::with2(
         Code::Lea_r64_m,
@@ -630,19 +786,30 @@ pub fn translate(
     let mut count = 0u32;
     let mut callout = None;
     let mut guest_end = eip;
+    // After an inline STI: the next instruction is in its interrupt shadow.
+    let mut shadow = false;
     loop {
         let at = eip.wrapping_add(decoder.position() as u32);
         e.tag = (at, count);
-        if count as usize >= MAX_INSTRUCTIONS || (decoder.position() >= bytes.len() && count > 0) {
+        if count as usize >= MAX_INSTRUCTIONS
+            || crosses
+            || (decoder.position() >= in_page && count > 0)
+        {
             // The cap, the end of the page, or the end of readable memory: continue at `at`.
-            e.slot(None, at);
+            if shadow {
+                e.sti_shadow_exit(at);
+            } else {
+                e.slot(None, at);
+            }
             break;
         }
         let ins = decoder.decode();
         if ins.is_invalid() {
             // Undefined, cut by the page end, or not in memory: the interpreter executes it (and
             // raises the right fault, or fetches across the page).
-            if count > 0 {
+            if shadow {
+                e.sti_shadow_exit(at);
+            } else if count > 0 {
                 e.slot(None, at);
             } else {
                 callout = Some(Mnemonic::INVALID);
@@ -652,15 +819,51 @@ pub fn translate(
             break;
         }
         let next = ins.next_ip32();
+        if decoder.position() > in_page {
+            // The instruction runs on into the next page: it gets a unit of its own (which
+            // then depends on both pages), and otherwise the next unit starts with it.
+            if count > 0 {
+                if shadow {
+                    e.sti_shadow_exit(at);
+                } else {
+                    e.slot(None, at);
+                }
+                break;
+            }
+            crosses = true;
+        }
         guest_end = next;
         if src.emulate(at) {
-            callout = Some(ins.mnemonic());
-            e.callout(at);
+            if shadow {
+                e.sti_shadow_exit(at);
+            } else {
+                callout = Some(ins.mnemonic());
+                e.callout(at);
+            }
             break;
         }
+        let mark = e.out.len();
         match rewrite(&mut e, &ins, next) {
+            Rewrite::Continue if shadow => {
+                // The shadow is over: a waiting interrupt is due now.
+                count += 1;
+                e.irq_check(next);
+                e.slot(None, next);
+                break;
+            }
             Rewrite::Continue => count += 1,
-            Rewrite::End => {
+            Rewrite::Sti if !shadow => {
+                count += 1;
+                shadow = true;
+            }
+            Rewrite::End | Rewrite::Callout | Rewrite::Sti if shadow => {
+                // The shadow instruction leaves the unit (or is STI again): the monitor
+                // executes it with the interrupt shadow held.
+                e.truncate(mark);
+                e.sti_shadow_exit(at);
+                break;
+            }
+            Rewrite::End | Rewrite::Sti => {
                 count += 1;
                 break;
             }
@@ -728,12 +931,16 @@ pub fn translate(
         instructions: count,
         guest_end,
         callout,
+        crosses,
     })
 }
 
 enum Rewrite {
     /// Translated; the unit goes on.
     Continue,
+    /// An inline STI: the next instruction is in its interrupt shadow, and a pending
+    /// interrupt is due right after that one.
+    Sti,
     /// Translated, and the unit ends with it (control flow).
     End,
     /// Not translated: the unit ends with a callout for it.
@@ -809,6 +1016,49 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             e.lookup();
             Rewrite::End
         }
+        // ---- flags and interrupts ----
+        C::Cld | C::Std => {
+            e.push(*ins);
+            let step = if ins.code() == C::Cld { 1 } else { -1i32 };
+            e.store_ctx(OFF_DF_STEP, step as u32);
+            Rewrite::Continue
+        }
+        // At CPL 0 (always <= IOPL) CLI and STI only change IF, kept virtual in the context.
+        C::Cli if e.mode.has(Mode::CPL0) => {
+            e.store_ctx(OFF_VIF, 0);
+            Rewrite::Continue
+        }
+        C::Sti if e.mode.has(Mode::CPL0) => {
+            e.store_ctx(OFF_VIF, IF);
+            Rewrite::Sti
+        }
+        C::Pushfd if e.mode.has(Mode::CPL0) => {
+            // Host RFLAGS in translated code is exactly the guest's arithmetic flags and DF
+            // plus bit 1 and IF (the world switch cleared the rest): swap in the virtual IF and
+            // the guest's other system flags (which hold bit 1), without touching flags.
+            e.emit(Ok(Instruction::with(Code::Pushfq)));
+            e.emit(Instruction::with1(Code::Pop_r64, S0Q));
+            e.emit(Instruction::with2(Code::Mov_r32_rm32, S1, ctx(OFF_VIF)));
+            e.emit(Instruction::with2(
+                Code::Lea_r32_m,
+                S0,
+                MemoryOperand::new(S0, S1, 1, -0x202, 4, false, Register::None),
+            ));
+            e.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                S1,
+                ctx(OFF_SYSFLAGS),
+            ));
+            e.emit(Instruction::with2(
+                Code::Lea_r32_m,
+                S0,
+                MemoryOperand::new(S0, S1, 1, 0, 0, false, Register::None),
+            ));
+            e.store_stack(-4, Src::Reg(S0));
+            e.adjust_esp(-4);
+            Rewrite::Continue
+        }
+        _ if string_kind(ins).is_some() => string_op(e, ins),
         // ---- stack ----
         C::Push_r32 | C::Push_rm32 if ins.op0_kind() == OpKind::Register => {
             e.store_stack(-4, Src::Reg(map_reg(ins.op0_register())));
@@ -903,14 +1153,191 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             e.emit(Instruction::with2(Code::Mov_r32_rm32, Register::EBP, S0));
             Rewrite::Continue
         }
-        _ => match ident(ins) {
-            Some(h) => {
+        _ => match ident(ins, e.mode) {
+            Some((h, based)) => {
+                if let Some(off) = based {
+                    seg_address(e, ins, off);
+                }
                 e.push(h);
                 Rewrite::Continue
             }
             None => Rewrite::Callout,
         },
     }
+}
+
+/// EFLAGS.IF.
+const IF: u32 = 0x200;
+
+/// The string instructions translated inline (INS/OUTS are I/O: callouts).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StringKind {
+    Movs,
+    Stos,
+    Lods,
+    Cmps,
+    Scas,
+}
+
+/// The kind and operand size of a string instruction translated inline, if `ins` is one.
+fn string_kind(ins: &Instruction) -> Option<(StringKind, u32)> {
+    use Mnemonic as M;
+    use StringKind as K;
+    Some(match ins.mnemonic() {
+        M::Movsb => (K::Movs, 1),
+        M::Movsw => (K::Movs, 2),
+        M::Movsd
+            if ins.op0_kind() == OpKind::MemoryESEDI || ins.op0_kind() == OpKind::MemoryESDI =>
+        {
+            (K::Movs, 4)
+        }
+        M::Stosb => (K::Stos, 1),
+        M::Stosw => (K::Stos, 2),
+        M::Stosd => (K::Stos, 4),
+        M::Lodsb => (K::Lods, 1),
+        M::Lodsw => (K::Lods, 2),
+        M::Lodsd => (K::Lods, 4),
+        M::Cmpsb => (K::Cmps, 1),
+        M::Cmpsw => (K::Cmps, 2),
+        M::Cmpsd
+            if ins.op0_kind() == OpKind::MemorySegESI || ins.op0_kind() == OpKind::MemorySegSI =>
+        {
+            (K::Cmps, 4)
+        }
+        M::Scasb => (K::Scas, 1),
+        M::Scasw => (K::Scas, 2),
+        M::Scasd => (K::Scas, 4),
+        _ => return None,
+    })
+}
+
+/// `gs:[reg]` with 32-bit addressing.
+fn gs_at(reg: Register) -> MemoryOperand {
+    MemoryOperand::new(reg, Register::None, 1, 0, 0, false, Register::GS)
+}
+
+/// MOVS, STOS, LODS, CMPS and SCAS (with REP/REPE/REPNE) against the window: ES:EDI cannot be
+/// reached with a host string instruction (ES.base is 0 in 64-bit mode), so each iteration is
+/// loads and stores through GS, then ESI/EDI step by `df_step` × size and ECX counts down with
+/// `lea` (no flags). A REP loop polls for exit requests between iterations, and every register
+/// update follows the iteration's accesses: a fault or a time slice's end leaves ECX/ESI/EDI
+/// describing the iterations still to do, with EIP on the instruction, as on the CPU.
+fn string_op(e: &mut Emitter, ins: &Instruction) -> Rewrite {
+    use StringKind as K;
+    let Some((kind, size)) = string_kind(ins) else {
+        return Rewrite::Callout;
+    };
+    let a32 = [ins.op0_kind(), ins.op1_kind()]
+        .iter()
+        .any(|k| matches!(k, OpKind::MemorySegESI | OpKind::MemoryESEDI));
+    let reads_source = matches!(kind, K::Movs | K::Lods | K::Cmps);
+    // 16-bit addressing, LOCK (#UD) and a source segment that may not be flat: the
+    // interpreter.
+    if !a32
+        || ins.has_lock_prefix()
+        || (reads_source
+            && matches!(
+                ins.memory_segment(),
+                Register::FS | Register::GS | Register::CS
+            ))
+    {
+        return Rewrite::Callout;
+    }
+    let (acc, tmp, load, store, cmp) = match size {
+        1 => (
+            Register::AL,
+            Register::R8L,
+            Code::Mov_r8_rm8,
+            Code::Mov_rm8_r8,
+            Code::Cmp_r8_rm8,
+        ),
+        2 => (
+            Register::AX,
+            Register::R8W,
+            Code::Mov_r16_rm16,
+            Code::Mov_rm16_r16,
+            Code::Cmp_r16_rm16,
+        ),
+        _ => (
+            Register::EAX,
+            S0,
+            Code::Mov_r32_rm32,
+            Code::Mov_rm32_r32,
+            Code::Cmp_r32_rm32,
+        ),
+    };
+    let rep = ins.has_rep_prefix() || ins.has_repne_prefix();
+    let done = e.label();
+    e.emit(Instruction::with2(Code::Mov_r32_rm32, S1, ctx(OFF_DF_STEP)));
+    let top = e.label();
+    if rep {
+        e.emit_at(
+            Instruction::with2(Code::Mov_r32_rm32, S3, ctx(OFF_POLL)),
+            top,
+        );
+        e.emit(Instruction::with_branch(Code::Jecxz_rel8_64, done));
+    }
+    let esi = gs_at(Register::ESI);
+    let edi = gs_at(Register::EDI);
+    match kind {
+        K::Movs => {
+            e.emit(Instruction::with2(load, tmp, esi));
+            e.emit(Instruction::with2(store, edi, tmp));
+        }
+        K::Stos => {
+            e.emit(Instruction::with2(store, edi, acc));
+        }
+        K::Lods => {
+            e.emit(Instruction::with2(load, acc, esi));
+        }
+        K::Cmps => {
+            e.emit(Instruction::with2(load, tmp, esi));
+            e.emit(Instruction::with2(cmp, tmp, edi));
+        }
+        K::Scas => {
+            e.emit(Instruction::with2(cmp, acc, edi));
+        }
+    }
+    let step = |e: &mut Emitter, r: Register| {
+        e.emit(Instruction::with2(
+            Code::Lea_r32_m,
+            r,
+            MemoryOperand::new(r, S1, size, 0, 0, false, Register::None),
+        ));
+    };
+    if reads_source {
+        step(e, Register::ESI);
+    }
+    if kind != K::Lods {
+        step(e, Register::EDI);
+    }
+    if rep {
+        e.emit(Instruction::with2(
+            Code::Lea_r32_m,
+            Register::ECX,
+            MemoryOperand::new(
+                Register::ECX,
+                Register::None,
+                1,
+                -1,
+                1,
+                false,
+                Register::None,
+            ),
+        ));
+        if matches!(kind, K::Cmps | K::Scas) {
+            // REPE stops on a difference, REPNE on a match.
+            let stop = if ins.has_repne_prefix() {
+                Code::Je_rel32_64
+            } else {
+                Code::Jne_rel32_64
+            };
+            e.emit(Instruction::with_branch(stop, done));
+        }
+        e.emit(Instruction::with_branch(Code::Jmp_rel32_64, top));
+        e.emit_at(Ok(Instruction::with(Code::Nopd)), done);
+    }
+    Rewrite::Continue
 }
 
 /// `mov r8d, <operand 0>` for a 32-bit register or memory operand.
@@ -924,8 +1351,11 @@ fn load_s0(e: &mut Emitter, ins: &Instruction) -> bool {
             ));
             true
         }
-        OpKind::Memory => match guest_mem(ins, Register::GS) {
-            Some(m) => {
+        OpKind::Memory => match guest_mem(ins, Some(Register::GS), e.mode) {
+            Some((m, based)) => {
+                if let Some(off) = based {
+                    seg_address(e, ins, off);
+                }
                 e.emit(Instruction::with2(Code::Mov_r32_rm32, S0, m));
                 true
             }
@@ -979,7 +1409,7 @@ mod tests {
     }
 
     fn unit(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> (Encoded, Vec<String>) {
-        let e = translate(&Bytes(guest(f)), BASE, 7, RIP).unwrap();
+        let e = translate(&Bytes(guest(f)), BASE, 7, RIP, Mode::default()).unwrap();
         let t = text(&host(&e.code));
         (e, t)
     }
@@ -1094,13 +1524,14 @@ mod tests {
             guest(|a| a.mov(eax, dword_ptr(ebx).fs())),
             guest(|a| a.int(0x80)),
             guest(|a| a.sgdt(dword_ptr(0x100))),
-            guest(|a| a.rep().movsd()),
+            guest(|a| a.rep().insd()),
+            guest(|a| a.db(&[0x64, 0xA5])), // fs movsd: FS may not be flat
             guest(|a| a.cpuid()),
             guest(|a| a.daa()),
             guest(|a| a.ud2()),
         ];
         for c in cases {
-            let e = translate(&Bytes(c.clone()), BASE, 0, RIP).unwrap();
+            let e = translate(&Bytes(c.clone()), BASE, 0, RIP, Mode::default()).unwrap();
             assert_eq!(e.instructions, 0, "{c:02x?}");
             assert!(e.callout.is_some());
             let t = text(&host(&e.code));
@@ -1128,10 +1559,7 @@ mod tests {
             &[0x0F, 0x85]
         );
         assert_eq!(e.code[e.slots[1].rel32_offset as usize - 1], 0xE9);
-        assert!(
-            t.iter()
-                .any(|l| l == &format!("mov dword ptr [r15+{OFF_EXIT_EIP:X}h],100000h"))
-        );
+        assert!(t.iter().any(|l| l == "mov r8d,100000h"), "{t:?}");
         assert!(
             t.iter()
                 .any(|l| l == &format!("mov dword ptr [r15+{OFF_EXIT_UNIT:X}h],7"))
@@ -1161,11 +1589,153 @@ mod tests {
         }
     }
 
+    fn unit_in(
+        mode: u8,
+        f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> (Encoded, Vec<String>) {
+        let e = translate(&Bytes(guest(f)), BASE, 7, RIP, Mode(mode)).unwrap();
+        let t = text(&host(&e.code));
+        (e, t)
+    }
+
+    #[test]
+    fn fs_operands_add_the_base_from_the_context_when_fs_is_flat_limit() {
+        let code = |a: &mut CodeAssembler| {
+            a.mov(eax, dword_ptr(ebx + esi * 2 + 8).fs())?;
+            a.add(dword_ptr(esp + 4).gs(), 1)?;
+            a.hlt()
+        };
+        let (e, t) = unit_in(Mode::FS_FLAT | Mode::GS_FLAT, code);
+        assert_eq!(e.instructions, 2);
+        assert_eq!(t[2], format!("mov r9d,[r15+{OFF_FS_BASE:X}h]"));
+        assert_eq!(t[3], "lea r8d,[ebx+esi*2+8]");
+        assert_eq!(t[4], "lea r8d,[r8d+r9d]");
+        assert_eq!(t[5], "mov eax,gs:[r8d]");
+        assert_eq!(t[6], format!("mov r9d,[r15+{OFF_GS_BASE:X}h]"));
+        assert_eq!(t[7], "lea r8d,[r9d+r12d+4]");
+        assert_eq!(t[8], "add dword ptr gs:[r8d],1");
+        // Any other FS: the interpreter checks its limit and type.
+        let (e, _) = unit_in(Mode::GS_FLAT, code);
+        assert_eq!((e.instructions, e.callout), (0, Some(Mnemonic::Mov)));
+    }
+
+    #[test]
+    fn string_instructions_step_by_the_context_df_and_rep_loops_poll() {
+        let (e, t) = unit_in(0, |a| {
+            a.stosb()?;
+            a.rep().movsd()?;
+            a.repne().scasb()?;
+            a.hlt()
+        });
+        assert_eq!(e.instructions, 3);
+        let df = format!("mov r9d,[r15+{OFF_DF_STEP:X}h]");
+        let poll = format!("mov r11d,[r15+{OFF_POLL:X}h]");
+        assert_eq!(
+            &t[2..5],
+            [df.as_str(), "mov gs:[edi],al", "lea edi,[edi+r9d]"]
+        );
+        let movs = t.iter().position(|l| l == "mov r8d,gs:[esi]").unwrap();
+        assert_eq!(t[movs - 2], poll);
+        assert!(t[movs - 1].starts_with("jecxz"), "{t:?}");
+        assert_eq!(
+            &t[movs + 1..movs + 5],
+            [
+                "mov gs:[edi],r8d",
+                "lea esi,[esi+r9d*4]",
+                "lea edi,[edi+r9d*4]",
+                "lea ecx,[ecx-1]"
+            ]
+        );
+        let scas = t.iter().position(|l| l == "cmp al,gs:[edi]").unwrap();
+        assert!(
+            t[scas + 3].starts_with("je "),
+            "REPNE stops on a match: {t:?}"
+        );
+        // CLD/STD keep the context's step in line with DF.
+        let (_, t) = unit_in(0, |a| {
+            a.std()?;
+            a.hlt()
+        });
+        assert_eq!(t[2], "std");
+        assert_eq!(
+            t[3],
+            format!("mov dword ptr [r15+{OFF_DF_STEP:X}h],0FFFFFFFFh")
+        );
+    }
+
+    #[test]
+    fn cli_sti_and_pushf_are_inline_at_cpl0_only() {
+        let (e, t) = unit_in(Mode::CPL0, |a| {
+            a.pushfd()?;
+            a.cli()?;
+            a.sti()?;
+            a.nop()?;
+            a.hlt()
+        });
+        // The unit ends after the instruction in STI's shadow, checking for a waiting IRQ.
+        assert_eq!(e.instructions, 4);
+        assert_eq!(&t[2..4], ["pushfq", "pop r8"]);
+        assert!(t.contains(&format!("mov dword ptr [r15+{OFF_VIF:X}h],0")));
+        assert!(t.contains(&format!("mov dword ptr [r15+{OFF_VIF:X}h],200h")));
+        assert!(t.contains(&format!("mov ecx,[r15+{OFF_IRQ_PENDING:X}h]")));
+        // STI before an instruction that leaves the unit: the monitor runs that one.
+        let (e, t) = unit_in(Mode::CPL0, |a| {
+            a.sti()?;
+            a.hlt()
+        });
+        assert_eq!((e.instructions, e.callout), (1, None));
+        assert!(t.contains(&format!(
+            "mov dword ptr [r15+{OFF_EXIT_REASON:X}h],{}",
+            reason::STI_SHADOW
+        )));
+        for f in [
+            (|a: &mut CodeAssembler| a.cli()) as fn(&mut CodeAssembler) -> Result<(), IcedError>,
+            |a| a.sti(),
+            |a| a.pushfd(),
+        ] {
+            let (e, _) = unit_in(Mode::FS_FLAT, f);
+            assert_eq!(e.instructions, 0, "a callout above CPL 0");
+        }
+    }
+
+    #[test]
+    fn unchained_branches_try_the_lookup_table_before_leaving() {
+        let (e, t) = unit(|a| a.jmp(0x0010_2000));
+        assert_eq!(e.slots[0].target, 0x0010_2000);
+        assert!(t.contains(&"mov r8d,102000h".to_string()), "{t:?}");
+        assert!(t.contains(&"movzx r9d,r8w".to_string()), "{t:?}");
+        // A miss stores the target from R8D and names the slot, so the monitor can chain it.
+        assert!(
+            t.contains(&format!("mov [r15+{OFF_EXIT_EIP:X}h],r8d")),
+            "{t:?}"
+        );
+        assert!(
+            t.contains(&format!(
+                "mov dword ptr [r15+{OFF_EXIT_REASON:X}h],{}",
+                reason::BRANCH
+            )),
+            "{t:?}"
+        );
+    }
+
+    #[test]
+    fn an_instruction_across_the_page_end_gets_a_unit_of_its_own() {
+        let mut code = vec![0x90u8; 0x1000 - 3];
+        code.extend([0xB8, 0x78, 0x56, 0x34, 0x12, 0x90]); // mov eax,12345678h across the end
+        let e = translate(&Bytes(code.clone()), BASE + 0x1000 - 4, 0, RIP, Mode(0)).unwrap();
+        assert_eq!((e.instructions, e.crosses), (1, false));
+        assert_eq!(e.slots.last().unwrap().target, BASE + 0x1000 - 3);
+        let e = translate(&Bytes(code), BASE + 0x1000 - 3, 0, RIP, Mode(0)).unwrap();
+        assert_eq!((e.instructions, e.crosses), (1, true));
+        assert_eq!(text(&host(&e.code))[2], "mov eax,12345678h");
+        assert_eq!(e.slots.last().unwrap().target, BASE + 0x1000 + 2);
+    }
+
     #[test]
     fn a_unit_stops_at_the_page_end() {
         let mut code = vec![0x90u8; 0x1000 - 2];
         code.extend([0x01, 0xD8, 0x01, 0xD8]); // add eax,ebx twice, across the page end
-        let e = translate(&Bytes(code), BASE + 0x1000 - 4, 0, RIP).unwrap();
+        let e = translate(&Bytes(code), BASE + 0x1000 - 4, 0, RIP, Mode::default()).unwrap();
         // nop, nop, add end the page; the second add is the next page's.
         assert_eq!(e.instructions, 3);
         assert_eq!(e.slots.last().unwrap().target, BASE + 0x1000);

@@ -204,6 +204,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "page-straddle",
+        about: "an instruction across a page boundary, run again after its second page is remapped and rewritten",
+        build: tk::page_straddle,
+        firmware: false,
+    },
+    Entry {
         name: "spin-timer",
         about: "takes 10 timer interrupts at 100 Hz while spinning in a tight loop (no HLT)",
         build: tk::spin_timer,

@@ -742,3 +742,39 @@ pub fn segment_edges() -> AsmResult<Vec<u8>> {
     k.exit(0x27)?;
     k.build()
 }
+
+/// An instruction that straddles two pages (`mov eax, imm32` whose last three immediate bytes
+/// and the `ret` are on the second page): run, run again, then with the second page remapped
+/// to another frame (INVLPG), then with that frame's code rewritten. Each call must see the
+/// bytes the page tables and memory hold at that moment. Exits with value 0x28.
+pub fn page_straddle() -> AsmResult<Vec<u8>> {
+    use edges::{PD, PT0};
+    const FIRST: u32 = 0x32_0000;
+    const SECOND: u32 = FIRST + 0x1000;
+    const OTHER_FRAME: u32 = 0x33_1000;
+    let mut k = Kit::new()?;
+    k.identity_map_4mib(PD)?;
+    k.asm().mov(eax, PD)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 0x8001_0000u32)?;
+    k.asm().mov(cr0, eax)?;
+    k.asm().mov(word_ptr(SECOND - 2), 0x11B8u32)?;
+    k.asm().mov(dword_ptr(SECOND), 0xC344_3322u32)?;
+    k.asm().mov(dword_ptr(OTHER_FRAME), 0xC377_8899u32)?;
+    k.asm().mov(ebx, SECOND - 2)?;
+    for round in 0..2 {
+        k.asm().call(ebx)?;
+        k.print_field(&format!("straddle {round}"), eax)?;
+    }
+    k.asm()
+        .mov(dword_ptr(PT0 + 4 * (SECOND >> 12)), OTHER_FRAME | 3)?;
+    k.asm().invlpg(byte_ptr(SECOND))?;
+    k.asm().call(ebx)?;
+    k.print_field("second page remapped", eax)?;
+    k.asm().mov(byte_ptr(SECOND), 0x55u32)?;
+    k.asm().call(ebx)?;
+    k.print_field("second page rewritten", eax)?;
+    k.exit(0x28)?;
+    k.build()
+}

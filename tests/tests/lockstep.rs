@@ -29,9 +29,21 @@ fn counter(stats: &str, name: &str) -> u64 {
 
 #[test]
 fn kit_kernels_run_in_lockstep_without_divergence() {
-    // Flat code, self-modifying code, paging with shadow windows, timer interrupts, and the
-    // sensitive instructions at CPL 0 and 3 (callouts).
-    for kernel in ["hello", "smc", "shadow-maps", "timer", "sensitive"] {
+    // Flat code, self-modifying code, paging with shadow windows, timer interrupts, the
+    // sensitive instructions at CPL 0 and 3 (callouts), inline string instructions faulting
+    // part-way, system calls at every CPL, an instruction across two pages, inline STI while
+    // the timer runs.
+    for kernel in [
+        "hello",
+        "smc",
+        "shadow-maps",
+        "timer",
+        "sensitive",
+        "string-edges",
+        "syscalls",
+        "page-straddle",
+        "spin-timer",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let name = write_kit_kernel(dir.path(), kernel);
         let guest = Guest::kernel(dir.path(), &name);

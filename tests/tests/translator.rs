@@ -214,3 +214,15 @@ fn segment_bases_wrap_and_limits_hold() {
         }
     }
 }
+
+#[test]
+fn an_instruction_across_two_pages_follows_both() {
+    let o = compare("page-straddle", &protected_mode_engines());
+    assert_eq!(
+        o.serial_text(),
+        "straddle 0=44332211\nstraddle 1=44332211\nsecond page remapped=77889911\n\
+         second page rewritten=77885511\n"
+    );
+    translated_and_safe(&o);
+    assert!(stat(&o, "units invalidated") >= 1, "{}", o.stderr);
+}

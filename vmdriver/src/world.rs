@@ -41,6 +41,12 @@ pub mod reason {
     pub const CALLOUT: u32 = 3;
     /// A host signal interrupted translated code: `signo`, `si_code`, `si_addr`, `fault_rip`.
     pub const SIGNAL: u32 = 4;
+    /// Inline code set IF while an interrupt waits (`irq_pending`): `exit_eip` is the next
+    /// instruction, and the interrupt is due before it.
+    pub const IRQ_WINDOW: u32 = 5;
+    /// An inline STI whose one-instruction interrupt shadow the unit cannot hold: `exit_eip` is
+    /// the instruction in the shadow, for the monitor to execute before any interrupt.
+    pub const STI_SHADOW: u32 = 6;
 }
 
 /// The host signals translated code can raise, as (number, name) for counters.
@@ -92,6 +98,23 @@ pub struct VcpuContext {
     pub fault_rip: u64,
     /// The host page-fault error code of a SIGSEGV (bit 1: the access was a write).
     pub fault_error: u64,
+    /// Guest FS.base, added to FS-relative addresses by units translated while FS is a flat-limit
+    /// data segment.
+    pub fs_base: u32,
+    /// Guest GS.base, likewise.
+    pub gs_base: u32,
+    /// +1 while the guest's DF is clear, -1 while it is set: string instructions step ESI/EDI by
+    /// this times the operand size without reading RFLAGS (translated CLD/STD keep it current).
+    pub df_step: i32,
+    /// The guest's EFLAGS.IF (0 or 0x200), which units translated for CPL 0 change inline
+    /// (CLI, STI, PUSHF, POPF); the monitor merges it back into EFLAGS.
+    pub vif: u32,
+    /// Non-zero while an interrupt waits for IF: an inline STI or POPF that sets IF then leaves
+    /// (after STI's one-instruction shadow) so the monitor can deliver it.
+    pub irq_pending: u32,
+    /// The guest EFLAGS bits other than the arithmetic flags, DF and IF (IOPL, NT, AC, ID and
+    /// bit 1), which an inline PUSHF stores and an inline POPF keeps.
+    pub sysflags: u32,
     magic: u64,
 }
 
@@ -111,6 +134,18 @@ pub const OFF_EXIT_SLOT: i32 = offset_of!(VcpuContext, exit_slot) as i32;
 pub const OFF_LOOKUP: i32 = offset_of!(VcpuContext, lookup) as i32;
 /// Offset of [`VcpuContext::lookup_hits`].
 pub const OFF_LOOKUP_HITS: i32 = offset_of!(VcpuContext, lookup_hits) as i32;
+/// Offset of [`VcpuContext::fs_base`].
+pub const OFF_FS_BASE: i32 = offset_of!(VcpuContext, fs_base) as i32;
+/// Offset of [`VcpuContext::gs_base`].
+pub const OFF_GS_BASE: i32 = offset_of!(VcpuContext, gs_base) as i32;
+/// Offset of [`VcpuContext::df_step`].
+pub const OFF_DF_STEP: i32 = offset_of!(VcpuContext, df_step) as i32;
+/// Offset of [`VcpuContext::vif`].
+pub const OFF_VIF: i32 = offset_of!(VcpuContext, vif) as i32;
+/// Offset of [`VcpuContext::irq_pending`].
+pub const OFF_IRQ_PENDING: i32 = offset_of!(VcpuContext, irq_pending) as i32;
+/// Offset of [`VcpuContext::sysflags`].
+pub const OFF_SYSFLAGS: i32 = offset_of!(VcpuContext, sysflags) as i32;
 /// Offset of the poll page from the context: every unit starts with `mov r11d, [r15+OFF_POLL]`.
 pub const OFF_POLL: i32 = PAGE as i32;
 
@@ -298,6 +333,12 @@ impl Vcpu {
             si_addr: 0,
             fault_rip: 0,
             fault_error: 0,
+            fs_base: 0,
+            gs_base: 0,
+            df_step: 1,
+            vif: 0,
+            irq_pending: 0,
+            sysflags: 2,
             magic: CONTEXT_MAGIC,
         };
         // SAFETY: the first page is writable, page-aligned (so aligned for the struct) and ours.

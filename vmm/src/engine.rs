@@ -281,6 +281,10 @@ impl Engine for BtEngine {
         self.interp().interrupt_window()
     }
 
+    fn request_interrupt_window(&mut self) {
+        BtEngine::request_interrupt_window(self);
+    }
+
     fn inject_interrupt(
         &mut self,
         vector: u8,

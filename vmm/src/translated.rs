@@ -37,7 +37,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bt::{CodeSource, Translator};
+use bt::{CodeSource, Mode as UnitMode, Translator};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use shadow_mmu::space::DEFAULT_WINDOW_BUDGET;
 use shadow_mmu::{Fault, Mode, Paging, ShadowError, ShadowMmu};
@@ -93,6 +93,8 @@ struct Counters {
     exits_callout: u64,
     exits_signal: u64,
     exits_request: u64,
+    exits_irq_window: u64,
+    exits_sti_shadow: u64,
     interpreted_runs: u64,
     fetch_faults: u64,
     retranslated: u64,
@@ -106,16 +108,16 @@ struct PageCode<'a> {
     memory: &'a GuestMemory,
     linear_page: u32,
     phys_page: u32,
+    /// The guest-physical page the next linear page maps to, for an instruction that runs on
+    /// into it (None: not fetched from).
+    next_phys: Option<u32>,
     /// Instructions (EIP, code page) retranslated as callouts because they kept trapping.
     emulated: &'a HashSet<(u32, u32)>,
 }
 
-impl CodeSource for PageCode<'_> {
-    fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize {
-        if eip >> 12 != self.linear_page {
-            return 0;
-        }
-        let phys = (u64::from(self.phys_page) << 12) | u64::from(eip & 0xFFF);
+impl PageCode<'_> {
+    /// Copies code from guest-physical `phys` up to the end of its page; returns the count.
+    fn read_phys(&self, phys: u64, buf: &mut [u8]) -> usize {
         let Some(r) = self.memory.layout().region_of(phys, 1) else {
             return 0;
         };
@@ -124,6 +126,23 @@ impl CodeSource for PageCode<'_> {
         match self.memory.read(phys, &mut buf[..n]) {
             Ok(()) => n,
             Err(_) => 0,
+        }
+    }
+}
+
+impl CodeSource for PageCode<'_> {
+    fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize {
+        if eip >> 12 != self.linear_page {
+            return 0;
+        }
+        let phys = (u64::from(self.phys_page) << 12) | u64::from(eip & 0xFFF);
+        let n = self.read_phys(phys, buf);
+        let to_end = (0x1000 - (eip & 0xFFF)) as usize;
+        match self.next_phys {
+            Some(next) if n == to_end && buf.len() > n => {
+                n + self.read_phys(u64::from(next) << 12, &mut buf[n..])
+            }
+            _ => n,
         }
     }
 
@@ -152,8 +171,11 @@ pub struct BtEngine {
     translator: Translator,
     _timer: SliceTimer,
     counters: Counters,
-    /// CR0, CR4 and CPL the shadow and the lookup table were last brought up to date for.
-    seen: (u32, u32, u8),
+    /// CR0, CR4, CPL and translation mode the shadow and the lookup table were last brought
+    /// up to date for.
+    seen: (u32, u32, u8, UnitMode),
+    /// The VM has an interrupt waiting for IF ([`BtEngine::request_interrupt_window`]).
+    window_requested: bool,
     code_epoch: u64,
     /// Traced-page write faults by instruction (EIP, code page).
     trapping: HashMap<(u32, u32), u32>,
@@ -195,8 +217,12 @@ impl BtEngine {
         let mut vcpu = Vcpu::new().map_err(|e| setup(&e))?;
         vcpu.context_mut().lookup = translator.lookup_table();
         let timer = SliceTimer::start(vcpu.exit_requester(), TIME_SLICE).map_err(|e| setup(&e))?;
-        let c = interp.cpu();
-        let seen = (c.cr0, c.cr4, c.cpl());
+        let seen = (
+            interp.cpu().cr0,
+            interp.cpu().cr4,
+            interp.cpu().cpl(),
+            mode_of(&interp),
+        );
         Ok(Self {
             interp,
             memory,
@@ -206,6 +232,7 @@ impl BtEngine {
             _timer: timer,
             counters: Counters::default(),
             seen,
+            window_requested: false,
             code_epoch: 0,
             trapping: HashMap::new(),
             emulated: HashSet::new(),
@@ -273,7 +300,7 @@ impl BtEngine {
     /// traced page tables and to translated code, privilege changes.
     fn sync(&mut self) -> Result<(), BtError> {
         let c = self.interp.cpu();
-        let now = (c.cr0, c.cr4, c.cpl());
+        let now = (c.cr0, c.cr4, c.cpl(), mode_of(&self.interp));
         let events = self.interp.take_tlb_events();
         let p = self.paging();
         let (cr0_diff, cr4_diff) = (now.0 ^ self.seen.0, now.1 ^ self.seen.1);
@@ -307,9 +334,12 @@ impl BtEngine {
                 self.shadow.table_written(page)?;
             }
         }
-        if now.2 != self.seen.2 || self.shadow.code_epoch() != self.code_epoch {
-            // Lookup entries are keyed by linear EIP alone: valid for one privilege level and
-            // one set of code mappings.
+        if now.2 != self.seen.2
+            || now.3 != self.seen.3
+            || self.shadow.code_epoch() != self.code_epoch
+        {
+            // Lookup entries are keyed by linear EIP alone: valid for one privilege level, one
+            // translation mode and one set of code mappings.
             self.translator.forget_indirect();
             self.code_epoch = self.shadow.code_epoch();
         }
@@ -332,16 +362,39 @@ impl BtEngine {
             self.counters.fetch_faults += 1;
             return Ok(None);
         };
-        if let Some(host) = self.translator.entry(eip, page) {
+        let mode = mode_of(&self.interp);
+        let next_linear = (eip | 0xFFF).wrapping_add(1);
+        if let Some(unit) = self
+            .translator
+            .unit_id(eip, page, mode)
+            .and_then(|id| self.translator.unit(id))
+        {
+            let (host, page2) = (unit.host, unit.page2);
+            if let Some(p2) = page2
+                && self.shadow.code_page(&p, next_linear)? != Some(p2)
+            {
+                // The instruction runs on into a page that now maps elsewhere (or faults):
+                // the interpreter fetches it afresh.
+                return Ok(None);
+            }
             return Ok(Some(host));
         }
+        // An instruction near the page's end may run on into the next page.
+        let next_phys = if eip & 0xFFF > 0x1000 - 15 {
+            self.shadow.code_page(&p, next_linear)?
+        } else {
+            None
+        };
         let src = PageCode {
             memory: &self.memory,
             linear_page: eip >> 12,
             phys_page: page,
+            next_phys,
             emulated: &self.emulated,
         };
-        let t = self.translator.translate(&src, eip, page)?;
+        let t = self
+            .translator
+            .translate(&src, eip, page, next_phys, mode)?;
         for flushed in t.flushed_pages {
             if flushed != page {
                 self.shadow.unmark_code(flushed)?;
@@ -349,24 +402,46 @@ impl BtEngine {
         }
         // Guest writes to the page must now fault (translated code) or be noted (monitor).
         self.shadow.mark_code(page)?;
+        if let Some(p2) = t.page2 {
+            self.shadow.mark_code(p2)?;
+        }
         Ok(Some(t.host))
     }
 
     fn load_context(&mut self) {
         let cpu = self.interp.cpu();
         let (gpr, eflags) = (cpu.gpr, cpu.eflags);
+        let (fs, gs) = (cpu.seg(SegReg::Fs).base, cpu.seg(SegReg::Gs).base);
+        let pending = self.window_requested;
         let ctx = self.vcpu.context_mut();
         ctx.gpr = gpr;
         ctx.rflags = u64::from(eflags & (flags::ARITH | flags::DF));
+        ctx.df_step = if eflags & flags::DF != 0 { -1 } else { 1 };
+        ctx.vif = eflags & flags::IF;
+        ctx.sysflags = eflags & !(flags::ARITH | flags::DF | flags::IF);
+        ctx.fs_base = fs;
+        ctx.gs_base = gs;
+        ctx.irq_pending = u32::from(pending);
     }
 
     fn store_context(&mut self) {
         let ctx = self.vcpu.context();
-        let (gpr, rflags) = (ctx.gpr, ctx.rflags as u32);
+        let (gpr, rflags, vif) = (ctx.gpr, ctx.rflags as u32, ctx.vif);
         let cpu = self.interp.cpu_mut();
         cpu.gpr = gpr;
         let mask = flags::ARITH | flags::DF;
-        cpu.eflags = (cpu.eflags & !mask) | (rflags & mask);
+        cpu.eflags = (cpu.eflags & !(mask | flags::IF)) | (rflags & mask) | (vif & flags::IF);
+    }
+
+    /// Notes that the VM has an interrupt waiting for IF: inline code that sets IF then leaves
+    /// for the monitor at the next instruction boundary the CPU would take it at.
+    pub fn request_interrupt_window(&mut self) {
+        self.window_requested = true;
+    }
+
+    /// Whether an interrupt the VM waits to deliver can be taken now.
+    fn window_open(&self) -> bool {
+        self.window_requested && self.interp.interrupt_window()
     }
 
     /// Executes one instruction in the interpreter; returns an exit for the VM, if any.
@@ -377,8 +452,9 @@ impl BtEngine {
         if exit.is_some() {
             return Ok(exit);
         }
-        // IF just went from 0 to 1 (STI, POPF, IRET): let the VM deliver what is pending.
-        if if_before == 0 && self.interp.cpu().eflags & flags::IF != 0 {
+        // IF just went from 0 to 1 (STI, POPF, IRET), or a waiting interrupt can be taken: let
+        // the VM deliver what is pending.
+        if (if_before == 0 && self.interp.cpu().eflags & flags::IF != 0) || self.window_open() {
             return Ok(Some(VmExit::Interrupted));
         }
         Ok(None)
@@ -394,6 +470,7 @@ impl BtEngine {
             memory: &self.memory,
             linear_page: eip >> 12,
             phys_page: page,
+            next_phys: None,
             emulated: &self.emulated,
         };
         let n = src.read_code(eip, &mut bytes);
@@ -406,6 +483,13 @@ impl BtEngine {
 
     /// Runs until the VM must look: an I/O exit, a halt, a time slice's end.
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
+        let exit = self.run_exits(io);
+        // The VM asks again (before the next run) if the interrupt still waits.
+        self.window_requested = false;
+        exit
+    }
+
+    fn run_exits(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
         self.sync()?;
         for _ in 0..EXITS_PER_RUN {
             if let Some(exit) = self.step_unit(io)? {
@@ -474,15 +558,35 @@ impl BtEngine {
                 let same_page = from.is_some_and(|(eip, _)| eip >> 12 == target >> 12);
                 if !self.lockstep
                     && self.translatable()
-                    && (same_page || !self.paging().enabled)
-                    && self.unit_for(target)?.is_some()
+                    && let Some(host) = self.unit_for(target)?
                 {
                     let page = match from {
                         Some((_, page)) if same_page => page,
                         _ => target >> 12,
                     };
-                    self.translator.chain(unit, slot, target, page);
+                    let paging = self.paging().enabled;
+                    let chained = (same_page || !paging)
+                        && self.translator.chain(unit, slot, target, page, !paging);
+                    if !chained {
+                        // Another page, which may map elsewhere next time, or an instruction
+                        // running on into one: the slot's trampoline looks the target up
+                        // first (like an indirect branch).
+                        self.translator.remember_indirect(target, host);
+                    }
                 }
+            }
+            reason::IRQ_WINDOW => {
+                // Inline code set IF with an interrupt waiting: the VM delivers it here.
+                self.counters.exits_irq_window += 1;
+                self.interp.cpu_mut().eip = target;
+                return Ok(Some(VmExit::Interrupted));
+            }
+            reason::STI_SHADOW => {
+                // The instruction after an inline STI, executed with the shadow held.
+                self.counters.exits_sti_shadow += 1;
+                self.interp.cpu_mut().eip = target;
+                self.interp.begin_sti_shadow();
+                return self.interpret_one(io);
             }
             reason::LOOKUP_MISS => {
                 self.counters.exits_lookup += 1;
@@ -527,10 +631,21 @@ impl BtEngine {
         let code_page = unit.page;
         self.interp.cpu_mut().eip = eip;
         if signo == SIGSEGV && self.vcpu.is_poll_address(addr) {
-            // A time slice ended: the unit had not started (the poll is its first instruction,
-            // before it counts its instructions).
+            // A time slice ended. At the unit's first instruction the unit had not started (it
+            // counts its instructions after that poll); a poll between the iterations of a REP
+            // string instruction leaves it part done, with the registers saying what is left.
+            let started = rip != unit.host;
             self.vcpu.clear_exit_request();
             self.counters.exits_request += 1;
+            if started {
+                self.vcpu.context_mut().retired -= not_retired;
+                if self.lockstep {
+                    // Lockstep compares whole instructions: finish it.
+                    return self
+                        .interpret_one(io)
+                        .map(|e| e.or(Some(VmExit::Interrupted)));
+                }
+            }
             return Ok(Some(VmExit::Interrupted));
         }
         // The unit counted all its instructions at entry; those from the faulting one on did
@@ -595,6 +710,8 @@ impl BtEngine {
             ("exit: callout", c.exits_callout),
             ("exit: fault", c.exits_signal),
             ("exit: time slice", c.exits_request),
+            ("exit: irq window", c.exits_irq_window),
+            ("exit: sti shadow", c.exits_sti_shadow),
             ("exit: interp mode", c.interpreted_runs),
             ("code-page writes", m.code_writes),
             ("fetch faults", c.fetch_faults),
@@ -640,6 +757,27 @@ const SIGNALS: [(i32, &str); 6] = {
 };
 const SIGSEGV: i32 = SIGNALS[0].0;
 const SIGSYS: i32 = SIGNALS[5].0;
+
+/// The translation mode the CPU is in (see [`UnitMode`]).
+fn mode_of(interp: &Interp) -> UnitMode {
+    let c = interp.cpu();
+    // A present, writable, expand-up data segment reaching 4 GiB: only its base matters.
+    let flat_limit = |s: SegReg| {
+        let seg = c.seg(s);
+        seg.present() && seg.access & 0x1E == 0x12 && seg.limit == u32::MAX
+    };
+    let mut m = 0;
+    if c.cpl() == 0 && c.protected() && c.eflags & flags::VM == 0 {
+        m |= UnitMode::CPL0;
+    }
+    if flat_limit(SegReg::Fs) {
+        m |= UnitMode::FS_FLAT;
+    }
+    if flat_limit(SegReg::Gs) {
+        m |= UnitMode::GS_FLAT;
+    }
+    UnitMode(m)
+}
 
 /// "callout <mnemonic>", interned once per mnemonic (a bounded set) for the counters' names.
 fn callout_name(m: Mnemonic) -> &'static str {

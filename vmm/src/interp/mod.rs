@@ -485,6 +485,12 @@ impl Interp {
         self.pdptes
     }
 
+    /// Holds interrupts off for the next instruction, as after an STI that set IF (the bt
+    /// engine's inline STI leaves the instruction in its shadow to the interpreter).
+    pub fn begin_sti_shadow(&mut self) {
+        self.shadow.interrupts = true;
+    }
+
     /// Whether the next instruction runs in an interrupt shadow (after STI, MOV SS or POP SS)
     /// or with a delayed single-step trap pending.
     pub fn in_shadow(&self) -> bool {
