@@ -3,6 +3,7 @@
 //! interpreter against the host CPU.
 
 pub mod kernels;
+pub mod linux_guest;
 pub use bt86_guests::kit;
 pub mod mmu_kernels;
 pub mod oracle;
