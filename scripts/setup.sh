@@ -6,6 +6,8 @@
 #   - qemu-system-i386 (Debian package qemu-system-x86): the reference emulator that tests
 #     compare bt86 against.
 #   - a TrueType font (Debian package fonts-dejavu-core): the labels of `bt86 bench --plot x.png`.
+#   - e2fsprogs (e2fsck, debugfs, mke2fs), genisoimage and qemu-img (Debian package qemu-utils):
+#     the disk tests check and build guest images with them.
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*" >&2; }
@@ -41,6 +43,13 @@ if [ ! -d /usr/share/fonts/truetype/dejavu ]; then
     apt_install fonts-dejavu-core ||
         say "could not install fonts-dejavu-core: PNG charts from bt86 bench will have no labels"
 fi
+
+for tool in e2fsck:e2fsprogs debugfs:e2fsprogs genisoimage:genisoimage qemu-img:qemu-utils; do
+    if ! command -v "${tool%%:*}" >/dev/null 2>&1 && [ ! -x "/sbin/${tool%%:*}" ]; then
+        apt_install "${tool##*:}" ||
+            say "could not install ${tool##*:}: the disk tests that need ${tool%%:*} will be skipped"
+    fi
+done
 
 if [ -e /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
     say "/dev/kvm is usable: the kvm engine and its tests will run"

@@ -90,6 +90,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "disk-spin",
+        about: "writes four sectors and flushes, waiting for each completion interrupt by spinning (no HLT) on a memory flag",
+        build: disk::disk_spin,
+        firmware: false,
+    },
+    Entry {
         name: "cdrom",
         about: "ATAPI on the secondary master: IDENTIFY PACKET, capacity, TOC, READ(10) by PIO and DMA, sense, eject/load",
         build: disk::cdrom,

@@ -4,6 +4,7 @@
 
 pub mod console;
 pub mod kernels;
+pub mod linux_guest;
 pub use bt86_guests::kit;
 pub mod mmu_kernels;
 pub mod oracle;

@@ -354,6 +354,9 @@ fn format_stats(s: &VmStats) -> String {
     for (irq, n) in &s.irqs {
         out += &format!("  irq {irq:<16} raised {n}\n");
     }
+    if !s.drives.is_empty() {
+        out += &format!("  io wakeups           {}\n", s.io_wakeups);
+    }
     for d in &s.drives {
         out += &format!(
             "  drive {}: {} reads ({} bytes), {} writes ({} bytes), {} flushes\n",

@@ -164,19 +164,34 @@ impl BlockBackend for MemoryBackend {
     }
 }
 
+/// Makes a running engine return to the VM's run loop soon (bt: the exit request translated
+/// code checks at every unit entry). Called from I/O threads.
+pub type IoWaker = Arc<dyn Fn() + Send + Sync>;
+
 /// Wakes the VM's run loop when an I/O thread completes a request, whether the vCPU is running
-/// guest code (the loop polls [`IoNotifier::take`] at every exit) or halted (it sleeps in
-/// [`IoNotifier::wait`]).
-#[derive(Debug, Clone, Default)]
+/// guest code (the engine's [`IoWaker`] makes it return, and the loop polls
+/// [`IoNotifier::take`] at every exit) or halted (it sleeps in [`IoNotifier::wait`]).
+#[derive(Clone, Default)]
 pub struct IoNotifier {
     inner: Arc<NotifierInner>,
 }
 
-#[derive(Debug, Default)]
+impl std::fmt::Debug for IoNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoNotifier")
+            .field("pending", &self.inner.pending)
+            .field("wakeups", &self.inner.wakeups)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
 struct NotifierInner {
     pending: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
+    waker: Mutex<Option<IoWaker>>,
+    wakeups: AtomicU64,
 }
 
 impl IoNotifier {
@@ -185,11 +200,33 @@ impl IoNotifier {
         Self::default()
     }
 
-    /// Marks a completion pending and wakes a waiter.
+    /// Marks a completion pending, wakes a waiter and makes a running engine return.
     pub fn notify(&self) {
         self.inner.pending.store(true, Ordering::Release);
-        let _guard = self.inner.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.inner.wake.notify_all();
+        {
+            let _guard = self.inner.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.inner.wake.notify_all();
+        }
+        let waker = self
+            .inner
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(w) = waker {
+            self.inner.wakeups.fetch_add(1, Ordering::Relaxed);
+            w();
+        }
+    }
+
+    /// Sets what makes the running engine return when a completion arrives.
+    pub fn set_waker(&self, waker: IoWaker) {
+        *self.inner.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker);
+    }
+
+    /// How many completions asked the running engine to return.
+    pub fn wakeups(&self) -> u64 {
+        self.inner.wakeups.load(Ordering::Relaxed)
     }
 
     /// Returns whether a completion was pending, and clears it.
@@ -535,6 +572,30 @@ mod tests {
         t.join().unwrap();
         assert!(n.take());
         assert!(!n.take());
+    }
+
+    #[test]
+    fn a_completion_calls_the_waker() {
+        let n = IoNotifier::new();
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        n.set_waker(Arc::new(move || {
+            c.fetch_add(1, Ordering::Relaxed);
+        }));
+        let q = BlockQueue::spawn(
+            Box::new(MemoryBackend::new("ram", vec![0; 512], false)),
+            n.clone(),
+        )
+        .unwrap();
+        q.submit(BlockRequest {
+            tag: 1,
+            op: BlockOp::Flush,
+        })
+        .unwrap();
+        q.wait_complete().unwrap();
+        drop(q); // joins the thread: its notify (and the waker call) happened
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        assert_eq!(n.wakeups(), 1);
     }
 
     #[test]

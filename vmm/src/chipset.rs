@@ -195,6 +195,16 @@ impl Chipset {
         }
     }
 
+    /// Sets what makes the running engine return when a disk request completes.
+    pub fn set_io_waker(&self, waker: crate::block::IoWaker) {
+        self.notifier.set_waker(waker);
+    }
+
+    /// How many disk completions made the running engine return early.
+    pub fn io_wakeups(&self) -> u64 {
+        self.notifier.wakeups()
+    }
+
     /// Whether a disk request is with an I/O thread: a halted CPU will be woken by it.
     pub fn io_in_flight(&self) -> bool {
         self.ide

@@ -104,6 +104,11 @@ pub trait Engine {
     fn set_ignne(&mut self, asserted: bool) {
         let _ = asserted;
     }
+    /// What makes this engine return to the run loop soon when called from another thread (an
+    /// I/O completion), if running guest code would otherwise not notice for a while.
+    fn io_waker(&self) -> Option<crate::block::IoWaker> {
+        None
+    }
     /// Delivers external interrupt `vector`; returns an exit if delivery shut the CPU down.
     fn inject_interrupt(
         &mut self,
@@ -283,6 +288,10 @@ impl Engine for BtEngine {
 
     fn request_interrupt_window(&mut self) {
         BtEngine::request_interrupt_window(self);
+    }
+
+    fn io_waker(&self) -> Option<crate::block::IoWaker> {
+        Some(self.io_waker())
     }
 
     fn inject_interrupt(

@@ -481,6 +481,14 @@ impl BtEngine {
         Ok(())
     }
 
+    /// A waker for I/O threads: translated code leaves at its next unit entry, as at the end of
+    /// a time slice, so a guest polling or spinning sees a disk interrupt without waiting for
+    /// the slice to end.
+    pub fn io_waker(&self) -> crate::block::IoWaker {
+        let requester = self.vcpu.exit_requester();
+        Arc::new(move || requester.request())
+    }
+
     /// Runs until the VM must look: an I/O exit, a halt, a time slice's end.
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
         let exit = self.run_exits(io);

@@ -189,6 +189,8 @@ pub struct VmStats {
     pub tsc_hz: Option<u64>,
     /// Drives and their I/O counters.
     pub drives: Vec<DriveStats>,
+    /// Disk completions that made the running engine return early to deliver them.
+    pub io_wakeups: u64,
 }
 
 /// The port and MMIO buses and the local APIC, as the engines see them.
@@ -510,6 +512,9 @@ impl Vm {
             config.trace,
             config.lockstep,
         )?;
+        if let Some(waker) = engine.io_waker() {
+            chipset.set_io_waker(waker);
+        }
         Ok(Self {
             memory,
             pio,
@@ -854,6 +859,7 @@ impl Vm {
             engine_counters: self.engine.counters(),
             tsc_hz: self.engine.tsc_hz(),
             drives: self.chipset.drive_stats(),
+            io_wakeups: self.chipset.io_wakeups(),
             ..self.stats.clone()
         }
     }

@@ -571,7 +571,48 @@ pub fn disk_flush() -> AsmResult<Vec<u8>> {
     d.k.build()
 }
 
+/// Sectors the `disk-spin` kernel writes (from [`FLUSH_LBA`]), each with its own interrupt.
+pub const SPIN_WRITES: u32 = 4;
+
+/// The `disk-spin` kernel: [`SPIN_WRITES`] PIO writes of [`pattern`]`(FLUSH_PATTERN_SEED + i)`
+/// to consecutive sectors from [`FLUSH_LBA`], then a FLUSH CACHE; after each command it waits
+/// for the completion interrupt by spinning on the handler's flag in memory with interrupts
+/// enabled: no HLT and no port access in the loop, so only the interrupt can end it. Prints
+/// each status and the interrupt count, and exits with value 0x31.
+pub fn disk_spin() -> AsmResult<Vec<u8>> {
+    let (mut d, chan) = new_disk(true)?;
+    d.reset(chan)?;
+    for i in 0..SPIN_WRITES {
+        d.fill(BUF_B, 512, FLUSH_PATTERN_SEED + i)?;
+        d.lba28(chan, FLUSH_LBA + u64::from(i), 1, 0xA0)?;
+        d.outb(chan.cmd + 7, 0x30)?;
+        d.wait_not_busy(chan)?;
+        d.outsw(chan, BUF_B, 256)?;
+        d.spin(chan, &format!("write{i}.status"))?;
+    }
+    d.outb(chan.cmd + 7, 0xE7)?;
+    d.spin(chan, "flush.status")?;
+    d.print_dword(chan.count, "interrupts")?;
+    d.k.exit(0x31)?;
+    d.k.build()
+}
+
 impl Disk {
+    /// Waits for the channel's interrupt by spinning on its flag with IF = 1, then prints
+    /// `label` = the status its handler read.
+    fn spin(&mut self, chan: Channel, label: &str) -> AsmResult {
+        let mut again = self.a().create_label();
+        self.a().sti()?;
+        self.a().set_label(&mut again)?;
+        self.a().pause()?;
+        self.a().cmp(dword_ptr(chan.flag), 0u32)?;
+        self.a().je(again)?;
+        self.a().cli()?;
+        self.a().mov(dword_ptr(chan.flag), 0u32)?;
+        self.a().mov(eax, dword_ptr(chan.status))?;
+        self.print_field(label)
+    }
+
     fn print(&mut self, s: &str) -> AsmResult {
         self.k.print(s)
     }

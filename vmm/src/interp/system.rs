@@ -310,6 +310,18 @@ impl Interp {
                 self.cpu.gpr[0] = t as u32;
                 self.cpu.gpr[2] = (t >> 32) as u32;
             }
+            M::Rdpmc => {
+                // P6 family (SDM vol. 2, RDPMC): ECX selects PERFCTR0/1 (ECX[0]); other values
+                // are #GP, and so is CPL > 0 without CR4.PCE. The counter is 40 bits wide. The
+                // counters hold what the guest wrote (they do not count events).
+                let index = self.cpu.gpr[1];
+                if index > 1 || (self.cpu.cr4 & (1 << 8) == 0 && self.cpu.cpl() != 0) {
+                    return gp0();
+                }
+                let v = self.msr(0xC1 + index) & 0xFF_FFFF_FFFF;
+                self.cpu.gpr[0] = v as u32;
+                self.cpu.gpr[2] = (v >> 32) as u32;
+            }
             M::Rdmsr | M::Wrmsr => {
                 self.require_cpl0()?;
                 let index = self.cpu.gpr[1];
