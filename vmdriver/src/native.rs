@@ -45,8 +45,13 @@ pub const CODE_ADDR: u32 = 0x0010_0000;
 pub const DATA_ADDR: u32 = 0x0020_0000;
 /// The largest data buffer.
 pub const DATA_MAX: usize = 0x10_0000;
-/// How long a snippet may run before it is killed and reported as [`NativeEnd::Runaway`].
-pub const TIMEOUT: Duration = Duration::from_secs(1);
+/// How much CPU time a snippet may use before it is killed and reported as
+/// [`NativeEnd::Runaway`] (a completing snippet needs microseconds). CPU time, not wall time, so
+/// a loaded host does not turn slow scheduling into false runaways.
+pub const CPU_LIMIT: Duration = Duration::from_millis(500);
+/// The wall-clock safety net behind [`CPU_LIMIT`]: a child that neither ends nor uses its CPU
+/// time within this long (e.g. stopped) is killed and reported as runaway too.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
 /// The host's 32-bit user code segment selector (`__USER32_CS` on x86-64 Linux).
 pub const USER32_CS: u16 = 0x23;
 /// The host's user data segment selector (`__USER_DS` on x86-64 Linux).
@@ -253,6 +258,7 @@ const STAGE_SIGALTSTACK: u32 = 6;
 const STAGE_SIGACTION: u32 = 7;
 const STAGE_SIGMASK: u32 = 8;
 const STAGE_SECCOMP: u32 = 9;
+const STAGE_CPU_LIMIT: u32 = 10;
 
 /// The report page's header, written by the child, read by the parent after the child exits.
 /// The data buffer's final contents follow it at [`REPORT_DATA`].
@@ -429,6 +435,17 @@ fn run_in(
             })
         }
         STATE_SETUP_FAILED => Err(setup_error(r.stage, r.errno)),
+        STATE_NONE if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGVTALRM => {
+            Ok(NativeResult {
+                gpr,
+                eflags: plan.eflags,
+                data: data.to_vec(),
+                end: NativeEnd::Runaway,
+                eip: 0,
+                fault: None,
+                fx: fx.clone(),
+            })
+        }
         STATE_NONE if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS => {
             Err(NativeError::SystemCall)
         }
@@ -497,6 +514,7 @@ fn setup_error(stage: u32, errno: i32) -> NativeError {
         STAGE_SIGACTION => signal("sigaction"),
         STAGE_SIGMASK => signal("sigprocmask"),
         STAGE_SECCOMP => signal("the seccomp filter that forbids system calls"),
+        STAGE_CPU_LIMIT => signal("setitimer for the snippet's CPU-time limit"),
         other => NativeError::ChildDied(format!("it reported an unknown setup stage {other}")),
     }
 }
@@ -785,6 +803,7 @@ fn child_main(plan: &Plan) -> ! {
     REPORT.store(report, Ordering::Relaxed);
     DATA_LEN.store(plan.data.len(), Ordering::Relaxed);
     install_handlers().unwrap_or_else(|stage| fail(stage));
+    arm_cpu_limit().unwrap_or_else(|stage| fail(stage));
     forbid_system_calls().unwrap_or_else(|stage| fail(stage));
 
     // SAFETY: ENTRY64 holds the entry stub assembled by `entry64`, mapped executable above. It
@@ -817,6 +836,42 @@ fn child_main(plan: &Plan) -> ! {
         (*report).state = STATE_COMPLETED;
         libc::_exit(0)
     }
+}
+
+/// Arms a one-shot ITIMER_VIRTUAL of [`CPU_LIMIT`]: its SIGVTALRM (default action: terminate,
+/// no handler is installed for it) ends a snippet that loops.
+fn arm_cpu_limit() -> Result<(), u32> {
+    let t = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: libc::timeval {
+            tv_sec: CPU_LIMIT.as_secs() as libc::time_t,
+            tv_usec: CPU_LIMIT.subsec_micros() as libc::suseconds_t,
+        },
+    };
+    // The parent may have ignored or blocked SIGVTALRM; the child wants it fatal.
+    // SAFETY: SIG_DFL is a valid disposition for SIGVTALRM; a null old-action pointer is allowed.
+    if unsafe { libc::signal(libc::SIGVTALRM, libc::SIG_DFL) } == libc::SIG_ERR {
+        return Err(STAGE_CPU_LIMIT);
+    }
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGVTALRM);
+    }
+    // SAFETY: unblocks SIGVTALRM for the child's only thread; `set` is valid.
+    if unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, &set, ptr::null_mut()) } != 0 {
+        return Err(STAGE_CPU_LIMIT);
+    }
+    // SAFETY: setitimer reads the valid itimerval above; a null old-value pointer is allowed.
+    if unsafe { libc::setitimer(libc::ITIMER_VIRTUAL, &t, ptr::null_mut()) } != 0 {
+        return Err(STAGE_CPU_LIMIT);
+    }
+    Ok(())
 }
 
 /// Maps `len` bytes of fresh anonymous memory at `addr` (never replacing a mapping).
