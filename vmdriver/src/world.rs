@@ -650,34 +650,111 @@ extern "C" fn on_signal(signo: libc::c_int, info: *mut libc::siginfo_t, uctx: *m
 
 /// A host thread that asks translated code to leave every `period`, so the VM's run loop gets to
 /// service its timers and interrupt controller even while a guest spins in translated code
-/// (DESIGN.md §6). Stopped and joined when dropped.
+/// (DESIGN.md §6). While the vCPU is halted the engine parks it ([`SliceTimer::park`]), so an
+/// idle guest costs no host wake-ups beyond its own timers. Stopped and joined when dropped.
 pub struct SliceTimer {
-    stop: Option<std::sync::mpsc::Sender<()>>,
+    shared: Arc<SliceShared>,
+    /// A copy of `shared.state.parked` the vCPU thread reads without the lock.
+    parked: AtomicBool,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct SliceShared {
+    state: std::sync::Mutex<SliceState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SliceState {
+    parked: bool,
+    stop: bool,
 }
 
 impl SliceTimer {
     /// Starts the thread.
     pub fn start(requester: ExitRequester, period: std::time::Duration) -> io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let shared = Arc::new(SliceShared {
+            state: std::sync::Mutex::new(SliceState::default()),
+            wake: std::sync::Condvar::new(),
+        });
+        let theirs = shared.clone();
         let thread = std::thread::Builder::new()
             .name("bt86-slice".into())
             .spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(period)
-                {
-                    requester.request();
+                let mut state = theirs
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                loop {
+                    if state.stop {
+                        return;
+                    }
+                    if state.parked {
+                        state = theirs
+                            .wake
+                            .wait(state)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        continue;
+                    }
+                    let (next, timeout) = theirs
+                        .wake
+                        .wait_timeout(state, period)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    state = next;
+                    // A notification (park, unpark, stop) starts the period again.
+                    if timeout.timed_out() && !state.parked && !state.stop {
+                        requester.request();
+                    }
                 }
             })?;
         Ok(Self {
-            stop: Some(tx),
+            shared,
+            parked: AtomicBool::new(false),
             thread: Some(thread),
         })
+    }
+
+    fn set_parked(&self, parked: bool) {
+        self.parked.store(parked, Ordering::Relaxed);
+        let mut state = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.parked = parked;
+        drop(state);
+        self.shared.wake.notify_one();
+    }
+
+    /// Stops the time slices until [`SliceTimer::unpark`] (the vCPU is halted: nothing runs in
+    /// translated code that would need to leave).
+    pub fn park(&self) {
+        if !self.parked.load(Ordering::Relaxed) {
+            self.set_parked(true);
+        }
+    }
+
+    /// Restarts the time slices; cheap (one relaxed load) when they run already.
+    pub fn unpark(&self) {
+        if self.parked.load(Ordering::Relaxed) {
+            self.set_parked(false);
+        }
+    }
+
+    /// Whether the time slices are parked.
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for SliceTimer {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .stop = true;
+        self.shared.wake.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -695,6 +772,37 @@ impl Vcpu {
 mod tests {
     use super::*;
     use crate::codecache::CodeCache;
+
+    #[test]
+    fn a_parked_slice_timer_requests_no_exits_until_unparked() {
+        let vcpu = Vcpu::new().unwrap();
+        let period = std::time::Duration::from_millis(2);
+        let timer = SliceTimer::start(vcpu.exit_requester(), period).unwrap();
+        let wait_for_request = || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !vcpu.exit_requested() && std::time::Instant::now() < deadline {
+                std::thread::sleep(period);
+            }
+            vcpu.exit_requested()
+        };
+        assert!(wait_for_request(), "a running slice timer requests exits");
+        timer.park();
+        assert!(timer.is_parked());
+        // A request the thread made before it saw the park may still land: clear after it.
+        std::thread::sleep(period * 5);
+        vcpu.clear_exit_request();
+        std::thread::sleep(period * 25);
+        assert!(
+            !vcpu.exit_requested(),
+            "a parked slice timer requested an exit"
+        );
+        timer.unpark();
+        assert!(!timer.is_parked());
+        assert!(
+            wait_for_request(),
+            "an unparked slice timer requests exits again"
+        );
+    }
 
     /// Hand-assembled 64-bit code: the world switch's contract without the translator.
     fn run(code: &[u8], setup: impl FnOnce(&mut VcpuContext)) -> VcpuContext {

@@ -169,7 +169,8 @@ pub struct BtEngine {
     shadow: ShadowMmu,
     vcpu: Vcpu,
     translator: Translator,
-    _timer: SliceTimer,
+    /// Time slices; parked while the vCPU is halted.
+    timer: SliceTimer,
     counters: Counters,
     /// CR0, CR4, CPL and translation mode the shadow and the lookup table were last brought
     /// up to date for.
@@ -229,7 +230,7 @@ impl BtEngine {
             shadow,
             vcpu,
             translator,
-            _timer: timer,
+            timer,
             counters: Counters::default(),
             seen,
             window_requested: false,
@@ -491,7 +492,12 @@ impl BtEngine {
 
     /// Runs until the VM must look: an I/O exit, a halt, a time slice's end.
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
+        self.timer.unpark();
         let exit = self.run_exits(io);
+        if let Ok(VmExit::Halt { .. }) = exit {
+            // The VM sleeps until an event: no time slices while nothing runs.
+            self.timer.park();
+        }
         // The VM asks again (before the next run) if the interrupt still waits.
         self.window_requested = false;
         exit
