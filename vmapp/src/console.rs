@@ -79,7 +79,6 @@ impl Escapes {
 }
 
 /// Connects stdin to the guest: returns the console guard and the channel of typed bytes.
-/// Signals that would end bt86 (SIGINT, SIGTERM, SIGHUP) stop the VM cleanly instead.
 pub fn start(slot: ControlSlot) -> (Console, Receiver<Vec<u8>>) {
     let (tx, rx) = channel();
     let stdin = std::io::stdin();
@@ -102,7 +101,6 @@ pub fn start(slot: ControlSlot) -> (Console, Receiver<Vec<u8>>) {
             eprintln!("bt86: serial console on this terminal; Ctrl-A X quits\r");
         }
     }
-    watch_signals(slot.clone());
     std::thread::Builder::new()
         .name("bt86-stdin".into())
         .spawn(move || read_stdin(tx, tty, slot))
@@ -110,7 +108,9 @@ pub fn start(slot: ControlSlot) -> (Console, Receiver<Vec<u8>>) {
     (Console { raw }, rx)
 }
 
-fn watch_signals(slot: ControlSlot) {
+/// Makes the signals that would end bt86 (SIGINT, SIGTERM, SIGHUP) stop the VM cleanly instead,
+/// so the run ends with its status and `--stats` whatever the console is.
+pub fn watch_signals(slot: ControlSlot) {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(mut signals) => {

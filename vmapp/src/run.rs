@@ -197,6 +197,7 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
     let serial = SharedWriter(Arc::new(Mutex::new(serial_writer(&args.serial)?)));
     // The terminal (or whatever stdin is) types into COM1 when COM1 prints to stdout.
     let slot: console::ControlSlot = Arc::default();
+    console::watch_signals(slot.clone());
     let (_console, mut input) = if args.serial == SerialSpec::Stdio {
         let (console, rx) = console::start(slot.clone());
         (Some(console), Some(rx))
