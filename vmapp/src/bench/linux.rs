@@ -115,9 +115,10 @@ pub const APPEND: &str = "console=ttyS0 panic=-1";
 /// Guest RAM in MiB, the same for every engine.
 pub const MEMORY_MIB: u32 = 256;
 
-/// How the guest ends its run: `reboot -f` resets through the keyboard controller, which ends
-/// `bt86 run` (exit status 0) and QEMU with `-no-reboot`.
-const END_OF_RUN: &str = "/bin/busybox reboot -f";
+/// How the guest ends its run: `poweroff -f` powers off through ACPI (S5), which ends `bt86 run`
+/// with exit status 0 and QEMU too; a kernel panic reboots instead (`panic=-1`, and QEMU runs
+/// with `-no-reboot`), so the two ends stay apart.
+const END_OF_RUN: &str = "/bin/busybox poweroff -f";
 
 fn shell_name(step: &Step) -> String {
     step.name.replace('-', "_")
@@ -605,7 +606,7 @@ mod tests {
             init.contains("echo \"bt86-bench: ready $bench_up\""),
             "{init}"
         );
-        assert!(init.trim_end().ends_with("reboot -f"), "{init}");
+        assert!(init.trim_end().ends_with("poweroff -f"), "{init}");
         // Directories are not files.
         assert_eq!(cpio_file(&archive, "bin"), None);
         assert_eq!(cpio_file(&archive, "nosuch"), None);
