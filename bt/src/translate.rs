@@ -150,10 +150,11 @@ struct Emitter {
     tag: (u32, u32),
     err: Option<String>,
     mode: Mode,
+    unit_id: u32,
 }
 
 impl Emitter {
-    fn new(eip: u32, mode: Mode) -> Self {
+    fn new(eip: u32, mode: Mode, unit_id: u32) -> Self {
         Self {
             out: Vec::new(),
             tags: Vec::new(),
@@ -162,6 +163,7 @@ impl Emitter {
             tag: (eip, 0),
             err: None,
             mode,
+            unit_id,
         }
     }
 
@@ -218,9 +220,11 @@ impl Emitter {
         self.emit(Instruction::with1(Code::Jmp_rm64, ctx(OFF_EXIT_STUB)));
     }
 
-    /// An exit asking the interpreter to execute the instruction at `eip`.
+    /// An exit asking the interpreter to execute the instruction at `eip` (the unit is named
+    /// so the monitor can count the callout by the mnemonic it recorded).
     fn callout(&mut self, eip: u32) {
         self.store_ctx(OFF_EXIT_EIP, eip);
+        self.store_ctx(OFF_EXIT_UNIT, self.unit_id);
         self.store_ctx(OFF_EXIT_REASON, reason::CALLOUT);
         self.jmp_exit_stub();
     }
@@ -775,7 +779,7 @@ pub fn translate(
     let in_page = got.min(avail);
     let mut crosses = false;
 
-    let mut e = Emitter::new(eip, mode);
+    let mut e = Emitter::new(eip, mode, unit_id);
     e.emit(Instruction::with2(Code::Mov_r32_rm32, S3, ctx(OFF_POLL)));
     let count_idx = e.emit(Instruction::with2(
         Code::Lea_r64_m,

@@ -33,7 +33,7 @@
 //! Translation needs flat 32-bit protected mode; in any other mode the interpreter runs the
 //! guest.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -234,8 +234,8 @@ impl BtEngine {
             seen,
             window_requested: false,
             code_epoch: 0,
-            trapping: HashMap::new(),
-            emulated: HashSet::new(),
+            trapping: HashMap::default(),
+            emulated: HashSet::default(),
             lockstep: false,
         })
     }
@@ -601,7 +601,11 @@ impl BtEngine {
             reason::CALLOUT => {
                 self.counters.exits_callout += 1;
                 self.interp.cpu_mut().eip = target;
-                self.count_callout(target)?;
+                let recorded = self.translator.unit(ctx.exit_unit).and_then(|u| u.callout);
+                match recorded {
+                    Some(m) => *self.counters.callouts.entry(m).or_default() += 1,
+                    None => self.count_callout(target)?,
+                }
                 return self.interpret_one(io);
             }
             reason::SIGNAL => return self.on_signal(io),
