@@ -635,21 +635,10 @@ impl BtEngine {
         let code_page = unit.page;
         self.interp.cpu_mut().eip = eip;
         if signo == SIGSEGV && self.vcpu.is_poll_address(addr) {
-            // A time slice ended. At the unit's first instruction the unit had not started (it
-            // counts its instructions after that poll); a poll between the iterations of a REP
-            // string instruction leaves it part done, with the registers saying what is left.
-            let started = rip != unit.host;
+            // A time slice ended: the unit had not started (the poll is its first instruction,
+            // before it counts its instructions).
             self.vcpu.clear_exit_request();
             self.counters.exits_request += 1;
-            if started {
-                self.vcpu.context_mut().retired -= not_retired;
-                if self.lockstep {
-                    // Lockstep compares whole instructions: finish it.
-                    return self
-                        .interpret_one(io)
-                        .map(|e| e.or(Some(VmExit::Interrupted)));
-                }
-            }
             return Ok(Some(VmExit::Interrupted));
         }
         // The unit counted all its instructions at entry; those from the faulting one on did
