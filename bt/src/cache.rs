@@ -2,7 +2,9 @@
 //! [`CodeCache`], chaining of direct exits, the indirect-branch lookup table, locating a host
 //! RIP's guest instruction, and invalidation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
 use vmdriver::codecache::{CodeCache, CodeCacheError};
@@ -45,6 +47,8 @@ pub struct Unit {
     pub slots: Vec<Slot>,
     /// Guest instructions translated.
     pub instructions: u32,
+    /// The instruction the unit ends with a callout for, if any.
+    pub callout: Option<iced_x86::Mnemonic>,
     /// The target unit each slot is chained to.
     chained: Vec<Option<u32>>,
     /// Chained predecessors: (unit, slot).
@@ -104,8 +108,8 @@ impl Translator {
         Ok(Self {
             cache: CodeCache::new()?,
             units: Vec::new(),
-            by_eip: HashMap::new(),
-            by_page: HashMap::new(),
+            by_eip: HashMap::default(),
+            by_page: HashMap::default(),
             by_host: BTreeMap::new(),
             lookup: vec![[0u64; 2]; LOOKUP_ENTRIES].into_boxed_slice(),
             lookup_used: Vec::new(),
@@ -182,6 +186,7 @@ impl Translator {
             map: encoded.map,
             slots: encoded.slots,
             instructions: encoded.instructions,
+            callout: encoded.callout,
             chained: vec![None; slots],
             incoming: Vec::new(),
             original,

@@ -31,7 +31,7 @@
 //! writable and the table is resynchronised against the copy at the next CR3 load or INVLPG,
 //! which is when a real TLB would see the new entries.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
 use vmdriver::window::{Window, WindowError};
@@ -250,14 +250,14 @@ impl ShadowMmu {
             budget,
             clock: 0,
             current: None,
-            rmap: HashMap::new(),
-            deps: HashMap::new(),
-            traces: HashMap::new(),
-            code: HashSet::new(),
-            code_tlb: HashMap::new(),
+            rmap: HashMap::default(),
+            deps: HashMap::default(),
+            traces: HashMap::default(),
+            code: HashSet::default(),
+            code_tlb: HashMap::default(),
             code_tlb_cr3: None,
             code_epoch: 0,
-            pending: HashSet::new(),
+            pending: HashSet::default(),
             live_pages: 0,
             map_limit,
             stats: ShadowStats::default(),
@@ -326,7 +326,7 @@ impl ShadowMmu {
             self.spaces.push(Space {
                 window,
                 key,
-                pages: HashMap::new(),
+                pages: HashMap::default(),
                 last_used: 0,
                 pdptes: [0; 4],
             });

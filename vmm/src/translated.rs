@@ -33,7 +33,7 @@
 //! Translation needs flat 32-bit protected mode; in any other mode the interpreter runs the
 //! guest.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -235,8 +235,8 @@ impl BtEngine {
             seen,
             window_requested: false,
             code_epoch: 0,
-            trapping: HashMap::new(),
-            emulated: HashSet::new(),
+            trapping: HashMap::default(),
+            emulated: HashSet::default(),
             lockstep: false,
         })
     }
@@ -615,7 +615,11 @@ impl BtEngine {
             reason::CALLOUT => {
                 self.counters.exits_callout += 1;
                 self.interp.cpu_mut().eip = target;
-                self.count_callout(target)?;
+                let recorded = self.translator.unit(ctx.exit_unit).and_then(|u| u.callout);
+                match recorded {
+                    Some(m) => *self.counters.callouts.entry(m).or_default() += 1,
+                    None => self.count_callout(target)?,
+                }
                 return self.interpret_one(io);
             }
             reason::SIGNAL => return self.on_signal(io),
@@ -645,21 +649,10 @@ impl BtEngine {
         let code_page = unit.page;
         self.interp.cpu_mut().eip = eip;
         if signo == SIGSEGV && self.vcpu.is_poll_address(addr) {
-            // A time slice ended. At the unit's first instruction the unit had not started (it
-            // counts its instructions after that poll); a poll between the iterations of a REP
-            // string instruction leaves it part done, with the registers saying what is left.
-            let started = rip != unit.host;
+            // A time slice ended: the unit had not started (the poll is its first instruction,
+            // before it counts its instructions).
             self.vcpu.clear_exit_request();
             self.counters.exits_request += 1;
-            if started {
-                self.vcpu.context_mut().retired -= not_retired;
-                if self.lockstep {
-                    // Lockstep compares whole instructions: finish it.
-                    return self
-                        .interpret_one(io)
-                        .map(|e| e.or(Some(VmExit::Interrupted)));
-                }
-            }
             return Ok(Some(VmExit::Interrupted));
         }
         // The unit counted all its instructions at entry; those from the faulting one on did
