@@ -325,7 +325,7 @@ wait_dev() {
     while [ ! -b "$1" ]; do
         i=$((i + 1))
         if [ $i -gt 300 ]; then mark "no device $1"; return 1; fi
-        sleep 0.1
+        usleep 100000
     done
 }
 ata_report() {

