@@ -24,6 +24,8 @@
 //!   string instructions, FS/GS-relative and 16-bit addressing, x87/SSE — ends the unit with an
 //!   exit asking the interpreter to execute that one instruction.
 
+mod fp;
+
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, Instruction,
     InstructionBlock, MemoryOperand, Mnemonic, OpKind, Register,
@@ -48,6 +50,11 @@ impl Mode {
     pub const FS_FLAT: u8 = 2;
     /// GS likewise.
     pub const GS_FLAT: u8 = 4;
+    /// x87 and MMX instructions run natively (see the `fp` module): CR0.EM and CR0.TS clear,
+    /// every x87 and MXCSR exception masked, no x87 error pending.
+    pub const FPU: u8 = 8;
+    /// SSE and SSE2 instructions too (CR4.OSFXSR set as well).
+    pub const SSE: u8 = 16;
 
     fn has(self, bit: u8) -> bool {
         self.0 & bit != 0
@@ -151,6 +158,10 @@ struct Emitter {
     err: Option<String>,
     mode: Mode,
     unit_id: u32,
+    /// The guest's x87/SSE state is in the host FPU from here on in the unit.
+    fp_loaded: bool,
+    /// FOP of the instruction being translated (if it is an x87 one).
+    fop: u16,
 }
 
 impl Emitter {
@@ -164,6 +175,8 @@ impl Emitter {
             err: None,
             mode,
             unit_id,
+            fp_loaded: false,
+            fop: 0,
         }
     }
 
@@ -847,6 +860,7 @@ pub fn translate(
             break;
         }
         let mark = e.out.len();
+        e.fop = fp::fop_of(&bytes[at.wrapping_sub(eip) as usize..decoder.position()]);
         match rewrite(&mut e, &ins, next) {
             Rewrite::Continue if shadow => {
                 // The shadow is over: a waiting interrupt is due now.
@@ -959,6 +973,9 @@ fn cc_of(ins: &Instruction) -> Option<u8> {
 /// Emits the translation of `ins` (`next` is the EIP after it).
 fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
     use Code as C;
+    if let Some(r) = fp::rewrite(e, ins) {
+        return r;
+    }
     match ins.code() {
         // ---- direct control flow ----
         C::Jmp_rel8_32 | C::Jmp_rel32_32 => {

@@ -30,6 +30,8 @@ use std::sync::Arc;
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::fpu::FxImage;
+
 /// Why translated code returned to the monitor ([`VcpuContext::exit_reason`]).
 pub mod reason {
     /// A direct branch (or a unit's fall-through) to a guest EIP with no translation chained yet.
@@ -116,6 +118,25 @@ pub struct VcpuContext {
     /// bit 1), which an inline PUSHF stores and an inline POPF keeps.
     pub sysflags: u32,
     magic: u64,
+    /// Non-zero while the host FPU holds the guest's x87/SSE state (loaded by a unit's first
+    /// floating-point instruction from [`VcpuContext::fx`]); the exit stub saves it back.
+    pub fp_live: u32,
+    /// Set by the exit stub when it saved the guest's state into [`VcpuContext::fx`]; the
+    /// monitor copies it out and clears this.
+    pub fp_saved: u32,
+    /// The host's x87 control word and MXCSR while translated code runs (restored on exit).
+    host_fcw: u32,
+    host_mxcsr: u32,
+    /// Guest EIP (offset in CS) of the last x87 instruction translated code ran, for FIP.
+    pub x87_ip: u32,
+    /// Its FOP, with bit 31 set once an x87 instruction ran since [`Vcpu::enter`].
+    pub x87_op: u32,
+    /// The offset of the last x87 memory operand, for FDP.
+    pub x87_dp: u32,
+    /// Its segment register (iced's `Register` number), 0 if no x87 memory operand ran.
+    pub x87_ds: u32,
+    /// The guest's x87/SSE state (FXSAVE image) while translated code owns it.
+    pub fx: FxImage,
 }
 
 /// Offset of [`VcpuContext::gpr`].
@@ -146,6 +167,20 @@ pub const OFF_VIF: i32 = offset_of!(VcpuContext, vif) as i32;
 pub const OFF_IRQ_PENDING: i32 = offset_of!(VcpuContext, irq_pending) as i32;
 /// Offset of [`VcpuContext::sysflags`].
 pub const OFF_SYSFLAGS: i32 = offset_of!(VcpuContext, sysflags) as i32;
+/// Bit 31 of [`VcpuContext::x87_op`]: an x87 instruction ran since the last world entry.
+pub const X87_RAN: u32 = 1 << 31;
+/// Offset of [`VcpuContext::fp_live`].
+pub const OFF_FP_LIVE: i32 = offset_of!(VcpuContext, fp_live) as i32;
+/// Offset of [`VcpuContext::x87_ip`].
+pub const OFF_X87_IP: i32 = offset_of!(VcpuContext, x87_ip) as i32;
+/// Offset of [`VcpuContext::x87_op`].
+pub const OFF_X87_OP: i32 = offset_of!(VcpuContext, x87_op) as i32;
+/// Offset of [`VcpuContext::x87_dp`].
+pub const OFF_X87_DP: i32 = offset_of!(VcpuContext, x87_dp) as i32;
+/// Offset of [`VcpuContext::x87_ds`].
+pub const OFF_X87_DS: i32 = offset_of!(VcpuContext, x87_ds) as i32;
+/// Offset of [`VcpuContext::fx`] (16-byte aligned, for FXRSTOR/FXSAVE).
+pub const OFF_FX: i32 = offset_of!(VcpuContext, fx) as i32;
 /// Offset of the poll page from the context: every unit starts with `mov r11d, [r15+OFF_POLL]`.
 pub const OFF_POLL: i32 = PAGE as i32;
 
@@ -159,6 +194,7 @@ const _: () = {
     assert!(offset_of!(VcpuContext, exit_stub) == 48);
     assert!(offset_of!(VcpuContext, sud_selector) == 56);
     assert!(offset_of!(VcpuContext, retired) == 88);
+    assert!(offset_of!(VcpuContext, fx) % 16 == 0);
     assert!(std::mem::size_of::<VcpuContext>() <= PAGE);
 };
 
@@ -175,6 +211,9 @@ std::arch::global_asm!(
     "push r15",
     "mov [rdi + 40], rsp",
     "mov r15, rdi",
+    "fnstcw [r15 + {host_fcw}]",
+    "stmxcsr [r15 + {host_mxcsr}]",
+    "mov dword ptr [r15 + {fp_live}], 0",
     "mov r11, rsi",
     "mov rax, [r15 + 56]",
     "mov byte ptr [rax], 1",
@@ -205,6 +244,17 @@ std::arch::global_asm!(
     "mov [r15 + 24], esi",
     "mov [r15 + 28], edi",
     "mov [r15 + 88], r14",
+    // The guest's x87/SSE state goes back to the context, and the host gets its own control
+    // words and an empty x87 stack back (the SysV ABI's state at a function's return).
+    "cmp dword ptr [r15 + {fp_live}], 0",
+    "je 2f",
+    "fxsave [r15 + {fx}]",
+    "fninit",
+    "fldcw [r15 + {host_fcw}]",
+    "ldmxcsr [r15 + {host_mxcsr}]",
+    "mov dword ptr [r15 + {fp_live}], 0",
+    "mov dword ptr [r15 + {fp_saved}], 1",
+    "2:",
     "mov rax, [r15 + 56]",
     "mov byte ptr [rax], 0",
     "mov rsp, [r15 + 40]",
@@ -215,6 +265,11 @@ std::arch::global_asm!(
     "pop rbx",
     "pop rbp",
     "ret",
+    fp_live = const offset_of!(VcpuContext, fp_live),
+    fp_saved = const offset_of!(VcpuContext, fp_saved),
+    host_fcw = const offset_of!(VcpuContext, host_fcw),
+    host_mxcsr = const offset_of!(VcpuContext, host_mxcsr),
+    fx = const offset_of!(VcpuContext, fx),
 );
 
 unsafe extern "sysv64" {
@@ -340,6 +395,15 @@ impl Vcpu {
             irq_pending: 0,
             sysflags: 2,
             magic: CONTEXT_MAGIC,
+            fp_live: 0,
+            fp_saved: 0,
+            host_fcw: 0,
+            host_mxcsr: 0,
+            x87_ip: 0,
+            x87_op: 0,
+            x87_dp: 0,
+            x87_ds: 0,
+            fx: FxImage::default(),
         };
         // SAFETY: the first page is writable, page-aligned (so aligned for the struct) and ours.
         unsafe { ptr::write(mapping.base.cast::<VcpuContext>(), ctx) };
@@ -824,8 +888,61 @@ mod tests {
             fault_rip: c.fault_rip,
             fault_error: c.fault_error,
             retired: c.retired,
+            fp_live: c.fp_live,
+            fp_saved: c.fp_saved,
+            fx: c.fx.clone(),
             ..*c
         }
+    }
+
+    /// The host's x87 control word and MXCSR.
+    fn host_control() -> (u16, u32) {
+        let (mut fcw, mut mxcsr) = (0u16, 0u32);
+        // SAFETY: fnstcw and stmxcsr only store to the two locals.
+        unsafe {
+            std::arch::asm!(
+                "fnstcw [{0}]",
+                "stmxcsr [{1}]",
+                in(reg) &mut fcw,
+                in(reg) &mut mxcsr,
+            )
+        };
+        (fcw, mxcsr)
+    }
+
+    #[test]
+    fn the_guest_fpu_state_is_saved_on_the_way_out_and_the_hosts_restored() {
+        use iced_x86::code_asm::*;
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.fxrstor(ptr(r15 + OFF_FX)).unwrap();
+        a.mov(dword_ptr(r15 + OFF_FP_LIVE), 1).unwrap();
+        a.fld1().unwrap();
+        a.fld1().unwrap();
+        a.faddp(st1, st0).unwrap();
+        // A host fault (#DE) while the guest's state is in the FPU: the signal path leaves
+        // through the exit stub too.
+        a.xor(edx, edx).unwrap();
+        a.div(edx).unwrap();
+        let code = a.assemble(0).unwrap();
+        let before = host_control();
+        let c = run(&code, |c| {
+            // Round toward zero in both units: nothing the host runs with.
+            c.fx.0[0..2].copy_from_slice(&0x0F7Fu16.to_le_bytes());
+            c.fx.0[24..28].copy_from_slice(&0x7F80u32.to_le_bytes());
+        });
+        assert_eq!(host_control(), before, "the host's control words come back");
+        assert_eq!(c.exit_reason, reason::SIGNAL);
+        assert_eq!(c.signo, libc::SIGFPE);
+        assert_eq!((c.fp_live, c.fp_saved), (0, 1));
+        let fsw = u16::from_le_bytes([c.fx.0[2], c.fx.0[3]]);
+        assert_eq!((fsw >> 11) & 7, 7, "one register pushed and kept");
+        // ST0 = 2.0 in the 80-bit format: significand 1 << 63, exponent 0x4000.
+        assert_eq!(&c.fx.0[32..42], &[0, 0, 0, 0, 0, 0, 0, 0x80, 0x00, 0x40]);
+        assert_eq!(u16::from_le_bytes([c.fx.0[0], c.fx.0[1]]), 0x0F7F);
+        assert_eq!(
+            u32::from_le_bytes(c.fx.0[24..28].try_into().unwrap()),
+            0x7F80
+        );
     }
 
     // mov dword [r15+OFF_EXIT_REASON], 3 ; jmp [r15+OFF_EXIT_STUB]

@@ -38,13 +38,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bt::{CodeSource, Mode as UnitMode, Translator};
-use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, Register};
 use shadow_mmu::space::DEFAULT_WINDOW_BUDGET;
 use shadow_mmu::{Fault, Mode, Paging, ShadowError, ShadowMmu};
-use vmdriver::world::{self, SliceTimer, Vcpu, reason};
+use vmdriver::fpu::x87_pending;
+use vmdriver::world::{self, SliceTimer, Vcpu, X87_RAN, reason};
 use vmdriver::{GuestMemory, IoHandler, VmExit};
 
-use crate::cpu::{SegReg, cr0, cr4, flags};
+use crate::cpu::{MXCSR_MASK, SegReg, cr0, cr4, flags, fx};
 use crate::interp::{Interp, InterpError, TlbEvent};
 
 /// How often translated code is made to return so timers and interrupts are serviced.
@@ -423,6 +424,13 @@ impl BtEngine {
         ctx.fs_base = fs;
         ctx.gs_base = gs;
         ctx.irq_pending = u32::from(pending);
+        ctx.x87_op = 0;
+        ctx.x87_ds = 0;
+        if mode_of(&self.interp).0 & UnitMode::FPU != 0 {
+            // The units this entry can reach may load the guest's FPU state from here.
+            let img = self.interp.cpu().fx.clone();
+            self.vcpu.context_mut().fx = img;
+        }
     }
 
     fn store_context(&mut self) {
@@ -432,6 +440,48 @@ impl BtEngine {
         cpu.gpr = gpr;
         let mask = flags::ARITH | flags::DF;
         cpu.eflags = (cpu.eflags & !(mask | flags::IF)) | (rflags & mask) | (vif & flags::IF);
+        if ctx.fp_saved != 0 {
+            self.take_fpu_state();
+        }
+    }
+
+    /// Takes the guest's x87/SSE state back from the context after translated code ran
+    /// floating-point instructions: the registers, control and status as the host FPU left
+    /// them, the pointer fields as the guest CPU records them (the host's name host code).
+    fn take_fpu_state(&mut self) {
+        let ctx = self.vcpu.context_mut();
+        ctx.fp_saved = 0;
+        let (ip, op, dp, ds) = (ctx.x87_ip, ctx.x87_op, ctx.x87_dp, ctx.x87_ds);
+        let saved = ctx.fx.0;
+        let cpu = self.interp.cpu_mut();
+        let old = cpu.fx.0;
+        let img = &mut cpu.fx.0;
+        img[..fx::DEFINED_END].copy_from_slice(&saved[..fx::DEFINED_END]);
+        // The abridged tag word's high byte is reserved.
+        img[fx::FTW + 1] = 0;
+        img[fx::FOP..fx::MXCSR].copy_from_slice(&old[fx::FOP..fx::MXCSR]);
+        img[fx::MXCSR_MASK..fx::MXCSR_MASK + 4].copy_from_slice(&MXCSR_MASK.to_le_bytes());
+        if op & X87_RAN != 0 {
+            let cs = u32::from(cpu.seg(SegReg::Cs).selector);
+            let img = &mut cpu.fx.0;
+            img[fx::FOP..fx::FOP + 2].copy_from_slice(&((op & 0x7FF) as u16).to_le_bytes());
+            img[fx::FIP..fx::FIP + 4].copy_from_slice(&ip.to_le_bytes());
+            img[fx::FCS..fx::FCS + 4].copy_from_slice(&cs.to_le_bytes());
+        }
+        if ds != 0 {
+            let seg = match ds {
+                r if r == Register::ES as u32 => SegReg::Es,
+                r if r == Register::CS as u32 => SegReg::Cs,
+                r if r == Register::SS as u32 => SegReg::Ss,
+                r if r == Register::FS as u32 => SegReg::Fs,
+                r if r == Register::GS as u32 => SegReg::Gs,
+                _ => SegReg::Ds,
+            };
+            let sel = u32::from(cpu.seg(seg).selector);
+            let img = &mut cpu.fx.0;
+            img[fx::FDP..fx::FDP + 4].copy_from_slice(&dp.to_le_bytes());
+            img[fx::FDS..fx::FDS + 4].copy_from_slice(&sel.to_le_bytes());
+        }
     }
 
     /// Notes that the VM has an interrupt waiting for IF: inline code that sets IF then leaves
@@ -782,6 +832,20 @@ fn mode_of(interp: &Interp) -> UnitMode {
     }
     if flat_limit(SegReg::Gs) {
         m |= UnitMode::GS_FLAT;
+    }
+    // Floating-point instructions run natively only where they cannot fault for the FPU state
+    // (no #NM, #UD, #MF or #XM to raise): the callouts that change these leave translated code.
+    let fcw = u16::from_le_bytes([c.fx.0[fx::FCW], c.fx.0[fx::FCW + 1]]);
+    let mxcsr = u32::from_le_bytes(
+        c.fx.0[fx::MXCSR..fx::MXCSR + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    if c.cr0 & (cr0::EM | cr0::TS) == 0 && fcw & 0x3F == 0x3F && !x87_pending(&c.fx) {
+        m |= UnitMode::FPU;
+        if c.cr4 & cr4::OSFXSR != 0 && mxcsr & 0x1F80 == 0x1F80 {
+            m |= UnitMode::SSE;
+        }
     }
     UnitMode(m)
 }
