@@ -3,6 +3,8 @@
 //! guest-physical page (DESIGN.md sections 4 and 5).
 //!
 //! - [`translate`]: one unit, from guest bytes to host code (the rewrite rules).
+//! - `encode`: the one-pass encoder that places a unit's host instructions (the fast path in
+//!   front of iced's `BlockEncoder`).
 //! - [`cache`]: the units of one vCPU, their chaining, lookup table and invalidation.
 //!
 //! The translator knows nothing about devices or paging policy: it reads guest code through a
@@ -10,6 +12,7 @@
 //! invalidate.
 
 pub mod cache;
+mod encode;
 pub mod translate;
 
 pub use cache::{CacheError, CacheStats, Translator, Unit};

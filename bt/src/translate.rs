@@ -904,18 +904,23 @@ pub fn translate(
     if let Some(message) = e.err.take() {
         return Err(TranslateError::Encode { eip, message });
     }
-    let block = InstructionBlock::new(&e.out, rip);
-    let result = BlockEncoder::encode(
-        64,
-        block,
-        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-    )
-    .map_err(|err| TranslateError::Encode {
-        eip,
-        message: err.to_string(),
-    })?;
-    let offsets = &result.new_instruction_offsets;
-    let mut code = result.code_buffer;
+    let (mut code, offsets) = match crate::encode::encode(&e.out, rip) {
+        Some(block) => (block.code, block.offsets),
+        None => {
+            let block = InstructionBlock::new(&e.out, rip);
+            let result = BlockEncoder::encode(
+                64,
+                block,
+                BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+            )
+            .map_err(|err| TranslateError::Encode {
+                eip,
+                message: err.to_string(),
+            })?;
+            (result.code_buffer, result.new_instruction_offsets)
+        }
+    };
+    let offsets = &offsets;
     let mut map: Vec<MapEntry> = offsets
         .iter()
         .zip(&e.tags)
