@@ -430,8 +430,10 @@ fn debian_shell_session_on_bt() {
 }
 
 /// The interpreter needs several minutes of CPU to reach the prompt (~7 G instructions at
-/// ~18 M/s); it runs beside the other tests, within the suite's budget.
+/// ~18 M/s): run it with `cargo test -p bt86-tests --test linux -- --ignored`.
 #[test]
+#[ignore = "boots Linux on the interpreter: many minutes of CPU (over the suite's budget); \
+            run with `cargo test -p bt86-tests --test linux -- --ignored`"]
 fn debian_shell_session_on_interp() {
     let Some((guest, bin)) = session_prerequisites("debian_shell_session_on_interp") else {
         return;
