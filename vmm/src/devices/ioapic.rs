@@ -206,7 +206,14 @@ mod tests {
     #[test]
     fn level_pins_hold_remote_irr_until_eoi() {
         let mut io = IoApic::new(1);
-        program(&mut io, 9, 0x0000_A039, 0x0100_0000); // level, active low, vector 0x39
+        // The line idles high (inactive for an active-low pin) before the entry is unmasked;
+        // unmasking while it is low would send at once (see the next test).
+        assert_eq!(io.set_input(9, true), None, "masked");
+        assert_eq!(
+            program(&mut io, 9, 0x0000_A039, 0x0100_0000), // level, active low, vector 0x39
+            None,
+            "inactive when unmasked"
+        );
         // Active low: a low input is active.
         let m = io.set_input(9, false).expect("message");
         assert!(m.level);
