@@ -1636,7 +1636,7 @@ impl PciFunction for PiixIde {
             .unwrap_or_else(|e| e.into_inner())
             .set_bus_master_enabled(on);
     }
-    fn io_bar_device(&self, index: usize) -> Option<Box<dyn BusDevice>> {
+    fn bar_device(&self, index: usize) -> Option<Box<dyn BusDevice>> {
         (index == 4).then(|| {
             Box::new(IdePorts::new(self.ide.clone(), IdePortKind::BusMaster)) as Box<dyn BusDevice>
         })
