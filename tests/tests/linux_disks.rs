@@ -274,7 +274,29 @@ fn ide_disk_gets_an_ext2_filesystem_that_e2fsck_and_a_second_boot_accept() {
     if skip("ide_disk_gets_an_ext2_filesystem", &["e2fsck", "debugfs"]) {
         return;
     }
-    filesystem_round_trip("ide", "/dev/sda", "ata_piix sd_mod ext4", |p| {
-        p.display().to_string()
-    });
+    filesystem_round_trip(
+        "ide",
+        "/dev/sda",
+        "ata_piix sd_mod crc32c_generic ext4",
+        |p| p.display().to_string(),
+    );
+}
+
+/// The same proof on a virtio disk (/dev/vda through virtio_pci and virtio_blk). Ignored for
+/// the same bt bug as the IDE proof above.
+#[test]
+#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the IDE proof)"]
+fn virtio_disk_gets_an_ext2_filesystem_that_e2fsck_and_a_second_boot_accept() {
+    if skip(
+        "virtio_disk_gets_an_ext2_filesystem",
+        &["e2fsck", "debugfs"],
+    ) {
+        return;
+    }
+    filesystem_round_trip(
+        "virtio",
+        "/dev/vda",
+        "virtio_pci virtio_blk crc32c_generic ext4",
+        |p| format!("{},if=virtio", p.display()),
+    );
 }
