@@ -51,8 +51,12 @@ pub mod layout {
 }
 /// Entries in the request queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Largest backend operation a request is cut into.
-pub const CHUNK: usize = 1 << 20;
+/// Largest backend operation a request is cut into. Smaller than a typical large request
+/// (Linux sends up to about 1 MiB), so the I/O thread writes one piece while the vCPU thread
+/// gathers the next, and scatters one piece of a read while the thread reads the next:
+/// measured on the linux bench, 1 MiB sequential transfers ran about 1.5x faster with 256 KiB
+/// pieces than with 1 MiB ones (128 KiB was no better).
+pub const CHUNK: usize = 256 << 10;
 /// Backend operations outstanding at once per device.
 pub const MAX_IN_FLIGHT: usize = 8;
 /// Data segments per request the driver may use (VIRTIO_BLK_F_SEG_MAX): one indirect table.
