@@ -202,7 +202,8 @@ fn linux_suite_on_bt_reports_every_step_and_json_matches_both_tables() {
             "disk-seq-write-ide",
             "disk-seq-read-ide",
             "disk-rand-read-ide",
-            "disk-rand-write-ide"
+            "disk-rand-write-ide",
+            "disk-ext2-virtio"
         ]
     );
     // The two tables, by their titles.
