@@ -263,13 +263,7 @@ fn filesystem_round_trip(name: &str, dev: &str, modules: &str, drive: impl Fn(&P
     }
 }
 
-/// Ignored until a bt bug is fixed: on `--engine bt`, Debian's guest intermittently fails path
-/// lookups (`sleep: not found`, `mount: not found`, `ls: /bin: No such file or directory`,
-/// sometimes EFAULT "Bad address") — in some boots from the start, in others after a process
-/// ran busybox `sleep 0.2`; the same script under `--engine interp` has no failure. Run it with
-/// `cargo test -p bt86-tests --test linux_disks -- --ignored` once that is fixed.
 #[test]
-#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the comment)"]
 fn ide_disk_gets_an_ext2_filesystem_that_e2fsck_and_a_second_boot_accept() {
     if skip("ide_disk_gets_an_ext2_filesystem", &["e2fsck", "debugfs"]) {
         return;
@@ -282,10 +276,8 @@ fn ide_disk_gets_an_ext2_filesystem_that_e2fsck_and_a_second_boot_accept() {
     );
 }
 
-/// The same proof on a virtio disk (/dev/vda through virtio_pci and virtio_blk). Ignored for
-/// the same bt bug as the IDE proof above.
+/// The same proof on a virtio disk (/dev/vda through virtio_pci and virtio_blk).
 #[test]
-#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the IDE proof)"]
 fn virtio_disk_gets_an_ext2_filesystem_that_e2fsck_and_a_second_boot_accept() {
     if skip(
         "virtio_disk_gets_an_ext2_filesystem",
@@ -349,9 +341,7 @@ fn killed_after_sync(name: &str, dev: &str, modules: &str, drive: impl Fn(&Path)
     }
 }
 
-/// Ignored for the bt path-lookup bug (see the IDE proof above).
 #[test]
-#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the IDE proof)"]
 fn virtio_data_synced_before_a_sigkill_is_in_the_image() {
     if skip("virtio_data_synced_before_a_sigkill", &["debugfs"]) {
         return;
@@ -364,9 +354,7 @@ fn virtio_data_synced_before_a_sigkill_is_in_the_image() {
     );
 }
 
-/// Ignored for the bt path-lookup bug (see the IDE proof above).
 #[test]
-#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the IDE proof)"]
 fn ide_data_synced_before_a_sigkill_is_in_the_image() {
     if skip("ide_data_synced_before_a_sigkill", &["debugfs"]) {
         return;
@@ -466,9 +454,7 @@ fn read_only_stays_untouched(
     );
 }
 
-/// Ignored for the bt path-lookup bug (see the IDE proof above).
 #[test]
-#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the IDE proof)"]
 fn virtio_read_only_image_is_never_modified() {
     if skip("virtio_read_only_image", &["mke2fs"]) {
         return;
@@ -481,9 +467,7 @@ fn virtio_read_only_image_is_never_modified() {
     );
 }
 
-/// Ignored for the bt path-lookup bug (see the IDE proof above).
 #[test]
-#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the IDE proof)"]
 fn ide_read_only_image_is_never_modified() {
     if skip("ide_read_only_image", &["mke2fs"]) {
         return;
@@ -497,10 +481,8 @@ fn ide_read_only_image_is_never_modified() {
 }
 
 /// An ISO 9660 image (genisoimage, Rock Ridge) in the ATAPI CD-ROM drive: the guest mounts it
-/// and reads every file with the right content. Ignored for the bt path-lookup bug (see the
-/// IDE proof above).
+/// and reads every file with the right content.
 #[test]
-#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the IDE proof)"]
 fn iso_image_on_the_cdrom_mounts_and_reads_back() {
     if skip("iso_image_on_the_cdrom", &["genisoimage"]) {
         return;
