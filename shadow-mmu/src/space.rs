@@ -1402,6 +1402,244 @@ mod tests {
         })
     }
 
+    /// Guest-physical memory for the tests' reference walks: reads only, A/D left alone.
+    struct ReadOnly<'a>(&'a GuestMemory);
+    impl PhysMem for ReadOnly<'_> {
+        fn read_u32(&mut self, addr: u64) -> u32 {
+            self.0.read_u32(addr).unwrap_or(u32::MAX)
+        }
+        fn write_u32(&mut self, _addr: u64, _value: u32) {}
+    }
+
+    /// The host mappings of this process: (start, end, protection) from /proc/self/maps.
+    fn host_mappings() -> Vec<(u64, u64, String)> {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (range, prot) = (f.next()?, f.next()?);
+                let (lo, hi) = range.split_once('-')?;
+                Some((
+                    u64::from_str_radix(lo, 16).ok()?,
+                    u64::from_str_radix(hi, 16).ok()?,
+                    prot.to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Checks every paged window against the guest's tables and the host's mappings: a page in
+    /// the bookkeeping maps the frame a fresh walk finds (writable only where the guest allows
+    /// the write and the entry is dirty) unless a TLB could still hold it (an entry that lost
+    /// A/D, or a table being written untraced); a page not in the bookkeeping is not accessible
+    /// on the host at all; the host's protection is the bookkeeping's.
+    fn check_windows(s: &ShadowMmu, mem: &GuestMemory, p: &Paging, lins: &[u32], step: usize) {
+        let host = host_mappings();
+        let prot_at = |addr: u64| {
+            host.iter()
+                .find(|(lo, hi, _)| (*lo..*hi).contains(&addr))
+                .map(|(_, _, prot)| prot.as_str())
+        };
+        for (id, space) in s.spaces.iter().enumerate() {
+            let Key::Paged { cr3, user } = space.key else {
+                continue;
+            };
+            let mode = Mode { cr3, ..p.mode };
+            // Low addresses too: no table maps them, but they are where guest RAM would show
+            // through if a window still held physical memory.
+            for &lin in lins.iter().chain(&[0x20_0000, 0x31_0000]) {
+                let at = format!("step {step}, window {id} ({cr3:#x}, user {user}), {lin:#x}");
+                let host_prot = prot_at(space.window.base() + u64::from(lin));
+                let Some(m) = space.pages.get(&(lin >> 12)) else {
+                    assert_eq!(host_prot, Some("---p"), "{at}: reachable but not mapped");
+                    continue;
+                };
+                let want = if m.writable { "rw-s" } else { "r--s" };
+                assert_eq!(host_prot, Some(want), "{at}: host and bookkeeping disagree");
+                let may_be_stale = s.pending.contains(&(id as u32, lin >> 12))
+                    || m.entries.iter().flatten().any(|e| {
+                        s.traces
+                            .get(&((e >> 12) as u32))
+                            .is_some_and(|t| t.unsynced)
+                    });
+                if may_be_stale {
+                    continue;
+                }
+                let read = Access { write: false, user };
+                let t = walk::walk(&mut ReadOnly(mem), mode, &[0; 4], lin, read)
+                    .unwrap_or_else(|_| panic!("{at}: mapped, but the guest's walk faults"));
+                assert_eq!((t.frame >> 12) as u32, m.gpa_page, "{at}: another frame");
+                if m.writable {
+                    assert!(
+                        t.dirty && (t.writable || (!user && !mode.wp)),
+                        "{at}: writable, but the guest does not allow the write"
+                    );
+                    assert!(
+                        s.traces.get(&m.gpa_page).is_none_or(|t| t.unsynced),
+                        "{at}: a traced table is writable"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A long random run of what guests do to their address spaces under a budget of three
+    /// windows, so that windows (the physical one included) are recycled all the time: switch
+    /// CR3, turn paging off and on, touch pages, rewrite directory and table entries through
+    /// their linear mappings (traced, or straight in once untraced) and as the monitor does,
+    /// INVLPG. After every step every window is checked by [`check_windows`].
+    #[test]
+    fn random_address_space_churn_keeps_every_window_true_to_the_tables() {
+        let mem = Arc::new(GuestMemory::new(MemoryLayout::new(8).unwrap()).unwrap());
+        let pds = [0x30_0000u32, 0x30_1000, 0x30_2000, 0x30_3000];
+        let pts = [0x31_0000u32, 0x31_1000, 0x31_2000];
+        // Frames the tables may map: data pages, and the tables themselves.
+        let frames: Vec<u32> = (0..5u32)
+            .map(|j| 0x20_0000 + j * 0x1000)
+            .chain(pts)
+            .chain([pds[0]])
+            .collect();
+        let lins: Vec<u32> = [0x300u32, 0x301]
+            .iter()
+            .flat_map(|pde| (0..6u32).map(move |i| (pde << 22) | (i << 12)))
+            .collect();
+        let mut s = ShadowMmu::new(mem.clone(), 3);
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let flags = |r: usize| 1 | (r as u32 & 0x66); // P, and some of RW, US, A, D
+        let mut p = Paging {
+            enabled: true,
+            mode: Mode {
+                cr3: pds[0],
+                pae: false,
+                pse: true,
+                wp: true,
+                pge: false,
+            },
+            pdptes: [0; 4],
+            user: false,
+        };
+        // A random entry value for the table page at `page`: directories point at tables,
+        // tables at frames; sometimes not present.
+        let value = |page: u32, r: usize, pick: usize| -> u32 {
+            if r.is_multiple_of(4) {
+                0
+            } else if pds.contains(&page) {
+                pts[pick % pts.len()] | 7
+            } else {
+                frames[pick % frames.len()] | flags(r)
+            }
+        };
+        let report = |s: &mut ShadowMmu| {
+            for page in mem.take_written_code_pages() {
+                s.table_written(page).unwrap();
+            }
+        };
+        for step in 0..4000 {
+            match next(60) {
+                0 | 1 => {
+                    p.enabled = next(6) != 0;
+                    p.mode.cr3 = pds[next(pds.len())];
+                    p.user = next(2) == 0;
+                    if p.enabled {
+                        s.cr3_loaded(&p).unwrap();
+                    }
+                }
+                2..=9 => {
+                    // The monitor (an emulated instruction, a device) writes an entry.
+                    let page = if next(3) == 0 {
+                        pds[next(pds.len())]
+                    } else {
+                        pts[next(pts.len())]
+                    };
+                    let index = if pds.contains(&page) {
+                        0x300 + next(2)
+                    } else {
+                        next(6)
+                    };
+                    let v = value(page, next(64), next(64));
+                    mem.write(u64::from(page) + 4 * index as u64, &v.to_le_bytes())
+                        .unwrap();
+                    report(&mut s);
+                }
+                10 | 11 if p.enabled => {
+                    s.invlpg(&p, lins[next(lins.len())]).unwrap();
+                    report(&mut s);
+                }
+                12..=14 if p.enabled => {
+                    // A burst of writes to one table through a linear mapping of it (a fork
+                    // copying entries): traced at first, then untraced and written straight in.
+                    let lin = lins[next(lins.len())];
+                    let (pde, pti) = (lin >> 22, (lin >> 12) & 0x3FF);
+                    let pt = pts[next(pts.len())];
+                    let target = if next(2) == 0 {
+                        pts[next(pts.len())]
+                    } else {
+                        p.mode.cr3
+                    };
+                    mem.write(u64::from(p.mode.cr3 + 4 * pde), &(pt | 7).to_le_bytes())
+                        .unwrap();
+                    mem.write(u64::from(pt + 4 * pti), &(target | 0x67).to_le_bytes())
+                        .unwrap();
+                    report(&mut s);
+                    for _ in 0..80 {
+                        let base = s.activate(&p).unwrap();
+                        let f = s.on_fault(&p, base + u64::from(lin), true).unwrap();
+                        report(&mut s);
+                        if !matches!(f, Fault::Traced | Fault::Hidden) {
+                            break;
+                        }
+                        // Any entry but the two this mapping rests on.
+                        let (index, v) = if target == p.mode.cr3 {
+                            (0x300 + next(2), pts[next(pts.len())] | 7)
+                        } else {
+                            (next(6), value(target, next(64), next(64)))
+                        };
+                        let addr = target + 4 * index as u32;
+                        if addr == p.mode.cr3 + 4 * pde || addr == pt + 4 * pti {
+                            continue;
+                        }
+                        mem.write(u64::from(addr), &v.to_le_bytes()).unwrap();
+                        report(&mut s);
+                    }
+                }
+                _ => {
+                    // The guest touches a page; a write to a table page it maps changes an
+                    // entry there (emulated when traced, straight in when untraced).
+                    let lin = lins[next(lins.len())];
+                    let write = next(2) == 0;
+                    let base = s.activate(&p).unwrap();
+                    let f = s.on_fault(&p, base + u64::from(lin), write).unwrap();
+                    report(&mut s);
+                    let page = s.mapping(&p, lin).map(|(g, _)| g << 12);
+                    if let Some(page) =
+                        page.filter(|g| write && (pds.contains(g) || pts.contains(g)))
+                        && matches!(f, Fault::Traced | Fault::Hidden)
+                    {
+                        let index = if pds.contains(&page) {
+                            0x300 + next(2)
+                        } else {
+                            next(6)
+                        };
+                        let v = value(page, next(64), next(64));
+                        mem.write(u64::from(page) + 4 * index as u64, &v.to_le_bytes())
+                            .unwrap();
+                        report(&mut s);
+                    }
+                }
+            }
+            check_windows(&s, &mem, &p, &lins, step);
+        }
+        assert!(s.stats.windows_recycled > 50, "{:?}", s.stats);
+        assert!(s.stats.trace_drops > 0, "{:?}", s.stats);
+        assert!(s.stats.hidden_faults > 100, "{:?}", s.stats);
+    }
+
     #[test]
     fn a_recycled_physical_window_keeps_no_guest_memory_for_its_new_address_space() {
         let (_mem, mut s, mut p) = setup(2);
