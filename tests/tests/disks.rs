@@ -86,6 +86,12 @@ fn assert_disk_writes(path: &Path) {
     );
 }
 
+/// An ATA device's signature after a reset (ATA/ATAPI-6 9.12: sector count 01h, LBA low 01h,
+/// LBA mid and high 00h), as the `disk` kernel prints it.
+const ATA_SIGNATURE: &str = "signature=01010000";
+/// What QEMU shows when its reset ends after the kernel looked: device 1's registers.
+const QEMU_LATE_RESET_SIGNATURE: &str = "signature=0101ffff";
+
 #[test]
 fn disk_kernel_matches_qemu_and_the_image_holds_what_the_guest_wrote() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,8 +104,17 @@ fn disk_kernel_matches_qemu_and_the_image_holds_what_the_guest_wrote() {
             disks: vec!["qemu.img".into()],
             ..Guest::kernel(dir.path(), &k)
         };
-        let o = run_qemu(&guest).unwrap();
+        let mut o = run_qemu(&guest).unwrap();
         assert_disk_writes(&dir.path().join("qemu.img"));
+        // QEMU finishes a software reset later, on its main loop; on a loaded host the kernel
+        // can read the signature while QEMU has the absent device 1 selected (its registers
+        // read FFh). The signature itself is asserted below against the ATA standard.
+        let text = o.serial_text();
+        if text.contains(QEMU_LATE_RESET_SIGNATURE) {
+            o.serial = text
+                .replace(QEMU_LATE_RESET_SIGNATURE, ATA_SIGNATURE)
+                .into_bytes();
+        }
         reference = Some(o);
     }
     for engine in engines {
@@ -113,6 +128,7 @@ fn disk_kernel_matches_qemu_and_the_image_holds_what_the_guest_wrote() {
         assert_eq!(ours.status, Some(0x61), "{engine}: {}", ours.stderr);
         let text = ours.serial_text();
         for line in [
+            ATA_SIGNATURE,
             "pci.01.1.id=70108086",
             "lba48.1=00001000",
             "differing-dwords=00000000",
