@@ -99,6 +99,7 @@ struct Counters {
     interpreted_runs: u64,
     fetch_faults: u64,
     retranslated: u64,
+    retranslated_device: u64,
     signals: [u64; 6],
     callouts: HashMap<Mnemonic, u64>,
 }
@@ -155,7 +156,8 @@ impl CodeSource for PageCode<'_> {
 /// The environment variable that sets how many shadow address-space windows bt keeps.
 pub const WINDOWS_VAR: &str = "BT86_WINDOWS";
 
-/// Traced-page writes one instruction may fault on before it is retranslated as a callout.
+/// Traced-page writes or device-memory accesses one instruction may fault on before it is
+/// retranslated as a callout.
 const TRAPS_BEFORE_EMULATION: u32 = 4;
 
 /// CR0 bits whose change empties the shadow windows.
@@ -717,22 +719,35 @@ impl BtEngine {
                     // A write to a page holding translations (self-modifying code).
                     self.drop_page(page)?;
                 }
-                Fault::Traced => {
-                    // An instruction that keeps writing page tables: retranslate it as a
-                    // callout, cheaper than a fault each time.
-                    let n = self.trapping.entry((eip, code_page)).or_default();
-                    *n += 1;
-                    if *n >= TRAPS_BEFORE_EMULATION && self.emulated.insert((eip, code_page)) {
-                        self.counters.retranslated += 1;
-                        self.drop_page(code_page)?;
-                    }
-                }
+                // An instruction that keeps writing page tables, or keeps reaching device
+                // memory (a local APIC EOI, an IOAPIC register): retranslate it as a callout,
+                // cheaper than a host fault each time (adaptive binary translation, Adams &
+                // Agesen, ASPLOS 2006).
+                Fault::Traced => self.note_trap(eip, code_page, false)?,
+                Fault::Emulate => self.note_trap(eip, code_page, true)?,
                 _ => {}
             }
         }
         // The registers hold the guest state at the start of the faulting instruction: the
         // interpreter executes it, raising the precise exception or completing the access.
         self.interpret_one(io)
+    }
+
+    /// Counts a hidden fault the instruction at `eip` (code in guest-physical `code_page`)
+    /// took for a traced write or (`device`) an access to device memory; after
+    /// [`TRAPS_BEFORE_EMULATION`] of them its units are dropped, and translated again with that
+    /// instruction as a callout.
+    fn note_trap(&mut self, eip: u32, code_page: u32, device: bool) -> Result<(), BtError> {
+        let n = self.trapping.entry((eip, code_page)).or_default();
+        *n += 1;
+        if *n >= TRAPS_BEFORE_EMULATION && self.emulated.insert((eip, code_page)) {
+            self.counters.retranslated += 1;
+            if device {
+                self.counters.retranslated_device += 1;
+            }
+            self.drop_page(code_page)?;
+        }
+        Ok(())
     }
 
     /// Guest instructions executed so far, translated and interpreted.
@@ -773,6 +788,7 @@ impl BtEngine {
             ("code-page writes", m.code_writes),
             ("fetch faults", c.fetch_faults),
             ("retranslated to emulate", c.retranslated),
+            ("retranslated: device memory", c.retranslated_device),
             ("hidden faults", m.hidden_faults),
             ("pages mapped eagerly", m.eager_pages),
             ("true faults", m.true_faults),
