@@ -226,3 +226,14 @@ fn an_instruction_across_two_pages_follows_both() {
     translated_and_safe(&o);
     assert!(stat(&o, "units invalidated") >= 1, "{}", o.stderr);
 }
+
+#[test]
+fn an_instruction_that_keeps_reaching_device_memory_becomes_a_callout() {
+    // The apic kernel polls and writes local APIC and IOAPIC registers from loops: after a
+    // few host faults on the unmapped device pages, bt translates those instructions as
+    // callouts (adaptive binary translation), with the same results as QEMU.
+    let o = compare("apic", &interrupt_engines());
+    assert_eq!(o.status, Some(0x83));
+    translated_and_safe(&o);
+    assert!(stat(&o, "retranslated: device memory") >= 1, "{}", o.stderr);
+}
