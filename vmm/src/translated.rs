@@ -27,8 +27,9 @@
 //! Units are keyed by linear EIP *and* the guest-physical page their code came from: the unit
 //! found for an EIP is always the one translated from the code the current address space maps
 //! there. A unit chains directly only to units in its own page while paging is on (the page
-//! maps the same way for both), and the indirect-branch lookup table, keyed by EIP alone, is
-//! emptied whenever a code mapping or the privilege level may have changed.
+//! maps the same way for both). The indirect-branch lookup tables, keyed by EIP, are emptied
+//! whenever a code mapping may have changed; there is one per recent (translation mode, CPL),
+//! so entering the kernel and returning to user code switch tables instead of emptying one.
 //!
 //! Translation needs flat 32-bit protected mode; in any other mode the interpreter runs the
 //! guest.
@@ -180,7 +181,8 @@ pub struct BtEngine {
     seen: (u32, u32, u8, UnitMode),
     /// The VM has an interrupt waiting for IF ([`BtEngine::request_interrupt_window`]).
     window_requested: bool,
-    code_epoch: u64,
+    /// The shadow MMU's code epochs (all, non-global) the lookup tables are valid for.
+    code_epoch: (u64, u64),
     /// Traced-page write faults by instruction (EIP, code page).
     trapping: HashMap<(u32, u32), u32>,
     /// Instructions retranslated as callouts.
@@ -217,9 +219,9 @@ impl BtEngine {
     ) -> Result<Self, BtError> {
         let setup = |e: &dyn std::fmt::Display| BtError::Setup(e.to_string());
         let shadow = ShadowMmu::new(memory.clone(), windows);
-        let translator = Translator::new()?;
+        let mut translator = Translator::new()?;
         let mut vcpu = Vcpu::new().map_err(|e| setup(&e))?;
-        vcpu.context_mut().lookup = translator.lookup_table();
+        vcpu.context_mut().lookup = translator.select_lookup(mode_of(&interp), interp.cpu().cpl());
         let timer = SliceTimer::start(vcpu.exit_requester(), TIME_SLICE).map_err(|e| setup(&e))?;
         let seen = (
             interp.cpu().cr0,
@@ -237,7 +239,7 @@ impl BtEngine {
             counters: Counters::default(),
             seen,
             window_requested: false,
-            code_epoch: 0,
+            code_epoch: (0, 0),
             trapping: HashMap::default(),
             emulated: HashSet::default(),
             lockstep: false,
@@ -338,17 +340,34 @@ impl BtEngine {
                 self.shadow.table_written(page)?;
             }
         }
-        if now.2 != self.seen.2
-            || now.3 != self.seen.3
-            || self.shadow.code_epoch() != self.code_epoch
-        {
-            // Lookup entries are keyed by linear EIP alone: valid for one privilege level, one
-            // translation mode and one set of code mappings.
-            self.translator.forget_indirect();
-            self.code_epoch = self.shadow.code_epoch();
+        self.check_code_epochs();
+        if now.2 != self.seen.2 || now.3 != self.seen.3 {
+            // ... and for one privilege level and translation mode, each with its own table:
+            // a system call or an interrupt from user code switches tables, not empties them.
+            self.vcpu.context_mut().lookup = self.translator.select_lookup(now.3, now.2);
         }
         self.seen = now;
         Ok(())
+    }
+
+    /// Forgets the lookup entries a change of code mappings made stale. They are keyed by
+    /// linear EIP: valid for one set of code mappings, or, for code on global pages, until a
+    /// global mapping changes.
+    fn check_code_epochs(&mut self) {
+        let epochs = (self.shadow.code_epoch(), self.shadow.local_code_epoch());
+        if epochs.0 != self.code_epoch.0 {
+            self.translator.forget_indirect();
+        } else if epochs.1 != self.code_epoch.1 {
+            self.translator.forget_local_indirect();
+        }
+        self.code_epoch = epochs;
+    }
+
+    /// Enters `eip → host` in the lookup table, as global when the code's page is global (an
+    /// instruction that may run on into the next page counts as local).
+    fn remember(&mut self, eip: u32, host: u64) {
+        let global = eip & 0xFFF <= 0x1000 - 15 && self.shadow.code_is_global(eip);
+        self.translator.remember_indirect(eip, host, global);
     }
 
     /// Drops the units of guest-physical page `page` and gives the page back its normal access.
@@ -600,10 +619,7 @@ impl BtEngine {
             // #PF or executes it.
             return self.interpret_one(io);
         };
-        if self.shadow.code_epoch() != self.code_epoch {
-            self.translator.forget_indirect();
-            self.code_epoch = self.shadow.code_epoch();
-        }
+        self.check_code_epochs();
         let base = self.shadow.activate(&self.paging())?;
         self.load_context();
         // SAFETY: `host` is the entry of a unit the translator built under the contract
@@ -637,7 +653,7 @@ impl BtEngine {
                         // Another page, which may map elsewhere next time, or an instruction
                         // running on into one: the slot's trampoline looks the target up
                         // first (like an indirect branch).
-                        self.translator.remember_indirect(target, host);
+                        self.remember(target, host);
                     }
                 }
             }
@@ -661,7 +677,7 @@ impl BtEngine {
                     && self.translatable()
                     && let Some(host) = self.unit_for(target)?
                 {
-                    self.translator.remember_indirect(target, host);
+                    self.remember(target, host);
                 }
             }
             reason::CALLOUT => {
@@ -777,6 +793,8 @@ impl BtEngine {
             ("lookup misses", c.exits_lookup),
             ("units invalidated", s.invalidated),
             ("cache flushes", s.flushes),
+            ("lookup flushes", s.lookup_flushes),
+            ("lookup flushes: non-global", s.lookup_local_flushes),
             ("exit: branch", c.exits_branch),
             ("exit: lookup miss", c.exits_lookup),
             ("exit: callout", c.exits_callout),
