@@ -354,8 +354,9 @@ mod edges {
 /// address space (EDI wraps to 0, unmapped) and backwards (DF=1): each #PF reports the exact
 /// partial progress (ECX/ESI/EDI after the iterations that completed, as the Intel SDM
 /// describes for REP: the registers are updated per iteration and a fault leaves them
-/// restartable). Then code that overwrites itself with `rep stosb`: the first time before it
-/// ran, the second time after it was translated. Exits with value 0x25.
+/// restartable). Then overlapping `rep movs` copies in both directions, and code that
+/// overwrites itself with `rep stosb`: the first time before it ran, the second time after it
+/// was translated. Exits with value 0x25.
 pub fn string_edges() -> AsmResult<Vec<u8>> {
     use edges::*;
     let mut k = Kit::new()?;
@@ -448,6 +449,47 @@ pub fn string_edges() -> AsmResult<Vec<u8>> {
         a.xor(ecx, ecx)?;
         a.rep().movsb()
     })?;
+
+    // Overlapping copies, element by element as the SDM defines REP MOVS: forward with the
+    // destination one byte above the source replicates the first byte; backward with the
+    // destination below the source replicates the top dword; forward with the destination
+    // below the source is a plain memmove. Each buffer starts as the bytes 0, 1, 2, ... 63.
+    let pattern: Vec<u8> = (0..64).collect();
+    let pattern = k.data(&pattern);
+    for (name, buf, esi_off, edi_off, count, down, dword, shown) in [
+        (
+            "overlap up movsb",
+            0x28_2000u32,
+            0u32,
+            1u32,
+            32u32,
+            false,
+            false,
+            32u32,
+        ),
+        ("overlap down movsd", 0x28_3000, 32, 28, 8, true, true, 0),
+        ("memmove up movsd", 0x28_4000, 4, 0, 8, false, true, 28),
+    ] {
+        k.asm().cld()?;
+        k.asm().mov(esi, pattern)?;
+        k.asm().mov(edi, buf)?;
+        k.asm().mov(ecx, 16u32)?;
+        k.asm().rep().movsd()?;
+        k.asm().mov(esi, buf + esi_off)?;
+        k.asm().mov(edi, buf + edi_off)?;
+        k.asm().mov(ecx, count)?;
+        if down {
+            k.asm().std()?;
+        }
+        if dword {
+            k.asm().rep().movsd()?;
+        } else {
+            k.asm().rep().movsb()?;
+        }
+        k.asm().cld()?;
+        k.asm().mov(eax, dword_ptr(buf + shown))?;
+        k.print_field(name, eax)?;
+    }
 
     // Code that overwrites itself: `rep stosb` (AL = NOP) over the `mov eax, 0xDEADBEEF`
     // after it. The CPU runs the bytes as they are after the store (Intel SDM vol. 3, 11.6:

@@ -152,6 +152,9 @@ fn string_instructions_stop_with_the_exact_partial_progress() {
          repe cmpsd #PF err=00000000 cr2=00300000 ecx=fffffffb esi=00300000 edi=00300000\n\
          lodsb #PF err=00000000 cr2=00300000 ecx=00001234 esi=00300000 edi=00300000\n\
          rep movsb, ecx=0 no fault\n\
+         overlap up movsb=23222100\n\
+         overlap down movsd=23222120\n\
+         memmove up movsd=23222120\n\
          self-write 0=12345690\nself-write 1=deadbeef\nself-write 2=12345690\n"
     );
     translated_and_safe(&o);
