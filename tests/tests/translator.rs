@@ -155,6 +155,11 @@ fn string_instructions_stop_with_the_exact_partial_progress() {
          overlap up movsb=23222100\n\
          overlap down movsd=23222120\n\
          memmove up movsd=23222120\n\
+         repne scasb up ecx=00000043\n edi=00000021\n esi=00000000\n flags=00000044\n\
+         repne scasb down ecx=00000029\n edi=00000004\n esi=0000003f\n flags=00000044\n\
+         repe scasb up ecx=00000062\n edi=00000002\n esi=00000000\n flags=00000095\n\
+         repe cmpsb up ecx=00000008\n edi=00000002\n esi=00000002\n flags=00000095\n\
+         repne cmpsb up ecx=00000043\n edi=00000022\n esi=00000022\n flags=00000044\n\
          self-write 0=12345690\nself-write 1=deadbeef\nself-write 2=12345690\n"
     );
     translated_and_safe(&o);
