@@ -358,7 +358,9 @@ impl ShadowMmu {
                 .filter(|&i| Some(i) != self.current.map(|c| c.1))
                 .min_by_key(|&i| self.spaces[i].last_used)
                 .expect("a budget of at least two windows");
-            self.clear_space(id)?;
+            // Emptied, not cleared: clearing the physical window maps guest RAM into it again,
+            // which a paged address space must never see.
+            self.empty_space(id)?;
             self.stats.windows_recycled += 1;
             self.spaces[id].key = key;
             id
@@ -386,18 +388,24 @@ impl ShadowMmu {
         Ok(())
     }
 
-    /// Empties window `id`: every mapping and every dependency of it goes.
+    /// Empties window `id` and fills it again as its key says: every mapping and every
+    /// dependency of it goes; the physical window gets guest-physical memory back.
     fn clear_space(&mut self, id: usize) -> Result<(), ShadowError> {
+        self.empty_space(id)?;
+        if self.spaces[id].key == Key::Physical {
+            self.map_physical(id)?;
+        }
+        Ok(())
+    }
+
+    /// Empties window `id`: every mapping and every dependency of it goes, nothing is mapped.
+    fn empty_space(&mut self, id: usize) -> Result<(), ShadowError> {
         let pages: Vec<(u32, PageMap)> = self.spaces[id].pages.drain().collect();
         for (lin, m) in pages {
             self.forget(id as u32, lin, &m);
         }
-        let s = &mut self.spaces[id];
-        s.window.unmap(0, 1 << 32)?;
+        self.spaces[id].window.unmap(0, 1 << 32)?;
         self.stats.mmap_calls += 1;
-        if s.key == Key::Physical {
-            self.map_physical(id)?;
-        }
         Ok(())
     }
 
@@ -612,6 +620,7 @@ impl ShadowMmu {
             self.stats.emulated += 1;
             return Ok(Fault::Emulate);
         };
+        self.resync_entries_of(&t)?;
         let lin = linear >> 12;
         let may_write = kind == RegionKind::Ram && (t.writable || (!p.user && !p.mode.wp));
         let protected_code = self.code.contains(&gpa_page);
@@ -864,6 +873,26 @@ impl ShadowMmu {
         Ok(())
     }
 
+    /// Brings the copies of the untraced tables holding `t`'s entries up to date before a
+    /// mapping is made from them.
+    ///
+    /// A dependency means "this mapping holds while the entry keeps the value in the copy".
+    /// An untraced table is written directly, so its entries may differ from the copy; a
+    /// mapping made from such an entry's current value would otherwise survive the entry going
+    /// back to the copy's value (present, then cleared back to the copy's zero when the
+    /// process unmaps the page or exits): the next resynchronisation would see no change and
+    /// keep a mapping of a frame the guest has freed. Resynchronising the table first drops
+    /// what its changed entries supported — what a TLB may do at any time.
+    fn resync_entries_of(&mut self, t: &Translation) -> Result<(), ShadowError> {
+        for e in t.entries.iter().flatten() {
+            let page = (e >> 12) as u32;
+            if self.traces.get(&page).is_some_and(|tr| tr.unsynced) {
+                self.resync(page)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Guest-physical `page` was written (by emulation, a device or the monitor): resolves the
     /// write against the trace's copy and drops the shadow entries whose guest entry changed.
     pub fn table_written(&mut self, page: u32) -> Result<(), ShadowError> {
@@ -1076,6 +1105,7 @@ impl ShadowMmu {
         if region_kind(&self.memory, t.frame).is_none() {
             return Ok(None);
         }
+        self.resync_entries_of(&t)?;
         let gpa = (t.frame >> 12) as u32;
         if let Some((_, _, old, _)) = self.code_tlb.remove(&lin) {
             for e in old.iter().flatten() {
@@ -1358,6 +1388,27 @@ mod tests {
     }
 
     #[test]
+    fn a_mapping_made_from_an_untraced_table_goes_when_its_entry_returns_to_the_copy() {
+        let (mem, mut s, p) = setup(4);
+        fault(&mut s, &p, HI, true);
+        for _ in 0..=UNTRACE_WRITES {
+            assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Traced);
+        }
+        assert_eq!(s.stats.trace_drops, 1);
+        // Entry 4 was empty when the table's copy was taken. The guest fills it (a direct
+        // write: the table is untraced), touches the page, then empties it again (munmap) and
+        // flushes its TLB with a CR3 load: the frame must not stay mapped.
+        let lin = HI + 0x4000;
+        put(&mem, PT + 16, (DATA + 0x2000) | 7);
+        assert_eq!(fault(&mut s, &p, lin, false), Fault::Hidden);
+        assert_eq!(s.mapping(&p, lin), Some(((DATA + 0x2000) >> 12, false)));
+        put(&mem, PT + 16, 0);
+        s.cr3_loaded(&p).unwrap();
+        assert_eq!(s.mapping(&p, lin), None, "a freed frame is still mapped");
+        assert_eq!(fault(&mut s, &p, lin, false), Fault::True);
+    }
+
+    #[test]
     fn a_table_written_too_often_is_untraced_then_resynchronised() {
         let (mem, mut s, p) = setup(4);
         fault(&mut s, &p, HI, true);
@@ -1417,6 +1468,48 @@ mod tests {
         // INVLPG of the large page drops all of it.
         s.invlpg(&p, 0x40_0000).unwrap();
         assert_eq!(s.mapping(&p, 0x7F_F000), None);
+    }
+
+    /// The host protection of the mapping holding host address `addr` ("rw-s", "---p", ...),
+    /// from /proc/self/maps.
+    fn host_protection(addr: u64) -> Option<String> {
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        maps.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, prot) = (f.next()?, f.next()?);
+            let (lo, hi) = range.split_once('-')?;
+            let (lo, hi) = (
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            );
+            (lo..hi).contains(&addr).then(|| prot.to_string())
+        })
+    }
+
+    #[test]
+    fn a_recycled_physical_window_keeps_no_guest_memory_for_its_new_address_space() {
+        let (_mem, mut s, mut p) = setup(2);
+        // Paging off first (the boot): the physical window maps RAM at its guest addresses.
+        p.enabled = false;
+        let phys = s.activate(&p).unwrap();
+        assert_eq!(
+            host_protection(phys + u64::from(DATA)).as_deref(),
+            Some("rw-s")
+        );
+        // Two address spaces later, the physical window (least recently used) is recycled.
+        p.enabled = true;
+        s.activate(&p).unwrap();
+        p.mode.cr3 = 0x30_0000;
+        let base = s.activate(&p).unwrap();
+        assert_eq!(base, phys, "the physical window was the one recycled");
+        assert_eq!(s.stats.windows_recycled, 1);
+        // Nothing of guest RAM may show through: an access must fault, so the guest's page
+        // tables decide (this directory maps nothing at DATA).
+        assert_eq!(
+            host_protection(base + u64::from(DATA)).as_deref(),
+            Some("---p")
+        );
+        assert_eq!(fault(&mut s, &p, DATA, false), Fault::True);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod apic;
 pub mod disk;
 mod modes;
 mod sensitive;
+pub mod virtio;
 
 use crate::kit::{AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, reset_rom};
 use crate::translator_kernels as tk;
@@ -99,6 +100,12 @@ pub const CATALOG: &[Entry] = &[
         name: "cdrom",
         about: "ATAPI on the secondary master: IDENTIFY PACKET, capacity, TOC, READ(10) by PIO and DMA, sense, eject/load",
         build: disk::cdrom,
+        firmware: false,
+    },
+    Entry {
+        name: "virtio-blk",
+        about: "virtio-blk (modern PCI): capability walk, negotiation, IN/OUT/FLUSH/GET_ID through direct and indirect chains, a looping chain and the reset after it (needs a 2048-sector virtio disk)",
+        build: virtio::virtio_blk,
         firmware: false,
     },
     Entry {

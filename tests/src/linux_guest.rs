@@ -329,7 +329,7 @@ wait_dev() {
     done
 }
 ata_report() {
-    dmesg | grep -iE 'timeout|failed command|resetting|SRST|exception Emask|I/O error|virtio' |
+    dmesg | grep -iE 'timeout|failed command|resetting|SRST|exception Emask|I/O error|virtio.*(error|fail|broken|reset|routing)|no GSI' |
         sed 's/^/BT86-TEST: dmesg: /'
 }
 finish() {

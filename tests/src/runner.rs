@@ -50,6 +50,9 @@ pub struct Guest {
     pub disks: Vec<String>,
     /// An ISO image for the CD-ROM drive (secondary master), if any.
     pub cdrom: Option<String>,
+    /// Raw images attached as virtio block devices (modern, PCI 1AF4:1042) on PCI devices 3,
+    /// 4, ... (relative to `dir`).
+    pub virtio_disks: Vec<String>,
 }
 
 impl Guest {
@@ -64,6 +67,7 @@ impl Guest {
             memory_mib: 256,
             disks: Vec::new(),
             cdrom: None,
+            virtio_disks: Vec::new(),
         }
     }
 
@@ -121,6 +125,9 @@ pub fn bt86_command(guest: &Guest, engine: &str, extra: &[&str]) -> Command {
     if let Some(c) = &guest.cdrom {
         cmd.args(["--cdrom", c]);
     }
+    for d in &guest.virtio_disks {
+        cmd.args(["--disk", &format!("{d},if=virtio")]);
+    }
     cmd.args(extra);
     cmd
 }
@@ -170,6 +177,16 @@ pub fn run_qemu(guest: &Guest) -> Option<Outcome> {
     }
     if let Some(c) = &guest.cdrom {
         cmd.args(["-cdrom", c]);
+    }
+    for (i, d) in guest.virtio_disks.iter().enumerate() {
+        cmd.args(["-drive", &format!("file={d},format=raw,if=none,id=vd{i}")]);
+        cmd.args([
+            "-device",
+            &format!(
+                "virtio-blk-pci,drive=vd{i},disable-legacy=on,addr={}",
+                3 + i
+            ),
+        ]);
     }
     Some(run_with_timeout(cmd, DEFAULT_TIMEOUT))
 }

@@ -424,8 +424,6 @@ fn bt_session(guest: &Path, bin: &Path) -> &'static SessionLog {
 }
 
 #[test]
-#[ignore = "known bt bug: after some processes ran, exec and path lookups in the guest \
-            sometimes fail with ENOENT/EFAULT (open in issue 6's note); run with --ignored"]
 fn debian_shell_session_on_bt() {
     let Some((guest, bin)) = session_prerequisites("debian_shell_session_on_bt") else {
         return;
@@ -514,8 +512,6 @@ fn comparable(o: &Output) -> Option<String> {
 }
 
 #[test]
-#[ignore = "known bt bug: after some processes ran, exec and path lookups in the guest \
-            sometimes fail with ENOENT/EFAULT (open in issue 6's note); run with --ignored"]
 fn debian_shell_session_on_bt_matches_qemu() {
     let test = "debian_shell_session_on_bt_matches_qemu";
     let Some((guest, bin)) = session_prerequisites(test) else {

@@ -263,18 +263,279 @@ fn filesystem_round_trip(name: &str, dev: &str, modules: &str, drive: impl Fn(&P
     }
 }
 
-/// Ignored until a bt bug is fixed: on `--engine bt`, Debian's guest intermittently fails path
-/// lookups (`sleep: not found`, `mount: not found`, `ls: /bin: No such file or directory`,
-/// sometimes EFAULT "Bad address") — in some boots from the start, in others after a process
-/// ran busybox `sleep 0.2`; the same script under `--engine interp` has no failure. Run it with
-/// `cargo test -p bt86-tests --test linux_disks -- --ignored` once that is fixed.
 #[test]
-#[ignore = "bt: intermittent path-lookup failures in the Debian guest (see the comment)"]
 fn ide_disk_gets_an_ext2_filesystem_that_e2fsck_and_a_second_boot_accept() {
     if skip("ide_disk_gets_an_ext2_filesystem", &["e2fsck", "debugfs"]) {
         return;
     }
-    filesystem_round_trip("ide", "/dev/sda", "ata_piix sd_mod ext4", |p| {
-        p.display().to_string()
-    });
+    filesystem_round_trip(
+        "ide",
+        "/dev/sda",
+        "ata_piix sd_mod crc32c_generic ext4",
+        |p| p.display().to_string(),
+    );
+}
+
+/// The same proof on a virtio disk (/dev/vda through virtio_pci and virtio_blk).
+#[test]
+fn virtio_disk_gets_an_ext2_filesystem_that_e2fsck_and_a_second_boot_accept() {
+    if skip(
+        "virtio_disk_gets_an_ext2_filesystem",
+        &["e2fsck", "debugfs"],
+    ) {
+        return;
+    }
+    filesystem_round_trip(
+        "virtio",
+        "/dev/vda",
+        "virtio_pci virtio_blk crc32c_generic ext4",
+        |p| format!("{},if=virtio", p.display()),
+    );
+}
+
+/// The guest script for the SIGKILL proof: a filesystem with the payload, `sync`, then a mark
+/// and a busy loop; the test kills bt86 as soon as it sees the mark.
+fn fill_sync_and_spin(dev: &str, modules: &str) -> String {
+    format!(
+        r#"
+for m in {modules}; do modprobe $m || mark "modprobe $m failed"; done
+wait_dev {dev} && mark "device {dev}"
+mke2fs -F {dev} >/dev/null && mark "mkfs done"
+mount -t ext2 {dev} /mnt && mark "mounted"
+for f in /bt86/data/*; do cp $f /mnt/; done
+sync && mark "sync completed"
+while :; do :; done
+"#
+    )
+}
+
+/// SIGKILL right after the guest reports a completed `sync`: every file is in the image when
+/// the host looks after the kill (debugfs; the filesystem was never unmounted).
+fn killed_after_sync(name: &str, dev: &str, modules: &str, drive: impl Fn(&Path) -> String) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    sparse_image(&image, 64 << 20);
+    let data = payload();
+    let drive_arg = drive(&image);
+    let mut s = boot(
+        dir.path(),
+        name,
+        &fill_sync_and_spin(dev, modules),
+        &data,
+        &["--disk", &drive_arg],
+    );
+    if let Err(e) = s.wait_for("sync completed", BOOT_LIMIT) {
+        panic!("{name}: {e}");
+    }
+    let ended = s.kill();
+    assert_ne!(
+        ended.status.code(),
+        Some(0),
+        "{name}: bt86 was killed, not ended"
+    );
+    for (file, bytes) in &data {
+        assert!(
+            debugfs_cat(&image, file) == *bytes,
+            "{name}: /{file} in the image after SIGKILL differs from what the guest synced"
+        );
+    }
+}
+
+#[test]
+fn virtio_data_synced_before_a_sigkill_is_in_the_image() {
+    if skip("virtio_data_synced_before_a_sigkill", &["debugfs"]) {
+        return;
+    }
+    killed_after_sync(
+        "virtio-kill",
+        "/dev/vda",
+        "virtio_pci virtio_blk crc32c_generic ext4",
+        |p| format!("{},if=virtio", p.display()),
+    );
+}
+
+#[test]
+fn ide_data_synced_before_a_sigkill_is_in_the_image() {
+    if skip("ide_data_synced_before_a_sigkill", &["debugfs"]) {
+        return;
+    }
+    killed_after_sync(
+        "ide-kill",
+        "/dev/sda",
+        "ata_piix sd_mod crc32c_generic ext4",
+        |p| p.display().to_string(),
+    );
+}
+
+/// An ext2 image made on the host (mke2fs -d) holding the payload.
+fn host_ext2_image(dir: &Path, data: &[(&str, Vec<u8>)]) -> std::path::PathBuf {
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    for (name, bytes) in data {
+        std::fs::write(files.join(name), bytes).unwrap();
+    }
+    let image = dir.join("ro.img");
+    sparse_image(&image, 32 << 20);
+    let out = Command::new("mke2fs")
+        .args(["-F", "-q", "-t", "ext2", "-d"])
+        .arg(&files)
+        .arg(&image)
+        .output()
+        .expect("run mke2fs");
+    assert!(
+        out.status.success(),
+        "mke2fs -d: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+/// The guest script for the read-only proof: mount (read-only if the read-write mount fails: an
+/// IDE disk cannot tell the guest it is write-protected, so there the mount's own superblock
+/// write is the first write that fails), read the files, then try to write through the
+/// filesystem and to the raw device.
+fn read_and_try_to_write(dev: &str, modules: &str) -> String {
+    format!(
+        r#"
+for m in {modules}; do modprobe $m || mark "modprobe $m failed"; done
+wait_dev {dev} && mark "device {dev}"
+if mount -t ext2 {dev} /mnt 2>/dev/null; then mark "mounted"
+else mark "read-write mount refused"; mount -t ext2 -o ro {dev} /mnt && mark "mounted"; fi
+cd /mnt && md5sum * 2>&1 | sed 's/^/BT86-TEST: md5 /'
+cd /
+if touch /mnt/new-file 2>/dev/null; then mark "file write succeeded"; else mark "file write refused"; fi
+umount /mnt
+if dd if=/dev/zero of={dev} bs=4096 count=16 conv=fsync 2>/dev/null; then mark "raw write succeeded"; else mark "raw write refused"; fi
+finish
+"#
+    )
+}
+
+/// A `readonly` image is byte-identical after a guest that tried to write to it, and the guest
+/// saw the writes fail.
+fn read_only_stays_untouched(
+    name: &str,
+    dev: &str,
+    modules: &str,
+    drive: impl Fn(&Path) -> String,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = payload();
+    let image = host_ext2_image(dir.path(), &data);
+    let before = std::fs::read(&image).unwrap();
+    let ended = boot_to_end(
+        dir.path(),
+        name,
+        &read_and_try_to_write(dev, modules),
+        &[],
+        &["--disk", &drive(&image)],
+    );
+    let marks = ended.marked();
+    for m in ["mounted", "file write refused", "raw write refused"] {
+        assert!(
+            marks.iter().any(|l| l == m),
+            "{name}: the guest never printed {m:?}:\n{}",
+            ended.tail()
+        );
+    }
+    let sums = lines_with(&ended, "md5 ");
+    for (file, bytes) in &data {
+        let want = md5_hex(bytes, dir.path());
+        assert!(
+            sums.iter()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == [want.as_str(), *file]),
+            "{name}: no md5 {want} for {file}; the guest printed:\n{}",
+            sums.join("\n")
+        );
+    }
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "{name}: the read-only image changed"
+    );
+}
+
+#[test]
+fn virtio_read_only_image_is_never_modified() {
+    if skip("virtio_read_only_image", &["mke2fs"]) {
+        return;
+    }
+    read_only_stays_untouched(
+        "virtio-ro",
+        "/dev/vda",
+        "virtio_pci virtio_blk crc32c_generic ext4",
+        |p| format!("{},readonly,if=virtio", p.display()),
+    );
+}
+
+#[test]
+fn ide_read_only_image_is_never_modified() {
+    if skip("ide_read_only_image", &["mke2fs"]) {
+        return;
+    }
+    read_only_stays_untouched(
+        "ide-ro",
+        "/dev/sda",
+        "ata_piix sd_mod crc32c_generic ext4",
+        |p| format!("{},readonly", p.display()),
+    );
+}
+
+/// An ISO 9660 image (genisoimage, Rock Ridge) in the ATAPI CD-ROM drive: the guest mounts it
+/// and reads every file with the right content.
+#[test]
+fn iso_image_on_the_cdrom_mounts_and_reads_back() {
+    if skip("iso_image_on_the_cdrom", &["genisoimage"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = payload();
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    for (name, bytes) in &data {
+        std::fs::write(files.join(name), bytes).unwrap();
+    }
+    let iso = dir.path().join("cd.iso");
+    let out = Command::new("genisoimage")
+        .args(["-quiet", "-R", "-V", "BT86CD", "-o"])
+        .arg(&iso)
+        .arg(&files)
+        .output()
+        .expect("run genisoimage");
+    assert!(
+        out.status.success(),
+        "genisoimage: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = r#"
+for m in ata_piix sr_mod isofs; do modprobe $m || mark "modprobe $m failed"; done
+wait_dev /dev/sr0 && mark "device /dev/sr0"
+mount -t iso9660 -o ro /dev/sr0 /mnt && mark "mounted"
+cd /mnt && md5sum * 2>&1 | sed 's/^/BT86-TEST: md5 /'
+cd / && umount /mnt && mark "unmounted"
+finish
+"#;
+    let ended = boot_to_end(
+        dir.path(),
+        "cdrom",
+        script,
+        &[],
+        &["--cdrom", &iso.display().to_string()],
+    );
+    assert_no_controller_trouble("cdrom", &ended);
+    let marks = ended.marked();
+    assert!(
+        marks.iter().any(|m| m == "mounted"),
+        "cdrom: not mounted:\n{}",
+        ended.tail()
+    );
+    let sums = lines_with(&ended, "md5 ");
+    for (file, bytes) in &data {
+        let want = md5_hex(bytes, dir.path());
+        assert!(
+            sums.iter()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == [want.as_str(), *file]),
+            "cdrom: no md5 {want} for {file}; the guest printed:\n{}",
+            sums.join("\n")
+        );
+    }
 }

@@ -293,7 +293,7 @@ impl File<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::Cache;
+    use crate::disk::{Cache, Interface};
     use clap::{CommandFactory, FromArgMatches};
 
     /// Parses a `bt86 run` command line and applies the config file `text` as main() does.
@@ -328,7 +328,7 @@ on-reboot = "restart"
 serial = "file:console.log"
 stats = true
 cdrom = "cd.iso"
-disk = ["a.img,readonly", { file = "b.img", cache = "writethrough", overlay = "b.cow" }]
+disk = ["a.img,readonly", { file = "b.img", cache = "writethrough", overlay = "b.cow" }, { file = "c.img", if = "virtio" }]
 "#,
         );
         let a = args.unwrap();
@@ -341,11 +341,14 @@ disk = ["a.img,readonly", { file = "b.img", cache = "writethrough", overlay = "b
         assert_eq!(a.serial, SerialSpec::File(dir.path().join("console.log")));
         assert!(a.stats);
         assert_eq!(a.cdrom, Some(dir.path().join("cd.iso")));
-        assert_eq!(a.disk.len(), 2);
+        assert_eq!(a.disk.len(), 3);
         assert_eq!(a.disk[0].path, dir.path().join("a.img"));
         assert!(a.disk[0].readonly);
         assert_eq!(a.disk[1].cache, Cache::Writethrough);
         assert_eq!(a.disk[1].overlay, Some(dir.path().join("b.cow")));
+        assert_eq!(a.disk[1].interface, Interface::Ide);
+        assert_eq!(a.disk[2].path, dir.path().join("c.img"));
+        assert_eq!(a.disk[2].interface, Interface::Virtio);
     }
 
     #[test]

@@ -32,6 +32,15 @@ pub enum Cache {
     Writethrough,
 }
 
+/// The controller a disk is attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interface {
+    /// The PIIX3 IDE controller (every guest has a driver).
+    Ide,
+    /// A virtio block device on the PCI bus (the fast path, for guests with the driver).
+    Virtio,
+}
+
 /// A parsed `--disk` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -45,6 +54,8 @@ pub struct DiskSpec {
     pub cache: Cache,
     /// A copy-on-write overlay file: writes go there, the image stays untouched.
     pub overlay: Option<PathBuf>,
+    /// The controller.
+    pub interface: Interface,
 }
 
 /// Why an image cannot be used.
@@ -120,7 +131,8 @@ pub enum DiskError {
 }
 
 impl DiskSpec {
-    /// Parses `FILE[,format=raw|qcow2][,readonly][,cache=writeback|writethrough][,overlay=FILE]`.
+    /// Parses `FILE[,format=raw|qcow2][,readonly][,cache=writeback|writethrough][,overlay=FILE]
+    /// [,if=ide|virtio]`.
     pub fn parse(spec: &str) -> Result<Self, DiskError> {
         let bad = |reason: String| DiskError::BadSpec {
             spec: spec.to_string(),
@@ -137,6 +149,7 @@ impl DiskSpec {
             readonly: false,
             cache: Cache::Writeback,
             overlay: None,
+            interface: Interface::Ide,
         };
         for opt in parts {
             if opt == "readonly" {
@@ -158,11 +171,16 @@ impl DiskSpec {
                 }
                 Some(("overlay", "")) => return Err(bad("overlay= needs a file name".into())),
                 Some(("overlay", v)) => d.overlay = Some(v.into()),
+                Some(("if", "ide")) => d.interface = Interface::Ide,
+                Some(("if", "virtio")) => d.interface = Interface::Virtio,
+                Some(("if", v)) => {
+                    return Err(bad(format!("if={v}: use if=ide or if=virtio")));
+                }
                 Some(("readonly", "on" | "true")) => d.readonly = true,
                 Some(("readonly", "off" | "false")) => d.readonly = false,
                 _ => {
                     return Err(bad(format!(
-                        "unknown option '{opt}': options are format=, readonly, cache=, overlay="
+                        "unknown option '{opt}': options are format=, readonly, cache=, overlay=, if="
                     )));
                 }
             }
@@ -644,7 +662,12 @@ mod tests {
         let d = DiskSpec::parse("b.img,overlay=b.cow").unwrap();
         assert_eq!(d.overlay, Some(PathBuf::from("b.cow")));
         assert!(!d.readonly);
+        assert_eq!(d.interface, Interface::Ide);
+        let d = DiskSpec::parse("c.img,if=virtio,readonly").unwrap();
+        assert_eq!(d.interface, Interface::Virtio);
+        assert!(d.readonly);
         for (spec, needle) in [
+            ("a.img,if=scsi", "if=ide or if=virtio"),
             ("a.img,format=vmdk", "format=raw"),
             ("a.img,cache=none", "cache=writeback"),
             ("a.img,bogus", "unknown option"),

@@ -148,9 +148,12 @@ struct RunArgs {
     #[arg(long, value_enum, value_name = "ENGINE")]
     lockstep: Option<LockstepArg>,
 
-    /// A hard disk image on the IDE controller:
-    /// FILE[,format=raw|qcow2][,readonly][,cache=writeback|writethrough][,overlay=FILE].
-    /// Repeat for more disks: primary master, primary slave, then secondary master. The image
+    /// A hard disk image:
+    /// FILE[,format=raw|qcow2][,readonly][,cache=writeback|writethrough][,overlay=FILE]
+    /// [,if=ide|virtio]. if=ide (the default) attaches it to the IDE controller: repeat for
+    /// more disks, primary master, primary slave, then secondary master. if=virtio makes it a
+    /// virtio block device on the PCI bus (Linux: /dev/vda, vdb, ...), faster for guests with
+    /// the virtio_blk driver. The image
     /// is locked while bt86 runs. cache=writeback (the default) makes writes durable when the
     /// guest flushes its disk cache; cache=writethrough after every write. overlay=FILE keeps
     /// the guest's writes in FILE (created if missing) and never modifies the image.

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use vmm::chipset::{DriveSpec, IdeSlot};
+use vmm::chipset::{DriveSlot, DriveSpec, IdeSlot, MAX_VIRTIO_DISKS};
 use vmm::devices::ide::Media;
 use vmm::{
     BootModule, BootSource, EngineError, EngineKind, RunOutcome, Vm, VmConfig, VmError, VmStats,
 };
 
-use crate::disk::{self, DiskSpec};
+use crate::disk::{self, DiskSpec, Interface};
 use crate::{EngineArg, OnReboot, RunArgs};
 use crate::{console, status};
 
@@ -51,20 +51,34 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     })
 }
 
-/// Opens the images and assigns IDE slots: disks in order on primary master, primary slave,
-/// secondary master; the CD-ROM on the secondary channel (master if free).
+/// Opens the images and assigns slots: IDE disks in order on primary master, primary slave,
+/// secondary master; the CD-ROM on the secondary channel (master if free); virtio disks on
+/// PCI devices 3, 4, ... in order.
 fn drives(disks: &[DiskSpec], cdrom: Option<&Path>) -> Result<Vec<DriveSpec>, Failure> {
-    let total = disks.len() + usize::from(cdrom.is_some());
+    let virtio = disks
+        .iter()
+        .filter(|d| d.interface == Interface::Virtio)
+        .count();
+    let total = disks.len() - virtio + usize::from(cdrom.is_some());
     if total > IdeSlot::ALL.len() {
         return Err(usage(anyhow::anyhow!(
-            "{total} drives given; the IDE controller takes at most 4 (disks and CD-ROM together)"
+            "{total} IDE drives given; the IDE controller takes at most 4 (disks and CD-ROM together): give the others if=virtio"
+        )));
+    }
+    if virtio > MAX_VIRTIO_DISKS {
+        return Err(usage(anyhow::anyhow!(
+            "{virtio} virtio disks given; bt86 has PCI slots for at most {MAX_VIRTIO_DISKS}"
         )));
     }
     let mut slots = IdeSlot::ALL.into_iter();
     let mut out = Vec::new();
     for d in disks {
+        let slot = match d.interface {
+            Interface::Ide => DriveSlot::Ide(slots.next().unwrap_or(IdeSlot::SecondarySlave)),
+            Interface::Virtio => DriveSlot::Virtio,
+        };
         out.push(DriveSpec {
-            slot: slots.next().unwrap_or(IdeSlot::SecondarySlave),
+            slot,
             media: Media::Disk,
             backend: d.open().map_err(|e| usage(e.into()))?,
         });
@@ -74,7 +88,7 @@ fn drives(disks: &[DiskSpec], cdrom: Option<&Path>) -> Result<Vec<DriveSpec>, Fa
             .find(|s| matches!(s, IdeSlot::SecondaryMaster | IdeSlot::SecondarySlave))
             .unwrap_or(IdeSlot::SecondarySlave);
         out.push(DriveSpec {
-            slot,
+            slot: DriveSlot::Ide(slot),
             media: Media::Cdrom,
             backend: disk::open_cdrom(path).map_err(|e| usage(e.into()))?,
         });

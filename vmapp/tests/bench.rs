@@ -194,7 +194,16 @@ fn linux_suite_on_bt_reports_every_step_and_json_matches_both_tables() {
             "fork-exec",
             "fork",
             "dd",
-            "page-touch"
+            "page-touch",
+            "disk-seq-write-virtio",
+            "disk-seq-read-virtio",
+            "disk-rand-read-virtio",
+            "disk-rand-write-virtio",
+            "disk-seq-write-ide",
+            "disk-seq-read-ide",
+            "disk-rand-read-ide",
+            "disk-rand-write-ide",
+            "disk-ext2-virtio"
         ]
     );
     // The two tables, by their titles.

@@ -20,6 +20,7 @@ use acpi_tables::aml::{
 };
 use acpi_tables::sdt::Sdt;
 
+use crate::chipset::{FIRST_VIRTIO_DEVICE, MAX_VIRTIO_DISKS, pci_irq};
 use crate::devices::acpi_pm::{PM_TMR_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT, SCI_IRQ, SLP_TYP_S5};
 use crate::devices::rtc::REG_CENTURY;
 use crate::platform::{IOAPIC_BASE, IOAPIC_ID, LAPIC_BASE};
@@ -116,7 +117,30 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
     let adr = Name::new("_ADR".into(), &aml::ZERO);
     let uid = Name::new("_UID".into(), &aml::ZERO);
     let crs_name = Name::new("_CRS".into(), &crs);
-    let pci0 = Device::new("PCI0".into(), vec![&hid_name, &adr, &uid, &crs_name]);
+    // _PRT: INTA# of the devices virtio disks use (3 onwards), on the ISA IRQ the PIRQ routing
+    // gives them, as GSIs (the IOAPIC's inputs 0-15 are the ISA IRQs; with the 8259s the GSI
+    // is the IRQ). No link devices: the routing is fixed, as firmware left it.
+    let routes: Vec<(u32, u8, u8, u32)> = (FIRST_VIRTIO_DEVICE
+        ..FIRST_VIRTIO_DEVICE + MAX_VIRTIO_DISKS as u8)
+        .map(|d| {
+            (
+                (u32::from(d) << 16) | 0xFFFF,
+                0u8,
+                0u8,
+                u32::from(pci_irq(d)),
+            )
+        })
+        .collect();
+    let entries: Vec<Package> = routes
+        .iter()
+        .map(|(adr, pin, source, gsi)| Package::new(vec![adr, pin, source, gsi]))
+        .collect();
+    let prt = Package::new(entries.iter().map(|p| p as &dyn Aml).collect());
+    let prt_name = Name::new("_PRT".into(), &prt);
+    let pci0 = Device::new(
+        "PCI0".into(),
+        vec![&hid_name, &adr, &uid, &crs_name, &prt_name],
+    );
     let sb = Scope::new("\\_SB_".into(), vec![&pci0]);
     // \_S5: SLP_TYPa, SLP_TYPb and two reserved entries.
     let typ = SLP_TYP_S5 as u8;

@@ -96,7 +96,7 @@ pub struct VmConfig {
     pub trace: Option<Box<dyn Write + Send>>,
     /// Check bt against the interpreter step by step (bt only; see [`crate::lockstep`]).
     pub lockstep: bool,
-    /// Drives on the IDE controller.
+    /// Drives on the IDE controller and virtio disks.
     pub drives: Vec<DriveSpec>,
 }
 
@@ -412,6 +412,8 @@ impl Vm {
             "ioapic",
             Box::new(IoApicMmio(apics.clone())),
         )?;
+        // BARs the chipset placed, as firmware does.
+        chipset.service(&mut pio, &mut mmio);
         chipset
             .pci()
             .lock()
@@ -586,7 +588,7 @@ impl Vm {
                     });
                 }
             }
-            self.chipset.service(&mut self.pio);
+            self.chipset.service(&mut self.pio, &mut self.mmio);
             match self.control.pending() {
                 Some(StopRequest::DebugExit(value)) => {
                     return Ok(RunOutcome::DebugExit { value });
@@ -804,7 +806,7 @@ impl Vm {
     fn wait_for_interrupt(&mut self) -> bool {
         let started = Instant::now();
         let woke = loop {
-            self.chipset.service(&mut self.pio);
+            self.chipset.service(&mut self.pio, &mut self.mmio);
             self.update_timers();
             if self.interrupt_pending() {
                 break true;

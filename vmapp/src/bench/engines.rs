@@ -295,6 +295,55 @@ impl Runner {
                 cmd
             }
         };
+        // The disk steps' scratch images: empty (sparse) files of the same size for every
+        // engine and run, removed when the run ends.
+        let scratch = if steps.iter().any(|s| s.disk) {
+            let paths: Vec<std::path::PathBuf> = match engine {
+                BenchEngine::Native => linux::NATIVE_IMAGES
+                    .iter()
+                    .map(|p| guest.root.join(p))
+                    .collect(),
+                _ => ["bench-virtio.img", "bench-ide.img"]
+                    .iter()
+                    .map(|p| dir.join(p))
+                    .collect(),
+            };
+            for p in &paths {
+                let made = std::fs::File::create(p).and_then(|f| f.set_len(linux::DISK_MIB << 20));
+                if let Err(e) = made {
+                    return fail_all(&format!("cannot create {}: {e}", p.display()));
+                }
+            }
+            let (virtio, ide) = (&paths[0], &paths[1]);
+            match engine {
+                BenchEngine::Bt | BenchEngine::Interp | BenchEngine::Kvm => {
+                    cmd.arg("--disk")
+                        .arg(format!("{},if=virtio", virtio.display()))
+                        .arg("--disk")
+                        .arg(ide);
+                }
+                BenchEngine::QemuTcg => {
+                    // The same devices: a modern virtio-blk and a disk on the PIIX IDE
+                    // controller, both through the host's page cache as bt86's backends.
+                    cmd.arg("-drive")
+                        .arg(format!(
+                            "file={},format=raw,if=none,id=vd0,cache=writeback",
+                            virtio.display()
+                        ))
+                        .args(["-device", "virtio-blk-pci,drive=vd0,disable-legacy=on"])
+                        .arg("-drive")
+                        .arg(format!(
+                            "file={},format=raw,if=ide,index=0,cache=writeback",
+                            ide.display()
+                        ));
+                }
+                BenchEngine::Native => {}
+            }
+            paths
+        } else {
+            Vec::new()
+        };
+        let _remove_scratch = RemoveOnDrop(scratch);
         cmd.current_dir(dir);
         let done = |l: &str| linux::parse_marker(l) == Some(linux::Marker::Done);
         // After the last step only the guest's reboot is left; a guest that does not manage
@@ -373,6 +422,17 @@ impl Runner {
         let tsc = |o: usize| u64::from_le_bytes(result.data[o..o + 8].try_into().expect("8 bytes"));
         let cycles = tsc(8).wrapping_sub(tsc(0));
         Sample::Ok(cycles as f64 * 1e9 / self.host_tsc_hz as f64 / f64::from(iterations.max(1)))
+    }
+}
+
+/// Files removed when it is dropped (the disk steps' scratch images).
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

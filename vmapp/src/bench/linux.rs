@@ -31,8 +31,13 @@ pub struct Step {
     /// Untimed shell commands run after the step (may be empty).
     pub cleanup: &'static str,
     /// Whether the step is user-space work the native column can run in a chroot on the host
-    /// (a step that needs the guest's own devices, such as a disk, cannot).
+    /// (a step that needs the guest's own devices cannot).
     pub native: bool,
+    /// Whether the step uses the scratch disks: the VM engines get two empty images, one on
+    /// the IDE controller (`$BENCH_IDE`, /dev/sda in the guest) and one as a virtio disk
+    /// (`$BENCH_VIRTIO`, /dev/vda); the native column runs the same commands on the host
+    /// against image files of the same size (the host-direct baseline).
+    pub disk: bool,
 }
 
 /// The row for the kernel's boot: from power-on to the benchmark /init running with its file
@@ -41,6 +46,22 @@ pub const BOOT: &str = "boot";
 
 /// What the boot row measures.
 pub const BOOT_OPERATION: &str = "kernel boot to /init ready (guest: /proc/uptime)";
+
+/// A step on the scratch disks.
+macro_rules! disk_step {
+    ($name:expr, $operation:expr, $count:expr, $run:expr) => {
+        Step {
+            name: $name,
+            operation: $operation,
+            count: $count,
+            setup: "",
+            run: $run,
+            cleanup: "",
+            native: true,
+            disk: true,
+        }
+    };
+}
 
 /// The workloads, in the order the script runs them.
 pub const STEPS: &[Step] = &[
@@ -52,6 +73,7 @@ pub const STEPS: &[Step] = &[
         run: "awk -v n=\"$N\" 'BEGIN { s = 0; for (i = 0; i < n; i++) s = (s + i * i) % 1000003; print s }'",
         cleanup: "",
         native: true,
+        disk: false,
     },
     Step {
         name: "md5sum",
@@ -61,6 +83,7 @@ pub const STEPS: &[Step] = &[
         run: "md5sum /tmp/md5sum.in",
         cleanup: "rm -f /tmp/md5sum.in",
         native: true,
+        disk: false,
     },
     Step {
         name: "fork-exec",
@@ -70,6 +93,7 @@ pub const STEPS: &[Step] = &[
         run: "i=0; while [ $i -lt \"$N\" ]; do /bin/true; i=$((i + 1)); done",
         cleanup: "",
         native: true,
+        disk: false,
     },
     Step {
         name: "fork",
@@ -79,6 +103,7 @@ pub const STEPS: &[Step] = &[
         run: "i=0; while [ $i -lt \"$N\" ]; do ( : ); i=$((i + 1)); done",
         cleanup: "",
         native: true,
+        disk: false,
     },
     Step {
         name: "dd",
@@ -88,6 +113,7 @@ pub const STEPS: &[Step] = &[
         run: "dd if=/dev/zero of=/dev/null bs=4096 count=\"$N\"",
         cleanup: "",
         native: true,
+        disk: false,
     },
     Step {
         name: "page-touch",
@@ -97,8 +123,82 @@ pub const STEPS: &[Step] = &[
         run: "dd if=/dev/zero of=/tmp/page-touch bs=4096 count=\"$N\" && rm /tmp/page-touch",
         cleanup: "rm -f /tmp/page-touch",
         native: true,
+        disk: false,
+    },
+    disk_step!(
+        "disk-seq-write-virtio",
+        "sequential 1 MiB O_DIRECT writes to the virtio disk (diskio W)",
+        DISK_MIB,
+        "/bench/diskio W \"$N\" 3<>\"$BENCH_VIRTIO\""
+    ),
+    disk_step!(
+        "disk-seq-read-virtio",
+        "sequential 1 MiB O_DIRECT reads from the virtio disk (diskio R)",
+        DISK_MIB,
+        "/bench/diskio R \"$N\" 3<\"$BENCH_VIRTIO\""
+    ),
+    disk_step!(
+        "disk-rand-read-virtio",
+        "random 4 KiB O_DIRECT reads from the virtio disk (diskio r)",
+        RANDOM_IOS,
+        "/bench/diskio r \"$N\" 3<\"$BENCH_VIRTIO\""
+    ),
+    disk_step!(
+        "disk-rand-write-virtio",
+        "random 4 KiB O_DIRECT writes to the virtio disk (diskio w)",
+        RANDOM_IOS,
+        "/bench/diskio w \"$N\" 3<>\"$BENCH_VIRTIO\""
+    ),
+    disk_step!(
+        "disk-seq-write-ide",
+        "sequential 1 MiB O_DIRECT writes to the IDE disk (diskio W)",
+        DISK_MIB,
+        "/bench/diskio W \"$N\" 3<>\"$BENCH_IDE\""
+    ),
+    disk_step!(
+        "disk-seq-read-ide",
+        "sequential 1 MiB O_DIRECT reads from the IDE disk (diskio R)",
+        DISK_MIB,
+        "/bench/diskio R \"$N\" 3<\"$BENCH_IDE\""
+    ),
+    disk_step!(
+        "disk-rand-read-ide",
+        "random 4 KiB O_DIRECT reads from the IDE disk (diskio r)",
+        RANDOM_IOS,
+        "/bench/diskio r \"$N\" 3<\"$BENCH_IDE\""
+    ),
+    disk_step!(
+        "disk-rand-write-ide",
+        "random 4 KiB O_DIRECT writes to the IDE disk (diskio w)",
+        RANDOM_IOS,
+        "/bench/diskio w \"$N\" 3<>\"$BENCH_IDE\""
+    ),
+    Step {
+        name: "disk-ext2-virtio",
+        operation: "small files created on ext2 on the virtio disk, then synced and read back",
+        count: 500,
+        setup: "modprobe crc32c_generic && modprobe ext4 && mke2fs -q -F \"$BENCH_VIRTIO\" && mount -t ext2 \"$BENCH_VIRTIO\" /mnt",
+        run: "i=0; while [ $i -lt \"$N\" ]; do echo \"file $i\" >/mnt/f$i; i=$((i + 1)); done; sync; \
+              i=0; while [ $i -lt \"$N\" ]; do read line </mnt/f$i; i=$((i + 1)); done; sync",
+        cleanup: "umount /mnt",
+        // Mounting a file system on the host's image file needs a loop device: guest only.
+        native: false,
+        disk: true,
     },
 ];
+
+/// Size of each scratch disk in MiB; the sequential steps cover it whole (the write step
+/// first, so the reads after it never meet a hole in the host's image file).
+pub const DISK_MIB: u64 = 64;
+
+/// Transfers of the random-I/O steps.
+pub const RANDOM_IOS: u64 = 2048;
+
+/// Where the guest finds its scratch disks once the drivers are loaded.
+const GUEST_DISKS: &str = "BENCH_VIRTIO=/dev/vda BENCH_IDE=/dev/sda";
+
+/// The kernel modules the guest loads for the disk steps (with what modules.dep lists).
+const DISK_MODULES: &str = "virtio_pci virtio_blk ata_piix sd_mod";
 
 /// The step called `name`.
 pub fn find(name: &str) -> Option<&'static Step> {
@@ -181,7 +281,17 @@ const PREAMBLE: &str = "/bin/busybox --install -s /bin\n\
     cd /root\n";
 
 /// The guest's /init: mount, say "ready" with the guest's uptime, run the steps, end the run.
-fn guest_init() -> String {
+/// With `disks`, the disk drivers are loaded and the scratch disks waited for after "ready".
+fn guest_init(disks: bool) -> String {
+    let disks = if disks {
+        format!(
+            "for m in {DISK_MODULES}; do modprobe $m || echo \"{TAG} modprobe $m failed\"; done\n\
+             export {GUEST_DISKS}\n\
+             i=0; while [ $i -lt 300 ] && ! [ -b \"$BENCH_VIRTIO\" -a -b \"$BENCH_IDE\" ]; do usleep 100000; i=$((i + 1)); done\n"
+        )
+    } else {
+        String::new()
+    };
     format!(
         "#!/bin/busybox sh\n\
          # bt86 bench, linux suite: the benchmark /init (generated by bt86).\n\
@@ -189,36 +299,68 @@ fn guest_init() -> String {
          mount -t sysfs sysfs /sys\n\
          read bench_up bench_idle </proc/uptime\n\
          echo \"{TAG} ready $bench_up\"\n\
+         {disks}\
          . /bench/steps.sh\n\
          {END_OF_RUN}\n"
     )
 }
+
+/// Where the native column's scratch images are, relative to the benchmark root.
+pub const NATIVE_IMAGES: [&str; 2] = ["bench/disk-virtio.img", "bench/disk-ide.img"];
 
 /// The script the native column runs in its chroot (in a private mount namespace).
 fn native_main() -> String {
     format!(
         "# bt86 bench, linux suite: the native run in a chroot (generated by bt86).\n\
          {PREAMBLE}\
-         . /bench/steps.sh\n"
+         export BENCH_VIRTIO=/{} BENCH_IDE=/{}\n\
+         . /bench/steps.sh\n",
+        NATIVE_IMAGES[0], NATIVE_IMAGES[1]
     )
 }
 
 /// The files of the benchmark root: (path, mode, contents); directories have no contents.
-fn root_files(busybox: &[u8], steps: &[&Step]) -> Vec<(&'static str, u32, Vec<u8>)> {
+/// `extra` (the disk steps' kernel modules) is added as it is.
+fn root_files(
+    busybox: &[u8],
+    steps: &[&Step],
+    extra: Vec<(String, u32, Vec<u8>)>,
+) -> anyhow::Result<Vec<(String, u32, Vec<u8>)>> {
     const DIR: u32 = 0o040_755;
     const EXE: u32 = 0o100_755;
     const FILE: u32 = 0o100_644;
-    let mut files: Vec<(&'static str, u32, Vec<u8>)> = [
-        "bin", "sbin", "dev", "proc", "sys", "tmp", "root", "etc", "bench",
+    let disks = steps.iter().any(|s| s.disk);
+    let mut files: Vec<(String, u32, Vec<u8>)> = [
+        "bin", "sbin", "dev", "proc", "sys", "tmp", "root", "etc", "bench", "mnt",
     ]
     .into_iter()
-    .map(|d| (d, DIR, Vec::new()))
+    .map(|d| (d.to_string(), DIR, Vec::new()))
     .collect();
-    files.push(("bin/busybox", EXE, busybox.to_vec()));
-    files.push(("init", EXE, guest_init().into_bytes()));
-    files.push(("bench/steps.sh", FILE, steps_script(steps).into_bytes()));
-    files.push(("bench/native.sh", FILE, native_main().into_bytes()));
-    files
+    files.push(("bin/busybox".into(), EXE, busybox.to_vec()));
+    files.push(("init".into(), EXE, guest_init(disks).into_bytes()));
+    files.push((
+        "bench/steps.sh".into(),
+        FILE,
+        steps_script(steps).into_bytes(),
+    ));
+    files.push(("bench/native.sh".into(), FILE, native_main().into_bytes()));
+    if disks {
+        let diskio = bt86_guests::diskio::diskio_elf()
+            .map_err(|e| anyhow::anyhow!("cannot assemble the diskio program: {e}"))?;
+        files.push(("bench/diskio".into(), EXE, diskio));
+    }
+    files.extend(extra);
+    Ok(files)
+}
+
+/// The kernel modules of a guest initramfs (everything under lib/modules, directories first as
+/// the archive has them), for the benchmark root.
+fn module_files(archive: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+    cpio_entries(archive)
+        .into_iter()
+        .filter(|(name, _, _)| name.starts_with("lib"))
+        .map(|(name, mode, data)| (name, mode, data.to_vec()))
+        .collect()
 }
 
 /// The benchmark guest: the kernel, and the benchmark initramfs and native root built from the
@@ -254,7 +396,19 @@ impl Guest {
             .with_context(|| format!("{} is not a gzip file", initramfs.display()))?;
         let busybox = cpio_file(&cpio, "bin/busybox")
             .with_context(|| format!("{} holds no /bin/busybox", initramfs.display()))?;
-        let files = root_files(busybox, steps);
+        let modules = if steps.iter().any(|s| s.disk) {
+            let m = module_files(&cpio);
+            if !m.iter().any(|(n, _, _)| n.ends_with("modules.dep")) {
+                bail!(
+                    "{} holds no kernel modules for the disk steps (run scripts/fetch-guest.sh again)",
+                    initramfs.display()
+                );
+            }
+            m
+        } else {
+            Vec::new()
+        };
+        let files = root_files(busybox, steps, modules)?;
 
         let initrd = work.join("bench-initramfs.cpio");
         std::fs::write(&initrd, cpio_archive(&files))
@@ -287,8 +441,32 @@ impl Guest {
 /// The contents of the regular file `name` (without a leading "./" or "/") in a cpio newc
 /// archive.
 fn cpio_file<'a>(archive: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    cpio_entries(archive)
+        .into_iter()
+        .find(|(n, mode, _)| n == name && mode & 0o170_000 == 0o100_000)
+        .map(|(_, _, data)| data)
+}
+
+/// The entries of a cpio newc archive up to its trailer (or to where it stops making sense):
+/// (name without a leading "./" or "/", mode, data). Directories and regular files only.
+fn cpio_entries(archive: &[u8]) -> Vec<(String, u32, &[u8])> {
+    let mut out = Vec::new();
     let mut at = 0;
-    loop {
+    while let Some((name, mode, data, next)) = cpio_entry(archive, at) {
+        if name == "TRAILER!!!" {
+            break;
+        }
+        if matches!(mode & 0o170_000, 0o040_000 | 0o100_000) && !name.is_empty() && name != "." {
+            out.push((name, mode, data));
+        }
+        at = next;
+    }
+    out
+}
+
+/// The entry at `at`: name, mode, data, and where the next entry starts.
+fn cpio_entry(archive: &[u8], at: usize) -> Option<(String, u32, &[u8], usize)> {
+    {
         let header = archive.get(at..at + 110)?;
         if &header[..6] != b"070701" && &header[..6] != b"070702" {
             return None;
@@ -303,20 +481,20 @@ fn cpio_file<'a>(archive: &'a [u8], name: &str) -> Option<&'a [u8]> {
         let entry = archive.get(name_at..name_at + namesize.checked_sub(1)?)?;
         let data_at = (name_at + namesize).next_multiple_of(4);
         let data = archive.get(data_at..data_at.checked_add(size)?)?;
-        if entry == b"TRAILER!!!" {
-            return None;
-        }
         let entry = entry.strip_prefix(b"./").unwrap_or(entry);
         let entry = entry.strip_prefix(b"/").unwrap_or(entry);
-        if entry == name.as_bytes() && mode & 0o170_000 == 0o100_000 {
-            return Some(data);
-        }
-        at = (data_at + size).next_multiple_of(4);
+        let name = String::from_utf8_lossy(entry).into_owned();
+        Some((
+            name,
+            mode as u32,
+            data,
+            (data_at + size).next_multiple_of(4),
+        ))
     }
 }
 
 /// A cpio newc archive (the format the kernel unpacks as initramfs) of `files`, owned by root.
-fn cpio_archive(files: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+fn cpio_archive(files: &[(String, u32, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut entry = |ino: usize, name: &str, mode: u32, data: &[u8]| {
         let nlink = if mode & 0o170_000 == 0o040_000 { 2 } else { 1 };
@@ -591,7 +769,7 @@ mod tests {
 
     #[test]
     fn the_archive_round_trips_through_the_cpio_reader() {
-        let files = root_files(b"\x7fELF busybox", &[&STEPS[0]]);
+        let files = root_files(b"\x7fELF busybox", &[&STEPS[0]], Vec::new()).unwrap();
         let archive = cpio_archive(&files);
         assert_eq!(&archive[..6], b"070701");
         assert_eq!(archive.len() % 4, 0);
@@ -607,9 +785,57 @@ mod tests {
             "{init}"
         );
         assert!(init.trim_end().ends_with("poweroff -f"), "{init}");
+        assert!(
+            !init.contains("modprobe"),
+            "no disk steps, no drivers: {init}"
+        );
+        assert_eq!(cpio_file(&archive, "bench/diskio"), None);
         // Directories are not files.
         assert_eq!(cpio_file(&archive, "bin"), None);
         assert_eq!(cpio_file(&archive, "nosuch"), None);
         assert_eq!(cpio_file(&archive[..50], "init"), None);
+    }
+
+    #[test]
+    fn disk_steps_bring_their_drivers_program_and_modules() {
+        let disk: Vec<&Step> = STEPS.iter().filter(|s| s.disk).collect();
+        assert_eq!(disk.len(), 9);
+        for s in disk.iter().filter(|s| s.native) {
+            assert!(s.native, "{}: the host baseline runs it", s.name);
+            assert!(
+                s.run.contains("$BENCH_VIRTIO") || s.run.contains("$BENCH_IDE"),
+                "{}",
+                s.name
+            );
+            assert!(s.run.starts_with("/bench/diskio "), "{}", s.name);
+        }
+        let modules = vec![
+            ("lib".to_string(), 0o040_755, Vec::new()),
+            (
+                "lib/modules/6.1/modules.dep".to_string(),
+                0o100_644,
+                b"x.ko:\n".to_vec(),
+            ),
+        ];
+        let files = root_files(b"busybox", &disk, modules).unwrap();
+        let archive = cpio_archive(&files);
+        assert_eq!(module_files(&archive).len(), 2);
+        let init = std::str::from_utf8(cpio_file(&archive, "init").unwrap())
+            .unwrap()
+            .to_string();
+        let ready = init.find("ready").unwrap();
+        let modprobe = init.find("modprobe").unwrap();
+        let steps = init.find(". /bench/steps.sh").unwrap();
+        assert!(ready < modprobe && modprobe < steps, "{init}");
+        assert!(init.contains("BENCH_VIRTIO=/dev/vda"), "{init}");
+        let diskio = cpio_file(&archive, "bench/diskio").unwrap();
+        assert_eq!(&diskio[..4], b"\x7fELF");
+        let native = std::str::from_utf8(cpio_file(&archive, "bench/native.sh").unwrap())
+            .unwrap()
+            .to_string();
+        assert!(
+            native.contains("BENCH_VIRTIO=/bench/disk-virtio.img"),
+            "{native}"
+        );
     }
 }

@@ -1616,6 +1616,12 @@ impl PiixIde {
         // IDETIM (primary, secondary) and SIDETIM: timing registers firmware and drivers
         // program; kept, not acted on.
         config.set_writable(0x40, &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF]);
+        // IDETIM bit 15, IDE Decode Enable, for both channels: 0 after power-on (PIIX3 data
+        // sheet, IDETIM), set by firmware (SeaBIOS writes 8000h to 40h and 42h). bt86 boots
+        // Linux with no firmware, so it does the same; Linux's ata_piix checks the bit and
+        // silently skips a channel without it (piix_pata_prereset: -ENOENT).
+        config.write(0x41, &[0x80]);
+        config.write(0x43, &[0x80]);
         // UDMACTL / UDMATIM (PIIX4).
         config.set_writable(0x48, &[0x0F, 0x00, 0x33, 0x33]);
         Self { config, ide }
@@ -1636,7 +1642,7 @@ impl PciFunction for PiixIde {
             .unwrap_or_else(|e| e.into_inner())
             .set_bus_master_enabled(on);
     }
-    fn io_bar_device(&self, index: usize) -> Option<Box<dyn BusDevice>> {
+    fn bar_device(&self, index: usize) -> Option<Box<dyn BusDevice>> {
         (index == 4).then(|| {
             Box::new(IdePorts::new(self.ide.clone(), IdePortKind::BusMaster)) as Box<dyn BusDevice>
         })

@@ -16,6 +16,8 @@ pub mod pit;
 pub mod post;
 pub mod rtc;
 pub mod serial;
+pub mod virtio_blk;
+pub mod virtqueue;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -179,6 +181,97 @@ impl IrqLine {
     /// How many times the line was raised.
     pub fn raised(&self) -> u64 {
         self.raised.load(Ordering::Relaxed)
+    }
+}
+
+/// A PCI interrupt wire (INTx#) routed to an ISA IRQ, shared by the functions on it: the wire is
+/// a wired-OR of their requests. INTx# is active-low, so the IOAPIC pin it reaches idles high
+/// and goes low while a function requests (an OS programs such a pin level-triggered,
+/// active-low, as ACPI's PCI interrupt routing says); the 8259 sees the request through the
+/// PIIX's routing as a request on the IRQ (level-triggered once the OS sets the ELCR).
+#[derive(Debug, Clone)]
+pub struct PciIntxWire {
+    line: IrqLine,
+    chips: Option<IrqChips>,
+    requests: Arc<Mutex<u32>>,
+}
+
+impl PciIntxWire {
+    /// The wire on ISA IRQ `irq`, connected to `chips` (or to nothing, for tests).
+    pub fn new(irq: u8, chips: Option<&IrqChips>) -> Self {
+        let wire = Self {
+            line: IrqLine::new(irq),
+            chips: chips.cloned(),
+            requests: Arc::default(),
+        };
+        wire.drive(false);
+        wire
+    }
+
+    fn drive(&self, asserted: bool) {
+        if let Some(chips) = &self.chips {
+            chips
+                .pic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_irq(self.line.irq, asserted);
+            chips
+                .apics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_gsi(isa_gsi(self.line.irq), !asserted);
+        }
+    }
+
+    /// The counting line behind the wire (for `--stats`).
+    pub fn line(&self) -> &IrqLine {
+        &self.line
+    }
+
+    /// The pin of function number `source` (0-31) on this wire.
+    pub fn pin(&self, source: u8) -> PciIntx {
+        PciIntx {
+            wire: self.clone(),
+            bit: 1 << (source & 31),
+        }
+    }
+
+    /// Whether some function requests an interrupt now.
+    pub fn asserted(&self) -> bool {
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()) != 0
+    }
+}
+
+/// One function's INTx# pin on a [`PciIntxWire`].
+#[derive(Debug, Clone)]
+pub struct PciIntx {
+    wire: PciIntxWire,
+    bit: u32,
+}
+
+impl PciIntx {
+    /// Requests (or stops requesting) an interrupt.
+    pub fn set(&self, request: bool) {
+        let mut r = self.wire.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let before = *r != 0;
+        if request {
+            *r |= self.bit;
+        } else {
+            *r &= !self.bit;
+        }
+        let after = *r != 0;
+        if after != before {
+            if after {
+                self.wire.line.raised.fetch_add(1, Ordering::Relaxed);
+            }
+            self.wire.line.level.store(after, Ordering::Relaxed);
+            self.wire.drive(after);
+        }
+    }
+
+    /// Whether this function requests an interrupt.
+    pub fn requesting(&self) -> bool {
+        *self.wire.requests.lock().unwrap_or_else(|e| e.into_inner()) & self.bit != 0
     }
 }
 

@@ -10,8 +10,8 @@
 //!
 //! A function's [`ConfigSpace`] models the type-0 header: identification, the command register,
 //! base address registers with size probing (writable bits below the size read as zero), and the
-//! interrupt line and pin. I/O BARs that the guest moves or enables are reported as
-//! [`BarChange`]s, which the VM applies to its port bus.
+//! interrupt line and pin. BARs that the guest moves or enables are reported as [`BarChange`]s,
+//! which the VM applies to its port bus (I/O BARs) or its MMIO bus (memory BARs).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -246,8 +246,18 @@ pub trait PciFunction: Send {
     fn config_mut(&mut self) -> &mut ConfigSpace;
     /// Called after every configuration write (the command register may have changed).
     fn config_written(&mut self) {}
-    /// A bus adapter for I/O BAR `index`, mapped on the port bus where the BAR points.
-    fn io_bar_device(&self, index: usize) -> Option<Box<dyn BusDevice>> {
+    /// A configuration read (functions with registers that act on reads override it).
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data);
+    }
+    /// A configuration write: the writable bits change, then [`Self::config_written`].
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config_mut().write(offset, data);
+        self.config_written();
+    }
+    /// A bus adapter for BAR `index`, mapped where the BAR points: on the port bus for an I/O
+    /// BAR, on the MMIO bus for a memory BAR.
+    fn bar_device(&self, index: usize) -> Option<Box<dyn BusDevice>> {
         let _ = index;
         None
     }
@@ -295,8 +305,10 @@ impl PciFunction for PlainFunction {
     }
 }
 
-/// An I/O BAR that moved: unmap it from `old`, map `device` at `new`.
+/// A BAR that moved: unmap it from `old`, map `device` at `new`.
 pub struct BarChange {
+    /// Which address space it decodes.
+    pub kind: BarKind,
     /// The function (device << 3 | function).
     pub devfn: u8,
     /// The BAR.
@@ -307,17 +319,17 @@ pub struct BarChange {
     pub old: Option<u32>,
     /// Where it is decoded now, if anywhere.
     pub new: Option<u32>,
-    /// Ports decoded.
+    /// Ports or bytes decoded.
     pub len: u32,
     /// The adapter to map at `new`.
     pub device: Option<Box<dyn BusDevice>>,
 }
 
-/// I/O BAR changes waiting for the VM to apply them to its port bus.
+/// BAR changes waiting for the VM to apply them to its port and MMIO buses.
 #[derive(Clone, Default)]
 pub struct BarChanges {
     queue: Arc<Mutex<Vec<BarChange>>>,
-    /// Where each (devfn, bar) is mapped on the port bus now.
+    /// Where each (devfn, bar) is mapped now.
     mapped: Arc<Mutex<BTreeMap<(u8, usize), u32>>>,
 }
 
@@ -340,17 +352,22 @@ impl BarChanges {
             .is_empty()
     }
 
-    /// Applies waiting changes to `pio`. A BAR placed over another device's ports stays
-    /// unmapped (and is logged): on real hardware such a conflict decodes unpredictably.
-    pub fn apply(&self, pio: &mut Bus) {
+    /// Applies waiting changes: I/O BARs to `pio`, memory BARs to `mmio`. A BAR placed over
+    /// another device's range stays unmapped (and is logged): on real hardware such a
+    /// conflict decodes unpredictably.
+    pub fn apply(&self, pio: &mut Bus, mmio: &mut Bus) {
         let changes = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
         let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         for c in changes {
+            let bus = match c.kind {
+                BarKind::Io => &mut *pio,
+                BarKind::Memory32 => &mut *mmio,
+            };
             if let Some(at) = mapped.remove(&(c.devfn, c.index)) {
-                pio.remove(u64::from(at));
+                bus.remove(u64::from(at));
             }
             if let (Some(new), Some(device)) = (c.new, c.device) {
-                match pio.insert(u64::from(new), u64::from(c.len), c.name, device) {
+                match bus.insert(u64::from(new), u64::from(c.len), c.name, device) {
                     Ok(()) => {
                         mapped.insert((c.devfn, c.index), new);
                     }
@@ -370,8 +387,8 @@ impl BarChanges {
 pub struct PciBus {
     address: u32,
     functions: BTreeMap<u8, Box<dyn PciFunction>>,
-    /// Where each function's I/O BARs decode, as last reported.
-    io_bars: BTreeMap<(u8, usize), Option<u32>>,
+    /// Where each function's BARs decode, as last reported.
+    bars: BTreeMap<(u8, usize), Option<u32>>,
     changes: BarChanges,
     /// The reset control register (0xCF9): SRST as last written.
     reset_control: u8,
@@ -389,7 +406,7 @@ impl PciBus {
         Self {
             address: 0,
             functions: BTreeMap::new(),
-            io_bars: BTreeMap::new(),
+            bars: BTreeMap::new(),
             changes,
             reset_control: 0,
             reset: None,
@@ -416,20 +433,18 @@ impl PciBus {
             let Some(bar) = f.config().bar(index) else {
                 continue;
             };
-            if bar.kind != BarKind::Io {
-                continue;
-            }
             let now = f.config().bar_address(index);
-            let before = self.io_bars.insert((devfn, index), now).flatten();
+            let before = self.bars.insert((devfn, index), now).flatten();
             if before != now {
                 self.changes.push(BarChange {
+                    kind: bar.kind,
                     devfn,
                     index,
                     name: f.bar_name(index),
                     old: before,
                     new: now,
                     len: bar.size,
-                    device: now.and_then(|_| f.io_bar_device(index)),
+                    device: now.and_then(|_| f.bar_device(index)),
                 });
             }
         }
@@ -448,8 +463,8 @@ impl PciBus {
     /// A configuration read of `data.len()` bytes at register `offset` of `devfn` (absent
     /// functions read all ones).
     pub fn config_read(&mut self, devfn: u8, offset: usize, data: &mut [u8]) {
-        match self.functions.get(&devfn) {
-            Some(f) => f.config().read(offset, data),
+        match self.functions.get_mut(&devfn) {
+            Some(f) => f.config_read(offset, data),
             None => data.fill(0xFF),
         }
     }
@@ -457,8 +472,7 @@ impl PciBus {
     /// A configuration write.
     pub fn config_write(&mut self, devfn: u8, offset: usize, data: &[u8]) {
         if let Some(f) = self.functions.get_mut(&devfn) {
-            f.config_mut().write(offset, data);
-            f.config_written();
+            f.config_write(offset, data);
             self.update_bars(devfn);
         }
     }
@@ -565,7 +579,7 @@ mod tests {
         fn config_mut(&mut self) -> &mut ConfigSpace {
             &mut self.config
         }
-        fn io_bar_device(&self, _: usize) -> Option<Box<dyn BusDevice>> {
+        fn bar_device(&self, _: usize) -> Option<Box<dyn BusDevice>> {
             Some(Box::new(Probe(self.log.clone())))
         }
     }
@@ -692,23 +706,23 @@ mod tests {
         let (mut bus, changes, log) = bus_with_bar();
         let mut pio = Bus::new();
         write32(&mut bus, 9, 0x20, 0xC040);
-        changes.apply(&mut pio);
+        changes.apply(&mut pio, &mut Bus::new());
         assert!(!pio.write(0xC040, &[1]), "not decoded before COMMAND.IO");
         write32(&mut bus, 9, 4, u32::from(COMMAND_IO | COMMAND_BUS_MASTER));
         assert!(changes.pending());
-        changes.apply(&mut pio);
+        changes.apply(&mut pio, &mut Bus::new());
         assert!(pio.write(0xC042, &[7]));
         let mut b = [0u8; 1];
         assert!(pio.read(0xC04F, &mut b));
         assert_eq!(b, [0x4F]);
         write32(&mut bus, 9, 0x20, 0xD001);
-        changes.apply(&mut pio);
+        changes.apply(&mut pio, &mut Bus::new());
         assert!(!pio.write(0xC040, &[8]));
         assert!(pio.write(0xD000, &[9]));
         assert_eq!(log.lock().unwrap().as_slice(), &[7, 9]);
         // Disabling I/O decode unmaps it.
         write32(&mut bus, 9, 4, 0);
-        changes.apply(&mut pio);
+        changes.apply(&mut pio, &mut Bus::new());
         assert!(!pio.write(0xD000, &[1]));
     }
 
@@ -721,12 +735,12 @@ mod tests {
             .unwrap();
         write32(&mut bus, 9, 0x20, 0x3F1);
         write32(&mut bus, 9, 4, u32::from(COMMAND_IO));
-        changes.apply(&mut pio);
+        changes.apply(&mut pio, &mut Bus::new());
         assert!(pio.write(0x3F8, &[5]));
         assert_eq!(other.lock().unwrap().as_slice(), &[5]);
         // Moving it away must not unmap the UART.
         write32(&mut bus, 9, 0x20, 0xC001);
-        changes.apply(&mut pio);
+        changes.apply(&mut pio, &mut Bus::new());
         assert!(pio.write(0x3F8, &[6]));
         assert!(pio.write(0xC000, &[1]));
         assert_eq!(other.lock().unwrap().as_slice(), &[5, 6]);

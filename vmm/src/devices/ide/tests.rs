@@ -653,3 +653,20 @@ fn a_slow_disk_keeps_the_drive_busy_but_never_blocks_the_vcpu() {
     assert_eq!(r.raised(0), 1);
     assert_eq!(r.read_words(0, 512), disk.bytes(3 * 512, 512));
 }
+
+/// Both channels come up decoding (IDETIM bit 15), as firmware leaves them: Linux's ata_piix
+/// ignores a channel whose decode enable bit is clear.
+#[test]
+fn both_channels_decode_as_firmware_leaves_them() {
+    let memory = Arc::new(GuestMemory::new(MemoryLayout::new(4).unwrap()).unwrap());
+    let ide = Arc::new(Mutex::new(Ide::new(
+        memory,
+        [IrqLine::new(14), IrqLine::new(15)],
+        [None, None, None, None],
+    )));
+    let f = PiixIde::new(ide);
+    let mut idetim = [0u8; 4];
+    f.config().read(0x40, &mut idetim);
+    assert_eq!(u16::from_le_bytes([idetim[0], idetim[1]]) & 0x8000, 0x8000);
+    assert_eq!(u16::from_le_bytes([idetim[2], idetim[3]]) & 0x8000, 0x8000);
+}
