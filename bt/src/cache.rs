@@ -11,8 +11,58 @@ use vmdriver::codecache::{CodeCache, CodeCacheError};
 
 use crate::translate::{self, CodeSource, MapEntry, Mode, Slot, TranslateError};
 
-/// Entries of the indirect-branch lookup table (indexed by the guest EIP's low 16 bits).
+/// Entries of an indirect-branch lookup table (indexed by the guest EIP's low 16 bits).
 const LOOKUP_ENTRIES: usize = 1 << 16;
+
+/// Indirect-branch lookup tables kept, one per (translation mode, CPL) recently run.
+const LOOKUP_TABLES: usize = 4;
+
+/// The key of a lookup table: the translation mode and the CPL its entries were found under.
+type LookupKey = (Mode, u8);
+
+/// One indirect-branch lookup table: guest EIP → host entry, for one (mode, CPL).
+struct LookupTable {
+    /// The (mode, CPL) its entries are valid for; None while unused.
+    key: Option<LookupKey>,
+    entries: Box<[[u64; 2]]>,
+    /// Slots filled since it was last cleared.
+    used: Vec<u16>,
+    /// Slots filled for code on non-global pages since they were last cleared.
+    local: Vec<u16>,
+    /// When it was last selected (for replacement).
+    last_used: u64,
+}
+
+impl LookupTable {
+    fn new() -> Self {
+        Self {
+            key: None,
+            entries: vec![[0u64; 2]; LOOKUP_ENTRIES].into_boxed_slice(),
+            used: Vec::new(),
+            local: Vec::new(),
+            last_used: 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.used.len() > LOOKUP_ENTRIES / 8 {
+            self.entries.fill([0, 0]);
+        } else {
+            for &i in &self.used {
+                self.entries[i as usize] = [0, 0];
+            }
+        }
+        self.used.clear();
+        self.local.clear();
+    }
+
+    fn clear_local(&mut self) {
+        for &i in &self.local {
+            self.entries[i as usize] = [0, 0];
+        }
+        self.local.clear();
+    }
+}
 
 /// Errors from the translation cache.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +122,10 @@ pub struct CacheStats {
     pub invalidated: u64,
     /// Times the code cache filled up and was emptied.
     pub flushes: u64,
+    /// Times every indirect-branch lookup table was emptied (a code mapping changed).
+    pub lookup_flushes: u64,
+    /// Times the lookup entries for non-global code were emptied (an address-space switch).
+    pub lookup_local_flushes: u64,
 }
 
 /// What [`Translator::translate`] did.
@@ -95,9 +149,13 @@ pub struct Translator {
     by_eip: HashMap<(u32, u32, Mode), u32>,
     by_page: HashMap<u32, Vec<u32>>,
     by_host: BTreeMap<u64, u32>,
-    lookup: Box<[[u64; 2]]>,
-    /// Lookup-table slots filled since it was last cleared.
-    lookup_used: Vec<u16>,
+    /// Indirect-branch lookup tables, one per recent (mode, CPL): a switch between user and
+    /// kernel code selects another table instead of emptying the one table.
+    lookups: Vec<LookupTable>,
+    /// The table in use.
+    lookup: usize,
+    /// Table selections so far (the replacement clock).
+    selections: u64,
     /// Counters.
     pub stats: CacheStats,
 }
@@ -111,15 +169,42 @@ impl Translator {
             by_eip: HashMap::default(),
             by_page: HashMap::default(),
             by_host: BTreeMap::new(),
-            lookup: vec![[0u64; 2]; LOOKUP_ENTRIES].into_boxed_slice(),
-            lookup_used: Vec::new(),
+            lookups: (0..LOOKUP_TABLES).map(|_| LookupTable::new()).collect(),
+            lookup: 0,
+            selections: 0,
             stats: CacheStats::default(),
         })
     }
 
-    /// Address of the lookup table, for the vCPU context.
+    /// Address of the lookup table in use, for the vCPU context (translated code reads it from
+    /// there at every lookup).
     pub fn lookup_table(&self) -> u64 {
-        self.lookup.as_ptr() as u64
+        self.lookups[self.lookup].entries.as_ptr() as u64
+    }
+
+    /// Makes the table for translation mode `mode` at privilege level `cpl` the one in use:
+    /// the one kept for them, else the least recently used one, emptied. Returns its address
+    /// for the vCPU context.
+    pub fn select_lookup(&mut self, mode: Mode, cpl: u8) -> u64 {
+        let key = Some((mode, cpl));
+        self.selections += 1;
+        let i = match self.lookups.iter().position(|t| t.key == key) {
+            Some(i) => i,
+            None => {
+                let (i, t) = self
+                    .lookups
+                    .iter_mut()
+                    .enumerate()
+                    .min_by_key(|(_, t)| t.last_used)
+                    .expect("LOOKUP_TABLES > 0");
+                t.clear();
+                t.key = key;
+                i
+            }
+        };
+        self.lookups[i].last_used = self.selections;
+        self.lookup = i;
+        self.lookup_table()
     }
 
     /// Host entry of the unit at guest `eip` whose code is in guest-physical `page`, translated
@@ -248,26 +333,37 @@ impl Translator {
         true
     }
 
-    /// Enters `eip → host` in the indirect-branch lookup table.
-    pub fn remember_indirect(&mut self, eip: u32, host: u64) {
+    /// Enters `eip → host` in the indirect-branch lookup table in use (the unit at `host` must
+    /// be translated for the mode and CPL the table was selected for). `global`: the unit's
+    /// code is on a global page, so the entry survives [`Translator::forget_local_indirect`].
+    pub fn remember_indirect(&mut self, eip: u32, host: u64, global: bool) {
+        let t = &mut self.lookups[self.lookup];
         let i = (eip & 0xFFFF) as usize;
-        if self.lookup[i] == [0, 0] {
-            self.lookup_used.push(i as u16);
+        if t.entries[i] == [0, 0] {
+            t.used.push(i as u16);
         }
-        self.lookup[i] = [!u64::from(eip), host];
+        if !global {
+            t.local.push(i as u16);
+        }
+        t.entries[i] = [!u64::from(eip), host];
     }
 
-    /// Empties the indirect-branch lookup table (its entries are keyed by linear EIP alone, so
-    /// they go whenever the code's address space or privilege may have changed).
-    pub fn forget_indirect(&mut self) {
-        if self.lookup_used.len() > LOOKUP_ENTRIES / 8 {
-            self.lookup.fill([0, 0]);
-        } else {
-            for &i in &self.lookup_used {
-                self.lookup[i as usize] = [0, 0];
-            }
+    /// Empties the lookup entries for code on non-global pages, in every table (the address
+    /// space changed; global translations stay, as in a TLB).
+    pub fn forget_local_indirect(&mut self) {
+        self.stats.lookup_local_flushes += 1;
+        for t in &mut self.lookups {
+            t.clear_local();
         }
-        self.lookup_used.clear();
+    }
+
+    /// Empties every indirect-branch lookup table (their entries are keyed by linear EIP, so
+    /// they go whenever the code's address space may have changed).
+    pub fn forget_indirect(&mut self) {
+        self.stats.lookup_flushes += 1;
+        for t in &mut self.lookups {
+            t.clear();
+        }
     }
 
     /// The unit and guest instruction a host RIP inside translated code belongs to.
@@ -298,9 +394,11 @@ impl Translator {
                 self.by_eip.remove(&key);
             }
             self.by_host.remove(&unit.host);
-            let entry = &mut self.lookup[(unit.eip & 0xFFFF) as usize];
-            if entry[0] == !u64::from(unit.eip) {
-                *entry = [0, 0];
+            for t in &mut self.lookups {
+                let entry = &mut t.entries[(unit.eip & 0xFFFF) as usize];
+                if entry[0] == !u64::from(unit.eip) {
+                    *entry = [0, 0];
+                }
             }
             for (from, slot) in unit.incoming {
                 if let Some(Some(p)) = self.units.get_mut(from as usize)
@@ -329,8 +427,11 @@ impl Translator {
         self.by_eip.clear();
         self.by_page.clear();
         self.by_host.clear();
-        self.lookup.fill([0, 0]);
-        self.lookup_used.clear();
+        for t in &mut self.lookups {
+            t.entries.fill([0, 0]);
+            t.used.clear();
+            t.local.clear();
+        }
         self.cache.reset();
         self.stats.flushes += 1;
         pages
@@ -343,5 +444,65 @@ impl std::fmt::Debug for Translator {
             .field("cache", &self.cache)
             .field("units", &self.by_eip.len())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(t: &Translator, eip: u32) -> [u64; 2] {
+        t.lookups[t.lookup].entries[(eip & 0xFFFF) as usize]
+    }
+
+    #[test]
+    fn lookup_tables_are_kept_per_mode_and_cpl_and_local_entries_go_alone() {
+        let mut t = Translator::new().unwrap();
+        let kernel = t.select_lookup(Mode(Mode::CPL0), 0);
+        t.remember_indirect(0xC000_1000, 0x1111, true);
+        t.remember_indirect(0xC000_2004, 0x2222, false);
+        let user = t.select_lookup(Mode(0), 3);
+        assert_ne!(kernel, user);
+        assert_eq!(
+            entry(&t, 0xC000_1000),
+            [0, 0],
+            "user code has its own table"
+        );
+        t.remember_indirect(0x0804_8000, 0x3333, false);
+        assert_eq!(t.select_lookup(Mode(Mode::CPL0), 0), kernel);
+        assert_eq!(entry(&t, 0xC000_1000), [!0xC000_1000u64, 0x1111], "kept");
+        t.forget_local_indirect();
+        assert_eq!(entry(&t, 0xC000_1000), [!0xC000_1000u64, 0x1111], "global");
+        assert_eq!(entry(&t, 0xC000_2004), [0, 0], "non-global");
+        t.select_lookup(Mode(0), 3);
+        assert_eq!(entry(&t, 0x0804_8000), [0, 0], "non-global, in every table");
+        t.forget_indirect();
+        t.select_lookup(Mode(Mode::CPL0), 0);
+        assert_eq!(entry(&t, 0xC000_1000), [0, 0], "everything");
+    }
+
+    #[test]
+    fn the_least_recently_used_lookup_table_is_emptied_for_a_new_mode() {
+        let mut t = Translator::new().unwrap();
+        t.select_lookup(Mode(Mode::CPL0), 0);
+        t.remember_indirect(0xC000_1000, 0x1111, true);
+        // As many other user modes as there are tables.
+        let last = (LOOKUP_TABLES as u8 - 1) << 1;
+        for m in (0..=last).step_by(2) {
+            t.select_lookup(Mode(m), 3);
+            t.remember_indirect(0x1000, 0x2222, true);
+        }
+        t.select_lookup(Mode(Mode::CPL0), 0);
+        assert_eq!(
+            entry(&t, 0xC000_1000),
+            [0, 0],
+            "its table went to another mode"
+        );
+        t.select_lookup(Mode(last), 3);
+        assert_eq!(
+            entry(&t, 0x1000),
+            [!0x1000u64, 0x2222],
+            "recently used: kept"
+        );
     }
 }

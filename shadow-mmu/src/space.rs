@@ -99,6 +99,10 @@ pub enum Fault {
     Emulate,
 }
 
+/// A cached code-fetch translation: (guest-physical page, user, the entries it was walked
+/// through, global).
+type CodeFetch = (u32, bool, [Option<u64>; 2], bool);
+
 /// Counters for `--stats`.
 #[derive(Debug, Default, Clone)]
 pub struct ShadowStats {
@@ -190,10 +194,12 @@ pub struct ShadowMmu {
     deps: HashMap<u64, HashSet<(u32, u32)>>,
     traces: HashMap<u32, Trace>,
     code: HashSet<u32>,
-    /// Code fetch translations of the current CR3: linear page -> (guest-physical page, user).
-    code_tlb: HashMap<u32, (u32, bool, [Option<u64>; 2])>,
+    /// Code fetch translations of the current CR3 (and global ones of earlier CR3s, as a TLB
+    /// keeps them): linear page -> (guest-physical page, user, entries, global).
+    code_tlb: HashMap<u32, CodeFetch>,
     code_tlb_cr3: Option<u32>,
     code_epoch: u64,
+    local_code_epoch: u64,
     /// Window pages whose entry lost its A or D bit: dropped at the next CR3 load or INVLPG.
     pending: HashSet<(u32, u32)>,
     /// Live single-page mappings (an upper bound on the host VMAs they need).
@@ -257,6 +263,7 @@ impl ShadowMmu {
             code_tlb: HashMap::default(),
             code_tlb_cr3: None,
             code_epoch: 0,
+            local_code_epoch: 0,
             pending: HashSet::default(),
             live_pages: 0,
             map_limit,
@@ -278,6 +285,19 @@ impl ShadowMmu {
     /// cached by linear EIP must then be forgotten.
     pub fn code_epoch(&self) -> u64 {
         self.code_epoch
+    }
+
+    /// Bumped when the non-global code-fetch translations went (a CR3 load): lookups cached
+    /// for code on non-global pages must then be forgotten; those for global pages stay, as a
+    /// TLB keeps global translations across CR3 loads.
+    pub fn local_code_epoch(&self) -> u64 {
+        self.local_code_epoch
+    }
+
+    /// Whether the cached fetch translation of the page holding `eip` is global (G set with
+    /// CR4.PGE on): it survives CR3 loads.
+    pub fn code_is_global(&self, eip: u32) -> bool {
+        self.code_tlb.get(&(eip >> 12)).is_some_and(|e| e.3)
     }
 
     /// Whether guest-physical page `page` is a traced page table.
@@ -471,11 +491,16 @@ impl ShadowMmu {
     /// Drops window page (`id`, `lin`): unmapped, its dependencies released.
     fn drop_page(&mut self, id: u32, lin: u32) -> Result<(), ShadowError> {
         if id == CODE {
-            if let Some((_, _, entries)) = self.code_tlb.remove(&lin) {
+            if let Some((_, _, entries, global)) = self.code_tlb.remove(&lin) {
                 for e in entries.iter().flatten() {
                     self.release_dep(*e, (CODE, lin));
                 }
-                self.code_epoch += 1;
+                // Lookups for code on a non-global page go with the other non-global ones.
+                if global {
+                    self.code_epoch += 1;
+                } else {
+                    self.local_code_epoch += 1;
+                }
             }
             return Ok(());
         }
@@ -946,7 +971,7 @@ impl ShadowMmu {
             t.writes = 0;
         }
         if self.code_tlb_cr3 != Some(p.mode.cr3) {
-            self.clear_code_tlb();
+            self.clear_local_code_tlb(p.mode.cr3);
         }
         Ok(())
     }
@@ -1019,8 +1044,11 @@ impl ShadowMmu {
     }
 
     fn clear_code_tlb(&mut self) {
-        let entries: Vec<(u32, [Option<u64>; 2])> =
-            self.code_tlb.drain().map(|(l, (_, _, e))| (l, e)).collect();
+        let entries: Vec<(u32, [Option<u64>; 2])> = self
+            .code_tlb
+            .drain()
+            .map(|(l, (_, _, e, _))| (l, e))
+            .collect();
         for (lin, es) in entries {
             for e in es.iter().flatten() {
                 self.release_dep(*e, (CODE, lin));
@@ -1028,6 +1056,24 @@ impl ShadowMmu {
         }
         self.code_tlb_cr3 = None;
         self.code_epoch += 1;
+    }
+
+    /// A new CR3: the non-global fetch translations go (global ones stay, as in a TLB).
+    fn clear_local_code_tlb(&mut self, cr3: u32) {
+        let local: Vec<(u32, [Option<u64>; 2])> = self
+            .code_tlb
+            .iter()
+            .filter(|(_, e)| !e.3)
+            .map(|(l, e)| (*l, e.2))
+            .collect();
+        for (lin, es) in local {
+            self.code_tlb.remove(&lin);
+            for e in es.iter().flatten() {
+                self.release_dep(*e, (CODE, lin));
+            }
+        }
+        self.code_tlb_cr3 = Some(cr3);
+        self.local_code_epoch += 1;
     }
 
     /// The guest-physical page the code at linear `eip` is fetched from under `p`, as an
@@ -1039,10 +1085,9 @@ impl ShadowMmu {
             return Ok(region_kind(&self.memory, u64::from(lin) << 12).map(|_| lin));
         }
         if self.code_tlb_cr3 != Some(p.mode.cr3) {
-            self.clear_code_tlb();
-            self.code_tlb_cr3 = Some(p.mode.cr3);
+            self.clear_local_code_tlb(p.mode.cr3);
         }
-        if let Some(&(gpa, user, _)) = self.code_tlb.get(&lin)
+        if let Some(&(gpa, user, _, _)) = self.code_tlb.get(&lin)
             && (user || !p.user)
         {
             return Ok(Some(gpa));
@@ -1062,7 +1107,7 @@ impl ShadowMmu {
         }
         self.resync_entries_of(&t)?;
         let gpa = (t.frame >> 12) as u32;
-        if let Some((_, _, old)) = self.code_tlb.remove(&lin) {
+        if let Some((_, _, old, _)) = self.code_tlb.remove(&lin) {
             for e in old.iter().flatten() {
                 self.release_dep(*e, (CODE, lin));
             }
@@ -1070,7 +1115,8 @@ impl ShadowMmu {
         for e in t.entries.iter().flatten() {
             self.add_dep(*e, (CODE, lin))?;
         }
-        self.code_tlb.insert(lin, (gpa, t.user, t.entries));
+        self.code_tlb
+            .insert(lin, (gpa, t.user, t.entries, t.global));
         Ok(Some(gpa))
     }
 
@@ -1289,10 +1335,15 @@ mod tests {
     fn a_fetch_follows_the_tables_and_its_changes() {
         let (mem, mut s, p) = setup(4);
         assert_eq!(s.code_page(&p, HI + 5).unwrap(), Some(DATA >> 12));
-        let epoch = s.code_epoch();
+        assert!(!s.code_is_global(HI + 5));
+        let epochs = (s.code_epoch(), s.local_code_epoch());
         put(&mem, PT, (DATA + 0x3000) | 7);
         s.table_written((PT >> 12) as u32).unwrap();
-        assert!(s.code_epoch() > epoch, "indirect lookups must be forgotten");
+        assert!(
+            s.local_code_epoch() > epochs.1,
+            "indirect lookups of non-global code must be forgotten"
+        );
+        assert_eq!(s.code_epoch(), epochs.0, "global code's lookups stay");
         assert_eq!(s.code_page(&p, HI + 5).unwrap(), Some((DATA >> 12) + 3));
         let mut user = p;
         user.user = true;
@@ -1301,6 +1352,39 @@ mod tests {
             None,
             "supervisor code"
         );
+    }
+
+    #[test]
+    fn global_code_fetches_survive_a_cr3_load_as_in_a_tlb() {
+        let (mem, mut s, mut p) = setup(4);
+        p.mode.pge = true;
+        // HI is global (G, bit 8), HI + 0x2000 is not.
+        put(&mem, PT, DATA | 0x107);
+        assert_eq!(s.code_page(&p, HI).unwrap(), Some(DATA >> 12));
+        assert_eq!(
+            s.code_page(&p, HI + 0x2000).unwrap(),
+            Some((DATA >> 12) + 1)
+        );
+        assert!(s.code_is_global(HI) && !s.code_is_global(HI + 0x2000));
+        // Another address space, with the same kernel tables.
+        let pd2 = PD + 0x10_000;
+        put(&mem, pd2 + 4 * 0x300, PT as u32 | 7);
+        let epochs = (s.code_epoch(), s.local_code_epoch());
+        let mut q = p;
+        q.mode.cr3 = pd2 as u32;
+        s.cr3_loaded(&q).unwrap();
+        assert_eq!(s.code_epoch(), epochs.0, "global lookups stay");
+        assert!(s.local_code_epoch() > epochs.1, "non-global lookups go");
+        assert!(s.code_is_global(HI), "kept, as a TLB keeps it");
+        assert!(!s.code_is_global(HI + 0x2000), "dropped with the old CR3");
+        // A change of the global page's entry is a change for every address space.
+        put(&mem, PT, (DATA + 0x3000) | 0x107);
+        s.table_written((PT >> 12) as u32).unwrap();
+        assert!(
+            s.code_epoch() > epochs.0,
+            "global lookups go when their entry changes"
+        );
+        assert_eq!(s.code_page(&q, HI).unwrap(), Some((DATA >> 12) + 3));
     }
 
     #[test]

@@ -200,7 +200,7 @@ pub const CATALOG: &[Entry] = &[
     },
     Entry {
         name: "string-edges",
-        about: "rep string instructions with huge ECX into an unmapped page, off the top of the address space and backwards (#PF with exact partial progress); code that rep-stosb's over itself",
+        about: "rep string instructions with huge ECX into an unmapped page, off the top of the address space and backwards (#PF with exact partial progress); overlapping rep movs both ways; code that rep-stosb's over itself",
         build: tk::string_edges,
         firmware: false,
     },

@@ -354,8 +354,10 @@ mod edges {
 /// address space (EDI wraps to 0, unmapped) and backwards (DF=1): each #PF reports the exact
 /// partial progress (ECX/ESI/EDI after the iterations that completed, as the Intel SDM
 /// describes for REP: the registers are updated per iteration and a fault leaves them
-/// restartable). Then code that overwrites itself with `rep stosb`: the first time before it
-/// ran, the second time after it was translated. Exits with value 0x25.
+/// restartable). Then overlapping `rep movs` copies in both directions, REPE/REPNE scans
+/// that stop on their condition (registers and flags of the element that stopped them), and
+/// code that overwrites itself with `rep stosb`: the first time before it ran, the second
+/// time after it was translated. Exits with value 0x25.
 pub fn string_edges() -> AsmResult<Vec<u8>> {
     use edges::*;
     let mut k = Kit::new()?;
@@ -448,6 +450,82 @@ pub fn string_edges() -> AsmResult<Vec<u8>> {
         a.xor(ecx, ecx)?;
         a.rep().movsb()
     })?;
+
+    // Overlapping copies, element by element as the SDM defines REP MOVS: forward with the
+    // destination one byte above the source replicates the first byte; backward with the
+    // destination below the source replicates the top dword; forward with the destination
+    // below the source is a plain memmove. Each buffer starts as the bytes 0, 1, 2, ... 63.
+    let pattern: Vec<u8> = (0..64).collect();
+    let pattern = k.data(&pattern);
+    for (name, buf, esi_off, edi_off, count, down, dword, shown) in [
+        (
+            "overlap up movsb",
+            0x28_2000u32,
+            0u32,
+            1u32,
+            32u32,
+            false,
+            false,
+            32u32,
+        ),
+        ("overlap down movsd", 0x28_3000, 32, 28, 8, true, true, 0),
+        ("memmove up movsd", 0x28_4000, 4, 0, 8, false, true, 28),
+    ] {
+        k.asm().cld()?;
+        k.asm().mov(esi, pattern)?;
+        k.asm().mov(edi, buf)?;
+        k.asm().mov(ecx, 16u32)?;
+        k.asm().rep().movsd()?;
+        k.asm().mov(esi, buf + esi_off)?;
+        k.asm().mov(edi, buf + edi_off)?;
+        k.asm().mov(ecx, count)?;
+        if down {
+            k.asm().std()?;
+        }
+        if dword {
+            k.asm().rep().movsd()?;
+        } else {
+            k.asm().rep().movsb()?;
+        }
+        k.asm().cld()?;
+        k.asm().mov(eax, dword_ptr(buf + shown))?;
+        k.print_field(name, eax)?;
+    }
+
+    // Scans that stop inside a page on their condition: ECX, EDI (and ESI) count the element
+    // that stopped them, and the flags are those of its comparison. The pattern is unchanged;
+    // the first overlap buffer now holds 0 x 33, then 33, 34, ...
+    for (name, down, cmps, repe, start, value, count) in [
+        ("repne scasb up", false, false, false, 0u32, 0x20u32, 100u32),
+        ("repne scasb down", true, false, false, 63, 0x05, 100),
+        ("repe scasb up", false, false, true, 0, 0x00, 100),
+        ("repe cmpsb up", false, true, true, 0, 0, 10),
+        ("repne cmpsb up", false, true, false, 1, 0, 100),
+    ] {
+        if down {
+            k.asm().std()?;
+        }
+        k.asm().mov(eax, value)?;
+        k.asm().mov(edi, pattern + start)?;
+        k.asm().mov(esi, 0x28_2000 + start)?;
+        k.asm().mov(ecx, count)?;
+        match (cmps, repe) {
+            (false, false) => k.asm().repne().scasb()?,
+            (false, true) => k.asm().repe().scasb()?,
+            (true, false) => k.asm().repne().cmpsb()?,
+            (true, true) => k.asm().repe().cmpsb()?,
+        }
+        k.asm().pushfd()?;
+        k.asm().cld()?;
+        k.asm().sub(edi, pattern)?;
+        k.asm().sub(esi, 0x28_2000u32)?;
+        k.print_field(&format!("{name} ecx"), ecx)?;
+        k.print_field(" edi", edi)?;
+        k.print_field(" esi", esi)?;
+        k.asm().pop(eax)?;
+        k.asm().and(eax, 0x8D5u32)?;
+        k.print_field(" flags", eax)?;
+    }
 
     // Code that overwrites itself: `rep stosb` (AL = NOP) over the `mov eax, 0xDEADBEEF`
     // after it. The CPU runs the bytes as they are after the store (Intel SDM vol. 3, 11.6:

@@ -152,6 +152,14 @@ fn string_instructions_stop_with_the_exact_partial_progress() {
          repe cmpsd #PF err=00000000 cr2=00300000 ecx=fffffffb esi=00300000 edi=00300000\n\
          lodsb #PF err=00000000 cr2=00300000 ecx=00001234 esi=00300000 edi=00300000\n\
          rep movsb, ecx=0 no fault\n\
+         overlap up movsb=23222100\n\
+         overlap down movsd=23222120\n\
+         memmove up movsd=23222120\n\
+         repne scasb up ecx=00000043\n edi=00000021\n esi=00000000\n flags=00000044\n\
+         repne scasb down ecx=00000029\n edi=00000004\n esi=0000003f\n flags=00000044\n\
+         repe scasb up ecx=00000062\n edi=00000002\n esi=00000000\n flags=00000095\n\
+         repe cmpsb up ecx=00000008\n edi=00000002\n esi=00000002\n flags=00000095\n\
+         repne cmpsb up ecx=00000043\n edi=00000022\n esi=00000022\n flags=00000044\n\
          self-write 0=12345690\nself-write 1=deadbeef\nself-write 2=12345690\n"
     );
     translated_and_safe(&o);
@@ -225,4 +233,15 @@ fn an_instruction_across_two_pages_follows_both() {
     );
     translated_and_safe(&o);
     assert!(stat(&o, "units invalidated") >= 1, "{}", o.stderr);
+}
+
+#[test]
+fn an_instruction_that_keeps_reaching_device_memory_becomes_a_callout() {
+    // The apic kernel polls and writes local APIC and IOAPIC registers from loops: after a
+    // few host faults on the unmapped device pages, bt translates those instructions as
+    // callouts (adaptive binary translation), with the same results as QEMU.
+    let o = compare("apic", &interrupt_engines());
+    assert_eq!(o.status, Some(0x83));
+    translated_and_safe(&o);
+    assert!(stat(&o, "retranslated: device memory") >= 1, "{}", o.stderr);
 }

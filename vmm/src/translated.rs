@@ -27,8 +27,9 @@
 //! Units are keyed by linear EIP *and* the guest-physical page their code came from: the unit
 //! found for an EIP is always the one translated from the code the current address space maps
 //! there. A unit chains directly only to units in its own page while paging is on (the page
-//! maps the same way for both), and the indirect-branch lookup table, keyed by EIP alone, is
-//! emptied whenever a code mapping or the privilege level may have changed.
+//! maps the same way for both). The indirect-branch lookup tables, keyed by EIP, are emptied
+//! whenever a code mapping may have changed; there is one per recent (translation mode, CPL),
+//! so entering the kernel and returning to user code switch tables instead of emptying one.
 //!
 //! Translation needs flat 32-bit protected mode; in any other mode the interpreter runs the
 //! guest.
@@ -99,6 +100,7 @@ struct Counters {
     interpreted_runs: u64,
     fetch_faults: u64,
     retranslated: u64,
+    retranslated_device: u64,
     signals: [u64; 6],
     callouts: HashMap<Mnemonic, u64>,
 }
@@ -155,7 +157,8 @@ impl CodeSource for PageCode<'_> {
 /// The environment variable that sets how many shadow address-space windows bt keeps.
 pub const WINDOWS_VAR: &str = "BT86_WINDOWS";
 
-/// Traced-page writes one instruction may fault on before it is retranslated as a callout.
+/// Traced-page writes or device-memory accesses one instruction may fault on before it is
+/// retranslated as a callout.
 const TRAPS_BEFORE_EMULATION: u32 = 4;
 
 /// CR0 bits whose change empties the shadow windows.
@@ -178,7 +181,8 @@ pub struct BtEngine {
     seen: (u32, u32, u8, UnitMode),
     /// The VM has an interrupt waiting for IF ([`BtEngine::request_interrupt_window`]).
     window_requested: bool,
-    code_epoch: u64,
+    /// The shadow MMU's code epochs (all, non-global) the lookup tables are valid for.
+    code_epoch: (u64, u64),
     /// Traced-page write faults by instruction (EIP, code page).
     trapping: HashMap<(u32, u32), u32>,
     /// Instructions retranslated as callouts.
@@ -215,9 +219,9 @@ impl BtEngine {
     ) -> Result<Self, BtError> {
         let setup = |e: &dyn std::fmt::Display| BtError::Setup(e.to_string());
         let shadow = ShadowMmu::new(memory.clone(), windows);
-        let translator = Translator::new()?;
+        let mut translator = Translator::new()?;
         let mut vcpu = Vcpu::new().map_err(|e| setup(&e))?;
-        vcpu.context_mut().lookup = translator.lookup_table();
+        vcpu.context_mut().lookup = translator.select_lookup(mode_of(&interp), interp.cpu().cpl());
         let timer = SliceTimer::start(vcpu.exit_requester(), TIME_SLICE).map_err(|e| setup(&e))?;
         let seen = (
             interp.cpu().cr0,
@@ -235,7 +239,7 @@ impl BtEngine {
             counters: Counters::default(),
             seen,
             window_requested: false,
-            code_epoch: 0,
+            code_epoch: (0, 0),
             trapping: HashMap::default(),
             emulated: HashSet::default(),
             lockstep: false,
@@ -336,17 +340,34 @@ impl BtEngine {
                 self.shadow.table_written(page)?;
             }
         }
-        if now.2 != self.seen.2
-            || now.3 != self.seen.3
-            || self.shadow.code_epoch() != self.code_epoch
-        {
-            // Lookup entries are keyed by linear EIP alone: valid for one privilege level, one
-            // translation mode and one set of code mappings.
-            self.translator.forget_indirect();
-            self.code_epoch = self.shadow.code_epoch();
+        self.check_code_epochs();
+        if now.2 != self.seen.2 || now.3 != self.seen.3 {
+            // ... and for one privilege level and translation mode, each with its own table:
+            // a system call or an interrupt from user code switches tables, not empties them.
+            self.vcpu.context_mut().lookup = self.translator.select_lookup(now.3, now.2);
         }
         self.seen = now;
         Ok(())
+    }
+
+    /// Forgets the lookup entries a change of code mappings made stale. They are keyed by
+    /// linear EIP: valid for one set of code mappings, or, for code on global pages, until a
+    /// global mapping changes.
+    fn check_code_epochs(&mut self) {
+        let epochs = (self.shadow.code_epoch(), self.shadow.local_code_epoch());
+        if epochs.0 != self.code_epoch.0 {
+            self.translator.forget_indirect();
+        } else if epochs.1 != self.code_epoch.1 {
+            self.translator.forget_local_indirect();
+        }
+        self.code_epoch = epochs;
+    }
+
+    /// Enters `eip → host` in the lookup table, as global when the code's page is global (an
+    /// instruction that may run on into the next page counts as local).
+    fn remember(&mut self, eip: u32, host: u64) {
+        let global = eip & 0xFFF <= 0x1000 - 15 && self.shadow.code_is_global(eip);
+        self.translator.remember_indirect(eip, host, global);
     }
 
     /// Drops the units of guest-physical page `page` and gives the page back its normal access.
@@ -598,10 +619,7 @@ impl BtEngine {
             // #PF or executes it.
             return self.interpret_one(io);
         };
-        if self.shadow.code_epoch() != self.code_epoch {
-            self.translator.forget_indirect();
-            self.code_epoch = self.shadow.code_epoch();
-        }
+        self.check_code_epochs();
         let base = self.shadow.activate(&self.paging())?;
         self.load_context();
         // SAFETY: `host` is the entry of a unit the translator built under the contract
@@ -635,7 +653,7 @@ impl BtEngine {
                         // Another page, which may map elsewhere next time, or an instruction
                         // running on into one: the slot's trampoline looks the target up
                         // first (like an indirect branch).
-                        self.translator.remember_indirect(target, host);
+                        self.remember(target, host);
                     }
                 }
             }
@@ -659,7 +677,7 @@ impl BtEngine {
                     && self.translatable()
                     && let Some(host) = self.unit_for(target)?
                 {
-                    self.translator.remember_indirect(target, host);
+                    self.remember(target, host);
                 }
             }
             reason::CALLOUT => {
@@ -717,22 +735,35 @@ impl BtEngine {
                     // A write to a page holding translations (self-modifying code).
                     self.drop_page(page)?;
                 }
-                Fault::Traced => {
-                    // An instruction that keeps writing page tables: retranslate it as a
-                    // callout, cheaper than a fault each time.
-                    let n = self.trapping.entry((eip, code_page)).or_default();
-                    *n += 1;
-                    if *n >= TRAPS_BEFORE_EMULATION && self.emulated.insert((eip, code_page)) {
-                        self.counters.retranslated += 1;
-                        self.drop_page(code_page)?;
-                    }
-                }
+                // An instruction that keeps writing page tables, or keeps reaching device
+                // memory (a local APIC EOI, an IOAPIC register): retranslate it as a callout,
+                // cheaper than a host fault each time (adaptive binary translation, Adams &
+                // Agesen, ASPLOS 2006).
+                Fault::Traced => self.note_trap(eip, code_page, false)?,
+                Fault::Emulate => self.note_trap(eip, code_page, true)?,
                 _ => {}
             }
         }
         // The registers hold the guest state at the start of the faulting instruction: the
         // interpreter executes it, raising the precise exception or completing the access.
         self.interpret_one(io)
+    }
+
+    /// Counts a hidden fault the instruction at `eip` (code in guest-physical `code_page`)
+    /// took for a traced write or (`device`) an access to device memory; after
+    /// [`TRAPS_BEFORE_EMULATION`] of them its units are dropped, and translated again with that
+    /// instruction as a callout.
+    fn note_trap(&mut self, eip: u32, code_page: u32, device: bool) -> Result<(), BtError> {
+        let n = self.trapping.entry((eip, code_page)).or_default();
+        *n += 1;
+        if *n >= TRAPS_BEFORE_EMULATION && self.emulated.insert((eip, code_page)) {
+            self.counters.retranslated += 1;
+            if device {
+                self.counters.retranslated_device += 1;
+            }
+            self.drop_page(code_page)?;
+        }
+        Ok(())
     }
 
     /// Guest instructions executed so far, translated and interpreted.
@@ -762,6 +793,8 @@ impl BtEngine {
             ("lookup misses", c.exits_lookup),
             ("units invalidated", s.invalidated),
             ("cache flushes", s.flushes),
+            ("lookup flushes", s.lookup_flushes),
+            ("lookup flushes: non-global", s.lookup_local_flushes),
             ("exit: branch", c.exits_branch),
             ("exit: lookup miss", c.exits_lookup),
             ("exit: callout", c.exits_callout),
@@ -773,6 +806,7 @@ impl BtEngine {
             ("code-page writes", m.code_writes),
             ("fetch faults", c.fetch_faults),
             ("retranslated to emulate", c.retranslated),
+            ("retranslated: device memory", c.retranslated_device),
             ("hidden faults", m.hidden_faults),
             ("pages mapped eagerly", m.eager_pages),
             ("true faults", m.true_faults),

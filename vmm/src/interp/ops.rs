@@ -8,6 +8,7 @@ use vmdriver::IoHandler;
 use super::alu::{self, Bcd};
 use super::{Fault, Interp, Step, gp0, seg_of, unsupported, vector};
 use crate::cpu::{SegReg, flags};
+use vmdriver::RegionKind;
 
 impl Interp {
     /// Value of the register sized like operand `size` bytes of the accumulator (AL/AX/EAX).
@@ -66,9 +67,18 @@ impl Interp {
             self.io_permitted(self.cpu.gpr[2] as u16, size as usize, io)?;
         }
         let (esi, edi) = (6, 7);
+        let bulk = rep
+            && a32
+            && matches!(
+                m,
+                M::Movsb | M::Movsw | M::Movsd | M::Stosb | M::Stosw | M::Stosd
+            );
         loop {
             if rep && self.cpu.gpr[1] & amask == 0 {
                 break;
+            }
+            if bulk && self.rep_page_step(matches!(m, M::Movsb | M::Movsw | M::Movsd), size, src)? {
+                continue;
             }
             let si = self.cpu.gpr[esi] & amask;
             let di = self.cpu.gpr[edi] & amask;
@@ -133,6 +143,121 @@ impl Interp {
             }
         }
         Ok(())
+    }
+
+    /// One page-sized step of REP MOVS/STOS with 32-bit addresses: the elements from the
+    /// current one to the end of the page (or pages) they lie in, copied or filled at once.
+    /// Returns whether it made progress; when it did not (device memory, data breakpoints, an
+    /// element straddling a page, a segment limit inside the step, an overlap the element order
+    /// would see), the caller executes one element the slow way. The result is the element
+    /// loop's: the first element's checks and faults come first, in its order (source, then
+    /// destination); the later elements lie in the same pages (translated once, as the TLB
+    /// would) and pass the same checks; an overlapping copy is done at once only in the
+    /// direction where reading everything first gives what the element order gives.
+    fn rep_page_step(&mut self, movs: bool, size: u32, src: SegReg) -> Step<bool> {
+        let count = self.cpu.gpr[1];
+        if count < 2 || self.cpu.dr[7] & 0xFF != 0 {
+            return Ok(false);
+        }
+        let down = self.cpu.eflags & flags::DF != 0;
+        let user = self.user_access();
+        // Elements from linear `lin` on (or down) that lie wholly in its page.
+        let room = |lin: u32| -> u32 {
+            let at = lin & 0xFFF;
+            if at + size > 0x1000 {
+                0
+            } else if down {
+                at / size + 1
+            } else {
+                (0x1000 - at) / size
+            }
+        };
+        let (si, di) = (self.cpu.gpr[6], self.cpu.gpr[7]);
+        let mut n = count.min(room(self.cpu.seg(SegReg::Es).base.wrapping_add(di)));
+        if movs {
+            n = n.min(room(self.cpu.seg(src).base.wrapping_add(si)));
+        }
+        if n < 2 {
+            return Ok(false);
+        }
+        let bytes = n * size;
+        // The step's lowest offset and its last element's offset, if the range does not wrap
+        // around the offset space.
+        let ends = |off: u32| -> Option<(u32, u32)> {
+            if down {
+                let last = off.checked_sub((n - 1) * size)?;
+                Some((last, last))
+            } else {
+                off.checked_add(bytes - 1)?;
+                Some((off, off + (n - 1) * size))
+            }
+        };
+        let Some((d_low, d_last)) = ends(di) else {
+            return Ok(false);
+        };
+        let (s_low, s_last) = match (movs, ends(si)) {
+            (false, _) => (si, si),
+            (true, Some(e)) => e,
+            (true, None) => return Ok(false),
+        };
+        // The first element, as the element loop would access it.
+        let s_phys = if movs {
+            let lin = self.linear(src, si, size)?;
+            let phys = self.translate(lin, false, user)?;
+            Some(phys - u64::from(si - s_low))
+        } else {
+            None
+        };
+        let lin = self.linear(SegReg::Es, di, size)?;
+        let d_phys = self.translate(lin, true, user)? - u64::from(di - d_low);
+        // The last element's segment checks cover the ones between (a contiguous range, one
+        // alignment); if it fails, the element loop gets there and raises it.
+        if self.linear(SegReg::Es, d_last, size).is_err()
+            || (movs && self.linear(src, s_last, size).is_err())
+        {
+            return Ok(false);
+        }
+        let layout = self.memory.layout();
+        let ram = layout
+            .region_of(d_phys, bytes as usize)
+            .is_some_and(|r| r.kind == RegionKind::Ram);
+        if !ram {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 4096];
+        let buf = &mut buf[..bytes as usize];
+        if let Some(s_phys) = s_phys {
+            let len = u64::from(bytes);
+            let overlap = s_phys < d_phys + len && d_phys < s_phys + len;
+            // Forward with the destination above the source (backward: below it), a later
+            // element reads what an earlier one wrote: the element loop does that.
+            let order_matters = if down {
+                d_phys < s_phys
+            } else {
+                d_phys > s_phys
+            };
+            if (overlap && order_matters)
+                || layout.region_of(s_phys, bytes as usize).is_none()
+                || self.memory.read(s_phys, buf).is_err()
+            {
+                return Ok(false);
+            }
+        } else {
+            let v = self.accumulator(size).to_le_bytes();
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = v[i % size as usize];
+            }
+        }
+        if self.memory.write(d_phys, buf).is_err() {
+            return Ok(false);
+        }
+        let delta = if down { bytes.wrapping_neg() } else { bytes };
+        self.cpu.gpr[7] = di.wrapping_add(delta);
+        if movs {
+            self.cpu.gpr[6] = si.wrapping_add(delta);
+        }
+        self.cpu.gpr[1] = count - n;
+        Ok(true)
     }
 
     /// BT, BTS, BTR, BTC. With a memory operand and a register bit offset, the offset reaches
