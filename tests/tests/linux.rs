@@ -643,13 +643,34 @@ fn debian_kernel_finds_the_acpi_tables_and_powers_off_on_bt() {
         "ACPI: Interpreter enabled",
         "ACPI: PM: (supports S0 S5)",
         "ACPI: PCI Root Bridge [PCI0]",
-        "clocksource: acpi_pm",
+        "ACPI: PM-Timer IO Port: 0x608",
         "ACPI: PM: Preparing to enter system sleep state S5",
         "reboot: Power down",
     ] {
         assert!(
             console.contains(want),
             "console never showed {want:?}; last lines:\n{last}"
+        );
+    }
+    // The kernel registers the PM timer as a clocksource once it has checked its rate
+    // against the PIT over ~50 ms. Both follow host time, so a host that deschedules bt86
+    // between the kernel's PM-timer read and the PIT's start makes the PM timer look fast
+    // (seen at 107% on a loaded machine). Only that direction is a host artifact: a timer
+    // too slow, or far too fast, is a bt86 bug.
+    if !console.contains("clocksource: acpi_pm") {
+        let rate = console
+            .split("PM-Timer running at invalid rate: ")
+            .nth(1)
+            .and_then(|r| r.split('%').next())
+            .and_then(|n| n.trim().parse::<u32>().ok());
+        assert!(
+            rate.is_some_and(|r| (105..=130).contains(&r)),
+            "the PM timer never became a clocksource (rate check: {rate:?}%); last lines:\n{last}"
+        );
+        eprintln!(
+            "NOTE acpi test: the kernel measured the PM timer at {}% of its rate against the \
+             PIT (the host descheduled bt86 during the check)",
+            rate.unwrap_or(0)
         );
     }
     for bad in ["RSDP was not found", "unchecked MSR access", "Kernel panic"] {
