@@ -1567,13 +1567,45 @@ mod tests {
         }
     }
 
-    /// A long random run of what guests do to their address spaces under a budget of three
+    /// A random entry of the table page at `page` (directories are `pds`, tables point at
+    /// `frames`), and a random value for it: directories point at tables, tables at frames, with
+    /// P and some of RW, US, A and D; one time in four not present. Returns (address, value).
+    fn random_entry(
+        page: u32,
+        pds: &[u32],
+        pts: &[u32],
+        frames: &[u32],
+        next: &mut impl FnMut(usize) -> usize,
+    ) -> (u64, u32) {
+        let (index, v) = if pds.contains(&page) {
+            (0x300 + next(2), pts[next(pts.len())] | 7)
+        } else {
+            let r = next(64);
+            (next(6), frames[next(frames.len())] | 1 | (r as u32 & 0x66))
+        };
+        let v = if next(4) == 0 { 0 } else { v };
+        (u64::from(page) + 4 * index as u64, v)
+    }
+
+    /// Long random runs (three seeds) of what guests do to their address spaces under a budget of three
     /// windows, so that windows (the physical one included) are recycled all the time: switch
     /// CR3, turn paging off and on, touch pages, rewrite directory and table entries through
     /// their linear mappings (traced, or straight in once untraced) and as the monitor does,
     /// INVLPG. After every step every window is checked by [`check_windows`].
     #[test]
     fn random_address_space_churn_keeps_every_window_true_to_the_tables() {
+        for seed in [
+            0x2545_F491_4F6C_DD1D,
+            0x9E37_79B9_7F4A_7C15,
+            0xD1B5_4A32_D192_ED03,
+        ] {
+            churn(seed);
+        }
+    }
+
+    /// [`random_address_space_churn_keeps_every_window_true_to_the_tables`] from one seed.
+    fn churn(seed: u64) {
+        const STEPS: usize = 6000;
         let mem = Arc::new(GuestMemory::new(MemoryLayout::new(8).unwrap()).unwrap());
         let pds = [0x30_0000u32, 0x30_1000, 0x30_2000, 0x30_3000];
         let pts = [0x31_0000u32, 0x31_1000, 0x31_2000];
@@ -1588,14 +1620,13 @@ mod tests {
             .flat_map(|pde| (0..6u32).map(move |i| (pde << 22) | (i << 12)))
             .collect();
         let mut s = ShadowMmu::new(mem.clone(), 3);
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut rng = seed;
         let mut next = move |n: usize| {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
             (rng % n as u64) as usize
         };
-        let flags = |r: usize| 1 | (r as u32 & 0x66); // P, and some of RW, US, A, D
         let mut p = Paging {
             enabled: true,
             mode: Mode {
@@ -1608,23 +1639,12 @@ mod tests {
             pdptes: [0; 4],
             user: false,
         };
-        // A random entry value for the table page at `page`: directories point at tables,
-        // tables at frames; sometimes not present.
-        let value = |page: u32, r: usize, pick: usize| -> u32 {
-            if r.is_multiple_of(4) {
-                0
-            } else if pds.contains(&page) {
-                pts[pick % pts.len()] | 7
-            } else {
-                frames[pick % frames.len()] | flags(r)
-            }
-        };
         let report = |s: &mut ShadowMmu| {
             for page in mem.take_written_code_pages() {
                 s.table_written(page).unwrap();
             }
         };
-        for step in 0..4000 {
+        for step in 0..STEPS {
             match next(60) {
                 0 | 1 => {
                     p.enabled = next(6) != 0;
@@ -1641,14 +1661,8 @@ mod tests {
                     } else {
                         pts[next(pts.len())]
                     };
-                    let index = if pds.contains(&page) {
-                        0x300 + next(2)
-                    } else {
-                        next(6)
-                    };
-                    let v = value(page, next(64), next(64));
-                    mem.write(u64::from(page) + 4 * index as u64, &v.to_le_bytes())
-                        .unwrap();
+                    let (addr, v) = random_entry(page, &pds, &pts, &frames, &mut next);
+                    mem.write(addr, &v.to_le_bytes()).unwrap();
                     report(&mut s);
                 }
                 10 | 11 if p.enabled => {
@@ -1679,16 +1693,13 @@ mod tests {
                             break;
                         }
                         // Any entry but the two this mapping rests on.
-                        let (index, v) = if target == p.mode.cr3 {
-                            (0x300 + next(2), pts[next(pts.len())] | 7)
-                        } else {
-                            (next(6), value(target, next(64), next(64)))
-                        };
-                        let addr = target + 4 * index as u32;
-                        if addr == p.mode.cr3 + 4 * pde || addr == pt + 4 * pti {
+                        let (addr, v) = random_entry(target, &pds, &pts, &frames, &mut next);
+                        if addr == u64::from(p.mode.cr3 + 4 * pde)
+                            || addr == u64::from(pt + 4 * pti)
+                        {
                             continue;
                         }
-                        mem.write(u64::from(addr), &v.to_le_bytes()).unwrap();
+                        mem.write(addr, &v.to_le_bytes()).unwrap();
                         report(&mut s);
                     }
                 }
@@ -1705,14 +1716,8 @@ mod tests {
                         page.filter(|g| write && (pds.contains(g) || pts.contains(g)))
                         && matches!(f, Fault::Traced | Fault::Hidden)
                     {
-                        let index = if pds.contains(&page) {
-                            0x300 + next(2)
-                        } else {
-                            next(6)
-                        };
-                        let v = value(page, next(64), next(64));
-                        mem.write(u64::from(page) + 4 * index as u64, &v.to_le_bytes())
-                            .unwrap();
+                        let (addr, v) = random_entry(page, &pds, &pts, &frames, &mut next);
+                        mem.write(addr, &v.to_le_bytes()).unwrap();
                         report(&mut s);
                     }
                 }
