@@ -469,8 +469,14 @@ fn linux_row_exists(name: &str) -> bool {
 }
 
 /// Where the fetched Debian guest is: --guest, $BT86_GUEST_DIR, ./.bt86-cache/guest, or the
-/// .bt86-cache/guest of the repository whose target/ holds this bt86.
+/// .bt86-cache/guest of the repository whose target/ holds this bt86. Always an absolute path:
+/// the engines run in a scratch directory.
 fn guest_dir(asked: Option<&Path>) -> PathBuf {
+    let dir = find_guest_dir(asked);
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
+fn find_guest_dir(asked: Option<&Path>) -> PathBuf {
     if let Some(dir) = asked {
         return dir.to_path_buf();
     }
@@ -662,6 +668,15 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: BenchArgs,
+    }
+
+    #[test]
+    fn a_relative_guest_directory_is_made_absolute() {
+        // The engines run in a scratch directory: a relative --guest must still name the
+        // user's directory.
+        let dir = guest_dir(Some(Path::new("some/guest")));
+        assert!(dir.is_absolute(), "{}", dir.display());
+        assert_eq!(dir, std::env::current_dir().unwrap().join("some/guest"));
     }
 
     fn args(line: &[&str]) -> BenchArgs {
