@@ -616,55 +616,100 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-#[test]
-fn debian_kernel_finds_the_acpi_tables_and_powers_off_on_bt() {
-    let (Some(guest), Some(bin)) = (debian_guest(), release_binary()) else {
-        eprintln!(
-            "skipped: needs scripts/fetch-guest.sh's guest and a release build of bt86 \
-             (scripts/test.sh provides both)"
-        );
-        return;
-    };
-    // busybox as init runs `poweroff -f` (the words the kernel does not know are init's
-    // arguments): reboot(2) straight away, which powers off through ACPI S5.
-    let (status, console) = boot_debian(
-        &guest,
-        &bin,
-        "bt",
-        "console=ttyS0 rdinit=/bin/busybox poweroff -f",
-        Duration::from_secs(10 * 60),
-    );
-    let last = tail(&console, 30);
-    for want in [
-        "ACPI: RSDP 0x00000000000F0000",
-        "ACPI: FACP",
-        "ACPI: DSDT",
-        "ACPI: Interpreter enabled",
-        "ACPI: PM: (supports S0 S5)",
-        "ACPI: PCI Root Bridge [PCI0]",
-        "ACPI: PM-Timer IO Port: 0x608",
-        "ACPI: PM: Preparing to enter system sleep state S5",
-        "reboot: Power down",
-    ] {
-        assert!(
-            console.contains(want),
-            "console never showed {want:?}; last lines:\n{last}"
+/// Debian's kernel booted on bt with busybox as init running `poweroff -f` (the words the kernel
+/// does not know are init's arguments): reboot(2) straight away, which powers off through ACPI
+/// S5. One boot, shared by the platform tests below.
+struct PoweroffBoot {
+    status: Option<i32>,
+    console: String,
+}
+
+impl PoweroffBoot {
+    /// The boot, or None (with the reason printed) without the guest or a release build.
+    fn get() -> Option<&'static Self> {
+        let (Some(guest), Some(bin)) = (debian_guest(), release_binary()) else {
+            eprintln!(
+                "skipped: needs scripts/fetch-guest.sh's guest and a release build of bt86 \
+                 (scripts/test.sh provides both)"
+            );
+            return None;
+        };
+        static BOOT: OnceLock<PoweroffBoot> = OnceLock::new();
+        Some(BOOT.get_or_init(|| {
+            let (status, console) = boot_debian(
+                &guest,
+                &bin,
+                "bt",
+                "console=ttyS0 rdinit=/bin/busybox poweroff -f",
+                Duration::from_secs(10 * 60),
+            );
+            PoweroffBoot { status, console }
+        }))
+    }
+
+    /// The console's last lines, for failure messages.
+    fn last(&self) -> String {
+        tail(&self.console, 30)
+    }
+
+    /// The console showed every line of `want` and none of `bad`, and bt86 exited 0.
+    fn check(&self, want: &[&str], bad: &[&str]) {
+        let last = self.last();
+        for w in want {
+            assert!(
+                self.console.contains(w),
+                "console never showed {w:?}; last lines:\n{last}"
+            );
+        }
+        for b in bad {
+            assert!(
+                !self.console.contains(b),
+                "console showed {b:?}; last lines:\n{last}"
+            );
+        }
+        assert_eq!(
+            self.status,
+            Some(0),
+            "bt86 should exit 0 on power-off; last lines:\n{last}"
         );
     }
+}
+
+#[test]
+fn debian_kernel_finds_the_acpi_tables_and_powers_off_on_bt() {
+    let Some(boot) = PoweroffBoot::get() else {
+        return;
+    };
+    boot.check(
+        &[
+            "ACPI: RSDP 0x00000000000F0000",
+            "ACPI: FACP",
+            "ACPI: DSDT",
+            "ACPI: Interpreter enabled",
+            "ACPI: PM: (supports S0 S5)",
+            "ACPI: PCI Root Bridge [PCI0]",
+            "ACPI: PM-Timer IO Port: 0x608",
+            "ACPI: PM: Preparing to enter system sleep state S5",
+            "reboot: Power down",
+        ],
+        &["RSDP was not found", "unchecked MSR access", "Kernel panic"],
+    );
     // The kernel registers the PM timer as a clocksource once it has checked its rate
     // against the PIT over ~50 ms. Both follow host time, so a host that deschedules bt86
     // between the kernel's PM-timer read and the PIT's start makes the PM timer look fast
     // (seen at 107% on a loaded machine). Only that direction is a host artifact: a timer
     // too slow, or far too fast, is a bt86 bug.
-    if !console.contains("clocksource: acpi_pm") {
-        let rate = console
+    if !boot.console.contains("clocksource: acpi_pm") {
+        let rate = boot
+            .console
             .split("PM-Timer running at invalid rate: ")
             .nth(1)
             .and_then(|r| r.split('%').next())
             .and_then(|n| n.trim().parse::<u32>().ok());
         assert!(
             rate.is_some_and(|r| (105..=130).contains(&r)),
-            "the PM timer never became a clocksource (rate check: {rate:?}%); last lines:\n{last}"
+            "the PM timer never became a clocksource (rate check: {rate:?}%); last lines:\n{}",
+            boot.last()
         );
         eprintln!(
             "NOTE acpi test: the kernel measured the PM timer at {}% of its rate against the \
@@ -672,72 +717,36 @@ fn debian_kernel_finds_the_acpi_tables_and_powers_off_on_bt() {
             rate.unwrap_or(0)
         );
     }
-    for bad in ["RSDP was not found", "unchecked MSR access", "Kernel panic"] {
-        assert!(
-            !console.contains(bad),
-            "console showed {bad:?}; last lines:\n{last}"
-        );
-    }
-    assert_eq!(
-        status,
-        Some(0),
-        "bt86 should exit 0 on power-off; last lines:\n{last}"
-    );
 }
 
 #[test]
 fn debian_kernel_uses_the_local_apic_and_the_ioapic_on_bt() {
-    let (Some(guest), Some(bin)) = (debian_guest(), release_binary()) else {
-        eprintln!(
-            "skipped: needs scripts/fetch-guest.sh's guest and a release build of bt86 \
-             (scripts/test.sh provides both)"
-        );
+    // No "lapic"/"noapic" options: the kernel finds the APICs in the MADT and CPUID, as on a
+    // PC.
+    let Some(boot) = PoweroffBoot::get() else {
         return;
     };
-    // No "lapic"/"noapic" options: the kernel finds the APICs in the MADT and CPUID, as on a
-    // PC. busybox as init powers off once the boot is done.
-    let (status, console) = boot_debian(
-        &guest,
-        &bin,
-        "bt",
-        "console=ttyS0 rdinit=/bin/busybox poweroff -f",
-        Duration::from_secs(10 * 60),
-    );
-    let last = tail(&console, 30);
-    for want in [
-        "ACPI: LAPIC_NMI (acpi_id[0xff] dfl dfl lint[0x1])",
-        "IOAPIC[0]: apic_id 1, version 17, address 0xfec00000, GSI 0-23",
-        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
-        "ACPI: INT_SRC_OVR (bus 0 bus_irq 9 global_irq 9 high level)",
-        "APIC: Switch to symmetric I/O mode setup",
-        // check_timer() found the 8254 on IOAPIC pin 2 on its first try.
-        "..TIMER: vector=0x30 apic1=0 pin1=2 apic2=-1 pin2=-1",
-        "ACPI: Using IOAPIC for interrupt routing",
-        "serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A",
-        "reboot: Power down",
-    ] {
-        assert!(
-            console.contains(want),
-            "console never showed {want:?}; last lines:\n{last}"
-        );
-    }
-    for bad in [
-        "Local APIC disabled by BIOS",
-        "Keep in PIC mode",
-        "MP-BIOS bug",
-        "lost ticks",
-        "APIC error",
-        "spurious APIC interrupt",
-        "Kernel panic",
-    ] {
-        assert!(
-            !console.contains(bad),
-            "console showed {bad:?}; last lines:\n{last}"
-        );
-    }
-    assert_eq!(
-        status,
-        Some(0),
-        "bt86 should exit 0 on power-off; last lines:\n{last}"
+    boot.check(
+        &[
+            "ACPI: LAPIC_NMI (acpi_id[0xff] dfl dfl lint[0x1])",
+            "IOAPIC[0]: apic_id 1, version 17, address 0xfec00000, GSI 0-23",
+            "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
+            "ACPI: INT_SRC_OVR (bus 0 bus_irq 9 global_irq 9 high level)",
+            "APIC: Switch to symmetric I/O mode setup",
+            // check_timer() found the 8254 on IOAPIC pin 2 on its first try.
+            "..TIMER: vector=0x30 apic1=0 pin1=2 apic2=-1 pin2=-1",
+            "ACPI: Using IOAPIC for interrupt routing",
+            "serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A",
+            "reboot: Power down",
+        ],
+        &[
+            "Local APIC disabled by BIOS",
+            "Keep in PIC mode",
+            "MP-BIOS bug",
+            "lost ticks",
+            "APIC error",
+            "spurious APIC interrupt",
+            "Kernel panic",
+        ],
     );
 }
