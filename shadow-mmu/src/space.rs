@@ -1470,20 +1470,12 @@ mod tests {
         assert_eq!(s.mapping(&p, 0x7F_F000), None);
     }
 
-    /// The host protection of the mapping holding host address `addr` ("rw-s", "---p", ...),
-    /// from /proc/self/maps.
+    /// The host protection of the mapping holding host address `addr` ("rw-s", "---p", ...).
     fn host_protection(addr: u64) -> Option<String> {
-        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-        maps.lines().find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (range, prot) = (f.next()?, f.next()?);
-            let (lo, hi) = range.split_once('-')?;
-            let (lo, hi) = (
-                u64::from_str_radix(lo, 16).ok()?,
-                u64::from_str_radix(hi, 16).ok()?,
-            );
-            (lo..hi).contains(&addr).then(|| prot.to_string())
-        })
+        host_mappings()
+            .into_iter()
+            .find(|(lo, hi, _)| (*lo..*hi).contains(&addr))
+            .map(|(_, _, prot)| prot)
     }
 
     /// Guest-physical memory for the tests' reference walks: reads only, A/D left alone.
