@@ -48,6 +48,43 @@ pub fn pattern(seed: u32, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Emits code filling `bytes` at `buf` with [`pattern`]`(seed)` (EAX, ECX, EDI clobbered).
+pub(crate) fn emit_fill(a: &mut CodeAssembler, buf: u32, bytes: u32, seed: u32) -> AsmResult {
+    let mut again = a.create_label();
+    a.mov(edi, buf)?;
+    a.mov(ecx, bytes / 4)?;
+    a.mov(eax, seed)?;
+    a.cld()?;
+    a.set_label(&mut again)?;
+    a.stosd()?;
+    a.add(eax, STEP)?;
+    a.dec(ecx)?;
+    a.jnz(again)?;
+    Ok(())
+}
+
+/// Emits code leaving in EAX how many dwords differ between the `bytes` at `x` and at `y`
+/// (ECX, EDX, ESI, EDI clobbered).
+pub(crate) fn emit_count_differing(a: &mut CodeAssembler, x: u32, y: u32, bytes: u32) -> AsmResult {
+    let mut again = a.create_label();
+    let mut same = a.create_label();
+    a.mov(esi, x)?;
+    a.mov(edi, y)?;
+    a.mov(ecx, bytes / 4)?;
+    a.xor(eax, eax)?;
+    a.set_label(&mut again)?;
+    a.mov(edx, dword_ptr(esi))?;
+    a.cmp(edx, dword_ptr(edi))?;
+    a.je(same)?;
+    a.inc(eax)?;
+    a.set_label(&mut same)?;
+    a.add(esi, 4u32)?;
+    a.add(edi, 4u32)?;
+    a.dec(ecx)?;
+    a.jnz(again)?;
+    Ok(())
+}
+
 /// Where the kernels put the bus-master registers (BAR4).
 const BM_BASE: u16 = 0xC040;
 /// The PRD table and the DMA buffers, in RAM above the kernel.
@@ -258,37 +295,12 @@ impl Disk {
 
     /// Fills `bytes` at `buf` with [`pattern`]`(seed)`.
     fn fill(&mut self, buf: u32, bytes: u32, seed: u32) -> AsmResult {
-        let mut again = self.a().create_label();
-        self.a().mov(edi, buf)?;
-        self.a().mov(ecx, bytes / 4)?;
-        self.a().mov(eax, seed)?;
-        self.a().cld()?;
-        self.a().set_label(&mut again)?;
-        self.a().stosd()?;
-        self.a().add(eax, STEP)?;
-        self.a().dec(ecx)?;
-        self.a().jnz(again)?;
-        Ok(())
+        emit_fill(self.a(), buf, bytes, seed)
     }
 
     /// Prints `label` = how many dwords differ between `a` and `b`.
     fn compare(&mut self, a: u32, b: u32, bytes: u32, label: &str) -> AsmResult {
-        let mut again = self.a().create_label();
-        let mut same = self.a().create_label();
-        self.a().mov(esi, a)?;
-        self.a().mov(edi, b)?;
-        self.a().mov(ecx, bytes / 4)?;
-        self.a().xor(eax, eax)?;
-        self.a().set_label(&mut again)?;
-        self.a().mov(edx, dword_ptr(esi))?;
-        self.a().cmp(edx, dword_ptr(edi))?;
-        self.a().je(same)?;
-        self.a().inc(eax)?;
-        self.a().set_label(&mut same)?;
-        self.a().add(esi, 4u32)?;
-        self.a().add(edi, 4u32)?;
-        self.a().dec(ecx)?;
-        self.a().jnz(again)?;
+        emit_count_differing(self.a(), a, b, bytes)?;
         self.print_field(label)
     }
 

@@ -17,6 +17,7 @@
 
 use iced_x86::code_asm::*;
 
+use crate::kernels::disk::{emit_count_differing, emit_fill};
 use crate::kit::{AsmResult, Kit};
 
 /// Sectors of the kernel's image.
@@ -29,7 +30,6 @@ pub const VIRTIO_WRITE_SECTOR: u64 = 8;
 /// Seed of the written data.
 pub const VIRTIO_SEED: u32 = 0x5649_5254;
 
-const STEP: u32 = 0x0102_0305;
 const QSIZE: u32 = 16;
 /// Ring memory and buffers, above the kernel.
 const DESC: u32 = 0x30_0000;
@@ -204,37 +204,12 @@ impl V {
 
     /// Fills `bytes` at `buf` with the disk kernels' pattern.
     fn fill(&mut self, buf: u32, bytes: u32, seed: u32) -> AsmResult {
-        let mut again = self.a().create_label();
-        self.a().mov(edi, buf)?;
-        self.a().mov(ecx, bytes / 4)?;
-        self.a().mov(eax, seed)?;
-        self.a().cld()?;
-        self.a().set_label(&mut again)?;
-        self.a().stosd()?;
-        self.a().add(eax, STEP)?;
-        self.a().dec(ecx)?;
-        self.a().jnz(again)?;
-        Ok(())
+        emit_fill(self.a(), buf, bytes, seed)
     }
 
     /// Prints `label` = how many dwords differ between `a` and `b`.
     fn compare(&mut self, a: u32, b: u32, bytes: u32, label: &str) -> AsmResult {
-        let mut again = self.a().create_label();
-        let mut same = self.a().create_label();
-        self.a().mov(esi, a)?;
-        self.a().mov(edi, b)?;
-        self.a().mov(ecx, bytes / 4)?;
-        self.a().xor(eax, eax)?;
-        self.a().set_label(&mut again)?;
-        self.a().mov(edx, dword_ptr(esi))?;
-        self.a().cmp(edx, dword_ptr(edi))?;
-        self.a().je(same)?;
-        self.a().inc(eax)?;
-        self.a().set_label(&mut same)?;
-        self.a().add(esi, 4u32)?;
-        self.a().add(edi, 4u32)?;
-        self.a().dec(ecx)?;
-        self.a().jnz(again)?;
+        emit_count_differing(self.a(), a, b, bytes)?;
         self.field(label)
     }
 
