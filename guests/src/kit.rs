@@ -32,6 +32,8 @@ const ENTRY_REGS_ADDR: u32 = STACK_TOP;
 const ENTRY_EFLAGS_ADDR: u32 = ENTRY_REGS_ADDR + 32;
 const AOUT_HEADER_LEN: u32 = 32;
 const ELF_SEGMENT_OFFSET: u32 = 0x1000;
+/// The program header type that states the stack's permissions (GNU extension).
+const PT_GNU_STACK: u32 = 0x6474_E551;
 
 /// Why a kit kernel could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -383,7 +385,9 @@ impl Kit {
 }
 
 /// Packages `image` as an i386 ELF32 executable with one PT_LOAD segment at virtual address
-/// `vaddr` and physical address `paddr`, entering at `entry` (a virtual address).
+/// `vaddr` and physical address `paddr`, entering at `entry` (a virtual address), and a
+/// PT_GNU_STACK header asking for a non-executable stack (without it Linux assumes an old
+/// toolchain and makes every readable mapping of the process executable).
 pub fn elf32_exec(image: &[u8], vaddr: u32, paddr: u32, entry: u32) -> Vec<u8> {
     let mut f = Vec::with_capacity(ELF_SEGMENT_OFFSET as usize + image.len());
     f.extend_from_slice(&[0x7F, b'E', b'L', b'F', 1, 1, 1, 0]);
@@ -399,7 +403,7 @@ pub fn elf32_exec(image: &[u8], vaddr: u32, paddr: u32, entry: u32) -> Vec<u8> {
     u32s(&mut f, 0); // e_flags
     u16s(&mut f, 52); // e_ehsize
     u16s(&mut f, 32); // e_phentsize
-    u16s(&mut f, 1); // e_phnum
+    u16s(&mut f, 2); // e_phnum
     u16s(&mut f, 40); // e_shentsize
     u16s(&mut f, 0); // e_shnum
     u16s(&mut f, 0); // e_shstrndx
@@ -411,6 +415,10 @@ pub fn elf32_exec(image: &[u8], vaddr: u32, paddr: u32, entry: u32) -> Vec<u8> {
     u32s(&mut f, image.len() as u32); // p_memsz
     u32s(&mut f, 7); // RWX
     u32s(&mut f, 0x1000);
+    u32s(&mut f, PT_GNU_STACK);
+    f.extend_from_slice(&[0; 5 * 4]); // offset, addresses and sizes: unused
+    u32s(&mut f, 6); // RW
+    u32s(&mut f, 16);
     f.resize(ELF_SEGMENT_OFFSET as usize, 0);
     f.extend_from_slice(image);
     f
@@ -452,6 +460,24 @@ mod tests {
             KERNEL_BASE + 12,
             "entry stub follows the 12-byte header"
         );
+    }
+
+    #[test]
+    fn elf_program_headers_are_one_load_segment_and_a_non_executable_stack() {
+        let elf = elf32_exec(&[0x90; 10], 0x0804_9000, 0x0804_9000, 0x0804_9000);
+        let half = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().unwrap());
+        let word = |at: usize| u32::from_le_bytes(elf[at..at + 4].try_into().unwrap());
+        let (phoff, phentsize, phnum) = (word(28) as usize, half(42) as usize, half(44));
+        assert_eq!((phoff, phentsize, phnum), (52, 32, 2));
+        let ph = |i: usize, field: usize| word(phoff + i * phentsize + field * 4);
+        // p_type, p_offset, p_vaddr, p_filesz, p_flags of the load segment.
+        assert_eq!(
+            (ph(0, 0), ph(0, 1), ph(0, 2), ph(0, 4), ph(0, 6)),
+            (1, ELF_SEGMENT_OFFSET, 0x0804_9000, 10, 7)
+        );
+        assert_eq!((ph(1, 0), ph(1, 6)), (PT_GNU_STACK, 6), "stack RW, not X");
+        assert!(phoff + 2 * phentsize <= ELF_SEGMENT_OFFSET as usize);
+        assert_eq!(&elf[ELF_SEGMENT_OFFSET as usize..], &[0x90; 10]);
     }
 
     #[test]
