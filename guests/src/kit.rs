@@ -424,6 +424,29 @@ pub fn elf32_exec(image: &[u8], vaddr: u32, paddr: u32, entry: u32) -> Vec<u8> {
     f
 }
 
+/// Emits the 8259A pair's initialization as a PC kernel does it (edge-triggered, cascade on
+/// IRQ 2, ICW4 for 8086 mode), with the master's vectors at `vectors.0`, the slave's at
+/// `vectors.1`, then the interrupt masks `masks` (master, slave). Only `mov al`/`out imm8`: it
+/// assembles for 16-bit and 32-bit code alike.
+pub fn init_pics(a: &mut CodeAssembler, vectors: (u8, u8), masks: (u8, u8)) -> AsmResult {
+    for (port, value) in [
+        (0x20, 0x11), // ICW1: edge, cascade, ICW4 follows
+        (0x21, vectors.0),
+        (0x21, 0x04), // ICW3: a slave on IR2
+        (0x21, 0x01), // ICW4: 8086 mode
+        (0xA0, 0x11),
+        (0xA1, vectors.1),
+        (0xA1, 0x02), // ICW3: slave identity 2
+        (0xA1, 0x01),
+        (0x21, masks.0),
+        (0xA1, masks.1),
+    ] {
+        a.mov(al, u32::from(value))?;
+        a.out(port, al)?;
+    }
+    Ok(())
+}
+
 /// A raw firmware image for the reset vector: `code` (16-bit real-mode code assembled for
 /// `F000:0000`) at the start of a 64 KiB image whose last 16 bytes (at `F000:FFF0`) jump to it.
 pub fn reset_rom(build: impl FnOnce(&mut CodeAssembler) -> AsmResult) -> AsmResult<Vec<u8>> {

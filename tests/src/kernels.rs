@@ -10,7 +10,9 @@ mod modes;
 mod sensitive;
 pub mod virtio;
 
-use crate::kit::{AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, reset_rom};
+use crate::kit::{
+    AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, init_pics, reset_rom,
+};
 use crate::translator_kernels as tk;
 
 /// Emits a piece of test code.
@@ -1480,21 +1482,8 @@ pub(crate) fn count_pit_ticks(k: &mut Kit) -> AsmResult<u32> {
     })?;
     set_gate(k, idt, 0x20, 0x8E)?;
     k.asm().lidt(ptr(idtr))?;
-    for (port, v) in [
-        (0x20u32, 0x11u32),
-        (0x21, 0x20),
-        (0x21, 0x04),
-        (0x21, 0x01),
-        (0xA0, 0x11),
-        (0xA1, 0x28),
-        (0xA1, 0x02),
-        (0xA1, 0x01),
-        (0x21, 0xFE),
-        (0xA1, 0xFF),
-        (0x43, 0x34),
-        (0x40, 11932 & 0xFF),
-        (0x40, 11932 >> 8),
-    ] {
+    init_pics(k.asm(), (0x20, 0x28), (0xFE, 0xFF))?;
+    for (port, v) in [(0x43u32, 0x34u32), (0x40, 11932 & 0xFF), (0x40, 11932 >> 8)] {
         k.asm().mov(al, v)?;
         k.asm().out(port, al)?;
     }
@@ -1651,21 +1640,7 @@ pub fn timer_rom() -> AsmResult<Vec<u8>> {
         a.mov(word_ptr(0x22u32), 0xF000u32)?;
         a.mov(word_ptr(TICKS), 0u32)?;
         // 8259A pair: vectors 0x08 and 0x70, cascade on IRQ 2, 8086 mode; only IRQ 0 unmasked.
-        for (port, value) in [
-            (0x20, 0x11),
-            (0x21, 0x08),
-            (0x21, 0x04),
-            (0x21, 0x01),
-            (0x21, 0xFE),
-            (0xA0, 0x11),
-            (0xA1, 0x70),
-            (0xA1, 0x02),
-            (0xA1, 0x01),
-            (0xA1, 0xFF),
-        ] {
-            a.mov(al, value)?;
-            a.out(port, al)?;
-        }
+        init_pics(a, (0x08, 0x70), (0xFE, 0xFF))?;
         // PIT channel 0, mode 2, 100 Hz.
         a.mov(al, 0x34u32)?;
         a.out(0x43, al)?;
@@ -2077,21 +2052,7 @@ fn fpu_kernel(sdm: bool) -> AsmResult<Vec<u8>> {
     k.asm().ldmxcsr(dword_ptr(mx_default))?;
 
     // FERR# with NE = 0: IRQ 13 through the PICs (remapped to 0x20/0x28, only IRQ 13 open).
-    for (port, v) in [
-        (0x20u32, 0x11u32),
-        (0x21, 0x20),
-        (0x21, 0x04),
-        (0x21, 0x01),
-        (0xA0, 0x11),
-        (0xA1, 0x28),
-        (0xA1, 0x02),
-        (0xA1, 0x01),
-        (0x21, 0xFB),
-        (0xA1, 0xDF),
-    ] {
-        k.asm().mov(al, v)?;
-        k.asm().out(port, al)?;
-    }
+    init_pics(k.asm(), (0x20, 0x28), (0xFB, 0xDF))?;
     k.asm().mov(eax, cr0)?;
     k.asm().and(eax, !NE)?;
     k.asm().mov(cr0, eax)?;

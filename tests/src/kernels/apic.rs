@@ -9,7 +9,7 @@
 use iced_x86::code_asm::*;
 
 use super::{handler_address, set_gate};
-use crate::kit::{AsmResult, Kit};
+use crate::kit::{AsmResult, Kit, init_pics};
 
 const LAPIC: u32 = 0xFEE0_0000;
 const IOAPIC: u32 = 0xFEC0_0000;
@@ -121,21 +121,7 @@ pub fn apic() -> AsmResult<Vec<u8>> {
 
     // The 8259s remapped to 0x20/0x28 and fully masked; LINT0/LINT1 masked: only the APICs
     // interrupt.
-    for (port, v) in [
-        (0x20u32, 0x11u32),
-        (0x21, 0x20),
-        (0x21, 0x04),
-        (0x21, 0x01),
-        (0xA0, 0x11),
-        (0xA1, 0x28),
-        (0xA1, 0x02),
-        (0xA1, 0x01),
-        (0x21, 0xFF),
-        (0xA1, 0xFF),
-    ] {
-        k.asm().mov(al, v)?;
-        k.asm().out(port, al)?;
-    }
+    init_pics(k.asm(), (0x20, 0x28), (0xFF, 0xFF))?;
     store(&mut k, LAPIC + 0xF0, 0x1FF)?; // software enable, spurious vector 0xFF
     store(&mut k, LAPIC + 0x350, 0x1_0700)?; // LINT0: ExtINT, masked
     store(&mut k, LAPIC + 0x360, 0x1_0400)?; // LINT1: NMI, masked

@@ -16,7 +16,7 @@
 
 use iced_x86::code_asm::*;
 
-use crate::kit::{AsmResult, Kit};
+use crate::kit::{AsmResult, Kit, init_pics};
 
 /// Sectors of the `disk` kernel's image: just above the LBA28 limit, so LBA48 is needed.
 pub const DISK_SECTORS: u64 = 0x1000_0800;
@@ -160,21 +160,7 @@ impl Disk {
 
     /// Remaps the PICs to 0x20/0x28 and unmasks only the cascade and IRQ 14/15.
     fn init_pics(&mut self) -> AsmResult {
-        for (port, v) in [
-            (0x20u16, 0x11u8),
-            (0x21, 0x20),
-            (0x21, 0x04),
-            (0x21, 0x01),
-            (0xA0, 0x11),
-            (0xA1, 0x28),
-            (0xA1, 0x02),
-            (0xA1, 0x01),
-            (0x21, 0xFB),
-            (0xA1, 0x3F),
-        ] {
-            self.outb(port, v)?;
-        }
-        Ok(())
+        init_pics(self.a(), (0x20, 0x28), (0xFB, 0x3F))
     }
 
     /// Installs the interrupt handler of `chan` in `idt`: it reads status (clearing INTRQ) and

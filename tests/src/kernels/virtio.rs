@@ -18,7 +18,7 @@
 use iced_x86::code_asm::*;
 
 use crate::kernels::disk::{emit_count_differing, emit_fill};
-use crate::kit::{AsmResult, Kit};
+use crate::kit::{AsmResult, Kit, init_pics};
 
 /// Sectors of the kernel's image.
 pub const VIRTIO_SECTORS: u64 = 2048;
@@ -452,19 +452,7 @@ pub fn virtio_blk() -> AsmResult<Vec<u8>> {
 
     // PICs: vectors 0x20/0x28, the device's line level-triggered (ELCR) and the only one
     // unmasked with the cascade.
-    for (port, val) in [
-        (0x20u32, 0x11u32),
-        (0x21, 0x20),
-        (0x21, 0x04),
-        (0x21, 0x01),
-        (0xA0, 0x11),
-        (0xA1, 0x28),
-        (0xA1, 0x02),
-        (0xA1, 0x01),
-    ] {
-        v.a().mov(al, val)?;
-        v.a().out(port, al)?;
-    }
+    init_pics(v.a(), (0x20, 0x28), (0xFF, 0xFF))?;
     v.cfg_read(0x3C)?;
     v.a().movzx(ecx, al)?;
     v.a().mov(eax, 1u32)?;
