@@ -400,6 +400,42 @@ fn dma_read_and_write_through_prd_tables() {
     assert_eq!(disk.bytes(1000 * 512, 1024), vec![0xC3; 1024]);
 }
 
+/// A megabyte moved by DMA is one request to the I/O thread each way: per-request round trips
+/// through the I/O thread are what limits throughput (a guest's O_DIRECT megabyte used to cost
+/// sixteen of them).
+#[test]
+fn a_megabyte_of_dma_is_one_medium_request() {
+    let disk = SharedDisk::new(SECTORS * 512);
+    let mut r = Rig::disk(&disk);
+    let table: Vec<_> = (0..16u32)
+        .map(|i| (0x10_0000 + i * 0x1_0000, 0, i == 15)) // 0: a 64 KiB region
+        .collect();
+    r.memory.fill(0x10_0000, 1 << 20, 0x5A).unwrap();
+    r.prd(&table);
+    r.start_bm(0, false);
+    r.lba48(0, 0, SECTORS as u16);
+    r.out(0, 7, 0x35); // WRITE DMA EXT
+    assert_eq!(r.settle(0), status::DRDY | status::DSC);
+    assert_eq!(disk.bytes(0, 1 << 20), vec![0x5A; 1 << 20]);
+    let [_, writes, _, _, written] = r.ide.lock().unwrap().drive_stats()[0].1;
+    assert_eq!((writes, written), (1, 1 << 20));
+
+    r.ack(0);
+    r.bm.write(0, &[0]);
+    r.bm.write(2, &[bm_status::INTERRUPT]);
+    r.memory.fill(0x10_0000, 1 << 20, 0).unwrap();
+    r.prd(&table);
+    r.lba48(0, 0, SECTORS as u16);
+    r.out(0, 7, 0x25); // READ DMA EXT
+    r.start_bm(0, true);
+    r.settle(0);
+    let mut got = vec![0u8; 1 << 20];
+    r.memory.read(0x10_0000, &mut got).unwrap();
+    assert_eq!(got, vec![0x5A; 1 << 20]);
+    let [reads, _, _, read, _] = r.ide.lock().unwrap().drive_stats()[0].1;
+    assert_eq!((reads, read), (1, 1 << 20));
+}
+
 #[test]
 fn a_short_prd_table_fails_the_command_and_a_long_one_stays_active() {
     let disk = SharedDisk::new(SECTORS * 512);
