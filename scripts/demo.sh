@@ -10,7 +10,7 @@ out=target/demo
 mkdir -p "$out"
 target/release/bt86-kit build entry-dump "$out/demo-kernel"
 printf 'GREETING=hello from a multiboot module\n' > "$out/demo-env"
-engine=${BT86_ENGINE:-interp}
+engine=${BT86_ENGINE:-bt}
 echo "== booting $out/demo-kernel on bt86 (engine: $engine; set BT86_ENGINE=kvm to compare)" >&2
 set +e
 target/release/bt86 run --engine "$engine" --memory 128 \

@@ -322,7 +322,7 @@ mod tests {
 kernel = "vmlinuz"
 initrd = "/abs/initrd.gz"
 append = "console=ttyS0"
-engine = "bt"
+engine = "interp"
 memory = 512
 on-reboot = "restart"
 serial = "file:console.log"
@@ -335,7 +335,7 @@ disk = ["a.img,readonly", { file = "b.img", cache = "writethrough", overlay = "b
         assert_eq!(a.kernel, Some(dir.path().join("vmlinuz")));
         assert_eq!(a.initrd.as_deref(), Some("/abs/initrd.gz"));
         assert_eq!(a.append, "console=ttyS0");
-        assert_eq!(a.engine, EngineArg::Bt);
+        assert_eq!(a.engine, EngineArg::Interp);
         assert_eq!(a.memory, 512);
         assert_eq!(a.on_reboot, OnReboot::Restart);
         assert_eq!(a.serial, SerialSpec::File(dir.path().join("console.log")));
@@ -349,6 +349,12 @@ disk = ["a.img,readonly", { file = "b.img", cache = "writethrough", overlay = "b
         assert_eq!(a.disk[1].interface, Interface::Ide);
         assert_eq!(a.disk[2].path, dir.path().join("c.img"));
         assert_eq!(a.disk[2].interface, Interface::Virtio);
+    }
+
+    #[test]
+    fn the_binary_translator_is_the_default_engine() {
+        let (args, _dir) = run_with(&[], "kernel = \"k\"\n");
+        assert_eq!(args.unwrap().engine, EngineArg::Bt);
     }
 
     #[test]
