@@ -5,6 +5,7 @@ use iced_x86::code_asm::*;
 
 mod alignment;
 mod apic;
+pub mod chaos;
 pub mod disk;
 mod modes;
 mod sensitive;
@@ -64,7 +65,7 @@ pub const CATALOG: &[Entry] = &[
     },
     Entry {
         name: "descriptors",
-        about: "loads its own GDT, LDT and TSS, and prints SGDT/SIDT/SLDT/STR/SMSW and LAR/LSL/VERR/VERW results",
+        about: "loads its own GDT, LDT and TSS, and prints SGDT/SIDT/SLDT/STR/SMSW and LAR/LSL/VERR/VERW results, then LDS/LES/LFS/LGS/LSS and ARPL",
         build: descriptors,
         firmware: false,
     },
@@ -610,7 +611,7 @@ const DESCRIPTOR_GDT: [(u16, u64); 10] = [
 ];
 
 /// Loads a GDT of its own with an LDT and a TSS, then prints what the system instructions
-/// report about it. Exits with value 0x14.
+/// report about it, then loads far pointers and adjusts RPLs. Exits with value 0x14.
 pub fn descriptors() -> AsmResult<Vec<u8>> {
     let mut k = Kit::new()?;
     let mut gdt = Vec::new();
@@ -699,8 +700,86 @@ pub fn descriptors() -> AsmResult<Vec<u8>> {
             k.print("\n")?;
         }
     }
+    far_pointer_loads(&mut k, scratch)?;
     k.exit(0x14)?;
     k.build()
+}
+
+/// LDS, LES, LFS, LGS and LSS (32- and 16-bit offsets; a null selector into DS; the LDT; a
+/// conforming code segment into ES), then ARPL on registers (16- and 32-bit operand size: only
+/// the low word changes) and memory, raising the RPL or leaving it.
+fn far_pointer_loads(k: &mut Kit, scratch: u32) -> AsmResult {
+    let far = |k: &mut Kit, offset: u32, selector: u32, wide: bool| -> AsmResult {
+        k.asm().mov(dword_ptr(scratch), offset)?;
+        let at = if wide { scratch + 4 } else { scratch + 2 };
+        Ok(k.asm().mov(word_ptr(at), selector)?)
+    };
+    let print_seg = |k: &mut Kit, name: &str, seg: AsmRegisterSegment| -> AsmResult {
+        k.asm().xor(eax, eax)?;
+        k.asm().mov(ax, seg)?;
+        k.print_field(name, eax)
+    };
+    far(k, 0x1234_5678, 0x20, true)?;
+    k.asm().les(ebx, ptr(scratch))?;
+    print_seg(k, "les.es", es)?;
+    k.print_field("les.ebx", ebx)?;
+    k.asm().mov(ecx, 0xAAAA_AAAAu32)?;
+    far(k, 0x9876_5432, 0x40, false)?;
+    k.asm().lfs(cx, ptr(scratch))?;
+    print_seg(k, "lfs16.fs", fs)?;
+    k.print_field("lfs16.ecx", ecx)?;
+    k.asm().lsl(edx, dword_ptr(scratch + 2))?; // the selector just loaded: limit 0xFFF
+    k.print_field("lfs16.limit", edx)?;
+    far(k, 0x0BAD_F00D, 0x04, true)?;
+    k.asm().lgs(esi, ptr(scratch))?;
+    print_seg(k, "lgs.gs", gs)?;
+    k.print_field("lgs.esi", esi)?;
+    // A null selector loads into DS (a later DS access would fault); DS comes back by LDS.
+    far(k, 0x1111_2222, 0, true)?;
+    k.asm().mov(dword_ptr(scratch + 8), 0x5555_6666u32)?;
+    k.asm().mov(dword_ptr(scratch + 12), 0x10u32)?;
+    k.asm().lds(edi, ptr(scratch))?;
+    k.asm().mov(eax, ds)?;
+    k.asm().mov(ebx, edi)?;
+    k.asm().lds(edi, ptr(scratch + 8).ss())?;
+    k.asm().movzx(eax, ax)?;
+    k.print_field("lds-null.ds", eax)?;
+    k.print_field("lds-null.edi", ebx)?;
+    k.print_field("lds.edi", edi)?;
+    // LSS: the same stack through a far pointer.
+    k.asm().mov(dword_ptr(scratch), esp)?;
+    k.asm().mov(word_ptr(scratch + 4), 0x10u32)?;
+    k.asm().mov(ebx, esp)?;
+    k.asm().xor(esp, esp)?;
+    k.asm().lss(esp, ptr(scratch))?;
+    k.asm().sub(ebx, esp)?;
+    k.print_field("lss.esp-delta", ebx)?;
+    print_seg(k, "lss.ss", ss)?;
+
+    for (name, dest, src) in [
+        ("arpl16.raise", 0xAAAA_0010u32, 3u32),
+        ("arpl16.keep", 0xAAAA_0012, 1),
+    ] {
+        k.asm().mov(eax, dest)?;
+        k.asm().mov(ecx, src)?;
+        k.asm().arpl(ax, cx)?;
+        k.asm().setz(dl)?;
+        k.asm().movzx(edx, dl)?;
+        k.print_field(&format!("{name}.zf"), edx)?;
+        k.print_field(&format!("{name}.eax"), eax)?;
+    }
+    k.asm().mov(eax, 0xBBBB_0008u32)?;
+    k.asm().mov(ecx, 0xFFFF_0002u32)?;
+    k.asm().arpl(eax, ecx)?; // 63 /r without 66h: still a word operation
+    k.print_field("arpl32.eax", eax)?;
+    k.asm().mov(dword_ptr(scratch), 0xCCCC_0019u32)?;
+    k.asm().mov(ecx, 3u32)?;
+    k.asm().arpl(word_ptr(scratch), cx)?;
+    k.asm().setz(dl)?;
+    k.asm().movzx(edx, dl)?;
+    k.print_field("arpl-mem.zf", edx)?;
+    k.asm().mov(eax, dword_ptr(scratch))?;
+    k.print_field("arpl-mem.value", eax)
 }
 
 /// Physical addresses of the `paging` kernel's tables (identity-mapped, below 4 MiB).

@@ -181,6 +181,16 @@ fn descriptor_instructions_match_qemu() {
         text.contains("lar(0x50) zf=00000000 value=deadbeef"),
         "{text}"
     );
+    // Far-pointer loads and ARPL write only their operand's width.
+    for line in [
+        "lfs16.ecx=aaaa5432",
+        "lds-null.ds=00000000",
+        "arpl16.raise.eax=aaaa0013",
+        "arpl32.eax=bbbb000a",
+        "arpl-mem.value=cccc001b",
+    ] {
+        assert!(text.contains(line), "no {line} in {text}");
+    }
 }
 
 #[test]

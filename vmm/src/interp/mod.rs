@@ -1753,6 +1753,8 @@ impl Interp {
                 }
             }
             M::Bound => self.bound(ins, io)?,
+            M::Lds | M::Les | M::Lfs | M::Lgs | M::Lss => self.load_far_pointer(ins, io)?,
+            M::Arpl => self.arpl(ins, io)?,
             M::Pause => {}
             M::Int1 => {
                 // ICEBP: a #DB trap, delivered like a hardware event (no gate DPL check).

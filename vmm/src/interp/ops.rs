@@ -592,6 +592,60 @@ impl Interp {
         Ok(())
     }
 
+    /// LDS, LES, LFS, LGS, LSS: a far pointer (offset, then selector) from memory into a
+    /// general register and a segment register. The selector loads first, with the checks of a
+    /// MOV to that register; the general register changes only if the load succeeds.
+    pub(super) fn load_far_pointer(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        if ins.op1_kind() != OpKind::Memory {
+            return Err(Fault::Exception(vector::UD, None));
+        }
+        let (selector, offset, _) = self.far_pointer(ins, io)?;
+        let seg = match ins.mnemonic() {
+            Mnemonic::Les => SegReg::Es,
+            Mnemonic::Lfs => SegReg::Fs,
+            Mnemonic::Lgs => SegReg::Gs,
+            Mnemonic::Lss => SegReg::Ss,
+            _ => SegReg::Ds,
+        };
+        self.load_segment(seg, selector, io)?;
+        self.set_reg(ins.op0_register(), offset);
+        Ok(())
+    }
+
+    /// ARPL: raises the RPL of the destination selector to the source's, setting ZF when it
+    /// did. Always a word operation (a register destination keeps its upper half); #UD outside
+    /// protected mode.
+    pub(super) fn arpl(&mut self, ins: &Instruction, io: &mut dyn IoHandler) -> Step {
+        if !self.cpu.protected() || self.cpu.eflags & flags::VM != 0 {
+            return Err(Fault::Exception(vector::UD, None));
+        }
+        let src = self.reg(ins.op1_register()) as u16;
+        let dest = match ins.op0_kind() {
+            OpKind::Register => self.reg(ins.op0_register()) as u16,
+            _ => {
+                let (seg, off) = self.address(ins);
+                self.read_mem(seg, off, 2, io)? as u16
+            }
+        };
+        let raise = dest & 3 < src & 3;
+        if raise {
+            let v = (dest & !3) | (src & 3);
+            match ins.op0_kind() {
+                OpKind::Register => {
+                    let r = ins.op0_register();
+                    let upper = self.reg(r) & 0xFFFF_0000;
+                    self.set_reg(r, upper | u32::from(v));
+                }
+                _ => {
+                    let (seg, off) = self.address(ins);
+                    self.write_mem(seg, off, 2, u32::from(v), io)?;
+                }
+            }
+        }
+        self.cpu.eflags = (self.cpu.eflags & !flags::ZF) | if raise { flags::ZF } else { 0 };
+        Ok(())
+    }
+
     /// LAHF, SAHF.
     pub(super) fn ah_flags(&mut self, ins: &Instruction) {
         const LOW: u32 = flags::SF | flags::ZF | flags::AF | flags::PF | flags::CF;
