@@ -14,15 +14,23 @@
 //!   memory operand addressed as `gs:[32-bit address]` (a 0x67 address-size prefix, so the
 //!   address wraps modulo 4 GiB inside the window).
 //! - **Rewritten**: forms that do not exist or mean something else in 64-bit mode (`inc`/`dec`
-//!   0x40–0x4F, the moffs forms of `mov`) and every stack operation (push, pop, pusha, popa,
-//!   leave, call, ret), expanded against R12D. Each expansion performs every access that may
-//!   fault before it changes any guest register, so a fault restarts the guest instruction.
+//!   0x40–0x4F, the moffs forms of `mov`), every stack operation (push, pop, pusha, popa,
+//!   leave, call, ret) expanded against R12D, and MOVS/STOS/LODS/CMPS/SCAS without REP as
+//!   loads and stores through GS. Each expansion performs every access that may fault before
+//!   it changes any guest register, so a fault restarts the guest instruction.
+//! - **Folded ESP**: a stack operation does not move R12D itself. The unit keeps a pending
+//!   delta d (guest ESP = R12D + d): stack accesses address `gs:[r12d+d+off]` and change only
+//!   d, ESP-based memory operands take d into their displacement, and
+//!   `Emitter::sync_esp` (`lea r12d,[r12d+d]`, flags untouched) runs only before ESP is used
+//!   as a register and before every exit of the unit. Each map entry records the d of its host
+//!   instruction, so the monitor restarts a faulting instruction with ESP = R12D + d.
 //! - **Control flow**: direct jumps and branches end the unit in patchable `jmp`/`jcc rel32`
 //!   slots that first lead to an exit and are chained to the target unit once it exists;
 //!   indirect jumps, calls and returns go through a flag-preserving lookup table.
-//! - **Callout**: everything else — privileged and sensitive instructions, segment loads,
-//!   string instructions, FS/GS-relative and 16-bit addressing, x87/SSE — ends the unit with an
-//!   exit asking the interpreter to execute that one instruction.
+//! - **Callout**: everything else — privileged and sensitive instructions, segment loads, REP
+//!   string instructions and INS/OUTS, FS/GS-relative operands whose segment is not flat,
+//!   16-bit addressing, x87/SSE where the mode does not let them run natively — ends the unit
+//!   with an exit asking the interpreter to execute that one instruction.
 
 mod fp;
 
