@@ -114,6 +114,10 @@ pub struct CacheStats {
     pub units: u64,
     /// Guest instructions translated.
     pub instructions: u64,
+    /// Stack-pointer moves of the translated stack operations.
+    pub esp_moves: u64,
+    /// R12D updates emitted for them (the rest were folded into a unit's pending delta).
+    pub esp_updates: u64,
     /// Time spent translating.
     pub time: Duration,
     /// Exit jumps patched to lead straight to their target.
@@ -284,6 +288,8 @@ impl Translator {
         self.by_host.insert(host, id);
         self.stats.units += 1;
         self.stats.instructions += u64::from(encoded.instructions);
+        self.stats.esp_moves += u64::from(encoded.esp_moves);
+        self.stats.esp_updates += u64::from(encoded.esp_updates);
         self.stats.time += started.elapsed();
         Ok(Translated {
             host,

@@ -14,15 +14,23 @@
 //!   memory operand addressed as `gs:[32-bit address]` (a 0x67 address-size prefix, so the
 //!   address wraps modulo 4 GiB inside the window).
 //! - **Rewritten**: forms that do not exist or mean something else in 64-bit mode (`inc`/`dec`
-//!   0x40–0x4F, the moffs forms of `mov`) and every stack operation (push, pop, pusha, popa,
-//!   leave, call, ret), expanded against R12D. Each expansion performs every access that may
-//!   fault before it changes any guest register, so a fault restarts the guest instruction.
+//!   0x40–0x4F, the moffs forms of `mov`), every stack operation (push, pop, pusha, popa,
+//!   leave, call, ret) expanded against R12D, and MOVS/STOS/LODS/CMPS/SCAS without REP as
+//!   loads and stores through GS. Each expansion performs every access that may fault before
+//!   it changes any guest register, so a fault restarts the guest instruction.
+//! - **Folded ESP**: a stack operation does not move R12D itself. The unit keeps a pending
+//!   delta d (guest ESP = R12D + d): stack accesses address `gs:[r12d+d+off]` and change only
+//!   d, ESP-based memory operands take d into their displacement, and
+//!   `Emitter::sync_esp` (`lea r12d,[r12d+d]`, flags untouched) runs only before ESP is used
+//!   as a register and before every exit of the unit. Each map entry records the d of its host
+//!   instruction, so the monitor restarts a faulting instruction with ESP = R12D + d.
 //! - **Control flow**: direct jumps and branches end the unit in patchable `jmp`/`jcc rel32`
 //!   slots that first lead to an exit and are chained to the target unit once it exists;
 //!   indirect jumps, calls and returns go through a flag-preserving lookup table.
-//! - **Callout**: everything else — privileged and sensitive instructions, segment loads,
-//!   string instructions, FS/GS-relative and 16-bit addressing, x87/SSE — ends the unit with an
-//!   exit asking the interpreter to execute that one instruction.
+//! - **Callout**: everything else — privileged and sensitive instructions, segment loads, REP
+//!   string instructions and INS/OUTS, FS/GS-relative operands whose segment is not flat,
+//!   16-bit addressing, x87/SSE where the mode does not let them run natively — ends the unit
+//!   with an exit asking the interpreter to execute that one instruction.
 
 mod fp;
 
@@ -95,6 +103,10 @@ pub struct MapEntry {
     pub guest_eip: u32,
     /// Its index among the unit's translated instructions (how many retired before it).
     pub index: u32,
+    /// Guest ESP minus R12D while this host instruction runs, as seen from the start of its
+    /// guest instruction: stack operations inside a unit fold their ESP moves into a pending
+    /// delta, so a fault here restarts the guest instruction with ESP = R12D + this.
+    pub esp_delta: i32,
 }
 
 /// An encoded unit, ready to be placed at the address it was encoded for.
@@ -115,6 +127,10 @@ pub struct Encoded {
     /// Whether the unit's (one) instruction runs on into the next page: the unit then depends
     /// on that page's code too.
     pub crosses: bool,
+    /// Stack-pointer moves of the unit's stack operations (push, pop, call, ret, ...).
+    pub esp_moves: u32,
+    /// `lea r12d` updates emitted to bring R12D up to date with them: the rest were folded.
+    pub esp_updates: u32,
 }
 
 /// Host registers translated code uses for itself (never guest state).
@@ -150,7 +166,8 @@ fn gs_mem(base: Register, disp: i32) -> MemoryOperand {
 /// The host instructions of a unit being built, each tagged with its guest instruction.
 struct Emitter {
     out: Vec<Instruction>,
-    tags: Vec<(u32, u32)>,
+    /// (guest EIP, index, pending ESP delta) of each host instruction.
+    tags: Vec<(u32, u32, i32)>,
     next_ip: u64,
     /// (index of the slot's `db` instruction, offset of rel32 in it, trampoline label, target).
     slots: Vec<(usize, u32, u64, u32)>,
@@ -162,6 +179,13 @@ struct Emitter {
     fp_loaded: bool,
     /// FOP of the instruction being translated (if it is an x87 one).
     fop: u16,
+    /// Guest ESP minus R12D: stack operations move only this, and [`Emitter::sync_esp`]
+    /// brings R12D up to date before anything that needs ESP as a value and before every exit.
+    esp_delta: i32,
+    /// Stack-pointer moves (see [`Encoded::esp_moves`]).
+    esp_moves: u32,
+    /// R12D updates emitted (see [`Encoded::esp_updates`]).
+    esp_updates: u32,
 }
 
 impl Emitter {
@@ -177,6 +201,9 @@ impl Emitter {
             unit_id,
             fp_loaded: false,
             fop: 0,
+            esp_delta: 0,
+            esp_moves: 0,
+            esp_updates: 0,
         }
     }
 
@@ -195,7 +222,7 @@ impl Emitter {
     fn push_at(&mut self, mut ins: Instruction, ip: u64) -> usize {
         ins.set_ip(ip);
         self.out.push(ins);
-        self.tags.push(self.tag);
+        self.tags.push((self.tag.0, self.tag.1, self.esp_delta));
         self.out.len() - 1
     }
 
@@ -236,6 +263,7 @@ impl Emitter {
     /// An exit asking the interpreter to execute the instruction at `eip` (the unit is named
     /// so the monitor can count the callout by the mnemonic it recorded).
     fn callout(&mut self, eip: u32) {
+        self.sync_esp();
         self.store_ctx(OFF_EXIT_EIP, eip);
         self.store_ctx(OFF_EXIT_UNIT, self.unit_id);
         self.store_ctx(OFF_EXIT_REASON, reason::CALLOUT);
@@ -245,6 +273,7 @@ impl Emitter {
     /// An exit asking the monitor to execute the instruction at `eip` in an STI's interrupt
     /// shadow.
     fn sti_shadow_exit(&mut self, eip: u32) {
+        self.sync_esp();
         self.store_ctx(OFF_EXIT_EIP, eip);
         self.store_ctx(OFF_EXIT_REASON, reason::STI_SHADOW);
         self.jmp_exit_stub();
@@ -253,6 +282,7 @@ impl Emitter {
     /// Leaves for the monitor (continuing at `next`) when an interrupt waits for IF, which
     /// inline code just set; RFLAGS untouched.
     fn irq_check(&mut self, next: u32) {
+        self.sync_esp();
         let none = self.label();
         self.emit(Instruction::with2(
             Code::Mov_r64_rm64,
@@ -281,6 +311,7 @@ impl Emitter {
 
     /// A patchable `jmp rel32` (or `jcc rel32`) to `target`, leading to an exit for now.
     fn slot(&mut self, cc: Option<u8>, target: u32) {
+        self.sync_esp();
         let tramp = self.label();
         let (ins, off) = match cc {
             None => (Instruction::with_declare_byte_5(0xE9, 0, 0, 0, 0), 1),
@@ -330,6 +361,7 @@ impl Emitter {
 
     /// [`Emitter::lookup`], with what a miss reports.
     fn lookup_or(&mut self, miss: Miss) {
+        self.sync_esp();
         let hit = self.label();
         self.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, Register::R8W));
         self.emit(Instruction::with2(Code::Mov_r64_rm64, S2Q, ctx(OFF_LOOKUP)));
@@ -392,30 +424,47 @@ impl Emitter {
         ));
     }
 
-    /// `mov gs:[r12d+disp], src` for a 32-bit register or immediate.
+    /// `gs:[guest ESP + disp]`: `[r12d + pending delta + disp]`, modulo 4 GiB as on the guest.
+    fn stack(&self, disp: i32) -> MemoryOperand {
+        gs_mem(GUEST_ESP, self.esp_delta.wrapping_add(disp))
+    }
+
+    /// `mov gs:[esp+disp], src` for a 32-bit register or immediate.
     fn store_stack(&mut self, disp: i32, src: Src) {
+        let m = self.stack(disp);
         match src {
-            Src::Reg(r) => self.emit(Instruction::with2(
-                Code::Mov_rm32_r32,
-                gs_mem(GUEST_ESP, disp),
-                r,
-            )),
-            Src::Imm(v) => self.emit(Instruction::with2(
-                Code::Mov_rm32_imm32,
-                gs_mem(GUEST_ESP, disp),
-                v,
-            )),
+            Src::Reg(r) => self.emit(Instruction::with2(Code::Mov_rm32_r32, m, r)),
+            Src::Imm(v) => self.emit(Instruction::with2(Code::Mov_rm32_imm32, m, v)),
         };
     }
 
-    /// `lea r12d, [r12d+delta]`: moves guest ESP without touching flags.
+    /// `mov dst, gs:[esp+disp]`.
+    fn load_stack(&mut self, dst: Register, disp: i32) {
+        let m = self.stack(disp);
+        self.emit(Instruction::with2(Code::Mov_r32_rm32, dst, m));
+    }
+
+    /// Moves guest ESP by `delta` once the instruction's accesses are done: only the pending
+    /// delta changes, R12D stays behind until [`Emitter::sync_esp`].
     fn adjust_esp(&mut self, delta: i32) {
         if delta != 0 {
+            self.esp_delta = self.esp_delta.wrapping_add(delta);
+            self.esp_moves += 1;
+        }
+    }
+
+    /// `lea r12d, [r12d+delta]` for the pending delta (flags untouched): from here on R12D is
+    /// guest ESP again.
+    fn sync_esp(&mut self) {
+        if self.esp_delta != 0 {
+            let d = self.esp_delta;
             self.emit(Instruction::with2(
                 Code::Lea_r32_m,
                 GUEST_ESP,
-                gs_lea(GUEST_ESP, delta),
+                gs_lea(GUEST_ESP, d),
             ));
+            self.esp_delta = 0;
+            self.esp_updates += 1;
         }
     }
 }
@@ -464,11 +513,13 @@ fn high_byte(r: Register) -> bool {
 /// segments the unit's mode does not make flat-limit, and 16-bit addressing). DS, ES and SS are
 /// flat whenever translated code runs. With an FS or GS segment the operand is `gs:[r8d]`, and
 /// the second value is the context offset of the segment base that [`seg_address`] adds into
-/// R8D first. `segment` None is for LEA (no segment, no access).
+/// R8D first. `segment` None is for LEA (no segment, no access). An ESP base is R12D with the
+/// pending `esp_delta` added to the displacement (the SIB base; ESP is never an index).
 fn guest_mem(
     ins: &Instruction,
     segment: Option<Register>,
     mode: Mode,
+    esp_delta: i32,
 ) -> Option<(MemoryOperand, Option<i32>)> {
     let base = ins.memory_base();
     let index = ins.memory_index();
@@ -495,13 +546,24 @@ fn guest_mem(
             map_reg(base),
             index,
             ins.memory_index_scale(),
-            i64::from(ins.memory_displacement32()),
+            i64::from(displacement(ins, esp_delta)),
             4,
             false,
             segment.unwrap_or(Register::None),
         ),
         None,
     ))
+}
+
+/// The displacement of `ins`'s memory operand, with the pending ESP delta added if ESP is its
+/// base (modulo 4 GiB: the address wraps as the guest's would).
+fn displacement(ins: &Instruction, esp_delta: i32) -> u32 {
+    let d = ins.memory_displacement32();
+    if ins.memory_base() == Register::ESP {
+        d.wrapping_add(esp_delta as u32)
+    } else {
+        d
+    }
 }
 
 /// Emits `r8d = segment base (context offset `base_off`) + the effective address of `ins`'s
@@ -511,7 +573,7 @@ fn seg_address(e: &mut Emitter, ins: &Instruction, base_off: i32) {
     let base = map_reg(ins.memory_base());
     let index = ins.memory_index();
     let scale = ins.memory_index_scale();
-    let disp = i64::from(ins.memory_displacement32() as i32);
+    let disp = i64::from(displacement(ins, e.esp_delta) as i32);
     let lea = |b: Register, i: Register, sc: u32, d: i64| {
         Instruction::with2(
             Code::Lea_r32_m,
@@ -631,15 +693,16 @@ fn ident_mnemonic(m: Mnemonic) -> bool {
 }
 
 /// The 64-bit form of an ident instruction, or None if it must be a callout; with the context
-/// offset of a segment base [`seg_address`] must add into R8D first.
-fn ident(ins: &Instruction, mode: Mode) -> Option<(Instruction, Option<i32>)> {
+/// offset of a segment base [`seg_address`] must add into R8D first. An ESP-based memory
+/// operand takes the pending `esp_delta` into its displacement.
+fn ident(ins: &Instruction, mode: Mode, esp_delta: i32) -> Option<(Instruction, Option<i32>)> {
     if !ident_mnemonic(ins.mnemonic()) {
         return None;
     }
     let mut h = *ins;
     let mut based = None;
     let mut mem = |seg| {
-        let (m, b) = guest_mem(ins, seg, mode)?;
+        let (m, b) = guest_mem(ins, seg, mode, esp_delta)?;
         based = based.or(b);
         Some(m)
     };
@@ -704,7 +767,7 @@ fn ident(ins: &Instruction, mode: Mode) -> Option<(Instruction, Option<i32>)> {
                 if ins.mnemonic() == Mnemonic::Lea {
                     let m = mem(None)?;
                     uses_rex |= m.base == GUEST_ESP;
-                    h.set_memory_base(m.base);
+                    set_base(&mut h, &m);
                     h.set_segment_prefix(Register::None);
                     if m.base == Register::None && m.index == Register::None {
                         h.set_memory_displ_size(4);
@@ -712,7 +775,7 @@ fn ident(ins: &Instruction, mode: Mode) -> Option<(Instruction, Option<i32>)> {
                 } else if h.code() == ins.code() || without_bmi(ins.code()).is_some() {
                     let m = mem(Some(Register::GS))?;
                     uses_rex |= m.base == GUEST_ESP || m.base == S0;
-                    h.set_memory_base(m.base);
+                    set_base(&mut h, &m);
                     h.set_segment_prefix(Register::GS);
                     if m.base == S0 {
                         h.set_memory_index(Register::None);
@@ -745,6 +808,16 @@ fn ident(ins: &Instruction, mode: Mode) -> Option<(Instruction, Option<i32>)> {
         return None;
     }
     Some((h, based))
+}
+
+/// Gives `h` the base of the host operand `m`, and its displacement if the base is guest ESP
+/// (which carries the pending delta).
+fn set_base(h: &mut Instruction, m: &MemoryOperand) {
+    h.set_memory_base(m.base);
+    if m.base == GUEST_ESP {
+        h.set_memory_displacement32(m.displacement as u32);
+        h.set_memory_displ_size(4);
+    }
 }
 
 /// BSF or BSR for the TZCNT or LZCNT encodings (what they mean without BMI1/LZCNT).
@@ -859,7 +932,7 @@ pub fn translate(
             }
             break;
         }
-        let mark = e.out.len();
+        let (mark, mark_delta) = (e.out.len(), e.esp_delta);
         e.fop = fp::fop_of(&bytes[at.wrapping_sub(eip) as usize..decoder.position()]);
         match rewrite(&mut e, &ins, next) {
             Rewrite::Continue if shadow => {
@@ -878,6 +951,7 @@ pub fn translate(
                 // The shadow instruction leaves the unit (or is STI again): the monitor
                 // executes it with the interrupt shadow held.
                 e.truncate(mark);
+                e.esp_delta = mark_delta;
                 e.sti_shadow_exit(at);
                 break;
             }
@@ -900,6 +974,11 @@ pub fn translate(
     )
     .expect("a valid lea");
     e.out[count_idx].set_ip(count_ip);
+    // Every way out of the unit brought R12D up to date: the trampolines need no delta.
+    if e.esp_delta != 0 {
+        e.err
+            .get_or_insert_with(|| "the unit ends with guest ESP not in R12D".to_string());
+    }
     e.trampolines(unit_id);
     if let Some(message) = e.err.take() {
         return Err(TranslateError::Encode { eip, message });
@@ -925,10 +1004,11 @@ pub fn translate(
         .iter()
         .zip(&e.tags)
         .filter(|(off, _)| **off != u32::MAX)
-        .map(|(off, (eip, index))| MapEntry {
+        .map(|(off, (eip, index, esp_delta))| MapEntry {
             host_offset: *off,
             guest_eip: *eip,
             index: *index,
+            esp_delta: *esp_delta,
         })
         .collect();
     map.sort_by_key(|m| m.host_offset);
@@ -955,6 +1035,8 @@ pub fn translate(
         guest_end,
         callout,
         crosses,
+        esp_moves: e.esp_moves,
+        esp_updates: e.esp_updates,
     })
 }
 
@@ -978,6 +1060,13 @@ fn cc_of(ins: &Instruction) -> Option<u8> {
 /// Emits the translation of `ins` (`next` is the EIP after it).
 fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
     use Code as C;
+    // ESP as a value (`mov ebp,esp`, `push esp`, `pop esp`, `add esp,12`): R12D must be guest
+    // ESP first. ESP as a memory base takes the pending delta into the displacement instead.
+    if (0..ins.op_count()).any(|i| {
+        ins.op_kind(i) == OpKind::Register && ins.op_register(i).full_register32() == Register::ESP
+    }) {
+        e.sync_esp();
+    }
     if let Some(r) = fp::rewrite(e, ins) {
         return r;
     }
@@ -999,6 +1088,8 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
                 C::Loopne_rel8_32_ECX => C::Loopne_rel8_64_ECX,
                 _ => C::Jecxz_rel8_64,
             };
+            // Both ways leave the unit: R12D is guest ESP before the branch.
+            e.sync_esp();
             let taken = e.label();
             e.emit(Instruction::with_branch(host, taken));
             e.slot(None, next);
@@ -1033,11 +1124,7 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             } else {
                 0
             };
-            e.emit(Instruction::with2(
-                Code::Mov_r32_rm32,
-                S0,
-                gs_mem(GUEST_ESP, 0),
-            ));
+            e.load_stack(S0, 0);
             e.adjust_esp(4 + extra);
             e.lookup();
             Rewrite::End
@@ -1106,24 +1193,32 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             Rewrite::Continue
         }
         C::Pop_r32 | C::Pop_rm32 if ins.op0_kind() == OpKind::Register => {
+            // `pop esp` loads ESP itself (the delta was brought into R12D above).
             let r = map_reg(ins.op0_register());
-            e.emit(Instruction::with2(
-                Code::Mov_r32_rm32,
-                r,
-                gs_mem(GUEST_ESP, 0),
-            ));
+            e.load_stack(r, 0);
             if r != GUEST_ESP {
                 e.adjust_esp(4);
             }
             Rewrite::Continue
         }
         C::Pushad => {
+            // The ESP pushed is the one before the instruction: R12D + the pending delta.
+            let esp = if e.esp_delta == 0 {
+                GUEST_ESP
+            } else {
+                e.emit(Instruction::with2(
+                    Code::Lea_r32_m,
+                    S1,
+                    gs_lea(GUEST_ESP, e.esp_delta),
+                ));
+                S1
+            };
             let regs = [
                 Register::EAX,
                 Register::ECX,
                 Register::EDX,
                 Register::EBX,
-                GUEST_ESP,
+                esp,
                 Register::EBP,
                 Register::ESI,
                 Register::EDI,
@@ -1136,16 +1231,8 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
         }
         C::Popad => {
             // Touch both ends first: the only accesses that can fault come before any update.
-            e.emit(Instruction::with2(
-                Code::Mov_r32_rm32,
-                S0,
-                gs_mem(GUEST_ESP, 0),
-            ));
-            e.emit(Instruction::with2(
-                Code::Mov_r32_rm32,
-                S0,
-                gs_mem(GUEST_ESP, 28),
-            ));
+            e.load_stack(S0, 0);
+            e.load_stack(S0, 28);
             let regs = [
                 (Register::EDI, 0),
                 (Register::ESI, 4),
@@ -1156,11 +1243,7 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
                 (Register::EAX, 28),
             ];
             for (r, d) in regs {
-                e.emit(Instruction::with2(
-                    Code::Mov_r32_rm32,
-                    r,
-                    gs_mem(GUEST_ESP, d),
-                ));
+                e.load_stack(r, d);
             }
             e.adjust_esp(32);
             Rewrite::Continue
@@ -1176,10 +1259,12 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
                 GUEST_ESP,
                 gs_lea(Register::EBP, 4),
             ));
+            // R12D is guest ESP again: the pending delta is gone with the old ESP.
+            e.esp_delta = 0;
             e.emit(Instruction::with2(Code::Mov_r32_rm32, Register::EBP, S0));
             Rewrite::Continue
         }
-        _ => match ident(ins, e.mode) {
+        _ => match ident(ins, e.mode, e.esp_delta) {
             Some((h, based)) => {
                 if let Some(off) = based {
                     seg_address(e, ins, off);
@@ -1343,7 +1428,7 @@ fn load_s0(e: &mut Emitter, ins: &Instruction) -> bool {
             ));
             true
         }
-        OpKind::Memory => match guest_mem(ins, Some(Register::GS), e.mode) {
+        OpKind::Memory => match guest_mem(ins, Some(Register::GS), e.mode, e.esp_delta) {
             Some((m, based)) => {
                 if let Some(off) = based {
                     seg_address(e, ins, off);
@@ -1473,24 +1558,170 @@ mod tests {
             a.leave()?;
             a.hlt()
         });
+        // The moves fold into a pending delta; `pop esp` needs the real ESP first.
         let expected = [
             "mov gs:[r12d-4],eax",
-            "lea r12d,[r12d-4]",
-            "mov dword ptr gs:[r12d-4],12345678h",
-            "lea r12d,[r12d-4]",
-            "mov dword ptr gs:[r12d-4],0FFFFFFFAh",
-            "lea r12d,[r12d-4]",
-            "mov r8d,gs:[r12d+4]",
-            "mov gs:[r12d-4],r8d",
-            "lea r12d,[r12d-4]",
-            "mov ecx,gs:[r12d]",
-            "lea r12d,[r12d+4]",
+            "mov dword ptr gs:[r12d-8],12345678h",
+            "mov dword ptr gs:[r12d-0Ch],0FFFFFFFAh",
+            "mov r8d,gs:[r12d-8]", // [esp+4] with ESP = R12D-12
+            "mov gs:[r12d-10h],r8d",
+            "mov ecx,gs:[r12d-10h]",
+            "lea r12d,[r12d-0Ch]",
             "mov r12d,gs:[r12d]",
             "mov r8d,gs:[ebp]",
             "lea r12d,[ebp+4]",
             "mov ebp,r8d",
         ];
         assert_eq!(&t[2..2 + expected.len()], expected);
+    }
+
+    /// The `lea r12d` lines of a unit's text: its R12D updates.
+    fn esp_updates(t: &[String]) -> Vec<&str> {
+        t.iter()
+            .filter(|l| l.starts_with("lea r12d,"))
+            .map(|l| l.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn push_push_call_updates_r12d_once_before_the_slot() {
+        let (e, t) = unit(|a| {
+            a.push(eax)?;
+            a.push(0x10)?;
+            a.call(0x0010_2000)
+        });
+        let expected = [
+            "mov gs:[r12d-4],eax",
+            "mov dword ptr gs:[r12d-8],10h",
+            "mov dword ptr gs:[r12d-0Ch],100008h",
+            "lea r12d,[r12d-0Ch]",
+        ];
+        assert_eq!(&t[2..6], expected);
+        assert_eq!(esp_updates(&t), ["lea r12d,[r12d-0Ch]"]);
+        assert_eq!((e.esp_moves, e.esp_updates), (3, 1));
+        // A fault in a store restarts its guest instruction with ESP = R12D + the delta.
+        let delta_at = |eip: u32| {
+            let m: Vec<_> = e.map.iter().filter(|m| m.guest_eip == eip).collect();
+            (m.first().unwrap().esp_delta, m.first().unwrap().index)
+        };
+        assert_eq!(delta_at(BASE), (0, 0));
+        assert_eq!(delta_at(BASE + 1), (-4, 1)); // push 10h, after push eax
+        assert_eq!(delta_at(BASE + 3), (-8, 2)); // the call
+    }
+
+    #[test]
+    fn pop_runs_and_leave_ret_update_r12d_once() {
+        let (e, t) = unit(|a| {
+            a.pop(edi)?;
+            a.pop(esi)?;
+            a.pop(ebx)?;
+            a.ret()
+        });
+        assert_eq!(
+            &t[2..7],
+            [
+                "mov edi,gs:[r12d]",
+                "mov esi,gs:[r12d+4]",
+                "mov ebx,gs:[r12d+8]",
+                "mov r8d,gs:[r12d+0Ch]",
+                "lea r12d,[r12d+10h]",
+            ]
+        );
+        assert_eq!(esp_updates(&t).len(), 1);
+        assert_eq!((e.esp_moves, e.esp_updates), (4, 1));
+        // leave sets ESP from EBP: what was pending is dropped, and ret needs one update.
+        let (_, t) = unit(|a| {
+            a.push(ebx)?;
+            a.leave()?;
+            a.ret_1(4)
+        });
+        assert_eq!(
+            &t[2..8],
+            [
+                "mov gs:[r12d-4],ebx",
+                "mov r8d,gs:[ebp]",
+                "lea r12d,[ebp+4]",
+                "mov ebp,r8d",
+                "mov r8d,gs:[r12d]",
+                "lea r12d,[r12d+8]",
+            ]
+        );
+    }
+
+    #[test]
+    fn esp_as_a_value_brings_r12d_up_to_date_and_esp_operands_take_the_delta() {
+        let (e, t) = unit(|a| {
+            a.push(ebp)?;
+            a.mov(ebp, esp)?;
+            a.push(esi)?;
+            a.push(ebx)?;
+            a.mov(eax, dword_ptr(esp + 4))?;
+            a.lea(ecx, dword_ptr(esp + eax * 4 + 8))?;
+            a.add(dword_ptr(esp), 1)?;
+            a.pushad()?;
+            a.sub(esp, 8)?;
+            a.hlt()
+        });
+        let expected = [
+            "mov gs:[r12d-4],ebp",
+            "lea r12d,[r12d-4]",
+            "mov ebp,r12d",
+            "mov gs:[r12d-4],esi",
+            "mov gs:[r12d-8],ebx",
+            "mov eax,gs:[r12d-4]",
+            "lea ecx,[r12d+eax*4]",
+            "add dword ptr gs:[r12d-8],1",
+            "lea r9d,[r12d-8]", // pushad pushes the ESP from before it
+            "mov gs:[r12d-0Ch],eax",
+            "mov gs:[r12d-10h],ecx",
+            "mov gs:[r12d-14h],edx",
+            "mov gs:[r12d-18h],ebx",
+            "mov gs:[r12d-1Ch],r9d",
+            "mov gs:[r12d-20h],ebp",
+            "mov gs:[r12d-24h],esi",
+            "mov gs:[r12d-28h],edi",
+            "lea r12d,[r12d-28h]",
+            "sub r12d,8",
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected);
+        assert_eq!((e.esp_moves, e.esp_updates), (4, 2));
+        // The hlt callout leaves with R12D up to date (nothing pending after `sub`).
+        assert_eq!(esp_updates(&t).len(), 2);
+    }
+
+    #[test]
+    fn every_exit_leaves_with_r12d_up_to_date() {
+        // A callout, a conditional branch, a loop and an indirect jump after pushes.
+        let cases: Vec<Vec<u8>> = vec![
+            guest(|a| {
+                a.push(eax)?;
+                a.cpuid()
+            }),
+            guest(|a| {
+                a.push(eax)?;
+                a.jne(0x0010_2000)
+            }),
+            guest(|a| {
+                a.push(eax)?;
+                a.loop_(0x0010_2000)
+            }),
+            guest(|a| {
+                a.push(eax)?;
+                a.jmp(eax)
+            }),
+        ];
+        for c in cases {
+            let e = translate(&Bytes(c.clone()), BASE, 0, RIP, Mode::default()).unwrap();
+            let t = text(&host(&e.code));
+            assert_eq!(esp_updates(&t), ["lea r12d,[r12d-4]"], "{c:02x?}: {t:?}");
+            let update = t.iter().position(|l| l.starts_with("lea r12d")).unwrap();
+            // After the poll and the count: the first branch or context access.
+            let leaves = 2 + t[2..]
+                .iter()
+                .position(|l| l.starts_with('j') || l.starts_with("loop") || l.contains("[r15+"))
+                .unwrap();
+            assert!(update < leaves, "{c:02x?}: {t:?}");
+        }
     }
 
     #[test]

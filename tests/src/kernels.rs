@@ -196,6 +196,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "stack-faults",
+        about: "ring-3 push and pop runs whose ESP moves the translator folds: a #PF on a not-present stack page and hidden shadow faults mid-run, with the ESP, CR2 and error code the guest sees",
+        build: tk::stack_faults,
+        firmware: false,
+    },
+    Entry {
         name: "isolation",
         about: "addresses wrapping past 4 GiB, the stack at address 0, INT 0x80 and SYSENTER",
         build: tk::isolation,
@@ -1010,7 +1016,7 @@ pub(crate) fn handler_address(k: &mut Kit, body: impl FnOnce(&mut Kit) -> AsmRes
 
 /// Emits an IRET into ring 3 (CS 0x1B, SS 0x23:`user_stack`, EFLAGS 2, interrupts off) that
 /// continues right after itself, with DS and ES loaded with 0x23: what follows runs at CPL 3.
-fn enter_ring3(k: &mut Kit, user_stack: u32) -> AsmResult {
+pub(crate) fn enter_ring3(k: &mut Kit, user_stack: u32) -> AsmResult {
     let slot = k.address_slot();
     k.asm().push(0x23u32)?;
     k.asm().push(user_stack)?;

@@ -5,7 +5,9 @@
 
 use iced_x86::code_asm::*;
 
-use crate::kernels::{count_pit_ticks, handler_address, set_gate, set_tss_descriptor};
+use crate::kernels::{
+    com1_tss, count_pit_ticks, enter_ring3, handler_address, set_gate, set_tss_descriptor,
+};
 use crate::kit::{AsmResult, KERNEL_BASE, Kit};
 
 /// Rewrites code the guest already ran: the next instruction of the running unit, a function
@@ -147,6 +149,181 @@ pub fn precise_faults() -> AsmResult<Vec<u8>> {
     k.asm().inc(ebx)?;
     k.asm().push(ebx)?;
     k.asm().ret()?;
+    k.build()
+}
+
+/// Physical and linear layout of [`stack_faults`].
+mod stack_pages {
+    /// The page directory (the kit's identity table follows it).
+    pub const PD: u32 = 0x80_0000;
+    /// The page table of the stack pages.
+    pub const PT_S: u32 = 0x80_2000;
+    /// Linear base of the stack pages (page i at S + i * 4 KiB).
+    pub const S: u32 = 0x5000_0000;
+    /// The frame of stack page `i`.
+    pub const fn frame(i: u32) -> u32 {
+        0x90_0000 + i * 0x1000
+    }
+}
+
+/// Ring-3 runs of pushes and pops, the stack operations whose ESP moves the translator folds
+/// into one update per run, faulting in the middle of a run: a push into a present page whose
+/// PTE is not dirty yet (a hidden fault for the bt engine's shadow MMU), and a push into a
+/// not-present page, which the guest's #PF handler makes present. The handler prints CR2, the
+/// error code and the ESP and EIP the fault reports; the process stores what it popped and
+/// ESP as it went, and INT 0x81 prints them. Exits with value 0x24.
+pub fn stack_faults() -> AsmResult<Vec<u8>> {
+    use stack_pages::*;
+    const GDT_ENTRIES: [u64; 6] = [
+        0,
+        0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0
+        0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
+        0x00CF_FB00_0000_FFFF, // 0x18 code, DPL 3
+        0x00CF_F300_0000_FFFF, // 0x20 data, DPL 3
+        0,                     // 0x28 TSS
+    ];
+    const NAMES: [&str; 11] = [
+        "esp-after-push-run",
+        "ebp-after-fault",
+        "esp4-after-fault",
+        "pop-ecx",
+        "pop-edx",
+        "pop-ebx",
+        "pop-esi",
+        "pop-edi",
+        "pop-eax",
+        "pop-ebp",
+        "esp-after-pop-run",
+    ];
+    let mut k = Kit::new()?;
+    let (gdt, gdtr) = k.descriptor_table(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
+    let (tss, tss_limit) = com1_tss(&mut k);
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
+    let count = k.data(&[0; 4]);
+    let results = k.data(&[0; 4 * NAMES.len()]);
+    let user_stack = k.data(&[0u8; 4096]) + 4096;
+    // #PF: report, make stack page 1 present, retry the instruction.
+    handler_address(&mut k, |k| {
+        k.asm().pushad()?;
+        k.asm().inc(dword_ptr(count))?;
+        k.print("pf cr2=")?;
+        k.asm().mov(eax, cr2)?;
+        k.print_hex(eax)?;
+        k.print(" error=")?;
+        k.asm().mov(eax, dword_ptr(esp + 32))?;
+        k.print_hex(eax)?;
+        k.print(" esp=")?;
+        k.asm().mov(eax, dword_ptr(esp + 32 + 16))?; // the frame: error, EIP, CS, EFLAGS, ESP
+        k.print_hex(eax)?;
+        k.print(" eip=+")?;
+        k.asm().mov(eax, dword_ptr(esp + 36))?;
+        k.asm().sub(eax, KERNEL_BASE)?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().mov(dword_ptr(PT_S + 4), frame(1) | 7)?;
+        k.asm().mov(eax, cr2)?;
+        k.asm().invlpg(ptr(eax))?;
+        k.asm().popad()?;
+        k.asm().add(esp, 4u32)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 14, 0x8E)?;
+    // INT 0x81: the report, from ring 0.
+    handler_address(&mut k, |k| {
+        for (i, name) in NAMES.iter().enumerate() {
+            k.asm().mov(eax, dword_ptr(results + 4 * i as u32))?;
+            k.print_field(name, eax)?;
+        }
+        for i in 1..4u32 {
+            k.asm().mov(eax, dword_ptr(PT_S + 4 * i))?;
+            k.asm().and(eax, 0x67u32)?;
+            k.print_field(&format!("pte{i}"), eax)?;
+        }
+        k.asm().mov(eax, dword_ptr(count))?;
+        k.print_field("pf-count", eax)?;
+        k.exit(0x24)
+    })?;
+    set_gate(&mut k, idt, 0x81, 0xEE)?;
+
+    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().mov(eax, 0x10u32)?;
+    k.asm().mov(ds, eax)?;
+    k.asm().mov(es, eax)?;
+    k.asm().mov(ss, eax)?;
+    k.asm().mov(eax, 0x28u32)?;
+    k.asm().ltr(ax)?;
+    // Identity 0..4 MiB (user-accessible, so the process runs the kit's code); the stack pages:
+    // 1 not present, 2 present but not dirty, 3 present, accessed and dirty.
+    k.identity_map_4mib(PD)?;
+    k.asm().mov(edi, PT_S)?;
+    k.asm().xor(eax, eax)?;
+    k.asm().mov(ecx, 1024u32)?;
+    k.asm().rep().stosd()?;
+    for i in 1..4u32 {
+        // 4..16 MiB for the kernel (the tables): supervisor 4 MiB pages.
+        k.asm().mov(dword_ptr(PD + 4 * i), (i << 22) | 0x83)?;
+    }
+    k.asm().mov(dword_ptr(PD + 4 * (S >> 22)), PT_S | 7)?;
+    k.asm().mov(dword_ptr(PT_S + 4), frame(1) | 6)?;
+    k.asm().mov(dword_ptr(PT_S + 8), frame(2) | 7)?;
+    k.asm().mov(dword_ptr(PT_S + 12), frame(3) | 0x67)?;
+    k.asm().mov(eax, cr4)?;
+    k.asm().or(eax, 0x10u32)?; // PSE
+    k.asm().mov(cr4, eax)?;
+    k.asm().mov(eax, PD)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 0x8000_0000u32)?;
+    k.asm().mov(cr0, eax)?;
+
+    enter_ring3(&mut k, user_stack)?;
+    let a = k.asm();
+    for (r, v) in [
+        (eax, 0xA1u32),
+        (ebx, 0xB2),
+        (ecx, 0xC3),
+        (edx, 0xD4),
+        (esi, 0x5E),
+        (edi, 0xD1),
+        (ebp, 0xBB),
+    ] {
+        a.mov(r, v)?;
+    }
+    // A push run from page 3 into page 2 (its first write is a hidden fault for bt's shadow
+    // MMU, with two pushes pending), then `[esp+8]` after pushes and ESP as a value.
+    a.mov(esp, S + 0x3008)?;
+    a.push(eax)?;
+    a.push(ebx)?;
+    a.push(ecx)?; // S + 0x2FFC: page 2, not dirty
+    a.push(edx)?;
+    a.push(dword_ptr(esp + 8))?; // EBX's copy
+    a.mov(dword_ptr(results), esp)?;
+    // A push run into page 1: not present, the guest's #PF handler maps it.
+    a.lea(esp, dword_ptr(esp - 0xFF0))?; // S + 0x2004
+    a.push(esi)?;
+    a.push(edi)?; // S + 0x1FFC: #PF with ESP = S + 0x2000
+    a.push(ebp)?;
+    a.mov(ebp, esp)?;
+    a.mov(eax, dword_ptr(esp + 4))?;
+    a.mov(dword_ptr(results + 4), ebp)?;
+    a.mov(dword_ptr(results + 8), eax)?;
+    // A pop run back up through both runs.
+    a.pop(ecx)?;
+    a.pop(edx)?;
+    a.pop(ebx)?;
+    a.lea(esp, dword_ptr(esp + 0xFF0))?;
+    a.pop(esi)?;
+    a.pop(edi)?;
+    a.pop(eax)?;
+    a.pop(ebp)?;
+    for (i, r) in [ecx, edx, ebx, esi, edi, eax, ebp].into_iter().enumerate() {
+        a.mov(dword_ptr(results + 12 + 4 * i as u32), r)?;
+    }
+    a.mov(dword_ptr(results + 40), esp)?;
+    a.int(0x81)?;
+    k.halt_forever()?;
     k.build()
 }
 

@@ -60,6 +60,32 @@ fn faults_inside_translated_code_are_precise() {
 }
 
 #[test]
+fn faults_inside_folded_push_runs_see_the_architectural_esp() {
+    let o = compare("stack-faults", &protected_mode_engines());
+    let text = o.serial_text();
+    // The #PF of a push reports the push's own state: CR2 = ESP - 4, a user write to a
+    // not-present page (error 6), and ESP as it was before the push (Intel SDM vol. 3 §6.5:
+    // a fault's saved state is that before the faulting instruction; QEMU agrees), although
+    // the translator had folded the run's earlier push into a pending delta.
+    assert!(
+        text.starts_with("pf cr2=50001ffc error=00000006 esp=50002000 eip=+"),
+        "{text}"
+    );
+    let report = "esp-after-push-run=50002ff4\nebp-after-fault=50001ff8\n\
+                  esp4-after-fault=000000d1\npop-ecx=000000bb\npop-edx=000000d1\n\
+                  pop-ebx=0000005e\npop-esi=000000b2\npop-edi=000000d4\npop-eax=000000c3\n\
+                  pop-ebp=000000b2\nesp-after-pop-run=50003004\npte1=00000067\n\
+                  pte2=00000067\npte3=00000067\npf-count=00000001\n";
+    assert!(text.ends_with(report), "{text}");
+    assert_eq!(o.status, Some(0x49));
+    translated_and_safe(&o);
+    // The shadow MMU's first write to the clean page 2 (and the first touches) were hidden
+    // faults inside translated runs.
+    assert!(stat(&o, "hidden faults") >= 2, "{}", o.stderr);
+    assert!(stat(&o, "ESP moves folded away") > 0, "{}", o.stderr);
+}
+
+#[test]
 fn guest_addresses_wrap_inside_the_window() {
     let o = compare("isolation", &protected_mode_engines());
     assert_eq!(

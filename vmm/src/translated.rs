@@ -161,6 +161,9 @@ pub const WINDOWS_VAR: &str = "BT86_WINDOWS";
 /// retranslated as a callout.
 const TRAPS_BEFORE_EMULATION: u32 = 4;
 
+/// ESP's index in [`crate::cpu::Cpu::gpr`] (EAX, ECX, EDX, EBX, ESP, ...).
+const ESP: usize = 4;
+
 /// CR0 bits whose change empties the shadow windows.
 const CR0_PAGING: u32 = cr0::PG | cr0::WP | cr0::PE;
 /// CR4 bits whose change empties the shadow windows.
@@ -715,7 +718,12 @@ impl BtEngine {
         };
         let (eip, not_retired) = (entry.guest_eip, u64::from(unit.instructions - entry.index));
         let code_page = unit.page;
-        self.interp.cpu_mut().eip = eip;
+        // The unit kept guest ESP as R12D plus a pending delta: the interpreter (which
+        // re-executes the instruction, raising its exception or completing the access) gets
+        // the architectural ESP from before the instruction.
+        let cpu = self.interp.cpu_mut();
+        cpu.eip = eip;
+        cpu.gpr[ESP] = cpu.gpr[ESP].wrapping_add(entry.esp_delta as u32);
         if signo == SIGSEGV && self.vcpu.is_poll_address(addr) {
             // A time slice ended: the unit had not started (the poll is its first instruction,
             // before it counts its instructions).
@@ -787,6 +795,11 @@ impl BtEngine {
             ("interrupts delivered", interp[2].1),
             ("units translated", s.units),
             ("instrs translated", s.instructions),
+            ("ESP moves translated", s.esp_moves),
+            (
+                "ESP moves folded away",
+                s.esp_moves - s.esp_updates.min(s.esp_moves),
+            ),
             ("translation time us", s.time.as_micros() as u64),
             ("chain patches", s.chain_patches),
             ("lookup hits", self.vcpu.context().lookup_hits),

@@ -25,7 +25,7 @@ use vmdriver::world::{
     OFF_FP_LIVE, OFF_FX, OFF_X87_DP, OFF_X87_DS, OFF_X87_IP, OFF_X87_OP, X87_RAN,
 };
 
-use super::{Emitter, Mode, Rewrite, S1, SAVE_Q, ctx, guest_mem, map_reg};
+use super::{Emitter, Mode, Rewrite, S1, SAVE_Q, ctx, guest_mem, map_reg, set_base};
 
 /// What a native floating-point instruction needs of the unit's mode, and whether it records
 /// the x87 pointers; None for instructions that stay callouts.
@@ -118,7 +118,7 @@ pub(super) fn fop_of(bytes: &[u8]) -> u16 {
 
 /// The host form of `ins`: general registers mapped (ESP is R12D), the memory operand
 /// `gs:[32-bit address]`. None if it needs more (a segment base, 16-bit addressing).
-fn host_form(ins: &Instruction, mode: Mode) -> Option<Instruction> {
+fn host_form(ins: &Instruction, mode: Mode, esp_delta: i32) -> Option<Instruction> {
     let mut h = *ins;
     for i in 0..h.op_count() {
         match h.op_kind(i) {
@@ -131,11 +131,11 @@ fn host_form(ins: &Instruction, mode: Mode) -> Option<Instruction> {
                 }
             }
             OpKind::Memory => {
-                let (m, based) = guest_mem(ins, Some(Register::GS), mode)?;
+                let (m, based) = guest_mem(ins, Some(Register::GS), mode, esp_delta)?;
                 if based.is_some() {
                     return None;
                 }
-                h.set_memory_base(m.base);
+                set_base(&mut h, &m);
                 h.set_segment_prefix(Register::GS);
                 if m.base == Register::None && m.index == Register::None {
                     h.set_memory_displ_size(4);
@@ -155,10 +155,10 @@ pub(super) fn rewrite(e: &mut Emitter, ins: &Instruction) -> Option<Rewrite> {
     if e.mode.0 & need != need {
         return None;
     }
-    let h = host_form(ins, e.mode)?;
+    let h = host_form(ins, e.mode, e.esp_delta)?;
     let has_mem = (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory);
     let lea = if pointers && has_mem {
-        let (m, _) = guest_mem(ins, None, e.mode)?;
+        let (m, _) = guest_mem(ins, None, e.mode, e.esp_delta)?;
         Some(Instruction::with2(Code::Lea_r32_m, S1, m))
     } else {
         None

@@ -590,7 +590,7 @@ impl Builder<'_> {
         if self.fp_case && self.rng.chance(85) {
             return self.fp();
         }
-        let pick = self.rng.below(110);
+        let pick = self.rng.below(116);
         match pick {
             0..18 => self.alu(),
             18..21 => self.test_mov(),
@@ -617,6 +617,7 @@ impl Builder<'_> {
             95..96 => self.push_pop_all(),
             96..97 => self.bound(),
             97..99 => self.software_exception(),
+            110..116 => self.stack_run(),
             _ => self.branch(),
         }
     }
@@ -1270,6 +1271,35 @@ impl Builder<'_> {
             self.ensure_pointer(EBP, POINTER_MARGIN)?;
             self.emit(&|a| Ok(a.leave()?))
         }
+    }
+
+    /// A run of stack operations mixed with ESP read as a value and ESP-based operands, the
+    /// shape of function prologues and epilogues: the translator folds the run's ESP moves
+    /// into one pending delta, which every such operand must see.
+    fn stack_run(&mut self) -> Result<(), GenError> {
+        let n = self.rng.range(2, 6);
+        for _ in 0..n {
+            if self.rng.chance(60) {
+                self.push_pop()?;
+                continue;
+            }
+            self.ensure_pointer(ESP, POINTER_MARGIN)?;
+            let r = R32[self.rng.pick(&[0usize, 1, 2, 3, 5, 6, 7])];
+            let k = self.rng.range(0, 16) as i32 & !self.rng.pick(&[0, 3]);
+            let op = self.rng.below(6);
+            self.emit(&move |a| {
+                match op {
+                    0 => a.mov(r, dword_ptr(esp + k))?,
+                    1 => a.mov(dword_ptr(esp + k), r)?,
+                    2 => a.lea(r, dword_ptr(esp + k))?,
+                    3 => a.mov(r, esp)?,
+                    4 => a.add(dword_ptr(esp + k), r)?,
+                    _ => a.push(esp)?,
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     fn push_pop_all(&mut self) -> Result<(), GenError> {
