@@ -20,7 +20,9 @@ use rustc_hash::FxHashMap as HashMap;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
-use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, EncodingKind, Instruction, Mnemonic, OpKind, Register,
+};
 use vmdriver::kvm::InitialCpu;
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, RegionKind, VmExit};
 
@@ -1274,6 +1276,11 @@ impl Interp {
             } else {
                 Err(Fault::Exception(vector::UD, None))
             };
+        }
+        // The CPU is a Pentium M: no VEX, EVEX or XOP encodings (in 32-bit code their first
+        // byte is LES, LDS, BOUND or POP with a form that raises #UD) and no 3DNow!.
+        if ins.encoding() != EncodingKind::Legacy {
+            return Err(Fault::Exception(vector::UD, None));
         }
         self.decoded
             .borrow_mut()
@@ -2625,6 +2632,33 @@ mod tests {
             &[(13, 0x8E)],
         );
         assert_eq!(run_to_exit(&mut i, &mut p), [0x8000_0005, 0xFF, 0x6D]);
+    }
+
+    #[test]
+    fn vex_evex_xop_and_3dnow_encodings_are_invalid_opcodes() {
+        for bytes in [
+            &[0xC5, 0xE9, 0x6C, 0xF2][..],         // vpunpcklqdq xmm6,xmm2,xmm2
+            &[0xC4, 0xE2, 0x79, 0x18, 0xC0],       // vbroadcastss xmm0,xmm0
+            &[0x62, 0xF1, 0x7C, 0x48, 0x58, 0xC1], // vaddps zmm0,zmm0,zmm1
+            &[0x8F, 0xE9, 0x78, 0x80, 0xC1],       // vfrczps xmm0,xmm1 (XOP)
+            &[0x0F, 0x0F, 0xC1, 0x0D],             // pi2fd mm0,mm1 (3DNow!)
+        ] {
+            let (mut i, mut p) = machine(
+                |a, handler| {
+                    a.db(bytes)?;
+                    a.out(0xF4, al)?;
+                    a.set_label(handler)?;
+                    a.mov(eax, 0x66u32)?;
+                    a.out(0x80, eax)?;
+                    a.out(0xF4, al)?;
+                    a.hlt()?;
+                    Ok(())
+                },
+                &[(6, 0x8E)],
+            );
+            i.cpu.cr4 |= cr4::OSFXSR;
+            assert_eq!(run_to_exit(&mut i, &mut p), [0x66], "{bytes:02x?}");
+        }
     }
 
     #[test]
