@@ -193,6 +193,10 @@ pub struct ShadowMmu {
     /// Guest-physical entry address -> window pages (or code pages) depending on it.
     deps: HashMap<u64, HashSet<(u32, u32)>>,
     traces: HashMap<u32, Trace>,
+    /// The traced pages in adaptive mode (`Trace::unsynced`), in page order: what every CR3
+    /// load and INVLPG resynchronises, without walking all the traces (boot does ~70 K INVLPGs
+    /// with hundreds of traces and none of them unsynced).
+    unsynced: std::collections::BTreeSet<u32>,
     code: HashSet<u32>,
     /// Code fetch translations of the current CR3 (and global ones of earlier CR3s, as a TLB
     /// keeps them): linear page -> (guest-physical page, user, entries, global).
@@ -259,6 +263,7 @@ impl ShadowMmu {
             rmap: HashMap::default(),
             deps: HashMap::default(),
             traces: HashMap::default(),
+            unsynced: Default::default(),
             code: HashSet::default(),
             code_tlb: HashMap::default(),
             code_tlb_cr3: None,
@@ -441,6 +446,7 @@ impl ShadowMmu {
         };
         if gone {
             self.traces.remove(&page);
+            self.unsynced.remove(&page);
             self.memory.mark_table_page(page << 12, false);
         }
     }
@@ -866,6 +872,7 @@ impl ShadowMmu {
     fn untrace(&mut self, page: u32) -> Result<(), ShadowError> {
         if let Some(t) = self.traces.get_mut(&page) {
             t.unsynced = true;
+            self.unsynced.insert(page);
             self.stats.trace_drops += 1;
         }
         // Its window mappings become writable at their next write fault (they are read-only
@@ -977,12 +984,7 @@ impl ShadowMmu {
     }
 
     fn resync_untraced(&mut self) -> Result<(), ShadowError> {
-        let unsynced: Vec<u32> = self
-            .traces
-            .iter()
-            .filter(|(_, t)| t.unsynced)
-            .map(|(p, _)| *p)
-            .collect();
+        let unsynced: Vec<u32> = self.unsynced.iter().copied().collect();
         for page in unsynced {
             if self.resync(page)? {
                 // Still being written: it stays untraced until a quiet period.
@@ -992,6 +994,7 @@ impl ShadowMmu {
                 t.unsynced = false;
                 t.writes = 0;
             }
+            self.unsynced.remove(&page);
             self.write_protect(page)?;
         }
         Ok(())
@@ -1516,6 +1519,21 @@ mod tests {
                 .find(|(lo, hi, _)| (*lo..*hi).contains(&addr))
                 .map(|(_, _, prot)| prot.as_str())
         };
+        let unsynced: Vec<u32> = {
+            let mut v: Vec<u32> = s
+                .traces
+                .iter()
+                .filter(|(_, t)| t.unsynced)
+                .map(|(p, _)| *p)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(
+            s.unsynced.iter().copied().collect::<Vec<_>>(),
+            unsynced,
+            "step {step}: the unsynced set and the traces disagree"
+        );
         for (id, space) in s.spaces.iter().enumerate() {
             let Key::Paged { cr3, user } = space.key else {
                 continue;

@@ -8,6 +8,7 @@ mod apic;
 pub mod chaos;
 pub mod disk;
 mod modes;
+mod pit_calibration;
 mod sensitive;
 pub mod virtio;
 
@@ -283,6 +284,12 @@ pub const CATALOG: &[Entry] = &[
         name: "apic",
         about: "local APIC and IOAPIC: TPR masking of self-IPIs, LAPIC timer one-shot and periodic, the PIT through IOAPIC pin 2, a level-triggered SCI with remote IRR and EOI",
         build: apic::apic,
+        firmware: false,
+    },
+    Entry {
+        name: "pit-calibration",
+        about: "Linux's TSC calibrations against the 8254 (quick MSB steps, OUT2 polling through port 0x61) with their own acceptance rules",
+        build: pit_calibration::pit_calibration,
         firmware: false,
     },
     Entry {

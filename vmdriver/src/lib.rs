@@ -4,7 +4,7 @@
 //! - [`memory`]: guest-physical memory as one memfd, laid out like a PC.
 //! - [`exit`]: the [`VmExit`] enum every engine returns, and the [`IoHandler`] through which engines
 //!   complete port and MMIO accesses.
-//! - [`host`]: facts about the host the monitor measures itself (the TSC rate).
+//! - [`host`]: facts about the host the monitor measures itself (the TSC rate, a thread's CPU time).
 //! - [`kick`]: a periodic signal that brings a thread out of a blocking `KVM_RUN`.
 //! - [`fpu`]: runs guest x87/MMX/SSE/SSE2 instructions on the host FPU, on the guest's FXSAVE image.
 //! - [`kvm`]: the KVM engine (hardware-assisted on hosts with VT-x/AMD-V).

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use vmdriver::kvm::{InitialCpu, KvmError, KvmVm};
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, VmExit};
 
+use crate::devices::pit::Clock;
 use crate::interp::{Interp, InterpError};
 use crate::lockstep::LockstepEngine;
 use crate::translated::{BtEngine, BtError};
@@ -120,12 +121,14 @@ pub trait Engine {
     }
 }
 
-/// Creates the engine `kind` over `memory`, with the vCPU in `initial` state; with
-/// `lockstep`, bt checked step by step against the interpreter ([`LockstepEngine`]).
+/// Creates the engine `kind` over `memory`, with the vCPU in `initial` state and (bt, interp)
+/// its TSC counting `clock`; with `lockstep`, bt checked step by step against the interpreter
+/// ([`LockstepEngine`]).
 pub fn create(
     kind: EngineKind,
     memory: Arc<GuestMemory>,
     initial: InitialCpu,
+    clock: Arc<dyn Clock>,
     trace: Option<Box<dyn std::io::Write + Send>>,
     lockstep: bool,
 ) -> Result<Box<dyn Engine>, EngineError> {
@@ -136,7 +139,7 @@ pub fn create(
         if kind != EngineKind::Bt {
             return Err(EngineError::NoLockstep(kind));
         }
-        return Ok(Box::new(LockstepEngine::new(memory, initial)?));
+        return Ok(Box::new(LockstepEngine::new(memory, initial, clock)?));
     }
     match kind {
         EngineKind::Kvm => {
@@ -146,15 +149,17 @@ pub fn create(
         }
         EngineKind::Interp => {
             let mut interp = Interp::new(memory, initial);
+            interp.set_clock(clock);
             if let Some(out) = trace {
                 interp.set_trace(out);
             }
             Ok(Box::new(interp))
         }
-        EngineKind::Bt => Ok(Box::new(BtEngine::new(
-            Interp::new(memory.clone(), initial),
-            memory,
-        )?)),
+        EngineKind::Bt => {
+            let mut interp = Interp::new(memory.clone(), initial);
+            interp.set_clock(clock);
+            Ok(Box::new(BtEngine::new(interp, memory)?))
+        }
     }
 }
 

@@ -29,6 +29,7 @@ use vmdriver::kvm::InitialCpu;
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, VmExit};
 
 use crate::cpu::CpuState;
+use crate::devices::pit::Clock;
 use crate::engine::{Engine, EngineError, EngineKind};
 use crate::interp::{Interp, TscTape};
 use crate::translated::BtEngine;
@@ -265,7 +266,11 @@ pub struct LockstepEngine {
 impl LockstepEngine {
     /// bt over `memory`, and the reference interpreter over a copy of it, both in `initial`
     /// state.
-    pub fn new(memory: Arc<GuestMemory>, initial: InitialCpu) -> Result<Self, EngineError> {
+    pub fn new(
+        memory: Arc<GuestMemory>,
+        initial: InitialCpu,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, EngineError> {
         let setup = |what: String| EngineError::LockstepSetup(what);
         let corrupt_at = match std::env::var(CORRUPT_VAR) {
             Ok(v) => Some(
@@ -293,6 +298,7 @@ impl LockstepEngine {
         }
         let tape: TscTape = Arc::default();
         let mut bt_interp = Interp::new(memory.clone(), initial);
+        bt_interp.set_clock(clock);
         bt_interp.record_tsc(tape.clone());
         let mut bt = BtEngine::new(bt_interp, memory.clone())?;
         bt.set_lockstep(true);

@@ -18,6 +18,7 @@ use crate::devices::acpi_pm::{
     AcpiPm, AcpiPmBlock, AcpiPmPorts, PM_TMR_PORT, PM1A_CNT_PORT, PM1A_CNT_PORT_BOCHS,
     PM1A_EVT_PORT, SCI_IRQ,
 };
+use crate::devices::clock::VmClock;
 use crate::devices::coprocessor::{COPROCESSOR_PORT, CoprocessorPort};
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit};
 use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg};
@@ -26,7 +27,7 @@ use crate::devices::i8042::{
 };
 use crate::devices::lapic::MSR_APIC_BASE;
 use crate::devices::pic::{Pic, PicPortKind, PicPorts};
-use crate::devices::pit::{Clock, HostClock, PIT_PORT, PORT_B, Pit, PitPorts};
+use crate::devices::pit::{Clock, PIT_PORT, PORT_B, Pit, PitPorts};
 use crate::devices::post::{POST_PORT, PostCode};
 use crate::devices::rtc::{RTC_IRQ, RTC_PORT, Rtc, RtcPorts};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, SharedUart, Uart};
@@ -198,7 +199,7 @@ struct Buses<'a> {
     pio: &'a mut Bus,
     mmio: &'a mut Bus,
     apics: &'a Mutex<Apics>,
-    clock: &'a HostClock,
+    clock: &'a VmClock,
 }
 
 impl Buses<'_> {
@@ -260,7 +261,7 @@ pub struct Vm {
     rtc_irq: IrqLine,
     acpi_pm: Arc<Mutex<AcpiPm>>,
     sci: IrqLine,
-    clock: Arc<HostClock>,
+    clock: Arc<VmClock>,
     chipset: Chipset,
     uart: Arc<Mutex<Uart<Box<dyn Write + Send>>>>,
     serial_input: Option<Receiver<Vec<u8>>>,
@@ -286,7 +287,14 @@ impl Vm {
 
         let pic = Arc::new(Mutex::new(Pic::new()));
         let pit = Arc::new(Mutex::new(Pit::new()));
-        let clock = Arc::new(HostClock::new());
+        // One timeline for the devices and the TSC: bt's and interp's TSC is this clock, and it
+        // hides host scheduling gaps from them; KVM's TSC is the host's, so its devices count
+        // host time too.
+        let clock = Arc::new(if config.engine == EngineKind::Kvm {
+            VmClock::host()
+        } else {
+            VmClock::virtual_time()
+        });
         let apics = Arc::new(Mutex::new(Apics::new(IOAPIC_ID)));
         let chips = IrqChips {
             pic: pic.clone(),
@@ -511,6 +519,7 @@ impl Vm {
             config.engine,
             memory.clone(),
             initial,
+            clock.clone(),
             config.trace,
             config.lockstep,
         )?;
@@ -551,7 +560,9 @@ impl Vm {
     /// Runs the guest until it stops.
     pub fn run(&mut self) -> Result<RunOutcome, VmError> {
         let start = Instant::now();
+        self.clock.resume();
         let outcome = self.run_loop();
+        self.clock.halt();
         self.stats.run_time += start.elapsed();
         outcome
     }
@@ -805,6 +816,7 @@ impl Vm {
     /// interrupt can ever arrive (no timer armed, no disk I/O under way), so the halt is final.
     fn wait_for_interrupt(&mut self) -> bool {
         let started = Instant::now();
+        self.clock.halt();
         let woke = loop {
             self.chipset.service(&mut self.pio, &mut self.mmio);
             self.update_timers();
@@ -834,6 +846,7 @@ impl Vm {
                 self.feed_serial(Some(wait));
             }
         };
+        self.clock.resume();
         self.stats.halted_time += started.elapsed();
         woke
     }

@@ -3,6 +3,7 @@
 
 pub mod acpi_pm;
 pub mod atapi;
+pub mod clock;
 pub mod coprocessor;
 pub mod debug_exit;
 pub mod fw_cfg;

@@ -27,6 +27,7 @@ use vmdriver::kvm::InitialCpu;
 use vmdriver::{GuestMemory, GuestRegisters, IoHandler, RegionKind, VmExit};
 
 use crate::cpu::{CpuState, SegReg, Segment, TableReg, cr0, cr4, flags};
+use crate::devices::pit::{Clock, HostClock};
 use alu::Shift;
 use shadow_mmu::walk::{self as pagewalk, PhysMem};
 
@@ -188,7 +189,8 @@ pub struct Interp {
     exceptions: u64,
     /// The first exception or software interrupt, with the EIP its handler would return to.
     first_event: Option<(u8, u32)>,
-    started: std::time::Instant,
+    /// The clock the TSC counts (the VM's, shared with its timer devices).
+    clock: Arc<dyn Clock>,
     tsc_offset: u64,
     tlb: RefCell<Tlb>,
     pdptes: [u64; 4],
@@ -272,7 +274,7 @@ impl Interp {
             instructions: 0,
             exceptions: 0,
             first_event: None,
-            started: std::time::Instant::now(),
+            clock: Arc::new(HostClock::new()),
             tsc_offset: 0,
             tlb: RefCell::default(),
             pdptes: [0; 4],
@@ -287,6 +289,12 @@ impl Interp {
             undefined_flags: None,
             decoded: RefCell::default(),
         }
+    }
+
+    /// Makes the TSC count `clock` (the VM's device clock) instead of the host's monotonic
+    /// clock from the interpreter's creation.
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
     }
 
     /// Appends every TSC value this interpreter reads (RDTSC, RDMSR) to `tape`.

@@ -7,7 +7,7 @@ use vmdriver::IoHandler;
 use super::{Fault, Interp, Step, gp0, vector};
 use crate::cpu::{SegReg, Segment, cr0, cr4, flags};
 
-/// The time-stamp counter's rate: the guest's TSC counts host nanoseconds (1 GHz).
+/// The time-stamp counter's rate: the guest's TSC counts the VM clock's nanoseconds (1 GHz).
 pub const TSC_HZ: u64 = 1_000_000_000;
 
 /// CPUID leaf 1 identity: a Pentium M (family 6, model 13 "Dothan", stepping 6). SSE2 arrived in
@@ -77,7 +77,7 @@ fn msr_exists(index: u32) -> bool {
 impl Interp {
     /// The guest's TSC now.
     pub(super) fn tsc(&self) -> u64 {
-        let elapsed = self.started.elapsed().as_nanos() as u64;
+        let elapsed = self.clock.now_ns();
         let now = elapsed
             .wrapping_mul(TSC_HZ / 1_000_000_000)
             .wrapping_add(self.tsc_offset);
