@@ -21,7 +21,7 @@ use clap::ValueEnum;
 
 use crate::disk::DiskSpec;
 use crate::run::{SerialSpec, parse_serial};
-use crate::{EngineArg, LockstepArg, OnReboot, RunArgs};
+use crate::{ClockArg, EngineArg, LockstepArg, OnReboot, RunArgs};
 
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,7 @@ const KEYS: &[&str] = &[
     "engine",
     "serial",
     "on-reboot",
+    "clock",
     "trace",
     "lockstep",
     "disk",
@@ -145,6 +146,7 @@ pub fn apply(
             }
             "engine" => args.engine = f.choice::<EngineArg>(key, value)?,
             "on-reboot" => args.on_reboot = f.choice::<OnReboot>(key, value)?,
+            "clock" => args.clock = f.choice::<ClockArg>(key, value)?,
             "lockstep" => args.lockstep = Some(f.choice::<LockstepArg>(key, value)?),
             "serial" => {
                 let s = f.string(key, value)?;
@@ -325,6 +327,7 @@ append = "console=ttyS0"
 engine = "interp"
 memory = 512
 on-reboot = "restart"
+clock = "apparent"
 serial = "file:console.log"
 stats = true
 cdrom = "cd.iso"
@@ -338,6 +341,7 @@ disk = ["a.img,readonly", { file = "b.img", cache = "writethrough", overlay = "b
         assert_eq!(a.engine, EngineArg::Interp);
         assert_eq!(a.memory, 512);
         assert_eq!(a.on_reboot, OnReboot::Restart);
+        assert_eq!(a.clock, ClockArg::Apparent);
         assert_eq!(a.serial, SerialSpec::File(dir.path().join("console.log")));
         assert!(a.stats);
         assert_eq!(a.cdrom, Some(dir.path().join("cd.iso")));
@@ -352,9 +356,10 @@ disk = ["a.img,readonly", { file = "b.img", cache = "writethrough", overlay = "b
     }
 
     #[test]
-    fn the_binary_translator_is_the_default_engine() {
+    fn the_binary_translator_and_host_time_are_the_defaults() {
         let (args, _dir) = run_with(&[], "kernel = \"k\"\n");
-        assert_eq!(args.unwrap().engine, EngineArg::Bt);
+        let a = args.unwrap();
+        assert_eq!((a.engine, a.clock), (EngineArg::Bt, ClockArg::Host));
     }
 
     #[test]

@@ -89,6 +89,17 @@ enum OnReboot {
     Restart,
 }
 
+/// What the guest's clocks count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ClockArg {
+    /// Host monotonic time: the guest's timers and TSC keep pace with the host's clock.
+    Host,
+    /// Apparent time (bt and interp): time the host did not run the vCPU is left out, so
+    /// measurements the guest makes (Linux's TSC calibrations) are not disturbed by host load;
+    /// the guest's clock then falls behind the host's by that time.
+    Apparent,
+}
+
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Kernel to boot, recognised by its contents: a Linux bzImage (32-bit boot protocol), or a
@@ -137,6 +148,10 @@ struct RunArgs {
     /// What happens when the guest reboots (the keyboard controller's reset line).
     #[arg(long, value_enum, default_value_t = OnReboot::Stop)]
     on_reboot: OnReboot,
+
+    /// What the guest's clocks (PIT, RTC, PM timer, local APIC timer, TSC) count.
+    #[arg(long, value_enum, default_value_t = ClockArg::Host)]
+    clock: ClockArg,
 
     /// Log every instruction the interpreter executes to stderr: address, disassembly, and the
     /// registers it changed (interp engine only; slow).

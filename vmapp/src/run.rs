@@ -14,7 +14,7 @@ use vmm::{
 };
 
 use crate::disk::{self, DiskSpec, Interface};
-use crate::{EngineArg, OnReboot, RunArgs};
+use crate::{ClockArg, EngineArg, OnReboot, RunArgs};
 use crate::{console, status};
 
 /// Where COM1's output goes.
@@ -238,6 +238,7 @@ fn build_and_run(args: RunArgs) -> Result<(RunOutcome, VmStats), Failure> {
             serial: Box::new(serial.clone()),
             serial_input: input.take(),
             lockstep: args.lockstep.is_some(),
+            apparent_time: args.clock == ClockArg::Apparent,
             trace: args.trace.then(|| {
                 Box::new(BufWriter::with_capacity(1 << 16, std::io::stderr()))
                     as Box<dyn Write + Send>
