@@ -1313,7 +1313,13 @@ impl Interp {
         if !self.cpu.seg(SegReg::Cs).big {
             next &= 0xFFFF;
         }
-        let exit = self.execute(ins, next, io)?;
+        let exit = match self.execute(ins, next, io) {
+            // An instruction of a later CPU than the one the guest sees: #UD, as on that CPU.
+            Err(Fault::Unsupported(_)) if !on_this_cpu(ins) => {
+                return Err(Fault::Exception(vector::UD, None));
+            }
+            r => r?,
+        };
         if matches!(ins.mnemonic(), Mnemonic::Mov | Mnemonic::Pop)
             && ins.op0_kind() == OpKind::Register
             && ins.op0_register() == Register::SS
@@ -1344,7 +1350,8 @@ impl Interp {
         let mut exit = None;
         let mut branch: Option<u32> = None;
         match ins.mnemonic() {
-            M::Nop => {}
+            // 0F 18-0F 1F beyond PREFETCHh and NOP: the P6's reserved-NOP hint space.
+            M::Nop | M::Reservednop => {}
             M::Mov => {
                 let r0 = ins.op0_register();
                 let r1 = ins.op1_register();
@@ -1959,6 +1966,40 @@ impl Interp {
             None => gp0(),
         }
     }
+}
+
+/// Whether every CPUID feature `ins` needs is one the guest's CPU (a Pentium M: family 6 model
+/// 13) has. Instructions of later CPUs (SSE3's FISTTP, POPCNT, MOVBE, 3DNow!'s PREFETCHW, ...)
+/// raise #UD on it, and so does RSM: the guest never runs in system-management mode.
+fn on_this_cpu(ins: &Instruction) -> bool {
+    use iced_x86::CpuidFeature as F;
+    ins.cpuid_features().iter().all(|f| {
+        matches!(
+            f,
+            F::INTEL8086
+                | F::INTEL186
+                | F::INTEL286
+                | F::INTEL386
+                | F::INTEL486
+                | F::CPUID
+                | F::TSC
+                | F::MSR
+                | F::RDPMC
+                | F::CX8
+                | F::SEP
+                | F::CMOV
+                | F::FPU
+                | F::FPU287
+                | F::FPU387
+                | F::MMX
+                | F::FXSR
+                | F::SSE
+                | F::SSE2
+                | F::CLFSH
+                | F::PAUSE
+                | F::MULTIBYTENOP
+        )
+    })
 }
 
 /// The segment register an iced register names (DS for none).
@@ -2643,13 +2684,19 @@ mod tests {
     }
 
     #[test]
-    fn vex_evex_xop_and_3dnow_encodings_are_invalid_opcodes() {
+    fn instructions_the_cpu_lacks_are_invalid_opcodes() {
         for bytes in [
             &[0xC5, 0xE9, 0x6C, 0xF2][..],         // vpunpcklqdq xmm6,xmm2,xmm2
             &[0xC4, 0xE2, 0x79, 0x18, 0xC0],       // vbroadcastss xmm0,xmm0
             &[0x62, 0xF1, 0x7C, 0x48, 0x58, 0xC1], // vaddps zmm0,zmm0,zmm1
             &[0x8F, 0xE9, 0x78, 0x80, 0xC1],       // vfrczps xmm0,xmm1 (XOP)
             &[0x0F, 0x0F, 0xC1, 0x0D],             // pi2fd mm0,mm1 (3DNow!)
+            &[0xDF, 0x08],                         // fisttp word [eax] (SSE3)
+            &[0xF3, 0x0F, 0xB8, 0xC1],             // popcnt eax,ecx
+            &[0x0F, 0x38, 0xF0, 0x00],             // movbe eax,[eax]
+            &[0x0F, 0x0D, 0x08],                   // prefetchw [eax]
+            &[0x66, 0x0F, 0xD0, 0xC1],             // addsubpd xmm0,xmm1 (SSE3)
+            &[0x0F, 0xAA],                         // rsm, outside SMM
         ] {
             let (mut i, mut p) = machine(
                 |a, handler| {
@@ -2670,18 +2717,23 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_instructions_stop_with_their_name() {
+    fn the_reserved_nop_space_executes_as_nop() {
         let (mut i, mut p) = machine(
             |a, handler| {
+                a.db(&[0x0F, 0x19, 0x6C, 0x20, 0x5E])?; // hint nop [eax+5Eh],ebp
+                a.db(&[0x0F, 0x1E, 0x04, 0x25, 0x00, 0x00, 0x00, 0xC0])?; // its address unread
+                a.mov(eax, 0x99u32)?;
+                a.out(0x80, eax)?;
+                a.out(0xF4, al)?;
                 a.set_label(handler)?;
-                a.addsubpd(xmm0, xmm1)?; // SSE3: not on this CPU model
+                a.mov(eax, 0x66u32)?;
+                a.out(0x80, eax)?;
+                a.out(0xF4, al)?;
+                a.hlt()?;
                 Ok(())
             },
-            &[],
+            &[(6, 0x8E), (13, 0x8E), (14, 0x8E)],
         );
-        i.cpu.cr4 |= cr4::OSFXSR;
-        let err = i.run(&mut p).unwrap_err();
-        assert!(err.to_string().contains("addsubpd"), "{err}");
-        assert_eq!(i.cpu.eip, CODE, "EIP stays on the instruction");
+        assert_eq!(run_to_exit(&mut i, &mut p), [0x99]);
     }
 }
