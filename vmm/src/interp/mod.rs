@@ -1669,7 +1669,9 @@ impl Interp {
             }
             // SYSCALL/SYSRET are #UD outside 64-bit mode on Intel CPUs (Intel SDM vol. 2), and
             // our Pentium M CPUID has no SYSCALL at all (EFER.SCE cannot be set).
-            M::Ud2 | M::Syscall | M::Sysret => return Err(Fault::Exception(vector::UD, None)),
+            M::Ud0 | M::Ud1 | M::Ud2 | M::Syscall | M::Sysret => {
+                return Err(Fault::Exception(vector::UD, None));
+            }
             M::Int3 | M::Int | M::Into => {
                 let v = match ins.mnemonic() {
                     M::Int3 => 3,
@@ -2684,7 +2686,7 @@ mod tests {
     }
 
     #[test]
-    fn instructions_the_cpu_lacks_are_invalid_opcodes() {
+    fn undefined_opcodes_and_instructions_the_cpu_lacks_are_invalid_opcodes() {
         for bytes in [
             &[0xC5, 0xE9, 0x6C, 0xF2][..],         // vpunpcklqdq xmm6,xmm2,xmm2
             &[0xC4, 0xE2, 0x79, 0x18, 0xC0],       // vbroadcastss xmm0,xmm0
@@ -2697,6 +2699,8 @@ mod tests {
             &[0x0F, 0x0D, 0x08],                   // prefetchw [eax]
             &[0x66, 0x0F, 0xD0, 0xC1],             // addsubpd xmm0,xmm1 (SSE3)
             &[0x0F, 0xAA],                         // rsm, outside SMM
+            &[0x0F, 0xB9, 0x1F],                   // ud1 ebx,[edi]
+            &[0x0F, 0xFF, 0xA3, 0, 0, 0, 0],       // ud0 esp,[ebx]
         ] {
             let (mut i, mut p) = machine(
                 |a, handler| {
