@@ -1010,6 +1010,22 @@ pub(crate) fn set_tss_descriptor(k: &mut Kit, entry: u32, base: u32, limit: u32)
     Ok(k.asm().mov(dword_ptr(entry + 4), high)?)
 }
 
+/// Emits the switch to a kernel's own tables with its TSS at GDT selector 0x28: the TSS
+/// descriptor (base `tss`, byte-granular `tss_limit`), LGDT, LIDT, and LTR 0x28.
+pub(crate) fn load_tables(
+    k: &mut Kit,
+    gdt: (u32, u32),
+    idtr: u32,
+    tss: u32,
+    tss_limit: u32,
+) -> AsmResult {
+    set_tss_descriptor(k, gdt.0 + 0x28, tss, tss_limit)?;
+    k.asm().lgdt(ptr(gdt.1))?;
+    k.asm().lidt(ptr(idtr))?;
+    k.asm().mov(eax, 0x28u32)?;
+    Ok(k.asm().ltr(ax)?)
+}
+
 /// Emits `call over; <handler>; over: pop eax` and returns with EAX = the handler's address:
 /// how kit kernels find their own code addresses at run time.
 pub(crate) fn handler_address(k: &mut Kit, body: impl FnOnce(&mut Kit) -> AsmResult) -> AsmResult {
@@ -1167,11 +1183,7 @@ pub fn rings() -> AsmResult<Vec<u8>> {
     k.asm().wrmsr()?;
 
     // TSS descriptor at 0x28: base `tss`, byte-granular limit, available 32-bit TSS.
-    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
-    k.asm().lgdt(ptr(gdtr))?;
-    k.asm().lidt(ptr(idtr))?;
-    k.asm().mov(eax, 0x28u32)?;
-    k.asm().ltr(ax)?;
+    load_tables(&mut k, (gdt, gdtr), idtr, tss, tss_limit)?;
 
     // Paging: identity 0..4 MiB, user-accessible except the page at MARK.
     const _: () = assert!(PT0 == PD + 0x1000);

@@ -6,7 +6,7 @@
 
 use iced_x86::code_asm::*;
 
-use crate::kernels::{handler_address, set_gate};
+use crate::kernels::{handler_address, load_tables, set_gate};
 use crate::kit::{AsmResult, Kit};
 
 /// Physical layout shared by the kernels (all above the kit's own 1-2 MiB).
@@ -570,19 +570,11 @@ pub fn shadow_user() -> AsmResult<Vec<u8>> {
     })?;
     set_gate(&mut k, idt, 0x81, 0xEE)?;
 
-    // TSS descriptor at 0x28.
-    let low = (tss << 16) | (tss_limit & 0xFFFF);
-    let high = (tss & 0xFF00_0000) | ((tss >> 16) & 0xFF) | 0x8900 | (tss_limit & 0xF_0000);
-    put(&mut k, gdt + 0x28, low)?;
-    put(&mut k, gdt + 0x2C, high)?;
-    k.asm().lgdt(ptr(gdtr))?;
-    k.asm().lidt(ptr(idtr))?;
+    load_tables(&mut k, (gdt, gdtr), idtr, tss, tss_limit)?;
     k.asm().mov(eax, 0x10u32)?;
     k.asm().mov(ds, eax)?;
     k.asm().mov(es, eax)?;
     k.asm().mov(ss, eax)?;
-    k.asm().mov(eax, 0x28u32)?;
-    k.asm().ltr(ax)?;
 
     // Identity 0..4 MiB user-accessible (the kit's code runs in ring 3 too); 4..16 MiB
     // supervisor-only 4 MiB pages; the test pages at U.

@@ -6,7 +6,7 @@
 use iced_x86::code_asm::*;
 
 use crate::kernels::{
-    com1_tss, count_pit_ticks, enter_ring3, handler_address, set_gate, set_tss_descriptor,
+    com1_tss, count_pit_ticks, enter_ring3, handler_address, load_tables, set_gate,
 };
 use crate::kit::{AsmResult, KERNEL_BASE, Kit};
 
@@ -245,15 +245,11 @@ pub fn stack_faults() -> AsmResult<Vec<u8>> {
     })?;
     set_gate(&mut k, idt, 0x81, 0xEE)?;
 
-    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
-    k.asm().lgdt(ptr(gdtr))?;
-    k.asm().lidt(ptr(idtr))?;
+    load_tables(&mut k, (gdt, gdtr), idtr, tss, tss_limit)?;
     k.asm().mov(eax, 0x10u32)?;
     k.asm().mov(ds, eax)?;
     k.asm().mov(es, eax)?;
     k.asm().mov(ss, eax)?;
-    k.asm().mov(eax, 0x28u32)?;
-    k.asm().ltr(ax)?;
     // Identity 0..4 MiB (user-accessible, so the process runs the kit's code); the stack pages:
     // 1 not present, 2 present but not dirty, 3 present, accessed and dirty.
     k.identity_map_4mib(PD)?;
@@ -780,11 +776,7 @@ pub fn syscalls() -> AsmResult<Vec<u8>> {
         Ok(k.asm().jmp(dword_ptr(next_level))?)
     })?;
     set_gate(&mut k, idt, 0x82, 0xEE)?;
-    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
-    k.asm().lgdt(ptr(gdtr))?;
-    k.asm().lidt(ptr(idtr))?;
-    k.asm().mov(eax, 0x28u32)?;
-    k.asm().ltr(ax)?;
+    load_tables(&mut k, (gdt, gdtr), idtr, tss, tss_limit)?;
 
     // SYSENTER while SYSENTER_CS is 0: #GP(0).
     k.print("cpl0 before the MSRs:")?;

@@ -4,7 +4,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::{com1_tss, enter_ring3, set_gate_from_slot, set_tss_descriptor};
+use super::{com1_tss, enter_ring3, load_tables, set_gate_from_slot};
 use crate::kit::{AsmResult, Kit};
 
 const GDT: [u64; 6] = [
@@ -29,11 +29,7 @@ pub fn alignment() -> AsmResult<Vec<u8>> {
     for (v, slot) in [(17u32, ac_slot), (0x80, exit_slot)] {
         set_gate_from_slot(&mut k, idt, v, slot, 0xEE)?;
     }
-    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
-    k.asm().lgdt(ptr(gdtr))?;
-    k.asm().lidt(ptr(idtr))?;
-    k.asm().mov(eax, 0x28u32)?;
-    k.asm().ltr(ax)?;
+    load_tables(&mut k, (gdt, gdtr), idtr, tss, tss_limit)?;
 
     // Each probe: arm the handler to resume after it, access, say "ok" if no fault came.
     let probe = |k: &mut Kit, what: &str, access: &dyn Fn(&mut CodeAssembler) -> AsmResult| {

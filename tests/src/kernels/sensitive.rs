@@ -6,7 +6,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::{com1_tss, enter_ring3, set_gate_from_slot, set_tss_descriptor};
+use super::{com1_tss, enter_ring3, load_tables, set_gate_from_slot};
 use crate::kit::{AsmResult, Kit};
 
 /// Flat ring-0 and ring-3 segments, the TSS, an LDT, a DPL-3 call gate and a DPL-0 data segment.
@@ -182,11 +182,7 @@ pub fn sensitive() -> AsmResult<Vec<u8>> {
     let high = (ldt & 0xFF00_0000) | ((ldt >> 16) & 0xFF) | 0x8200;
     k.asm().mov(dword_ptr(gdt + 0x30), low)?;
     k.asm().mov(dword_ptr(gdt + 0x34), high)?;
-    set_tss_descriptor(&mut k, gdt + 0x28, tss, tss_limit)?;
-    k.asm().lgdt(ptr(gdtr))?;
-    k.asm().lidt(ptr(idtr))?;
-    k.asm().mov(eax, 0x28u32)?;
-    k.asm().ltr(ax)?;
+    load_tables(&mut k, (gdt, gdtr), idtr, tss, tss_limit)?;
     k.asm().mov(eax, 0x30u32)?;
     k.asm().lldt(ax)?;
 
