@@ -29,6 +29,7 @@ fn random_guest_code_never_takes_the_host_down() {
     let dir = tempfile::tempdir().unwrap();
     let mut endings = std::collections::BTreeMap::<String, u32>::new();
     let mut rounds = 0;
+    let mut translated = 0;
     let seeds = seeds();
     for seed in seeds.clone() {
         let name = format!("chaos-{seed}.elf");
@@ -66,12 +67,14 @@ fn random_guest_code_never_takes_the_host_down() {
                     0,
                     "{what}: a system call left the guest"
                 );
+                translated += stat(&o, "translated executed");
             }
             *endings.entry(format!("{engine}: {ending}")).or_default() += 1;
             rounds += o.serial.iter().filter(|&&b| b == b'.').count();
         }
     }
-    println!("{rounds} rounds; {endings:#?}");
+    println!("{rounds} rounds, {translated} translated instructions on bt; {endings:#?}");
+    assert!(translated > 0, "bt never ran the random code translated");
     // The kernels must exercise the random code, not stop at once: most runs go through many
     // rounds (a round ends at an exception or a timer tick).
     assert!(

@@ -37,7 +37,13 @@ fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Builds the kernel for `seed`. Exits with value 0x10 after [`ROUNDS`] handler entries.
+/// Where odd seeds' page directory and table go (identity map of the first 4 MiB).
+const PAGE_DIRECTORY: u32 = 0x30_0000;
+
+/// Builds the kernel for `seed`; odd seeds run with paging on (the first 4 MiB identity-mapped
+/// through 4 KiB pages, so the random code also meets the shadow MMU: its stores may land in
+/// the page tables, and it may load CR3 or CR0 itself). Exits with value 0x10 after [`ROUNDS`]
+/// handler entries.
 pub fn chaos(seed: u64) -> AsmResult<Vec<u8>> {
     let mut k = Kit::new()?;
     let (_, gdtr) = k.descriptor_table(&GDT.map(u64::to_le_bytes).concat());
@@ -104,6 +110,14 @@ pub fn chaos(seed: u64) -> AsmResult<Vec<u8>> {
     for (port, v) in [(0x43u32, 0x34u32), (0x40, 1193 & 0xFF), (0x40, 1193 >> 8)] {
         k.asm().mov(al, v)?;
         k.asm().out(port, al)?;
+    }
+    if seed % 2 == 1 {
+        k.identity_map_4mib(PAGE_DIRECTORY)?;
+        k.asm().mov(eax, PAGE_DIRECTORY)?;
+        k.asm().mov(cr3, eax)?;
+        k.asm().mov(eax, cr0)?;
+        k.asm().or(eax, 0x8000_0000u32)?;
+        k.asm().mov(cr0, eax)?;
     }
     k.print("chaos\n")?;
     k.asm().int(0x20)?; // the first round starts like the others, from the handler
