@@ -208,3 +208,50 @@ fn trace_needs_the_interpreter() {
     );
     assert_user_error(&r, &["--trace", "interp"]);
 }
+
+/// Kernel files damaged at random (bytes of the ELF and multiboot headers and of the first code
+/// overwritten, from a fixed seed): each is refused with status 2 and a message that names the
+/// file, or boots and ends as a guest may. bt86 never panics on them.
+#[test]
+fn damaged_kernel_files_are_refused_by_name_or_run_and_never_crash_bt86() {
+    use bt86_tests::runner::run_with_timeout;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = hello(dir.path());
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut refused = 0;
+    for i in 0..150 {
+        let mut damaged = image.clone();
+        for _ in 0..1 + next() % 6 {
+            let at = (next() as usize) % damaged.len().min(0x1100);
+            damaged[at] = next() as u8;
+        }
+        let name = format!("damaged-{i}.elf");
+        std::fs::write(dir.path().join(&name), &damaged).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bt86"));
+        cmd.current_dir(dir.path()).args([
+            "run", "--kernel", &name, "--engine", "bt", "--serial", "none", "--memory", "32",
+        ]);
+        let o = run_with_timeout(cmd, Duration::from_secs(10));
+        assert!(!o.stderr.contains("panicked"), "{name}: {}", o.stderr);
+        match o.status {
+            Some(2) => {
+                assert!(o.stderr.contains(&name), "{name} not named: {}", o.stderr);
+                refused += 1;
+            }
+            // Power-off, triple fault, halt, the guest's own exit status.
+            Some(s) if s == 0 || s == 4 || s == 6 || s & 1 == 1 => {}
+            Some(8) if o.stderr.contains("cannot execute") => {}
+            None if o.timed_out => {}
+            s => panic!("{name}: status {s:?}: {}", o.stderr),
+        }
+    }
+    assert!(refused > 0, "no damaged file was refused");
+}
