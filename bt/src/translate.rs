@@ -83,6 +83,11 @@ impl Mode {
     fn has(self, bit: u8) -> bool {
         self.0 & bit != 0
     }
+
+    /// Whether units of this mode add a non-zero DS, ES or SS base.
+    pub fn segment_bases(self) -> bool {
+        self.has(Self::DS_BASED | Self::ES_BASED | Self::SS_BASED)
+    }
 }
 
 /// Most guest instructions in one unit.

@@ -806,6 +806,7 @@ impl BtEngine {
             ("interrupts delivered", interp[2].1),
             ("units translated", s.units),
             ("instrs translated", s.instructions),
+            ("units with segment bases", s.based_units),
             ("ESP moves translated", s.esp_moves),
             (
                 "ESP moves folded away",
