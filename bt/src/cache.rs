@@ -114,6 +114,8 @@ pub struct CacheStats {
     pub units: u64,
     /// Guest instructions translated.
     pub instructions: u64,
+    /// Units translated for a DS, ES or SS with a non-zero base (see [`Mode::segment_bases`]).
+    pub based_units: u64,
     /// Stack-pointer moves of the translated stack operations.
     pub esp_moves: u64,
     /// R12D updates emitted for them (the rest were folded into a unit's pending delta).
@@ -288,6 +290,7 @@ impl Translator {
         self.by_host.insert(host, id);
         self.stats.units += 1;
         self.stats.instructions += u64::from(encoded.instructions);
+        self.stats.based_units += u64::from(mode.segment_bases());
         self.stats.esp_moves += u64::from(encoded.esp_moves);
         self.stats.esp_updates += u64::from(encoded.esp_updates);
         self.stats.time += started.elapsed();

@@ -24,6 +24,14 @@
 //!   `Emitter::sync_esp` (`lea r12d,[r12d+d]`, flags untouched) runs only before ESP is used
 //!   as a register and before every exit of the unit. Each map entry records the d of its host
 //!   instruction, so the monitor restarts a faulting instruction with ESP = R12D + d.
+//! - **Segment bases**: CS is flat whenever translated code runs; DS, ES and SS are writable,
+//!   expand-up data segments with a 4 GiB limit and any base, FS and GS may be (the mode bits
+//!   say which bases are non-zero or usable). An operand through a segment with a base gets it
+//!   added from the context with `mov`/`lea` only (flags untouched), in 32 bits: `lea r8d` of
+//!   base + offset for ordinary operands, `gs:[r10d+esi]`/`gs:[r10d+edi]` for string
+//!   instructions, and `gs:[r11d+r12d+d+off]` for stack operations (R11D holds SS.base from
+//!   the unit's first stack access on). The linear address wraps modulo 4 GiB as the guest's
+//!   does and stays in the window.
 //! - **Control flow**: direct jumps and branches end the unit in patchable `jmp`/`jcc rel32`
 //!   slots that first lead to an exit and are chained to the target unit once it exists;
 //!   indirect jumps, calls and returns go through a flag-preserving lookup table.
@@ -39,9 +47,9 @@ use iced_x86::{
     InstructionBlock, MemoryOperand, Mnemonic, OpKind, Register,
 };
 use vmdriver::world::{
-    OFF_DF_STEP, OFF_EXIT_EIP, OFF_EXIT_REASON, OFF_EXIT_SLOT, OFF_EXIT_STUB, OFF_EXIT_UNIT,
-    OFF_FS_BASE, OFF_GS_BASE, OFF_IRQ_PENDING, OFF_LOOKUP, OFF_LOOKUP_HITS, OFF_POLL, OFF_SYSFLAGS,
-    OFF_VIF, reason,
+    OFF_DF_STEP, OFF_DS_BASE, OFF_ES_BASE, OFF_EXIT_EIP, OFF_EXIT_REASON, OFF_EXIT_SLOT,
+    OFF_EXIT_STUB, OFF_EXIT_UNIT, OFF_FS_BASE, OFF_GS_BASE, OFF_IRQ_PENDING, OFF_LOOKUP,
+    OFF_LOOKUP_HITS, OFF_POLL, OFF_SS_BASE, OFF_SYSFLAGS, OFF_VIF, reason,
 };
 
 /// What a unit may assume about the CPU it runs on: part of its key in the cache, so a unit
@@ -63,9 +71,22 @@ impl Mode {
     pub const FPU: u8 = 8;
     /// SSE and SSE2 instructions too (CR4.OSFXSR set as well).
     pub const SSE: u8 = 16;
+    /// DS has a non-zero base, which DS-relative operands add from the context. DS, ES and SS
+    /// are always present, writable, expand-up data segments with a 4 GiB limit while
+    /// translated code runs; without this bit a unit assumes DS.base is 0.
+    pub const DS_BASED: u8 = 32;
+    /// ES likewise (the destination of string instructions).
+    pub const ES_BASED: u8 = 64;
+    /// SS likewise: stack operations and EBP/ESP-based operands.
+    pub const SS_BASED: u8 = 128;
 
     fn has(self, bit: u8) -> bool {
         self.0 & bit != 0
+    }
+
+    /// Whether units of this mode add a non-zero DS, ES or SS base.
+    pub fn segment_bases(self) -> bool {
+        self.has(Self::DS_BASED | Self::ES_BASED | Self::SS_BASED)
     }
 }
 
@@ -142,6 +163,11 @@ const S1: Register = Register::R9D;
 const S2Q: Register = Register::R10;
 const S3Q: Register = Register::R11;
 const S3: Register = Register::R11D;
+/// Holds SS.base in units translated for [`Mode::SS_BASED`], loaded by the unit's first SS
+/// access (see [`Emitter::ss_mem`]).
+const SS_REG: Register = S3;
+/// The segment base of a string instruction's source or destination (see [`string_op`]).
+const STR_BASE: Register = Register::R10D;
 const SAVE_Q: Register = Register::R13;
 const COUNT_Q: Register = Register::R14;
 const CTX: Register = Register::R15;
@@ -186,6 +212,8 @@ struct Emitter {
     esp_moves: u32,
     /// R12D updates emitted (see [`Encoded::esp_updates`]).
     esp_updates: u32,
+    /// [`SS_REG`] holds SS.base from here on in the unit.
+    ss_loaded: bool,
 }
 
 impl Emitter {
@@ -204,6 +232,7 @@ impl Emitter {
             esp_delta: 0,
             esp_moves: 0,
             esp_updates: 0,
+            ss_loaded: false,
         }
     }
 
@@ -362,6 +391,8 @@ impl Emitter {
     /// [`Emitter::lookup`], with what a miss reports.
     fn lookup_or(&mut self, miss: Miss) {
         self.sync_esp();
+        // R11 (SS_REG) is the lookup's scratch.
+        self.ss_loaded = false;
         let hit = self.label();
         self.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, Register::R8W));
         self.emit(Instruction::with2(Code::Mov_r64_rm64, S2Q, ctx(OFF_LOOKUP)));
@@ -424,9 +455,29 @@ impl Emitter {
         ));
     }
 
-    /// `gs:[guest ESP + disp]`: `[r12d + pending delta + disp]`, modulo 4 GiB as on the guest.
-    fn stack(&self, disp: i32) -> MemoryOperand {
-        gs_mem(GUEST_ESP, self.esp_delta.wrapping_add(disp))
+    /// `gs:[guest ESP + disp]`: `[r12d + pending delta + disp]` (plus SS.base), modulo 4 GiB
+    /// as on the guest.
+    fn stack(&mut self, disp: i32) -> MemoryOperand {
+        self.ss_mem(GUEST_ESP, self.esp_delta.wrapping_add(disp))
+    }
+
+    /// `gs:[SS.base + reg + disp]` for an SS-relative access: with a non-zero SS.base (in
+    /// [`SS_REG`], loaded from the context by the unit's first such access) it is the SIB base
+    /// and `reg` the index, so the 32-bit address wraps modulo 4 GiB as the guest's linear
+    /// address does, and no flags change.
+    fn ss_mem(&mut self, reg: Register, disp: i32) -> MemoryOperand {
+        if !self.mode.has(Mode::SS_BASED) {
+            return gs_mem(reg, disp);
+        }
+        if !self.ss_loaded {
+            self.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                SS_REG,
+                ctx(OFF_SS_BASE),
+            ));
+            self.ss_loaded = true;
+        }
+        MemoryOperand::new(SS_REG, reg, 1, i64::from(disp), 4, false, Register::GS)
     }
 
     /// `mov gs:[esp+disp], src` for a 32-bit register or immediate.
@@ -511,9 +562,9 @@ fn high_byte(r: Register) -> bool {
 
 /// The guest memory operand as a host `gs:[…]` operand, or None if it cannot be (CS, FS or GS
 /// segments the unit's mode does not make flat-limit, and 16-bit addressing). DS, ES and SS are
-/// flat whenever translated code runs. With an FS or GS segment the operand is `gs:[r8d]`, and
-/// the second value is the context offset of the segment base that [`seg_address`] adds into
-/// R8D first. `segment` None is for LEA (no segment, no access). An ESP base is R12D with the
+/// flat-limit whenever translated code runs. With a segment whose base the unit adds (see
+/// [`segment_base`]) the operand is `gs:[r8d]`, and the second value is the context offset of
+/// the segment base that [`seg_address`] adds into R8D first. `segment` None is for LEA (no segment, no access). An ESP base is R12D with the
 /// pending `esp_delta` added to the displacement (the SIB base; ESP is never an index).
 fn guest_mem(
     ins: &Instruction,
@@ -529,13 +580,9 @@ fn guest_mem(
     {
         return None;
     }
-    let based = match (segment, ins.memory_segment()) {
-        (None, _) => None,
-        (Some(_), Register::FS) if mode.has(Mode::FS_FLAT) => Some(OFF_FS_BASE),
-        (Some(_), Register::GS) if mode.has(Mode::GS_FLAT) => Some(OFF_GS_BASE),
-        // FS and GS may have any base and limit; CS is not writable (and is rare as an override).
-        (Some(_), Register::FS | Register::GS | Register::CS) => return None,
-        _ => None,
+    let based = match segment {
+        None => None,
+        Some(_) => segment_base(mode, ins.memory_segment())?,
     };
     if let Some(off) = based {
         let m = MemoryOperand::new(S0, Register::None, 1, 0, 0, false, Register::GS);
@@ -553,6 +600,22 @@ fn guest_mem(
         ),
         None,
     ))
+}
+
+/// How the unit adds the base of guest segment `seg` to an offset: Some(None) if its base is 0,
+/// Some(Some(context offset of the base)) if it must be added, None if the segment is not one
+/// translated code can address (CS, which is not writable and rare as an override, and an FS or
+/// GS without a flat limit).
+fn segment_base(mode: Mode, seg: Register) -> Option<Option<i32>> {
+    Some(match seg {
+        Register::DS if mode.has(Mode::DS_BASED) => Some(OFF_DS_BASE),
+        Register::ES if mode.has(Mode::ES_BASED) => Some(OFF_ES_BASE),
+        Register::SS if mode.has(Mode::SS_BASED) => Some(OFF_SS_BASE),
+        Register::DS | Register::ES | Register::SS => None,
+        Register::FS if mode.has(Mode::FS_FLAT) => Some(OFF_FS_BASE),
+        Register::GS if mode.has(Mode::GS_FLAT) => Some(OFF_GS_BASE),
+        _ => return None,
+    })
 }
 
 /// The displacement of `ins`'s memory operand, with the pending ESP delta added if ESP is its
@@ -932,7 +995,7 @@ pub fn translate(
             }
             break;
         }
-        let (mark, mark_delta) = (e.out.len(), e.esp_delta);
+        let (mark, mark_delta, mark_ss) = (e.out.len(), e.esp_delta, e.ss_loaded);
         e.fop = fp::fop_of(&bytes[at.wrapping_sub(eip) as usize..decoder.position()]);
         match rewrite(&mut e, &ins, next) {
             Rewrite::Continue if shadow => {
@@ -952,6 +1015,7 @@ pub fn translate(
                 // executes it with the interrupt shadow held.
                 e.truncate(mark);
                 e.esp_delta = mark_delta;
+                e.ss_loaded = mark_ss;
                 e.sti_shadow_exit(at);
                 break;
             }
@@ -1172,6 +1236,28 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             Rewrite::Continue
         }
         _ if string_kind(ins).is_some() => string_op(e, ins),
+        C::Xlat_m8 if ins.memory_base() == Register::EBX && !ins.has_lock_prefix() => {
+            // AL = [seg: EBX + AL]: the address in R8D (`movzx`/`lea`, flags untouched), the
+            // segment base (if any) added by the load's 32-bit address, wrapping like the guest's.
+            let Some(base) = segment_base(e.mode, ins.memory_segment()) else {
+                return Rewrite::Callout;
+            };
+            e.emit(Instruction::with2(Code::Movzx_r32_rm8, S0, Register::AL));
+            let m = match base {
+                None => MemoryOperand::new(Register::EBX, S0, 1, 0, 0, false, Register::GS),
+                Some(off) => {
+                    e.emit(Instruction::with2(Code::Mov_r32_rm32, S1, ctx(off)));
+                    e.emit(Instruction::with2(
+                        Code::Lea_r32_m,
+                        S0,
+                        MemoryOperand::new(Register::EBX, S0, 1, 0, 0, false, Register::None),
+                    ));
+                    MemoryOperand::new(S0, S1, 1, 0, 0, false, Register::GS)
+                }
+            };
+            e.emit(Instruction::with2(Code::Mov_r8_rm8, Register::AL, m));
+            Rewrite::Continue
+        }
         // ---- stack ----
         C::Push_r32 | C::Push_rm32 if ins.op0_kind() == OpKind::Register => {
             e.store_stack(-4, Src::Reg(map_reg(ins.op0_register())));
@@ -1249,11 +1335,8 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             Rewrite::Continue
         }
         C::Leaved => {
-            e.emit(Instruction::with2(
-                Code::Mov_r32_rm32,
-                S0,
-                gs_mem(Register::EBP, 0),
-            ));
+            let m = e.ss_mem(Register::EBP, 0);
+            e.emit(Instruction::with2(Code::Mov_r32_rm32, S0, m));
             e.emit(Instruction::with2(
                 Code::Lea_r32_m,
                 GUEST_ESP,
@@ -1330,7 +1413,9 @@ fn gs_at(reg: Register) -> MemoryOperand {
 /// MOVS, STOS, LODS, CMPS and SCAS (without a REP prefix) against the window: ES:EDI cannot be
 /// reached with a host string instruction (ES.base is 0 in 64-bit mode), so the instruction is
 /// loads and stores through GS, then ESI/EDI step by `df_step` × size with `lea` (no flags),
-/// after the accesses: a fault leaves the registers as they were. REP forms are callouts: a
+/// after the accesses: a fault leaves the registers as they were. A source (DS unless
+/// overridden) or ES with a non-zero base addresses `gs:[r10d+esi]` / `gs:[r10d+edi]` with
+/// the base loaded into R10D just before. REP forms are callouts: a
 /// translated REP loop made Linux's boot stall before the shell prompt in about one run in
 /// four (found by bisecting; not yet understood), so the interpreter runs them.
 fn string_op(e: &mut Emitter, ins: &Instruction) -> Rewrite {
@@ -1342,20 +1427,23 @@ fn string_op(e: &mut Emitter, ins: &Instruction) -> Rewrite {
         .iter()
         .any(|k| matches!(k, OpKind::MemorySegESI | OpKind::MemoryESEDI));
     let reads_source = matches!(kind, K::Movs | K::Lods | K::Cmps);
-    // REP, 16-bit addressing, LOCK (#UD) and a source segment that may not be flat: the
+    // REP, 16-bit addressing, LOCK (#UD) and a source segment that is not flat-limit: the
     // interpreter.
-    if ins.has_rep_prefix()
-        || ins.has_repne_prefix()
-        || !a32
-        || ins.has_lock_prefix()
-        || (reads_source
-            && matches!(
-                ins.memory_segment(),
-                Register::FS | Register::GS | Register::CS
-            ))
-    {
+    if ins.has_rep_prefix() || ins.has_repne_prefix() || !a32 || ins.has_lock_prefix() {
         return Rewrite::Callout;
     }
+    // The source's segment (DS unless overridden), and ES for the destination (no override).
+    let src_base = if reads_source {
+        match segment_base(e.mode, ins.memory_segment()) {
+            Some(b) => b,
+            None => return Rewrite::Callout,
+        }
+    } else {
+        None
+    };
+    let Some(dst_base) = segment_base(e.mode, Register::ES) else {
+        return Rewrite::Callout;
+    };
     let (acc, tmp, load, store, cmp) = match size {
         1 => (
             Register::AL,
@@ -1380,24 +1468,38 @@ fn string_op(e: &mut Emitter, ins: &Instruction) -> Rewrite {
         ),
     };
     e.emit(Instruction::with2(Code::Mov_r32_rm32, S1, ctx(OFF_DF_STEP)));
-    let esi = gs_at(Register::ESI);
-    let edi = gs_at(Register::EDI);
+    // `gs:[reg]`, or `gs:[r10d+reg]` after `mov r10d, <base>` for a segment with a base: the
+    // 32-bit address wraps modulo 4 GiB as the guest's linear address does.
+    let at = |e: &mut Emitter, reg: Register, base: Option<i32>| match base {
+        None => gs_at(reg),
+        Some(off) => {
+            e.emit(Instruction::with2(Code::Mov_r32_rm32, STR_BASE, ctx(off)));
+            MemoryOperand::new(STR_BASE, reg, 1, 0, 0, false, Register::GS)
+        }
+    };
     match kind {
         K::Movs => {
+            let esi = at(e, Register::ESI, src_base);
             e.emit(Instruction::with2(load, tmp, esi));
+            let edi = at(e, Register::EDI, dst_base);
             e.emit(Instruction::with2(store, edi, tmp));
         }
         K::Stos => {
+            let edi = at(e, Register::EDI, dst_base);
             e.emit(Instruction::with2(store, edi, acc));
         }
         K::Lods => {
+            let esi = at(e, Register::ESI, src_base);
             e.emit(Instruction::with2(load, acc, esi));
         }
         K::Cmps => {
+            let esi = at(e, Register::ESI, src_base);
             e.emit(Instruction::with2(load, tmp, esi));
+            let edi = at(e, Register::EDI, dst_base);
             e.emit(Instruction::with2(cmp, tmp, edi));
         }
         K::Scas => {
+            let edi = at(e, Register::EDI, dst_base);
             e.emit(Instruction::with2(cmp, acc, edi));
         }
     }
@@ -1451,6 +1553,16 @@ mod tests {
     const BASE: u32 = 0x0010_0000;
     const RIP: u64 = 0x4000_0000;
 
+    /// A number as iced's Intel formatter writes it (hex, `h`, a leading 0 before a letter).
+    fn hex(n: impl std::fmt::UpperHex) -> String {
+        let s = format!("{n:X}h");
+        if s.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            format!("0{s}")
+        } else {
+            s
+        }
+    }
+
     struct Bytes(Vec<u8>);
     impl CodeSource for Bytes {
         fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize {
@@ -1497,7 +1609,10 @@ mod tests {
             a.add(eax, ebx)?;
             a.hlt()
         });
-        assert_eq!(t[0], format!("mov r11d,[r15+{OFF_POLL:X}h]"));
+        assert_eq!(
+            t[0],
+            format!("mov r11d,[r15+{off_poll}]", off_poll = hex(OFF_POLL))
+        );
         assert_eq!(t[1], "lea r14,[r14+1]");
         assert_eq!(t[2], "add eax,ebx");
         assert_eq!(e.instructions, 1);
@@ -1760,7 +1875,10 @@ mod tests {
             let t = text(&host(&e.code));
             assert_eq!(
                 t[2],
-                format!("mov dword ptr [r15+{OFF_EXIT_EIP:X}h],100000h")
+                format!(
+                    "mov dword ptr [r15+{off_exit_eip}],100000h",
+                    off_exit_eip = hex(OFF_EXIT_EIP)
+                )
             );
         }
     }
@@ -1783,10 +1901,11 @@ mod tests {
         );
         assert_eq!(e.code[e.slots[1].rel32_offset as usize - 1], 0xE9);
         assert!(t.iter().any(|l| l == "mov r8d,100000h"), "{t:?}");
-        assert!(
-            t.iter()
-                .any(|l| l == &format!("mov dword ptr [r15+{OFF_EXIT_UNIT:X}h],7"))
-        );
+        assert!(t.iter().any(|l| l
+            == &format!(
+                "mov dword ptr [r15+{off_exit_unit}],7",
+                off_exit_unit = hex(OFF_EXIT_UNIT)
+            )));
     }
 
     #[test]
@@ -1830,16 +1949,204 @@ mod tests {
         };
         let (e, t) = unit_in(Mode::FS_FLAT | Mode::GS_FLAT, code);
         assert_eq!(e.instructions, 2);
-        assert_eq!(t[2], format!("mov r9d,[r15+{OFF_FS_BASE:X}h]"));
+        assert_eq!(
+            t[2],
+            format!(
+                "mov r9d,[r15+{off_fs_base}]",
+                off_fs_base = hex(OFF_FS_BASE)
+            )
+        );
         assert_eq!(t[3], "lea r8d,[ebx+esi*2+8]");
         assert_eq!(t[4], "lea r8d,[r8d+r9d]");
         assert_eq!(t[5], "mov eax,gs:[r8d]");
-        assert_eq!(t[6], format!("mov r9d,[r15+{OFF_GS_BASE:X}h]"));
+        assert_eq!(
+            t[6],
+            format!(
+                "mov r9d,[r15+{off_gs_base}]",
+                off_gs_base = hex(OFF_GS_BASE)
+            )
+        );
         assert_eq!(t[7], "lea r8d,[r9d+r12d+4]");
         assert_eq!(t[8], "add dword ptr gs:[r8d],1");
         // Any other FS: the interpreter checks its limit and type.
         let (e, _) = unit_in(Mode::GS_FLAT, code);
         assert_eq!((e.instructions, e.callout), (0, Some(Mnemonic::Mov)));
+    }
+
+    /// `mov <reg>,[r15+<offset>]` as the formatter writes it.
+    fn ctx_load(reg: &str, off: i32) -> String {
+        format!("mov {reg},[r15+{}]", hex(off))
+    }
+
+    #[test]
+    fn ds_based_operands_add_the_base_with_lea() {
+        let code = |a: &mut CodeAssembler| {
+            a.mov(eax, dword_ptr(ebx + 0x10))?;
+            a.mov(dword_ptr(0xFFFF_FFF0u32), ecx)?; // the moffs form
+            a.add(byte_ptr(esi + edi * 4 - 4), dl)?;
+            a.lea(edx, dword_ptr(ebx + 8))?; // an offset, no segment
+            a.mov(eax, dword_ptr(ebp + 8).ds())?; // an override of the implicit SS
+            a.hlt()
+        };
+        let (e, t) = unit_in(Mode::DS_BASED, code);
+        assert_eq!(e.instructions, 5, "{t:#?}");
+        let ds_at = ctx_load("r9d", OFF_DS_BASE);
+        let expected = [
+            ds_at.as_str(),
+            "lea r8d,[r9d+ebx+10h]",
+            "mov eax,gs:[r8d]",
+            ds_at.as_str(),
+            "lea r8d,[r9d-10h]",
+            "mov gs:[r8d],ecx",
+            ds_at.as_str(),
+            "lea r8d,[esi+edi*4-4]",
+            "lea r8d,[r8d+r9d]",
+            "add gs:[r8d],dl",
+            "lea edx,[ebx+8]",
+            ds_at.as_str(),
+            "lea r8d,[r9d+ebp+8]",
+            "mov eax,gs:[r8d]",
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected);
+        // No flags touched: address arithmetic is `lea` and `mov` only.
+        assert!(
+            !t.iter()
+                .any(|l| l.starts_with("add r") || l.starts_with("add e"))
+        );
+        // Without the bit the same code is the base-0 form.
+        let (_, t) = unit_in(0, code);
+        assert_eq!(t[2], "mov eax,gs:[ebx+10h]");
+        // ES or SS bases do not change DS operands.
+        let (_, t) = unit_in(Mode::ES_BASED | Mode::SS_BASED, code);
+        assert_eq!(t[2], "mov eax,gs:[ebx+10h]");
+    }
+
+    #[test]
+    fn ss_based_stack_operations_add_the_base_to_r12d_and_the_pending_delta() {
+        let (e, t) = unit_in(Mode::SS_BASED, |a| {
+            a.push(eax)?;
+            a.push(0x10)?;
+            a.mov(ecx, dword_ptr(esp + 4))?;
+            a.mov(edx, dword_ptr(ebp - 8))?;
+            a.pop(ebx)?;
+            a.call(0x0010_2000)
+        });
+        let ss_at = ctx_load("r11d", OFF_SS_BASE);
+        let ss9_at = ctx_load("r9d", OFF_SS_BASE);
+        let expected = [
+            ss_at.as_str(), // once per unit, by its first stack access
+            "mov gs:[r11d+r12d-4],eax",
+            "mov dword ptr gs:[r11d+r12d-8],10h",
+            ss9_at.as_str(), // [esp+4] with ESP = R12D-8: SS by default
+            "lea r8d,[r9d+r12d-4]",
+            "mov ecx,gs:[r8d]",
+            ss9_at.as_str(), // EBP-based: SS by default too
+            "lea r8d,[r9d+ebp-8]",
+            "mov edx,gs:[r8d]",
+            "mov ebx,gs:[r11d+r12d-8]",
+            "mov dword ptr gs:[r11d+r12d-8],100010h",
+            "lea r12d,[r12d-8]",
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected, "{t:#?}");
+        assert_eq!((e.esp_moves, e.esp_updates), (4, 1));
+        // A fault restarts the guest instruction with ESP = R12D + its delta, as without a base.
+        let at = |eip: u32| e.map.iter().find(|m| m.guest_eip == eip).unwrap().esp_delta;
+        assert_eq!((at(BASE), at(BASE + 1)), (0, -4));
+        // leave reads [ebp] through SS; ret's lookup reuses R11 as scratch, so a later unit
+        // loads SS.base again (every unit starts without it).
+        let (_, t) = unit_in(Mode::SS_BASED, |a| {
+            a.leave()?;
+            a.ret()
+        });
+        let expected = [
+            ss_at.as_str(),
+            "mov r8d,gs:[r11d+ebp]",
+            "lea r12d,[ebp+4]",
+            "mov ebp,r8d",
+            "mov r8d,gs:[r11d+r12d]",
+            "lea r12d,[r12d+4]",
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected, "{t:#?}");
+        assert_eq!(t.iter().filter(|l| **l == ss_at).count(), 1, "{t:#?}");
+    }
+
+    #[test]
+    fn string_instructions_add_the_ds_and_es_bases() {
+        let (e, t) = unit_in(Mode::DS_BASED | Mode::ES_BASED, |a| {
+            a.movsd()?;
+            a.lodsb()?;
+            a.stosw()?;
+            a.hlt()
+        });
+        assert_eq!(e.instructions, 3, "{t:#?}");
+        let df = ctx_load("r9d", OFF_DF_STEP);
+        let ds_at = ctx_load("r10d", OFF_DS_BASE);
+        let es_at = ctx_load("r10d", OFF_ES_BASE);
+        let expected = [
+            df.as_str(),
+            ds_at.as_str(),
+            "mov r8d,gs:[r10d+esi]",
+            es_at.as_str(),
+            "mov gs:[r10d+edi],r8d",
+            "lea esi,[esi+r9d*4]",
+            "lea edi,[edi+r9d*4]",
+            df.as_str(),
+            ds_at.as_str(),
+            "mov al,gs:[r10d+esi]",
+            "lea esi,[esi+r9d]",
+            df.as_str(),
+            es_at.as_str(),
+            "mov gs:[r10d+edi],ax",
+            "lea edi,[edi+r9d*2]",
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected, "{t:#?}");
+        // A source override takes that segment's base; ES alone keeps DS at 0.
+        let (_, t) = unit_in(Mode::ES_BASED | Mode::SS_BASED, |a| {
+            a.db(&[0x36, 0xA4])?; // ss movsb
+            a.movsb()?;
+            a.hlt()
+        });
+        let ss_at = ctx_load("r10d", OFF_SS_BASE);
+        let es_at = ctx_load("r10d", OFF_ES_BASE);
+        let expected = [
+            df.as_str(),
+            ss_at.as_str(),
+            "mov r8b,gs:[r10d+esi]",
+            es_at.as_str(),
+            "mov gs:[r10d+edi],r8b",
+            "lea esi,[esi+r9d]",
+            "lea edi,[edi+r9d]",
+            df.as_str(),
+            "mov r8b,gs:[esi]",
+            es_at.as_str(),
+            "mov gs:[r10d+edi],r8b",
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected, "{t:#?}");
+    }
+
+    #[test]
+    fn xlat_and_indirect_branches_through_a_based_ds() {
+        let (e, t) = unit_in(Mode::DS_BASED, |a| {
+            a.xlatb()?;
+            a.jmp(dword_ptr(ebx + 4))
+        });
+        assert_eq!((e.instructions, e.callout), (2, None), "{t:#?}");
+        let ds_at = ctx_load("r9d", OFF_DS_BASE);
+        let expected = [
+            "movzx r8d,al",
+            ds_at.as_str(),
+            "lea r8d,[ebx+r8d]",
+            "mov al,gs:[r8d+r9d]",
+            ds_at.as_str(),
+            "lea r8d,[r9d+ebx+4]",
+            "mov r8d,gs:[r8d]",
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected, "{t:#?}");
+        let (_, t) = unit_in(0, |a| {
+            a.xlatb()?;
+            a.hlt()
+        });
+        assert_eq!(&t[2..4], ["movzx r8d,al", "mov al,gs:[ebx+r8d]"]);
     }
 
     #[test]
@@ -1852,7 +2159,10 @@ mod tests {
         });
         // The REP form is a callout.
         assert_eq!((e.instructions, e.callout), (2, Some(Mnemonic::Movsd)));
-        let df = format!("mov r9d,[r15+{OFF_DF_STEP:X}h]");
+        let df = format!(
+            "mov r9d,[r15+{off_df_step}]",
+            off_df_step = hex(OFF_DF_STEP)
+        );
         assert_eq!(
             &t[2..5],
             [df.as_str(), "mov gs:[edi],al", "lea edi,[edi+r9d]"]
@@ -1875,7 +2185,10 @@ mod tests {
         assert_eq!(t[2], "std");
         assert_eq!(
             t[3],
-            format!("mov dword ptr [r15+{OFF_DF_STEP:X}h],0FFFFFFFFh")
+            format!(
+                "mov dword ptr [r15+{off_df_step}],0FFFFFFFFh",
+                off_df_step = hex(OFF_DF_STEP)
+            )
         );
     }
 
@@ -1891,9 +2204,18 @@ mod tests {
         // The unit ends after the instruction in STI's shadow, checking for a waiting IRQ.
         assert_eq!(e.instructions, 4);
         assert_eq!(&t[2..4], ["pushfq", "pop r8"]);
-        assert!(t.contains(&format!("mov dword ptr [r15+{OFF_VIF:X}h],0")));
-        assert!(t.contains(&format!("mov dword ptr [r15+{OFF_VIF:X}h],200h")));
-        assert!(t.contains(&format!("mov ecx,[r15+{OFF_IRQ_PENDING:X}h]")));
+        assert!(t.contains(&format!(
+            "mov dword ptr [r15+{off_vif}],0",
+            off_vif = hex(OFF_VIF)
+        )));
+        assert!(t.contains(&format!(
+            "mov dword ptr [r15+{off_vif}],200h",
+            off_vif = hex(OFF_VIF)
+        )));
+        assert!(t.contains(&format!(
+            "mov ecx,[r15+{off_irq_pending}]",
+            off_irq_pending = hex(OFF_IRQ_PENDING)
+        )));
         // STI before an instruction that leaves the unit: the monitor runs that one.
         let (e, t) = unit_in(Mode::CPL0, |a| {
             a.sti()?;
@@ -1901,8 +2223,9 @@ mod tests {
         });
         assert_eq!((e.instructions, e.callout), (1, None));
         assert!(t.contains(&format!(
-            "mov dword ptr [r15+{OFF_EXIT_REASON:X}h],{}",
-            reason::STI_SHADOW
+            "mov dword ptr [r15+{off_exit_reason}],{}",
+            reason::STI_SHADOW,
+            off_exit_reason = hex(OFF_EXIT_REASON)
         )));
         for f in [
             (|a: &mut CodeAssembler| a.cli()) as fn(&mut CodeAssembler) -> Result<(), IcedError>,
@@ -1922,13 +2245,17 @@ mod tests {
         assert!(t.contains(&"movzx r9d,r8w".to_string()), "{t:?}");
         // A miss stores the target from R8D and names the slot, so the monitor can chain it.
         assert!(
-            t.contains(&format!("mov [r15+{OFF_EXIT_EIP:X}h],r8d")),
+            t.contains(&format!(
+                "mov [r15+{off_exit_eip}],r8d",
+                off_exit_eip = hex(OFF_EXIT_EIP)
+            )),
             "{t:?}"
         );
         assert!(
             t.contains(&format!(
-                "mov dword ptr [r15+{OFF_EXIT_REASON:X}h],{}",
-                reason::BRANCH
+                "mov dword ptr [r15+{off_exit_reason}],{}",
+                reason::BRANCH,
+                off_exit_reason = hex(OFF_EXIT_REASON)
             )),
             "{t:?}"
         );

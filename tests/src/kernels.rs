@@ -227,6 +227,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "segment-bases",
+        about: "DS, ES and SS with non-zero bases (one wrapping past 4 GiB) and 4 GiB limits: loops, calls, frames, string instructions, XLAT, page faults through each",
+        build: tk::segment_bases,
+        firmware: false,
+    },
+    Entry {
         name: "page-straddle",
         about: "an instruction across a page boundary, run again after its second page is remapped and rewritten",
         build: tk::page_straddle,

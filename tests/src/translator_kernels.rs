@@ -1025,3 +1025,364 @@ pub fn page_straddle() -> AsmResult<Vec<u8>> {
     k.exit(0x28)?;
     k.build()
 }
+
+/// Layout of [`segment_bases`].
+mod based {
+    /// DS's base (selector 0x18).
+    pub const DS_BASE: u32 = 0x0001_0000;
+    /// ES's base (selector 0x20).
+    pub const ES_BASE: u32 = 0x0002_0000;
+    /// SS's base (selector 0x28).
+    pub const SS_BASE: u32 = 0x0003_0000;
+    /// A base whose sums with most offsets wrap past 4 GiB (selector 0x30).
+    pub const WRAP_BASE: u32 = 0xFFF0_0000;
+    /// 64 dwords of pattern A (linear).
+    pub const DATA_A: u32 = 0x30_0000;
+    /// 64 dwords of pattern B: DS:DATA_A with DS's base.
+    pub const DATA_B: u32 = DATA_A + DS_BASE;
+    /// ES:DATA_A with ES's base: where string stores land.
+    pub const DEST: u32 = DATA_A + ES_BASE;
+    /// A page left unmapped.
+    pub const HOLE: u32 = 0x36_0000;
+    /// Page directory (and its page table after it).
+    pub const PD: u32 = 0x38_0000;
+}
+
+/// Translated code through DS, ES and SS data segments with non-zero bases and 4 GiB limits,
+/// and one base (0xFFF00000) whose sums with offsets wrap past 4 GiB: the same function summed
+/// through a flat and a based DS (units of one mode must not run in the other), calls, frames,
+/// pushes and pops on a based SS (and on the wrapping one), MOVS/LODS/STOS/CMPS/SCAS between a
+/// based DS and ES, a source override to SS, XLAT and an indirect call through a based DS, then
+/// page faults through each segment: the handler prints the error code, CR2 (base + offset,
+/// modulo 4 GiB: Intel SDM vol. 3, 3.4 and 4.7) and the registers as the faulting instruction
+/// saw them. Exits with value 0x29.
+pub fn segment_bases() -> AsmResult<Vec<u8>> {
+    use based::*;
+    const GDT: [u64; 7] = [
+        0,
+        0x00CF_9B00_0000_FFFF, // 0x08 code, flat
+        0x00CF_9300_0000_FFFF, // 0x10 data, flat
+        0x00CF_9301_0000_FFFF, // 0x18 data, base 0x00010000, limit 4 GiB
+        0x00CF_9302_0000_FFFF, // 0x20 data, base 0x00020000
+        0x00CF_9303_0000_FFFF, // 0x28 data, base 0x00030000
+        0xFFCF_93F0_0000_FFFF, // 0x30 data, base 0xFFF00000
+    ];
+    let mut k = Kit::new()?;
+    let (_, gdtr) = k.descriptor_table(&GDT.map(u64::to_le_bytes).concat());
+    let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
+    let resume_at = k.data(&[0; 4]);
+    let triple_at = k.address_slot();
+    let (mut sum16, mut frame, mut triple) = (
+        k.asm().create_label(),
+        k.asm().create_label(),
+        k.asm().create_label(),
+    );
+
+    // #PF: prints with DS and ES flat (it may interrupt code with any), on the interrupted
+    // code's stack (SS unchanged at CPL 0), then resumes at `resume_at`.
+    handler_address(&mut k, |k| {
+        k.asm().push(ds)?;
+        k.asm().push(es)?;
+        k.asm().push(eax)?;
+        k.asm().mov(eax, 0x10u32)?;
+        k.asm().mov(ds, eax)?;
+        k.asm().mov(es, eax)?;
+        k.print(" #PF err=")?;
+        k.asm().mov(eax, dword_ptr(esp + 12))?;
+        k.print_hex(eax)?;
+        k.print(" cr2=")?;
+        k.asm().mov(eax, cr2)?;
+        k.print_hex(eax)?;
+        k.print(" eip=+")?;
+        k.asm().mov(eax, dword_ptr(esp + 16))?;
+        k.asm().sub(eax, KERNEL_BASE)?;
+        k.print_hex(eax)?;
+        for (label, r) in [(" ecx=", ecx), (" esi=", esi), (" edi=", edi)] {
+            k.print(label)?;
+            k.print_hex(r)?;
+        }
+        // ESP before the exception frame: three pushes, the error code, EIP, CS, EFLAGS.
+        k.asm().lea(eax, dword_ptr(esp + 28))?;
+        k.print(" esp=")?;
+        k.print_hex(eax)?;
+        k.print("\n")?;
+        k.asm().mov(eax, dword_ptr(resume_at))?;
+        k.asm().mov(dword_ptr(esp + 16), eax)?;
+        k.asm().pop(eax)?;
+        k.asm().pop(es)?;
+        k.asm().pop(ds)?;
+        k.asm().add(esp, 4u32)?;
+        Ok(k.asm().iretd()?)
+    })?;
+    set_gate(&mut k, idt, 14, 0x8E)?;
+
+    // Paging: 0-4 MiB identity-mapped except HOLE.
+    k.identity_map_4mib(PD)?;
+    k.asm()
+        .mov(dword_ptr(PD + 0x1000 + 4 * (HOLE >> 12)), 0u32)?;
+    k.asm().mov(eax, PD)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 0x8000_0000u32)?;
+    k.asm().mov(cr0, eax)?;
+    k.asm().lgdt(ptr(gdtr))?;
+    k.asm().lidt(ptr(idtr))?;
+    // The multiboot entry's CS is 0x08 and DS 0x10, as in this GDT; FS stays flat throughout.
+    k.asm().mov(eax, 0x10u32)?;
+    for s in [ds, es, fs, ss] {
+        k.asm().mov(s, eax)?;
+    }
+    // Patterns A and B, DEST cleared, `triple`'s address in B's dword 0x40.
+    k.asm().cld()?;
+    for (at, first, step) in [
+        (DATA_A, 0xA000_0001u32, 0x0101_0101u32),
+        (DATA_B, 0xB000_0003, 0x0203_0405),
+        (DEST, 0, 0),
+    ] {
+        k.asm().mov(edi, at)?;
+        k.asm().mov(eax, first)?;
+        k.asm().mov(ecx, 64u32)?;
+        let mut fill = k.asm().create_label();
+        k.asm().set_label(&mut fill)?;
+        k.asm().stosd()?;
+        k.asm().add(eax, step)?;
+        k.asm().loop_(fill)?;
+    }
+    k.asm().mov(eax, dword_ptr(triple_at))?;
+    k.asm().mov(dword_ptr(DATA_B + 0x100), eax)?;
+
+    let load = |k: &mut Kit, s: AsmRegisterSegment, sel: u32| -> AsmResult {
+        k.asm().push(eax)?;
+        k.asm().mov(eax, sel)?;
+        k.asm().mov(s, eax)?;
+        Ok(k.asm().pop(eax)?)
+    };
+
+    // 1. The same function through a flat DS, a based one, and flat again.
+    for (label, sel) in [
+        ("sum ds flat", 0x10),
+        ("sum ds based", 0x18),
+        ("sum ds flat again", 0x10),
+    ] {
+        load(&mut k, ds, sel)?;
+        k.asm().mov(ebx, DATA_A)?;
+        k.asm().call(sum16)?;
+        load(&mut k, ds, 0x10)?;
+        k.print_field(label, eax)?;
+    }
+
+    // 2. Frames on a based SS (the same linear stack: ESP becomes ESP - base), DS based too.
+    k.asm().mov(eax, esp)?;
+    k.asm().sub(eax, SS_BASE)?;
+    k.asm().mov(ecx, 0x28u32)?;
+    k.asm().mov(ss, ecx)?;
+    k.asm().mov(esp, eax)?;
+    let frames = |k: &mut Kit, label: &str, ds_sel: u32| -> AsmResult {
+        load(k, ds, ds_sel)?;
+        k.asm().xor(edx, edx)?;
+        k.asm().mov(ecx, 5u32)?;
+        let mut again = k.asm().create_label();
+        k.asm().set_label(&mut again)?;
+        k.asm().push(ecx)?;
+        k.asm().push(ecx)?;
+        k.asm().call(frame)?;
+        k.asm().pop(ecx)?;
+        k.asm().add(edx, eax)?;
+        k.asm().loop_(again)?;
+        load(k, ds, 0x10)?;
+        k.print_field(label, edx)?;
+        k.asm().mov(eax, esp)?;
+        k.print_field("  esp", eax)
+    };
+    frames(&mut k, "frames ss based ds based", 0x18)?;
+
+    // 3. String instructions, XLAT and an indirect call: DS and ES based.
+    load(&mut k, ds, 0x18)?;
+    load(&mut k, es, 0x20)?;
+    k.asm().mov(esi, DATA_A)?;
+    k.asm().mov(edi, DATA_A)?;
+    for _ in 0..4 {
+        k.asm().movsd()?;
+    }
+    k.asm().lodsd()?;
+    k.asm().stosd()?;
+    k.asm().mov(esi, DATA_A + 4)?;
+    k.asm().mov(edi, DATA_A + 4)?;
+    k.asm().cmpsd()?;
+    k.asm().sete(bl)?;
+    k.asm().mov(eax, dword_ptr(DATA_A + 8))?;
+    k.asm().scasd()?;
+    k.asm().sete(bh)?;
+    k.asm().std()?;
+    k.asm().mov(esi, DATA_A + 0x23)?;
+    k.asm().mov(edi, DATA_A + 0x40)?;
+    k.asm().movsb()?;
+    k.asm().cld()?;
+    // SS:ESI (a source override) to ES:EDI: pattern A's bytes 0x10.. (linear).
+    k.asm().mov(esi, DATA_A - SS_BASE + 0x10)?;
+    k.asm().mov(edi, DATA_A + 0x44)?;
+    k.asm().db(&[0x36, 0xA5])?; // movsd ss:[esi], es:[edi]
+    // REP MOVSD (the interpreter's) from pattern B's dword 0x20 on.
+    k.asm().mov(esi, DATA_A + 0x80)?;
+    k.asm().mov(ecx, 3u32)?;
+    k.asm().rep().movsd()?;
+    k.asm().push(esi)?;
+    k.asm().push(edi)?;
+    k.asm().mov(eax, 0x0000_0007u32)?;
+    k.asm().push(ebx)?;
+    k.asm().mov(ebx, DATA_A)?;
+    k.asm().xlatb()?;
+    k.asm().pop(ebx)?;
+    k.asm().mov(ecx, 0x0000_0021u32)?;
+    k.asm().call(dword_ptr(DATA_A + 0x100))?;
+    k.asm().mov(edx, eax)?;
+    load(&mut k, ds, 0x10)?;
+    load(&mut k, es, 0x10)?;
+    k.asm().pop(edi)?;
+    k.asm().pop(esi)?;
+    k.print_field("strings esi", esi)?;
+    k.print_field("strings edi", edi)?;
+    k.asm().movzx(eax, bx)?;
+    k.print_field("cmpsd/scasd equal", eax)?;
+    k.print_field("xlat and indirect call", edx)?;
+    k.asm().mov(ebx, DEST)?;
+    k.asm().call(sum16)?;
+    k.print_field("dest sum", eax)?;
+    k.asm().mov(eax, dword_ptr(DEST + 0x40))?;
+    k.print_field("dest 0x40", eax)?;
+
+    // 4. The wrapping base: DS, then SS too (ESP + 0x100000 + 0x30000 is the same linear stack).
+    load(&mut k, ds, 0x30)?;
+    k.asm().mov(ebx, DATA_A.wrapping_sub(WRAP_BASE))?;
+    k.asm().mov(ecx, dword_ptr(ebx + 8))?;
+    k.asm().mov(dword_ptr(ebx + 0x3C), 0x5EC0_0001u32)?;
+    k.asm().lea(esi, dword_ptr(ebx + 0x10))?;
+    k.asm().lodsd()?;
+    k.asm().mov(edi, eax)?;
+    k.asm().call(sum16)?;
+    k.asm().mov(edx, eax)?;
+    load(&mut k, ds, 0x10)?;
+    k.print_field("wrap load", ecx)?;
+    k.print_field("wrap lodsd", edi)?;
+    k.print_field("wrap sum", edx)?;
+    k.asm().mov(eax, dword_ptr(DATA_A + 0x3C))?;
+    k.print_field("wrap store", eax)?;
+    k.asm().mov(eax, esp)?;
+    k.asm().add(eax, SS_BASE.wrapping_sub(WRAP_BASE))?;
+    k.asm().mov(ecx, 0x30u32)?;
+    k.asm().mov(ss, ecx)?;
+    k.asm().mov(esp, eax)?;
+    frames(&mut k, "frames ss wrap ds flat", 0x10)?;
+    k.asm().mov(eax, esp)?;
+    k.asm().add(eax, WRAP_BASE.wrapping_sub(SS_BASE))?;
+    k.asm().mov(ecx, 0x28u32)?;
+    k.asm().mov(ss, ecx)?;
+    k.asm().mov(esp, eax)?;
+
+    // 5. Page faults through each segment (DS and ES based; FS flat keeps `resume_at` in reach).
+    let guarded_fs =
+        |k: &mut Kit, label: &str, body: &dyn Fn(&mut Kit) -> AsmResult| -> AsmResult {
+            load(k, ds, 0x10)?;
+            k.print(label)?;
+            load(k, ds, 0x18)?;
+            let slot = k.address_slot();
+            k.asm().push(eax)?;
+            k.asm().mov(eax, dword_ptr(slot).fs())?;
+            k.asm().mov(dword_ptr(resume_at).fs(), eax)?;
+            k.asm().pop(eax)?;
+            k.asm().mov(ecx, 0x0C0C_0C0Cu32)?;
+            k.asm().mov(esi, 0x5151_5151u32)?;
+            k.asm().mov(edi, 0xD1D1_D1D1u32)?;
+            body(k)?;
+            let mut after = k.asm().create_label();
+            k.set_label_at(&mut after, slot)?;
+            Ok(k.asm().nop()?)
+        };
+    load(&mut k, es, 0x20)?;
+    guarded_fs(&mut k, "ds load:", &|k| {
+        Ok(k.asm().mov(eax, dword_ptr(HOLE - DS_BASE + 0x14))?)
+    })?;
+    guarded_fs(&mut k, "es stosd:", &|k| {
+        k.asm().mov(edi, HOLE - ES_BASE + 8)?;
+        Ok(k.asm().stosd()?)
+    })?;
+    guarded_fs(&mut k, "movsd to es:", &|k| {
+        k.asm().mov(esi, DATA_A)?;
+        k.asm().mov(edi, HOLE - ES_BASE + 0xFFC)?;
+        Ok(k.asm().movsd()?)
+    })?;
+    guarded_fs(&mut k, "after pushes:", &|k| {
+        k.asm().push(1u32)?;
+        k.asm().push(2u32)?;
+        Ok(k.asm().mov(ecx, dword_ptr(HOLE - DS_BASE + 0x10))?)
+    })?;
+    k.asm().add(esp, 8u32)?;
+    guarded_fs(&mut k, "ebp through ss:", &|k| {
+        k.asm().push(ebp)?;
+        k.asm().mov(ebp, HOLE - SS_BASE)?;
+        Ok(k.asm().mov(eax, dword_ptr(ebp + 0x20))?)
+    })?;
+    k.asm().pop(ebp)?;
+    guarded_fs(&mut k, "lodsd wrapping:", &|k| {
+        k.asm().mov(eax, 0x30u32)?;
+        k.asm().mov(ds, eax)?;
+        k.asm().mov(esi, HOLE.wrapping_sub(WRAP_BASE) + 4)?;
+        Ok(k.asm().lodsd()?)
+    })?;
+
+    // Flat again.
+    load(&mut k, ds, 0x10)?;
+    load(&mut k, es, 0x10)?;
+    k.asm().mov(eax, esp)?;
+    k.asm().add(eax, SS_BASE)?;
+    k.asm().mov(ecx, 0x10u32)?;
+    k.asm().mov(ss, ecx)?;
+    k.asm().mov(esp, eax)?;
+    k.print("done\n")?;
+    k.exit(0x29)?;
+
+    // sum16: EAX = the sum of the 16 dwords at DS:EBX.
+    k.asm().set_label(&mut sum16)?;
+    k.asm().push(ecx)?;
+    k.asm().xor(eax, eax)?;
+    k.asm().xor(ecx, ecx)?;
+    let mut next = k.asm().create_label();
+    k.asm().set_label(&mut next)?;
+    k.asm().add(eax, dword_ptr(ebx + ecx * 4))?;
+    k.asm().inc(ecx)?;
+    k.asm().cmp(ecx, 16u32)?;
+    k.asm().jne(next)?;
+    k.asm().pop(ecx)?;
+    k.asm().ret()?;
+
+    // frame(n): an EBP frame with locals, stack pushes and pops of memory, PUSHAD/POPAD;
+    // EAX = DS:[DATA_A] + 2 * (n + 0x111) + 0x1000 + n.
+    k.asm().set_label(&mut frame)?;
+    k.asm().push(ebp)?;
+    k.asm().mov(ebp, esp)?;
+    k.asm().sub(esp, 8u32)?;
+    k.asm().mov(eax, dword_ptr(ebp + 8))?;
+    k.asm().mov(dword_ptr(ebp - 4), eax)?;
+    k.asm().add(dword_ptr(ebp - 4), 0x111u32)?;
+    k.asm().push(dword_ptr(ebp - 4))?;
+    k.asm().pop(dword_ptr(ebp - 8))?;
+    k.asm().push(dword_ptr(DATA_A))?;
+    k.asm().pop(eax)?;
+    k.asm().add(eax, dword_ptr(ebp - 4))?;
+    k.asm().add(eax, dword_ptr(ebp - 8))?;
+    k.asm().pushad()?;
+    k.asm().add(dword_ptr(esp + 28), 0x1000u32)?; // the saved EAX, which POPAD brings back
+    k.asm().xor(eax, eax)?;
+    k.asm().popad()?;
+    k.asm().add(eax, dword_ptr(ebp + 8))?;
+    k.asm().leave()?;
+    k.asm().ret_1(4)?;
+
+    // triple(ecx): EAX = AL from XLAT + 3 * ECX, reached through a based DS.
+    k.set_label_at(&mut triple, triple_at)?;
+    k.asm().movzx(eax, al)?;
+    k.asm().lea(eax, dword_ptr(eax + ecx * 2))?;
+    k.asm().add(eax, ecx)?;
+    k.asm().ret()?;
+    k.build()
+}

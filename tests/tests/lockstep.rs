@@ -42,6 +42,7 @@ fn kit_kernels_run_in_lockstep_without_divergence() {
         "string-edges",
         "syscalls",
         "page-straddle",
+        "segment-bases",
         "spin-timer",
     ] {
         let dir = tempfile::tempdir().unwrap();

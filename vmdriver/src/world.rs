@@ -105,6 +105,13 @@ pub struct VcpuContext {
     pub fs_base: u32,
     /// Guest GS.base, likewise.
     pub gs_base: u32,
+    /// Guest DS.base, added to DS-relative addresses by units translated while it is non-zero
+    /// (DS, ES and SS are always flat-limit data segments while translated code runs).
+    pub ds_base: u32,
+    /// Guest ES.base, likewise.
+    pub es_base: u32,
+    /// Guest SS.base, likewise (stack operations and EBP/ESP-based operands).
+    pub ss_base: u32,
     /// +1 while the guest's DF is clear, -1 while it is set: string instructions step ESI/EDI by
     /// this times the operand size without reading RFLAGS (translated CLD/STD keep it current).
     pub df_step: i32,
@@ -159,6 +166,12 @@ pub const OFF_LOOKUP_HITS: i32 = offset_of!(VcpuContext, lookup_hits) as i32;
 pub const OFF_FS_BASE: i32 = offset_of!(VcpuContext, fs_base) as i32;
 /// Offset of [`VcpuContext::gs_base`].
 pub const OFF_GS_BASE: i32 = offset_of!(VcpuContext, gs_base) as i32;
+/// Offset of [`VcpuContext::ds_base`].
+pub const OFF_DS_BASE: i32 = offset_of!(VcpuContext, ds_base) as i32;
+/// Offset of [`VcpuContext::es_base`].
+pub const OFF_ES_BASE: i32 = offset_of!(VcpuContext, es_base) as i32;
+/// Offset of [`VcpuContext::ss_base`].
+pub const OFF_SS_BASE: i32 = offset_of!(VcpuContext, ss_base) as i32;
 /// Offset of [`VcpuContext::df_step`].
 pub const OFF_DF_STEP: i32 = offset_of!(VcpuContext, df_step) as i32;
 /// Offset of [`VcpuContext::vif`].
@@ -390,6 +403,9 @@ impl Vcpu {
             fault_error: 0,
             fs_base: 0,
             gs_base: 0,
+            ds_base: 0,
+            es_base: 0,
+            ss_base: 0,
             df_step: 1,
             vif: 0,
             irq_pending: 0,

@@ -276,8 +276,9 @@ impl BtEngine {
         }
     }
 
-    /// Whether the CPU is in a mode translated code handles: flat 32-bit protected mode (paging
-    /// on or off), no v86, no single-stepping or breakpoints, no alignment checks.
+    /// Whether the CPU is in a mode translated code handles: 32-bit protected mode (paging on
+    /// or off) with a flat CS and DS, ES and SS data segments of any base reaching 4 GiB, no
+    /// v86, no single-stepping or breakpoints, no alignment checks.
     fn translatable(&self) -> bool {
         let c = self.interp.cpu();
         if !c.protected()
@@ -288,7 +289,11 @@ impl BtEngine {
         {
             return false;
         }
-        let flat = |s: SegReg, code: bool| {
+        // A CS base would change what EIP means to chaining and lookup: CS stays flat. DS, ES
+        // and SS may have any base (units add it, see `mode_of`), but their limit checks must
+        // be no-ops: expand-up with a 4 GiB limit. A read-only segment (#GP on writes) or an
+        // expand-down one (offsets at or below the limit fault) stays with the interpreter.
+        let flat_limit = |s: SegReg, code: bool| {
             let seg = c.seg(s);
             let kind_ok = if code {
                 seg.access & 0x18 == 0x18
@@ -296,12 +301,13 @@ impl BtEngine {
                 // A writable data segment, not expand-down.
                 seg.access & 0x1E == 0x12
             };
-            seg.base == 0 && seg.limit == u32::MAX && seg.big && seg.present() && kind_ok
+            seg.limit == u32::MAX && seg.big && seg.present() && kind_ok
         };
-        flat(SegReg::Cs, true)
-            && flat(SegReg::Ss, false)
-            && flat(SegReg::Ds, false)
-            && flat(SegReg::Es, false)
+        flat_limit(SegReg::Cs, true)
+            && c.seg(SegReg::Cs).base == 0
+            && flat_limit(SegReg::Ss, false)
+            && flat_limit(SegReg::Ds, false)
+            && flat_limit(SegReg::Es, false)
     }
 
     /// Brings the shadow MMU and the translation cache up to date with what the interpreter
@@ -437,7 +443,9 @@ impl BtEngine {
     fn load_context(&mut self) {
         let cpu = self.interp.cpu();
         let (gpr, eflags) = (cpu.gpr, cpu.eflags);
-        let (fs, gs) = (cpu.seg(SegReg::Fs).base, cpu.seg(SegReg::Gs).base);
+        let base = |s: SegReg| cpu.seg(s).base;
+        let (fs, gs) = (base(SegReg::Fs), base(SegReg::Gs));
+        let (ds, es, ss) = (base(SegReg::Ds), base(SegReg::Es), base(SegReg::Ss));
         let pending = self.window_requested;
         let ctx = self.vcpu.context_mut();
         ctx.gpr = gpr;
@@ -447,6 +455,9 @@ impl BtEngine {
         ctx.sysflags = eflags & !(flags::ARITH | flags::DF | flags::IF);
         ctx.fs_base = fs;
         ctx.gs_base = gs;
+        ctx.ds_base = ds;
+        ctx.es_base = es;
+        ctx.ss_base = ss;
         ctx.irq_pending = u32::from(pending);
         ctx.x87_op = 0;
         ctx.x87_ds = 0;
@@ -795,6 +806,7 @@ impl BtEngine {
             ("interrupts delivered", interp[2].1),
             ("units translated", s.units),
             ("instrs translated", s.instructions),
+            ("units with segment bases", s.based_units),
             ("ESP moves translated", s.esp_moves),
             (
                 "ESP moves folded away",
@@ -879,6 +891,17 @@ fn mode_of(interp: &Interp) -> UnitMode {
     }
     if flat_limit(SegReg::Gs) {
         m |= UnitMode::GS_FLAT;
+    }
+    // DS, ES and SS are flat-limit whenever units run (`translatable`): units translated for a
+    // non-zero base add it from the context, the others assume 0.
+    for (s, bit) in [
+        (SegReg::Ds, UnitMode::DS_BASED),
+        (SegReg::Es, UnitMode::ES_BASED),
+        (SegReg::Ss, UnitMode::SS_BASED),
+    ] {
+        if c.seg(s).base != 0 {
+            m |= bit;
+        }
     }
     // Floating-point instructions run natively only where they cannot fault for the FPU state
     // (no #NM, #UD, #MF or #XM to raise): the callouts that change these leave translated code.

@@ -25,7 +25,7 @@ use vmdriver::world::{
     OFF_FP_LIVE, OFF_FX, OFF_X87_DP, OFF_X87_DS, OFF_X87_IP, OFF_X87_OP, X87_RAN,
 };
 
-use super::{Emitter, Mode, Rewrite, S1, SAVE_Q, ctx, guest_mem, map_reg, set_base};
+use super::{Emitter, Mode, Rewrite, S1, SAVE_Q, ctx, guest_mem, map_reg, seg_address, set_base};
 
 /// What a native floating-point instruction needs of the unit's mode, and whether it records
 /// the x87 pointers; None for instructions that stay callouts.
@@ -117,9 +117,12 @@ pub(super) fn fop_of(bytes: &[u8]) -> u16 {
 }
 
 /// The host form of `ins`: general registers mapped (ESP is R12D), the memory operand
-/// `gs:[32-bit address]`. None if it needs more (a segment base, 16-bit addressing).
-fn host_form(ins: &Instruction, mode: Mode, esp_delta: i32) -> Option<Instruction> {
+/// `gs:[32-bit address]`, or `gs:[r8d]` with the context offset of the segment base
+/// [`seg_address`] must add into R8D first. None if it cannot be (16-bit addressing, a segment
+/// that is not flat-limit).
+fn host_form(ins: &Instruction, mode: Mode, esp_delta: i32) -> Option<(Instruction, Option<i32>)> {
     let mut h = *ins;
+    let mut base = None;
     for i in 0..h.op_count() {
         match h.op_kind(i) {
             OpKind::Register => {
@@ -132,12 +135,16 @@ fn host_form(ins: &Instruction, mode: Mode, esp_delta: i32) -> Option<Instructio
             }
             OpKind::Memory => {
                 let (m, based) = guest_mem(ins, Some(Register::GS), mode, esp_delta)?;
-                if based.is_some() {
-                    return None;
-                }
                 set_base(&mut h, &m);
                 h.set_segment_prefix(Register::GS);
-                if m.base == Register::None && m.index == Register::None {
+                if based.is_some() {
+                    // `gs:[r8d]`, the whole linear address in R8D.
+                    h.set_memory_index(Register::None);
+                    h.set_memory_index_scale(1);
+                    h.set_memory_displacement32(0);
+                    h.set_memory_displ_size(0);
+                    base = based;
+                } else if m.base == Register::None && m.index == Register::None {
                     h.set_memory_displ_size(4);
                 }
             }
@@ -145,7 +152,7 @@ fn host_form(ins: &Instruction, mode: Mode, esp_delta: i32) -> Option<Instructio
             _ => return None,
         }
     }
-    Some(h)
+    Some((h, base))
 }
 
 /// Translates `ins` if it is a floating-point instruction this unit's mode lets run natively;
@@ -155,7 +162,7 @@ pub(super) fn rewrite(e: &mut Emitter, ins: &Instruction) -> Option<Rewrite> {
     if e.mode.0 & need != need {
         return None;
     }
-    let h = host_form(ins, e.mode, e.esp_delta)?;
+    let (h, based) = host_form(ins, e.mode, e.esp_delta)?;
     let has_mem = (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory);
     let lea = if pointers && has_mem {
         let (m, _) = guest_mem(ins, None, e.mode, e.esp_delta)?;
@@ -166,6 +173,9 @@ pub(super) fn rewrite(e: &mut Emitter, ins: &Instruction) -> Option<Rewrite> {
     if !e.fp_loaded {
         load_state(e);
         e.fp_loaded = true;
+    }
+    if let Some(off) = based {
+        seg_address(e, ins, off);
     }
     e.emit(Ok(h));
     if pointers {
@@ -212,7 +222,9 @@ mod tests {
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, Mnemonic};
 
     use super::super::{CodeSource, Encoded, Mode, translate};
-    use vmdriver::world::{OFF_FP_LIVE, OFF_FX, OFF_X87_DP, OFF_X87_IP, OFF_X87_OP, X87_RAN};
+    use vmdriver::world::{
+        OFF_DS_BASE, OFF_FP_LIVE, OFF_FX, OFF_SS_BASE, OFF_X87_DP, OFF_X87_IP, OFF_X87_OP, X87_RAN,
+    };
 
     const BASE: u32 = 0x0010_0000;
 
@@ -296,6 +308,29 @@ mod tests {
             !t.iter()
                 .any(|l| l.starts_with("cmp") || l.starts_with("test"))
         );
+    }
+
+    #[test]
+    fn based_segments_add_their_base_and_fdp_stays_the_offset() {
+        let (e, t) = unit(
+            CODE,
+            Mode::FPU | Mode::SSE | Mode::DS_BASED | Mode::SS_BASED,
+        );
+        assert_eq!((e.instructions, e.callout), (4, Some(Mnemonic::Hlt)));
+        let at = |s: &str| {
+            t.iter()
+                .position(|l| l == s)
+                .unwrap_or_else(|| panic!("{s}: {t:#?}"))
+        };
+        let ds = at(&format!("mov r9d,[r15+{}]", hex(OFF_DS_BASE)));
+        assert_eq!(t[ds + 1], "lea r8d,[r9d+ebx+8]");
+        assert_eq!(t[ds + 2], "fld st,qword ptr gs:[r8d]");
+        // fstp [esp+4]: SS by default.
+        let ss = at(&format!("mov r9d,[r15+{}]", hex(OFF_SS_BASE)));
+        assert_eq!(t[ss + 1], "lea r8d,[r9d+r12d+4]");
+        assert_eq!(t[ss + 2], "fstp qword ptr gs:[r8d],st");
+        // FDP is the offset in the segment, as the guest CPU records it.
+        at("lea r9d,[r12d+4]");
     }
 
     #[test]
