@@ -30,6 +30,7 @@ fn random_guest_code_never_takes_the_host_down() {
     let mut endings = std::collections::BTreeMap::<String, u32>::new();
     let mut rounds = 0;
     let mut translated = 0;
+    let mut based_units = 0;
     let seeds = seeds();
     for seed in seeds.clone() {
         let name = format!("chaos-{seed}.elf");
@@ -68,13 +69,21 @@ fn random_guest_code_never_takes_the_host_down() {
                     "{what}: a system call left the guest"
                 );
                 translated += stat(&o, "translated executed");
+                based_units += stat(&o, "units with segment bases");
             }
             *endings.entry(format!("{engine}: {ending}")).or_default() += 1;
             rounds += o.serial.iter().filter(|&&b| b == b'.').count();
         }
     }
-    println!("{rounds} rounds, {translated} translated instructions on bt; {endings:#?}");
+    println!(
+        "{rounds} rounds, {translated} translated instructions and {based_units} units for \
+         segment bases on bt; {endings:#?}"
+    );
     assert!(translated > 0, "bt never ran the random code translated");
+    assert!(
+        based_units > 0,
+        "bt never translated the random code for based segments"
+    );
     // The kernels must exercise the random code, not stop at once: most runs go through many
     // rounds (a round ends at an exception or a timer tick).
     assert!(

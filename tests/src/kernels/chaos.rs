@@ -2,7 +2,8 @@
 //! interrupt (the PIT ticks at 1 kHz, so no round spins or halts for long) lands in one handler
 //! that restores flat segments and a stack, ends the interrupt at the PICs, and jumps with
 //! interrupts on to another pseudo-random offset in the random bytes, until it has been entered
-//! [`ROUNDS`] times (it prints a '.' on COM1 each time); then
+//! [`ROUNDS`] times (it prints a '.' on COM1 each time; odd rounds run with DS, ES and SS
+//! based at 2 MiB); then
 //! the kernel exits with value 0x10. What the random code does on the way — loads of system
 //! registers, port and MMIO accesses, far jumps, stores over its own IDT, GDT, handler or page
 //! tables — is up to the seed: the run may also end in a triple fault, a halt, a reset or a
@@ -18,10 +19,14 @@ pub const ROUNDS: u32 = 64;
 /// Bytes of random code.
 const CODE_BYTES: usize = 16 * 1024;
 
-const GDT: [u64; 3] = [
+/// Base of the data segment odd rounds run with in DS, ES and SS.
+const BASED: u32 = 0x20_0000;
+
+const GDT: [u64; 4] = [
     0,
     0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0, flat
     0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0, flat
+    0x00CF_9320_0000_FFFF, // 0x18 data, DPL 0, base BASED, 4 GiB limit
 ];
 
 /// A xorshift64* generator: the same bytes for the same seed on every host.
@@ -83,6 +88,16 @@ pub fn chaos(seed: u64) -> AsmResult<Vec<u8>> {
         a.shr(eax, 32 - CODE_BYTES.trailing_zeros())?;
         a.add(eax, code)?;
         a.mov(edi, eax)?;
+        // Odd rounds: DS, ES and SS based at BASED (the stack stays where it is).
+        let mut flat = a.create_label();
+        a.test(dword_ptr(rounds), 1u32)?;
+        a.jz(flat)?;
+        a.mov(eax, 0x18u32)?;
+        a.mov(ds, eax)?;
+        a.mov(es, eax)?;
+        a.mov(ss, eax)?;
+        a.mov(esp, stack.wrapping_sub(BASED))?;
+        a.set_label(&mut flat)?;
         for r in [ebx, ecx, edx, esi, ebp] {
             a.xor(r, r)?;
         }
