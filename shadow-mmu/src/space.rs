@@ -903,8 +903,20 @@ impl ShadowMmu {
     /// Guest-physical `page` was written (by emulation, a device or the monitor): resolves the
     /// write against the trace's copy and drops the shadow entries whose guest entry changed.
     pub fn table_written(&mut self, page: u32) -> Result<(), ShadowError> {
+        self.table_written_range(page, 0, PAGE as u32)
+    }
+
+    /// Like [`ShadowMmu::table_written`], when only bytes `start..end` of the page were written
+    /// (what [`GuestMemory::take_written_code_ranges`] reports): only the entries there are
+    /// compared with the copy, not the whole page (a PTE write is one entry).
+    pub fn table_written_range(
+        &mut self,
+        page: u32,
+        start: u32,
+        end: u32,
+    ) -> Result<(), ShadowError> {
         match self.traces.get(&page) {
-            Some(t) if !t.unsynced => self.resync(page).map(|_| ()),
+            Some(t) if !t.unsynced => self.resync_range(page, start, end).map(|_| ()),
             _ => Ok(()),
         }
     }
@@ -912,26 +924,45 @@ impl ShadowMmu {
     /// Resolves the current contents of traced `page` against its copy; returns whether
     /// anything changed.
     fn resync(&mut self, page: u32) -> Result<bool, ShadowError> {
+        self.resync_range(page, 0, PAGE as u32)
+    }
+
+    /// Resolves bytes `start..end` of traced `page` (widened to whole 8-byte entries) against
+    /// its copy; returns whether anything changed. A traced page is written only through
+    /// [`GuestMemory`], which reports every write's range, so the rest of the copy is current.
+    fn resync_range(&mut self, page: u32, start: u32, end: u32) -> Result<bool, ShadowError> {
+        let (first, last) = (
+            (start & !7) as usize,
+            (end.min(PAGE as u32) as usize + 7) & !7,
+        );
+        if first >= last {
+            return Ok(false);
+        }
         let Some(t) = self.traces.get_mut(&page) else {
             return Ok(false);
         };
-        let mut now = vec![0u8; PAGE as usize];
-        if self.memory.read(u64::from(page) << 12, &mut now).is_err() {
+        let mut buf = [0u8; PAGE as usize];
+        let now = &mut buf[first..last];
+        if self
+            .memory
+            .read((u64::from(page) << 12) + first as u64, now)
+            .is_err()
+        {
             return Ok(false);
         }
-        let mut changed = Vec::new();
-        for i in 0..(PAGE as usize / 4) {
-            let old = u32::from_le_bytes(t.copy[4 * i..4 * i + 4].try_into().expect("4 bytes"));
-            let new = u32::from_le_bytes(now[4 * i..4 * i + 4].try_into().expect("4 bytes"));
-            if old != new {
-                changed.push((i, old, new));
-            }
+        let old = &mut t.copy[first..last];
+        if old == now {
+            return Ok(false);
         }
-        t.copy = now;
-        let any = !changed.is_empty();
         let base = u64::from(page) << 12;
         let mut dropped = Vec::new();
-        for (i, old, new) in changed {
+        for (i, (o, n)) in old.chunks_exact(4).zip(now.chunks_exact(4)).enumerate() {
+            let old = u32::from_le_bytes(o.try_into().expect("4 bytes"));
+            let new = u32::from_le_bytes(n.try_into().expect("4 bytes"));
+            if old == new {
+                continue;
+            }
+            let i = first / 4 + i;
             let diff = u64::from(old ^ new);
             let ad = pte::A | pte::D;
             // An entry that only gained A or D changes nothing a window holds; one that lost
@@ -940,10 +971,10 @@ impl ShadowMmu {
             let lost_ad = u64::from(old) & diff != 0;
             // The dword belongs to a 4-byte entry (legacy) or an 8-byte one (PAE).
             for entry in [base + 4 * i as u64, base + 8 * (i as u64 / 2)] {
-                let Some(list) = self.deps.get(&entry).cloned() else {
+                let Some(list) = self.deps.get(&entry) else {
                     continue;
                 };
-                for who in list {
+                for &who in list {
                     if only_ad {
                         if lost_ad && who.0 != CODE {
                             self.pending.insert(who);
@@ -954,8 +985,9 @@ impl ShadowMmu {
                 }
             }
         }
+        old.copy_from_slice(now);
         self.drop_pages(dropped)?;
-        Ok(any)
+        Ok(true)
     }
 
     /// A CR3 load (MOV to CR3, a task switch): entries that lost A/D since they were mapped are
@@ -1650,8 +1682,10 @@ mod tests {
             user: false,
         };
         let report = |s: &mut ShadowMmu| {
-            for page in mem.take_written_code_pages() {
-                s.table_written(page).unwrap();
+            // As the bt engine reports them: only the part of each page written.
+            for w in mem.take_written_code_ranges() {
+                s.table_written_range(w.page, w.start.into(), w.end.into())
+                    .unwrap();
             }
         };
         for step in 0..STEPS {

@@ -335,12 +335,14 @@ impl BtEngine {
                 }
             }
         }
-        for page in self.memory.take_written_code_pages() {
-            if self.shadow.is_code(page) {
-                self.drop_page(page)?;
+        for w in self.memory.take_written_code_ranges() {
+            if self.shadow.is_code(w.page) {
+                self.drop_page(w.page)?;
             }
-            if self.shadow.is_traced(page) {
-                self.shadow.table_written(page)?;
+            if self.shadow.is_traced(w.page) {
+                // Only the entries written (a PTE write is one): not the whole page.
+                self.shadow
+                    .table_written_range(w.page, w.start.into(), w.end.into())?;
             }
         }
         self.check_code_epochs();
