@@ -348,8 +348,14 @@ impl BtEngine {
             }
         }
         for w in self.memory.take_written_code_ranges() {
-            if self.shadow.is_code(w.page) {
-                self.drop_page(w.page)?;
+            if self.shadow.is_code(w.page)
+                && !self
+                    .translator
+                    .invalidate_range(w.page, w.start.into(), w.end.into())
+            {
+                // Only the units the write overlaps go (the kernel patching a call site
+                // keeps the rest of the page); a page left without units is plain data again.
+                self.shadow.unmark_code(w.page)?;
             }
             if self.shadow.is_traced(w.page) {
                 // Only the entries written (a PTE write is one): not the whole page.
