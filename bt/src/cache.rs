@@ -97,6 +97,8 @@ pub struct Unit {
     pub slots: Vec<Slot>,
     /// Guest instructions translated.
     pub instructions: u32,
+    /// One past the last guest byte (linear) its instructions cover.
+    pub guest_end: u32,
     /// The instruction the unit ends with a callout for, if any.
     pub callout: Option<iced_x86::Mnemonic>,
     /// The target unit each slot is chained to.
@@ -277,6 +279,7 @@ impl Translator {
             map: encoded.map,
             slots: encoded.slots,
             instructions: encoded.instructions,
+            guest_end: encoded.guest_end,
             callout: encoded.callout,
             chained: vec![None; slots],
             incoming: Vec::new(),
@@ -395,38 +398,78 @@ impl Translator {
             return 0;
         };
         for &id in &ids {
-            let Some(unit) = self.units[id as usize].take() else {
-                continue;
-            };
-            let key = (unit.eip, unit.page, unit.mode);
-            if self.by_eip.get(&key) == Some(&id) {
-                self.by_eip.remove(&key);
-            }
-            self.by_host.remove(&unit.host);
-            for t in &mut self.lookups {
-                let entry = &mut t.entries[(unit.eip & 0xFFFF) as usize];
-                if entry[0] == !u64::from(unit.eip) {
-                    *entry = [0, 0];
-                }
-            }
-            for (from, slot) in unit.incoming {
-                if let Some(Some(p)) = self.units.get_mut(from as usize)
-                    && p.chained[slot as usize] == Some(id)
-                {
-                    p.chained[slot as usize] = None;
-                    let at = p.host + u64::from(p.slots[slot as usize].rel32_offset);
-                    let original = p.original[slot as usize];
-                    self.cache.write_i32(at, original);
-                }
-            }
-            for to in unit.chained.iter().flatten() {
-                if let Some(Some(t)) = self.units.get_mut(*to as usize) {
-                    t.incoming.retain(|(f, _)| *f != id);
-                }
-            }
-            self.stats.invalidated += 1;
+            self.drop_unit(id);
         }
         ids.len()
+    }
+
+    /// Drops the units whose code in guest-physical page `page` overlaps bytes `start..end` of
+    /// it (offsets in the page), as [`Translator::invalidate_page`] does for all of them: a
+    /// write of a few bytes (the kernel patching one call site) leaves the page's other units
+    /// alone, since they were translated from bytes that did not change. Returns whether the
+    /// page still holds units.
+    pub fn invalidate_range(&mut self, page: u32, start: u32, end: u32) -> bool {
+        let Some(ids) = self.by_page.remove(&page) else {
+            return false;
+        };
+        let mut keep = Vec::new();
+        for id in ids {
+            let Some(Some(u)) = self.units.get(id as usize) else {
+                // Dropped already (with the other page of a unit that crosses).
+                continue;
+            };
+            // The unit's bytes as offsets from the start of its first page: [first, last),
+            // past 0x1000 in the second page for the one instruction that runs on into it.
+            let (first, last) = (u.eip & 0xFFF, u.guest_end.wrapping_sub(u.eip & !0xFFF));
+            let overlaps = |a: u32, b: u32| a < end && start < b;
+            let written = (u.page == page && overlaps(first, last.min(0x1000)))
+                || (u.page2 == Some(page) && overlaps(0, last.saturating_sub(0x1000)));
+            if !written {
+                keep.push(id);
+            } else {
+                self.drop_unit(id);
+            }
+        }
+        let live = !keep.is_empty();
+        if live {
+            self.by_page.insert(page, keep);
+        }
+        live
+    }
+
+    /// Drops unit `id` (if live): out of the maps and the lookup tables, its predecessors'
+    /// chained jumps restored.
+    fn drop_unit(&mut self, id: u32) {
+        let Some(unit) = self.units[id as usize].take() else {
+            return;
+        };
+        let key = (unit.eip, unit.page, unit.mode);
+        if self.by_eip.get(&key) == Some(&id) {
+            self.by_eip.remove(&key);
+        }
+        self.by_host.remove(&unit.host);
+        for t in &mut self.lookups {
+            let entry = &mut t.entries[(unit.eip & 0xFFFF) as usize];
+            if entry[0] == !u64::from(unit.eip) {
+                *entry = [0, 0];
+            }
+        }
+        for (from, slot) in unit.incoming {
+            if let Some(Some(p)) = self.units.get_mut(from as usize)
+                && p.chained[slot as usize] == Some(id)
+            {
+                p.chained[slot as usize] = None;
+                let at = p.host + u64::from(p.slots[slot as usize].rel32_offset);
+                let original = p.original[slot as usize];
+                self.cache.write_i32(at, original);
+            }
+        }
+        for to in unit.chained.iter().flatten() {
+            if let Some(Some(t)) = self.units.get_mut(*to as usize) {
+                t.incoming.retain(|(f, _)| *f != id);
+            }
+        }
+        self.stats.invalidated += 1;
     }
 
     /// Empties the cache; returns the guest pages that held units.
@@ -488,6 +531,64 @@ mod tests {
         t.forget_indirect();
         t.select_lookup(Mode(Mode::CPL0), 0);
         assert_eq!(entry(&t, 0xC000_1000), [0, 0], "everything");
+    }
+
+    /// Guest code: one page at linear 0x1000 (guest-physical page 7), and the one after it.
+    struct TwoPages(Vec<u8>);
+
+    impl CodeSource for TwoPages {
+        fn read_code(&self, eip: u32, buf: &mut [u8]) -> usize {
+            let Some(at) = (eip as usize).checked_sub(0x1000) else {
+                return 0;
+            };
+            let n = buf.len().min(self.0.len().saturating_sub(at));
+            buf[..n].copy_from_slice(&self.0[at..at + n]);
+            n
+        }
+    }
+
+    #[test]
+    fn a_write_of_a_few_bytes_drops_only_the_units_it_overlaps() {
+        let mut code = vec![0x90u8; 0x2000];
+        // Units ending in a RET at 0x1000..0x1003, 0x1010..0x1013, 0x1020..0x1023, and one
+        // instruction (mov eax, imm32) across the page boundary at 0x1FFE.
+        for at in [0x000, 0x010, 0x020] {
+            code[at..at + 4].copy_from_slice(&[0x40, 0x40, 0x40, 0xC3]); // inc eax x3; ret
+        }
+        code[0xFFE..0x1003].copy_from_slice(&[0xB8, 1, 2, 3, 4]);
+        let src = TwoPages(code);
+        let mut t = Translator::new().unwrap();
+        let mode = Mode(Mode::CPL0);
+        for eip in [0x1000, 0x1010, 0x1020] {
+            t.translate(&src, eip, 7, None, mode).unwrap();
+        }
+        let crossing = t.translate(&src, 0x1FFE, 7, Some(8), mode).unwrap();
+        assert_eq!(crossing.page2, Some(8));
+        let live = |t: &Translator, eip: u32, page: u32| t.unit_id(eip, page, mode).is_some();
+        // The second unit's last byte (its RET).
+        assert!(t.invalidate_range(7, 0x13, 0x14));
+        assert!(live(&t, 0x1000, 7) && live(&t, 0x1020, 7));
+        assert!(!live(&t, 0x1010, 7), "the unit written goes");
+        assert!(
+            live(&t, 0x1FFE, 7),
+            "bytes the crossing unit does not cover"
+        );
+        // Bytes between units: nothing goes.
+        assert!(t.invalidate_range(7, 0x4, 0x10));
+        assert!(live(&t, 0x1000, 7) && live(&t, 0x1020, 7));
+        // The next page written after the crossing instruction's bytes, then on them.
+        assert!(t.invalidate_range(8, 0x3, 0x804));
+        assert!(live(&t, 0x1FFE, 7));
+        assert!(
+            !t.invalidate_range(8, 0x2, 0x3),
+            "page 8 holds no unit of its own"
+        );
+        assert!(!live(&t, 0x1FFE, 7), "its last byte was written");
+        assert!(live(&t, 0x1000, 7), "units of page 7 alone stay");
+        // The rest of page 7, written whole.
+        assert!(!t.invalidate_range(7, 0, 0x1000), "no units left");
+        assert!(!live(&t, 0x1000, 7) && !live(&t, 0x1020, 7));
+        assert_eq!(t.stats.invalidated, 4);
     }
 
     #[test]

@@ -153,6 +153,9 @@ struct Space {
     window: Window,
     key: Key,
     pages: HashMap<u32, PageMap>,
+    /// Dropped pages whose host mapping was only made inaccessible ([`Window::revoke`]): each
+    /// still takes a host VMA until something is mapped over it or the window is emptied.
+    revoked: HashSet<u32>,
     last_used: u64,
     pdptes: [u64; 4],
 }
@@ -208,6 +211,8 @@ pub struct ShadowMmu {
     pending: HashSet<(u32, u32)>,
     /// Live single-page mappings (an upper bound on the host VMAs they need).
     live_pages: u64,
+    /// Revoked pages in all windows (`Space::revoked`): host VMAs too.
+    revoked_pages: u64,
     map_limit: u64,
     /// Counters.
     pub stats: ShadowStats,
@@ -271,6 +276,7 @@ impl ShadowMmu {
             local_code_epoch: 0,
             pending: HashSet::default(),
             live_pages: 0,
+            revoked_pages: 0,
             map_limit,
             stats: ShadowStats::default(),
         }
@@ -352,6 +358,7 @@ impl ShadowMmu {
                 window,
                 key,
                 pages: HashMap::default(),
+                revoked: HashSet::default(),
                 last_used: 0,
                 pdptes: [0; 4],
             });
@@ -409,6 +416,8 @@ impl ShadowMmu {
         for (lin, m) in pages {
             self.forget(id as u32, lin, &m);
         }
+        let revoked = std::mem::take(&mut self.spaces[id].revoked);
+        self.revoked_pages -= revoked.len() as u64;
         self.spaces[id].window.unmap(0, 1 << 32)?;
         self.stats.mmap_calls += 1;
         Ok(())
@@ -514,8 +523,7 @@ impl ShadowMmu {
             return Ok(());
         };
         self.forget(id, lin, &m);
-        self.spaces[id as usize].window.unmap(lin << 12, PAGE)?;
-        self.stats.mmap_calls += 1;
+        self.unmap_run(id, lin, 1)?;
         self.stats.entries_dropped += 1;
         Ok(())
     }
@@ -554,11 +562,26 @@ impl ShadowMmu {
         Ok(())
     }
 
+    /// Takes the host mapping of window pages `first..first + n` away. One page (a PTE the
+    /// guest changed, an INVLPG: early fixmap setup does ~35 K per boot) is only revoked, at
+    /// less than half the cost; a longer run goes back to the reservation.
     fn unmap_run(&mut self, id: u32, first: u32, n: u32) -> Result<(), ShadowError> {
-        self.spaces[id as usize]
-            .window
-            .unmap(first << 12, u64::from(n) * PAGE)?;
+        let s = &mut self.spaces[id as usize];
+        if n == 1 {
+            s.window.revoke(first << 12, PAGE)?;
+            self.stats.mprotect_calls += 1;
+            if s.revoked.insert(first) {
+                self.revoked_pages += 1;
+            }
+            return Ok(());
+        }
+        s.window.unmap(first << 12, u64::from(n) * PAGE)?;
         self.stats.mmap_calls += 1;
+        for lin in first..first + n {
+            if s.revoked.remove(&lin) {
+                self.revoked_pages -= 1;
+            }
+        }
         Ok(())
     }
 
@@ -697,7 +720,7 @@ impl ShadowMmu {
     /// each), recycling windows if the host runs out of mappings.
     fn map_run(&mut self, id: usize, first: u32, maps: &[PageMap]) -> Result<(), ShadowError> {
         let n = maps.len() as u64;
-        if self.live_pages + n + 1024 >= self.map_limit {
+        if self.live_pages + self.revoked_pages + n + 1024 >= self.map_limit {
             self.recycle_others(id)?;
         }
         let memory = self.memory.clone();
@@ -737,6 +760,10 @@ impl ShadowMmu {
                 self.stats.mprotect_calls += 1;
             }
             self.live_pages += 1;
+            // Mapped over: a revoked page's old host mapping is gone.
+            if self.spaces[id].revoked.remove(&lin) {
+                self.revoked_pages -= 1;
+            }
             self.spaces[id].pages.insert(lin, *m);
             self.rmap
                 .entry(m.gpa_page)
@@ -859,7 +886,8 @@ impl ShadowMmu {
     /// Empties every window but `keep` (the host is short of mappings).
     fn recycle_others(&mut self, keep: usize) -> Result<(), ShadowError> {
         for i in 0..self.spaces.len() {
-            if i != keep && !self.spaces[i].pages.is_empty() {
+            let s = &self.spaces[i];
+            if i != keep && !(s.pages.is_empty() && s.revoked.is_empty()) {
                 self.clear_space(i)?;
                 self.stats.windows_recycled += 1;
             }
@@ -903,8 +931,20 @@ impl ShadowMmu {
     /// Guest-physical `page` was written (by emulation, a device or the monitor): resolves the
     /// write against the trace's copy and drops the shadow entries whose guest entry changed.
     pub fn table_written(&mut self, page: u32) -> Result<(), ShadowError> {
+        self.table_written_range(page, 0, PAGE as u32)
+    }
+
+    /// Like [`ShadowMmu::table_written`], when only bytes `start..end` of the page were written
+    /// (what [`GuestMemory::take_written_code_ranges`] reports): only the entries there are
+    /// compared with the copy, not the whole page (a PTE write is one entry).
+    pub fn table_written_range(
+        &mut self,
+        page: u32,
+        start: u32,
+        end: u32,
+    ) -> Result<(), ShadowError> {
         match self.traces.get(&page) {
-            Some(t) if !t.unsynced => self.resync(page).map(|_| ()),
+            Some(t) if !t.unsynced => self.resync_range(page, start, end).map(|_| ()),
             _ => Ok(()),
         }
     }
@@ -912,26 +952,45 @@ impl ShadowMmu {
     /// Resolves the current contents of traced `page` against its copy; returns whether
     /// anything changed.
     fn resync(&mut self, page: u32) -> Result<bool, ShadowError> {
+        self.resync_range(page, 0, PAGE as u32)
+    }
+
+    /// Resolves bytes `start..end` of traced `page` (widened to whole 8-byte entries) against
+    /// its copy; returns whether anything changed. A traced page is written only through
+    /// [`GuestMemory`], which reports every write's range, so the rest of the copy is current.
+    fn resync_range(&mut self, page: u32, start: u32, end: u32) -> Result<bool, ShadowError> {
+        let (first, last) = (
+            (start & !7) as usize,
+            (end.min(PAGE as u32) as usize + 7) & !7,
+        );
+        if first >= last {
+            return Ok(false);
+        }
         let Some(t) = self.traces.get_mut(&page) else {
             return Ok(false);
         };
-        let mut now = vec![0u8; PAGE as usize];
-        if self.memory.read(u64::from(page) << 12, &mut now).is_err() {
+        let mut buf = [0u8; PAGE as usize];
+        let now = &mut buf[first..last];
+        if self
+            .memory
+            .read((u64::from(page) << 12) + first as u64, now)
+            .is_err()
+        {
             return Ok(false);
         }
-        let mut changed = Vec::new();
-        for i in 0..(PAGE as usize / 4) {
-            let old = u32::from_le_bytes(t.copy[4 * i..4 * i + 4].try_into().expect("4 bytes"));
-            let new = u32::from_le_bytes(now[4 * i..4 * i + 4].try_into().expect("4 bytes"));
-            if old != new {
-                changed.push((i, old, new));
-            }
+        let old = &mut t.copy[first..last];
+        if old == now {
+            return Ok(false);
         }
-        t.copy = now;
-        let any = !changed.is_empty();
         let base = u64::from(page) << 12;
         let mut dropped = Vec::new();
-        for (i, old, new) in changed {
+        for (i, (o, n)) in old.chunks_exact(4).zip(now.chunks_exact(4)).enumerate() {
+            let old = u32::from_le_bytes(o.try_into().expect("4 bytes"));
+            let new = u32::from_le_bytes(n.try_into().expect("4 bytes"));
+            if old == new {
+                continue;
+            }
+            let i = first / 4 + i;
             let diff = u64::from(old ^ new);
             let ad = pte::A | pte::D;
             // An entry that only gained A or D changes nothing a window holds; one that lost
@@ -940,10 +999,10 @@ impl ShadowMmu {
             let lost_ad = u64::from(old) & diff != 0;
             // The dword belongs to a 4-byte entry (legacy) or an 8-byte one (PAE).
             for entry in [base + 4 * i as u64, base + 8 * (i as u64 / 2)] {
-                let Some(list) = self.deps.get(&entry).cloned() else {
+                let Some(list) = self.deps.get(&entry) else {
                     continue;
                 };
-                for who in list {
+                for &who in list {
                     if only_ad {
                         if lost_ad && who.0 != CODE {
                             self.pending.insert(who);
@@ -954,8 +1013,9 @@ impl ShadowMmu {
                 }
             }
         }
+        old.copy_from_slice(now);
         self.drop_pages(dropped)?;
-        Ok(any)
+        Ok(true)
     }
 
     /// A CR3 load (MOV to CR3, a task switch): entries that lost A/D since they were mapped are
@@ -1511,7 +1571,8 @@ mod tests {
     /// the bookkeeping maps the frame a fresh walk finds (writable only where the guest allows
     /// the write and the entry is dirty) unless a TLB could still hold it (an entry that lost
     /// A/D, or a table being written untraced); a page not in the bookkeeping is not accessible
-    /// on the host at all; the host's protection is the bookkeeping's.
+    /// on the host at all (the reservation, or a revoked mapping where the bookkeeping says
+    /// so); the host's protection is the bookkeeping's.
     fn check_windows(s: &ShadowMmu, mem: &GuestMemory, p: &Paging, lins: &[u32], step: usize) {
         let host = host_mappings();
         let prot_at = |addr: u64| {
@@ -1534,6 +1595,17 @@ mod tests {
             unsynced,
             "step {step}: the unsynced set and the traces disagree"
         );
+        assert_eq!(
+            s.revoked_pages,
+            s.spaces.iter().map(|x| x.revoked.len() as u64).sum::<u64>(),
+            "step {step}: the revoked-page count and the windows disagree"
+        );
+        for space in &s.spaces {
+            assert!(
+                space.revoked.iter().all(|l| !space.pages.contains_key(l)),
+                "step {step}: a page both mapped and revoked"
+            );
+        }
         for (id, space) in s.spaces.iter().enumerate() {
             let Key::Paged { cr3, user } = space.key else {
                 continue;
@@ -1545,7 +1617,13 @@ mod tests {
                 let at = format!("step {step}, window {id} ({cr3:#x}, user {user}), {lin:#x}");
                 let host_prot = prot_at(space.window.base() + u64::from(lin));
                 let Some(m) = space.pages.get(&(lin >> 12)) else {
-                    assert_eq!(host_prot, Some("---p"), "{at}: reachable but not mapped");
+                    // The reservation, or a dropped page's mapping made inaccessible.
+                    let want = if space.revoked.contains(&(lin >> 12)) {
+                        "---s"
+                    } else {
+                        "---p"
+                    };
+                    assert_eq!(host_prot, Some(want), "{at}: reachable but not mapped");
                     continue;
                 };
                 let want = if m.writable { "rw-s" } else { "r--s" };
@@ -1650,8 +1728,10 @@ mod tests {
             user: false,
         };
         let report = |s: &mut ShadowMmu| {
-            for page in mem.take_written_code_pages() {
-                s.table_written(page).unwrap();
+            // As the bt engine reports them: only the part of each page written.
+            for w in mem.take_written_code_ranges() {
+                s.table_written_range(w.page, w.start.into(), w.end.into())
+                    .unwrap();
             }
         };
         for step in 0..STEPS {

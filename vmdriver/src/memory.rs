@@ -215,7 +215,19 @@ struct CodePages {
     marked: Box<[AtomicU64]>,
     tables: Box<[AtomicU64]>,
     any_written: AtomicBool,
-    written: Mutex<Vec<u32>>,
+    written: Mutex<Vec<WrittenRange>>,
+}
+
+/// A write to a marked page ([`GuestMemory::take_written_code_ranges`]): the page and the
+/// byte range within it that covers what was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenRange {
+    /// The page number (guest-physical address >> 12).
+    pub page: u32,
+    /// First byte written, as an offset in the page.
+    pub start: u16,
+    /// One past the last byte written (at most 4096).
+    pub end: u16,
 }
 
 impl CodePages {
@@ -244,10 +256,24 @@ impl CodePages {
             let watched =
                 self.marked[w].load(Ordering::Relaxed) | self.tables[w].load(Ordering::Relaxed);
             if watched & bit != 0 {
-                self.written
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(page as u32);
+                let page_start = page << 12;
+                let start = addr.max(page_start) - page_start;
+                let end = (addr + len as u64).min(page_start + 0x1000) - page_start;
+                let range = WrittenRange {
+                    page: page as u32,
+                    start: start as u16,
+                    end: end as u16,
+                };
+                let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+                match written.last_mut() {
+                    // Consecutive writes to one page (a PTE and its neighbours, a string
+                    // store) share one entry covering them all.
+                    Some(last) if last.page == range.page => {
+                        last.start = last.start.min(range.start);
+                        last.end = last.end.max(range.end);
+                    }
+                    _ => written.push(range),
+                }
                 self.any_written.store(true, Ordering::Release);
             }
         }
@@ -378,14 +404,33 @@ impl GuestMemory {
     /// The page numbers (address >> 12) of marked pages (code or traced page tables) written
     /// since the last call, if any.
     pub fn take_written_code_pages(&self) -> Vec<u32> {
-        if !self.code.any_written.swap(false, Ordering::AcqRel) {
+        self.take_written_code_ranges()
+            .into_iter()
+            .map(|r| r.page)
+            .collect()
+    }
+
+    /// Like [`GuestMemory::take_written_code_pages`], with the part of each page written: one
+    /// range per page, in page order, covering every write to it since the last call.
+    pub fn take_written_code_ranges(&self) -> Vec<WrittenRange> {
+        // A plain load first: the common case (nothing written) stays off the atomic swap.
+        if !self.code.any_written.load(Ordering::Acquire)
+            || !self.code.any_written.swap(false, Ordering::AcqRel)
+        {
             return Vec::new();
         }
-        let mut pages =
+        let mut ranges =
             std::mem::take(&mut *self.code.written.lock().unwrap_or_else(|e| e.into_inner()));
-        pages.sort_unstable();
-        pages.dedup();
-        pages
+        ranges.sort_unstable_by_key(|r| r.page);
+        ranges.dedup_by(|next, kept| {
+            if next.page != kept.page {
+                return false;
+            }
+            kept.start = kept.start.min(next.start);
+            kept.end = kept.end.max(next.end);
+            true
+        });
+        ranges
     }
 
     /// Copies `data` to guest-physical `addr`. The range must lie in one region; the monitor may
@@ -523,6 +568,27 @@ mod tests {
         m.mark_code_page(0x10_1000, false);
         m.write(0x10_1000, &[1]).unwrap();
         assert!(m.take_written_code_pages().is_empty());
+    }
+
+    #[test]
+    fn written_ranges_cover_each_write_per_page() {
+        let m = GuestMemory::new(MemoryLayout::new(4).unwrap()).unwrap();
+        m.mark_table_page(0x10_1000, true);
+        m.mark_code_page(0x10_3000, true);
+        // Straddles into the marked page: only its part there counts.
+        m.write(0x10_0FFE, &[1, 2, 3]).unwrap();
+        m.write(0x10_3FFC, &[0; 4]).unwrap();
+        // Not consecutive with the first write to 0x101: merged when taken.
+        m.write(0x10_1800, &[0; 4]).unwrap();
+        m.write(0x10_2000, &[0; 4]).unwrap(); // not marked
+        let r = |page, start, end| WrittenRange { page, start, end };
+        assert_eq!(
+            m.take_written_code_ranges(),
+            vec![r(0x101, 0, 0x804), r(0x103, 0xFFC, 0x1000)]
+        );
+        assert!(m.take_written_code_ranges().is_empty());
+        m.fill(0x10_1000, 0x2000, 0).unwrap();
+        assert_eq!(m.take_written_code_ranges(), vec![r(0x101, 0, 0x1000)]);
     }
 
     #[test]

@@ -190,6 +190,24 @@ impl Window {
         Ok(())
     }
 
+    /// Makes `len` mapped bytes at guest linear `linear` inaccessible without unmapping them:
+    /// one mprotect, measured at less than half the cost of replacing the mapping with the
+    /// reservation ([`Window::unmap`]), which matters when the guest changes one PTE at a time.
+    /// The pages keep their host mapping, and the VMA it takes, until something is mapped over
+    /// them or the range is unmapped; every access faults meanwhile.
+    pub fn revoke(&mut self, linear: u32, len: u64) -> Result<(), WindowError> {
+        assert!(
+            u64::from(linear) + len <= GIB4,
+            "a revoked range stays inside the window"
+        );
+        let at = self.base + u64::from(linear);
+        // SAFETY: changes the protection of pages of our own window (to none).
+        if unsafe { libc::mprotect(at as *mut libc::c_void, len as usize, libc::PROT_NONE) } != 0 {
+            return Err(host_err("mprotect of window pages"));
+        }
+        Ok(())
+    }
+
     /// Changes the access of `len` mapped bytes at guest linear `linear`.
     pub fn protect(&mut self, linear: u32, len: u64, writable: bool) -> Result<(), WindowError> {
         assert!(

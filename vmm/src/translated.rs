@@ -102,7 +102,19 @@ struct Counters {
     retranslated: u64,
     retranslated_device: u64,
     signals: [u64; 6],
-    callouts: HashMap<Mnemonic, u64>,
+    /// Callouts by mnemonic, indexed by `Mnemonic as usize` (a hash per callout showed in
+    /// profiles).
+    callouts: Vec<u64>,
+}
+
+impl Counters {
+    fn count_callout(&mut self, m: Mnemonic) {
+        let i = m as usize;
+        if i >= self.callouts.len() {
+            self.callouts.resize(i + 1, 0);
+        }
+        self.callouts[i] += 1;
+    }
 }
 
 /// Guest code as the translator reads it: the linear page holding the unit, from the
@@ -317,7 +329,6 @@ impl BtEngine {
         let c = self.interp.cpu();
         let now = (c.cr0, c.cr4, c.cpl(), mode_of(&self.interp));
         let events = self.interp.take_tlb_events();
-        let p = self.paging();
         let (cr0_diff, cr4_diff) = (now.0 ^ self.seen.0, now.1 ^ self.seen.1);
         if cr0_diff & CR0_PAGING == 0 && cr4_diff & CR4_PAGING == cr4::PGE {
             // PGE toggled: a global flush (a superset of the events' flushes), not a new way
@@ -332,7 +343,8 @@ impl BtEngine {
                     self.shadow.unmark_code(page)?;
                 }
             }
-        } else {
+        } else if !events.is_empty() {
+            let p = self.paging();
             for e in events {
                 match e {
                     TlbEvent::Cr3Load => self.shadow.cr3_loaded(&p)?,
@@ -341,12 +353,20 @@ impl BtEngine {
                 }
             }
         }
-        for page in self.memory.take_written_code_pages() {
-            if self.shadow.is_code(page) {
-                self.drop_page(page)?;
+        for w in self.memory.take_written_code_ranges() {
+            if self.shadow.is_code(w.page)
+                && !self
+                    .translator
+                    .invalidate_range(w.page, w.start.into(), w.end.into())
+            {
+                // Only the units the write overlaps go (the kernel patching a call site
+                // keeps the rest of the page); a page left without units is plain data again.
+                self.shadow.unmark_code(w.page)?;
             }
-            if self.shadow.is_traced(page) {
-                self.shadow.table_written(page)?;
+            if self.shadow.is_traced(w.page) {
+                // Only the entries written (a PTE write is one): not the whole page.
+                self.shadow
+                    .table_written_range(w.page, w.start.into(), w.end.into())?;
             }
         }
         self.check_code_epochs();
@@ -390,11 +410,17 @@ impl BtEngine {
     /// needed; None if fetching there faults or is not memory (the interpreter executes it).
     fn unit_for(&mut self, eip: u32) -> Result<Option<u64>, BtError> {
         let p = self.paging();
-        let Some(page) = self.shadow.code_page(&p, eip)? else {
+        let mode = mode_of(&self.interp);
+        self.unit_in(eip, &p, mode)
+    }
+
+    /// [`BtEngine::unit_for`] with the paging state and translation mode the caller already
+    /// has (they are the CPU's current ones).
+    fn unit_in(&mut self, eip: u32, p: &Paging, mode: UnitMode) -> Result<Option<u64>, BtError> {
+        let Some(page) = self.shadow.code_page(p, eip)? else {
             self.counters.fetch_faults += 1;
             return Ok(None);
         };
-        let mode = mode_of(&self.interp);
         let next_linear = (eip | 0xFFF).wrapping_add(1);
         if let Some(unit) = self
             .translator
@@ -403,7 +429,7 @@ impl BtEngine {
         {
             let (host, page2) = (unit.host, unit.page2);
             if let Some(p2) = page2
-                && self.shadow.code_page(&p, next_linear)? != Some(p2)
+                && self.shadow.code_page(p, next_linear)? != Some(p2)
             {
                 // The instruction runs on into a page that now maps elsewhere (or faults):
                 // the interpreter fetches it afresh.
@@ -413,7 +439,7 @@ impl BtEngine {
         }
         // An instruction near the page's end may run on into the next page.
         let next_phys = if eip & 0xFFF > 0x1000 - 15 {
-            self.shadow.code_page(&p, next_linear)?
+            self.shadow.code_page(p, next_linear)?
         } else {
             None
         };
@@ -440,7 +466,9 @@ impl BtEngine {
         Ok(Some(t.host))
     }
 
-    fn load_context(&mut self) {
+    /// Copies the guest state translated code keeps in the context from the interpreter's
+    /// CpuState; `mode` is the CPU's translation mode.
+    fn load_context(&mut self, mode: UnitMode) {
         let cpu = self.interp.cpu();
         let (gpr, eflags) = (cpu.gpr, cpu.eflags);
         let base = |s: SegReg| cpu.seg(s).base;
@@ -461,10 +489,14 @@ impl BtEngine {
         ctx.irq_pending = u32::from(pending);
         ctx.x87_op = 0;
         ctx.x87_ds = 0;
-        if mode_of(&self.interp).0 & UnitMode::FPU != 0 {
-            // The units this entry can reach may load the guest's FPU state from here.
-            let img = self.interp.cpu().fx.clone();
-            self.vcpu.context_mut().fx = img;
+        if mode.0 & UnitMode::FPU != 0 {
+            // The units this entry can reach may load the guest's FPU state from here (copied
+            // in place: no 512-byte temporary).
+            self.vcpu
+                .context_mut()
+                .fx
+                .0
+                .copy_from_slice(&self.interp.cpu().fx.0);
         }
     }
 
@@ -563,7 +595,7 @@ impl BtEngine {
         let m = Decoder::with_ip(32, &bytes[..n], u64::from(eip), DecoderOptions::NONE)
             .decode()
             .mnemonic();
-        *self.counters.callouts.entry(m).or_default() += 1;
+        self.counters.count_callout(m);
         Ok(())
     }
 
@@ -628,14 +660,17 @@ impl BtEngine {
             return Ok(Some(exit));
         }
         let eip = self.interp.cpu().eip;
-        let Some(host) = self.unit_for(eip)? else {
+        // The paging state and translation mode, once for the lookup, the window and the
+        // context.
+        let (p, mode) = (self.paging(), mode_of(&self.interp));
+        let Some(host) = self.unit_in(eip, &p, mode)? else {
             // The fetch faults (or runs from device memory): the interpreter raises the
             // #PF or executes it.
             return self.interpret_one(io);
         };
         self.check_code_epochs();
-        let base = self.shadow.activate(&self.paging())?;
-        self.load_context();
+        let base = self.shadow.activate(&p)?;
+        self.load_context(mode);
         // SAFETY: `host` is the entry of a unit the translator built under the contract
         // (guest memory only through GS, exits only through the stub), and the window maps
         // only guest memory.
@@ -699,7 +734,7 @@ impl BtEngine {
                 self.interp.cpu_mut().eip = target;
                 let recorded = self.translator.unit(ctx.exit_unit).and_then(|u| u.callout);
                 match recorded {
-                    Some(m) => *self.counters.callouts.entry(m).or_default() += 1,
+                    Some(m) => self.counters.count_callout(m),
                     None => self.count_callout(target)?,
                 }
                 return self.interpret_one(io);
@@ -851,10 +886,13 @@ impl BtEngine {
             }
         }
         v.push(("SUD fired", world::sigsys_count()));
-        let mut callouts: Vec<_> = c.callouts.iter().collect();
-        callouts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let mut callouts: Vec<(Mnemonic, u64)> = Mnemonic::values()
+            .filter_map(|m| Some((m, *c.callouts.get(m as usize)?)))
+            .filter(|&(_, n)| n != 0)
+            .collect();
+        callouts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         for (m, n) in callouts {
-            v.push((callout_name(*m), *n));
+            v.push((callout_name(m), n));
         }
         v
     }
