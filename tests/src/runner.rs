@@ -239,7 +239,9 @@ pub fn interrupt_engines() -> Vec<&'static str> {
     protected_mode_engines()
 }
 
-fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+/// Reads `r` to its end on a thread of its own (so a child never blocks on a full pipe); join
+/// the handle for the bytes.
+pub fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = r.read_to_end(&mut buf);

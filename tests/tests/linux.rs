@@ -8,7 +8,7 @@ use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use bt86_tests::console::{self, ConsoleError, Ended, Output, Session};
-use bt86_tests::runner::{bt86_binary, qemu_binary};
+use bt86_tests::runner::{bt86_binary, drain, qemu_binary};
 use iced_x86::code_asm::*;
 
 /// A bzImage whose protected-mode code checks what the boot protocol promises (ESI = the zero
@@ -585,12 +585,9 @@ fn boot_debian(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
-        out
-    });
+    // Both pipes drain while the guest runs: a full stderr pipe would stall bt86.
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -603,10 +600,8 @@ fn boot_debian(
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let mut stderr = String::new();
-    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
-    let mut console = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
-    console.push_str(&stderr);
+    let mut console = String::from_utf8_lossy(&stdout.join().unwrap()).into_owned();
+    console.push_str(&String::from_utf8_lossy(&stderr.join().unwrap()));
     (status, console)
 }
 
