@@ -1450,14 +1450,20 @@ mod tests {
         assert_eq!(s.code_page(&q, HI).unwrap(), Some((DATA >> 12) + 3));
     }
 
-    #[test]
-    fn a_mapping_made_from_an_untraced_table_goes_when_its_entry_returns_to_the_copy() {
+    /// A space whose page table at PT was written often enough to stop being traced.
+    fn untraced_page_table() -> (Arc<GuestMemory>, ShadowMmu, Paging) {
         let (mem, mut s, p) = setup(4);
         fault(&mut s, &p, HI, true);
         for _ in 0..=UNTRACE_WRITES {
             assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Traced);
         }
         assert_eq!(s.stats.trace_drops, 1);
+        (mem, s, p)
+    }
+
+    #[test]
+    fn a_mapping_made_from_an_untraced_table_goes_when_its_entry_returns_to_the_copy() {
+        let (mem, mut s, p) = untraced_page_table();
         // Entry 4 was empty when the table's copy was taken. The guest fills it (a direct
         // write: the table is untraced), touches the page, then empties it again (munmap) and
         // flushes its TLB with a CR3 load: the frame must not stay mapped.
@@ -1473,12 +1479,7 @@ mod tests {
 
     #[test]
     fn a_table_written_too_often_is_untraced_then_resynchronised() {
-        let (mem, mut s, p) = setup(4);
-        fault(&mut s, &p, HI, true);
-        for _ in 0..=UNTRACE_WRITES {
-            assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Traced);
-        }
-        assert_eq!(s.stats.trace_drops, 1);
+        let (mem, mut s, p) = untraced_page_table();
         // Untraced: the table's page becomes writable, and guest writes to it go straight in.
         assert_eq!(fault(&mut s, &p, HI + 0x1000, true), Fault::Hidden);
         assert_eq!(s.mapping(&p, HI + 0x1000), Some(((PT >> 12) as u32, true)));
