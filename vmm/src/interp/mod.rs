@@ -2207,6 +2207,14 @@ mod tests {
         (interp, Ports::default())
     }
 
+    /// Emits the end of a test guest: `value` to port 0x80, then the exit port, then HLT.
+    fn report_and_exit(a: &mut CodeAssembler, value: u32) -> Result<(), IcedError> {
+        a.mov(eax, value)?;
+        a.out(0x80, eax)?;
+        a.out(0xF4, al)?;
+        a.hlt()
+    }
+
     /// Runs until the guest writes port 0xF4; returns the values it wrote to port 0x80.
     fn run_to_exit(interp: &mut Interp, ports: &mut Ports) -> Vec<u32> {
         for _ in 0..1000 {
@@ -2674,11 +2682,7 @@ mod tests {
                 a.out(0xF4, al)?;
                 a.hlt()?;
                 a.set_label(handler)?;
-                a.mov(eax, 0x6Du32)?;
-                a.out(0x80, eax)?;
-                a.out(0xF4, al)?;
-                a.hlt()?;
-                Ok(())
+                report_and_exit(a, 0x6D)
             },
             &[(13, 0x8E)],
         );
@@ -2707,11 +2711,7 @@ mod tests {
                     a.db(bytes)?;
                     a.out(0xF4, al)?;
                     a.set_label(handler)?;
-                    a.mov(eax, 0x66u32)?;
-                    a.out(0x80, eax)?;
-                    a.out(0xF4, al)?;
-                    a.hlt()?;
-                    Ok(())
+                    report_and_exit(a, 0x66)
                 },
                 &[(6, 0x8E)],
             );
@@ -2726,15 +2726,9 @@ mod tests {
             |a, handler| {
                 a.db(&[0x0F, 0x19, 0x6C, 0x20, 0x5E])?; // hint nop [eax+5Eh],ebp
                 a.db(&[0x0F, 0x1E, 0x04, 0x25, 0x00, 0x00, 0x00, 0xC0])?; // its address unread
-                a.mov(eax, 0x99u32)?;
-                a.out(0x80, eax)?;
-                a.out(0xF4, al)?;
+                report_and_exit(a, 0x99)?;
                 a.set_label(handler)?;
-                a.mov(eax, 0x66u32)?;
-                a.out(0x80, eax)?;
-                a.out(0xF4, al)?;
-                a.hlt()?;
-                Ok(())
+                report_and_exit(a, 0x66)
             },
             &[(6, 0x8E), (13, 0x8E), (14, 0x8E)],
         );
