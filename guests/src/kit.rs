@@ -447,6 +447,18 @@ pub fn init_pics(a: &mut CodeAssembler, vectors: (u8, u8), masks: (u8, u8)) -> A
     Ok(())
 }
 
+/// Emits the 8254's channel 0 as a rate generator (mode 2, binary) dividing its 1.193182 MHz
+/// clock by `divisor` (11932: 100 Hz), the way a PC kernel programs its tick. Only `mov al`/
+/// `out imm8`: it assembles for 16-bit and 32-bit code alike.
+pub fn pit_rate_generator(a: &mut CodeAssembler, divisor: u16) -> AsmResult {
+    let [low, high] = divisor.to_le_bytes();
+    for (port, value) in [(0x43, 0x34), (0x40, low), (0x40, high)] {
+        a.mov(al, u32::from(value))?;
+        a.out(port, al)?;
+    }
+    Ok(())
+}
+
 /// A raw firmware image for the reset vector: `code` (16-bit real-mode code assembled for
 /// `F000:0000`) at the start of a 64 KiB image whose last 16 bytes (at `F000:FFF0`) jump to it.
 pub fn reset_rom(build: impl FnOnce(&mut CodeAssembler) -> AsmResult) -> AsmResult<Vec<u8>> {

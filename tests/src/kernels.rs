@@ -13,7 +13,8 @@ mod sensitive;
 pub mod virtio;
 
 use crate::kit::{
-    AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, init_pics, reset_rom,
+    AsmResult, ENTRY_REGS, Format, Kit, MB_MEMORY_INFO, MB_PAGE_ALIGN, init_pics,
+    pit_rate_generator, reset_rom,
 };
 use crate::translator_kernels as tk;
 
@@ -1016,6 +1017,17 @@ pub(crate) fn set_tss_descriptor(k: &mut Kit, entry: u32, base: u32, limit: u32)
     Ok(k.asm().mov(dword_ptr(entry + 4), high)?)
 }
 
+/// The GDT of kernels that run code at CPL 0 and CPL 3 with one TSS (built at run time by
+/// [`load_tables`]).
+pub(crate) const RING_GDT: [u64; 6] = [
+    0,
+    0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0
+    0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
+    0x00CF_FB00_0000_FFFF, // 0x18 code, DPL 3
+    0x00CF_F300_0000_FFFF, // 0x20 data, DPL 3
+    0,                     // 0x28 TSS, built at run time
+];
+
 /// Emits the switch to a kernel's own tables with its TSS at GDT selector 0x28: the TSS
 /// descriptor (base `tss`, byte-granular `tss_limit`), LGDT, LIDT, and LTR 0x28.
 pub(crate) fn load_tables(
@@ -1593,10 +1605,7 @@ pub(crate) fn count_pit_ticks(k: &mut Kit) -> AsmResult<u32> {
     set_gate(k, idt, 0x20, 0x8E)?;
     k.asm().lidt(ptr(idtr))?;
     init_pics(k.asm(), (0x20, 0x28), (0xFE, 0xFF))?;
-    for (port, v) in [(0x43u32, 0x34u32), (0x40, 11932 & 0xFF), (0x40, 11932 >> 8)] {
-        k.asm().mov(al, v)?;
-        k.asm().out(port, al)?;
-    }
+    pit_rate_generator(k.asm(), 11932)?;
     Ok(ticks)
 }
 
@@ -1752,12 +1761,7 @@ pub fn timer_rom() -> AsmResult<Vec<u8>> {
         // 8259A pair: vectors 0x08 and 0x70, cascade on IRQ 2, 8086 mode; only IRQ 0 unmasked.
         init_pics(a, (0x08, 0x70), (0xFE, 0xFF))?;
         // PIT channel 0, mode 2, 100 Hz.
-        a.mov(al, 0x34u32)?;
-        a.out(0x43, al)?;
-        a.mov(al, 11932u32 & 0xFF)?;
-        a.out(0x40, al)?;
-        a.mov(al, 11932u32 >> 8)?;
-        a.out(0x40, al)?;
+        pit_rate_generator(a, 11932)?;
         a.sti()?;
         let mut halted = a.create_label();
         a.set_label(&mut halted)?;

@@ -6,7 +6,7 @@
 
 use iced_x86::code_asm::*;
 
-use crate::kernels::{handler_address, load_tables, set_gate};
+use crate::kernels::{RING_GDT, handler_address, load_tables, set_gate};
 use crate::kit::{AsmResult, Kit};
 
 /// Physical layout shared by the kernels (all above the kit's own 1-2 MiB).
@@ -508,16 +508,8 @@ mod user {
 /// bits the process left. Exits with value 0x1B.
 pub fn shadow_user() -> AsmResult<Vec<u8>> {
     use user::*;
-    const GDT_ENTRIES: [u64; 6] = [
-        0,
-        0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0
-        0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
-        0x00CF_FB00_0000_FFFF, // 0x18 code, DPL 3
-        0x00CF_F300_0000_FFFF, // 0x20 data, DPL 3
-        0,                     // 0x28 TSS
-    ];
     let mut k = Kit::new()?;
-    let (gdt, gdtr) = k.descriptor_table(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
+    let (gdt, gdtr) = k.descriptor_table(&RING_GDT.map(u64::to_le_bytes).concat());
     let mut tss = vec![0u8; 104];
     let kernel_stack = k.data(&[0u8; 4096]) + 4096;
     tss[4..8].copy_from_slice(&kernel_stack.to_le_bytes());

@@ -6,7 +6,7 @@
 use iced_x86::code_asm::*;
 
 use crate::kernels::{
-    com1_tss, count_pit_ticks, enter_ring3, handler_address, load_tables, set_gate,
+    RING_GDT, com1_tss, count_pit_ticks, enter_ring3, handler_address, load_tables, set_gate,
 };
 use crate::kit::{AsmResult, KERNEL_BASE, Kit};
 
@@ -174,14 +174,6 @@ mod stack_pages {
 /// ESP as it went, and INT 0x81 prints them. Exits with value 0x24.
 pub fn stack_faults() -> AsmResult<Vec<u8>> {
     use stack_pages::*;
-    const GDT_ENTRIES: [u64; 6] = [
-        0,
-        0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0
-        0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
-        0x00CF_FB00_0000_FFFF, // 0x18 code, DPL 3
-        0x00CF_F300_0000_FFFF, // 0x20 data, DPL 3
-        0,                     // 0x28 TSS
-    ];
     const NAMES: [&str; 11] = [
         "esp-after-push-run",
         "ebp-after-fault",
@@ -196,7 +188,7 @@ pub fn stack_faults() -> AsmResult<Vec<u8>> {
         "esp-after-pop-run",
     ];
     let mut k = Kit::new()?;
-    let (gdt, gdtr) = k.descriptor_table(&GDT_ENTRIES.map(u64::to_le_bytes).concat());
+    let (gdt, gdtr) = k.descriptor_table(&RING_GDT.map(u64::to_le_bytes).concat());
     let (tss, tss_limit) = com1_tss(&mut k);
     let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     let count = k.data(&[0; 4]);

@@ -4,22 +4,13 @@
 
 use iced_x86::code_asm::*;
 
-use super::{com1_tss, enter_ring3, load_tables, set_gate_from_slot};
+use super::{RING_GDT, com1_tss, enter_ring3, load_tables, set_gate_from_slot};
 use crate::kit::{AsmResult, Kit};
-
-const GDT: [u64; 6] = [
-    0,
-    0x00CF_9B00_0000_FFFF, // 0x08 code, DPL 0
-    0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
-    0x00CF_FB00_0000_FFFF, // 0x18 code, DPL 3
-    0x00CF_F300_0000_FFFF, // 0x20 data, DPL 3
-    0,                     // 0x28 TSS, built at run time
-];
 
 /// Builds the kernel. Exits with value 0x1E.
 pub fn alignment() -> AsmResult<Vec<u8>> {
     let mut k = Kit::new()?;
-    let (gdt, gdtr) = k.descriptor_table(&GDT.map(u64::to_le_bytes).concat());
+    let (gdt, gdtr) = k.descriptor_table(&RING_GDT.map(u64::to_le_bytes).concat());
     let (tss, tss_limit) = com1_tss(&mut k);
     let (idt, idtr) = k.descriptor_table(&[0u8; 256 * 8]);
     let word = k.data(&0x4433_2211_u64.to_le_bytes());

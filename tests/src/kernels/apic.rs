@@ -9,7 +9,7 @@
 use iced_x86::code_asm::*;
 
 use super::{handler_address, set_gate};
-use crate::kit::{AsmResult, Kit, init_pics};
+use crate::kit::{AsmResult, Kit, init_pics, pit_rate_generator};
 
 const LAPIC: u32 = 0xFEE0_0000;
 const IOAPIC: u32 = 0xFEC0_0000;
@@ -175,10 +175,7 @@ pub fn apic() -> AsmResult<Vec<u8>> {
     // The 8254 through IOAPIC pin 2 (ISA IRQ 0's override), edge, vector 0x60, to APIC 0.
     ioapic_write(&mut k, 0x10 + 2 * 2 + 1, 0)?;
     ioapic_write(&mut k, 0x10 + 2 * 2, 0x60)?;
-    for (port, v) in [(0x43u32, 0x34u32), (0x40, 11932 & 0xFF), (0x40, 11932 >> 8)] {
-        k.asm().mov(al, v)?;
-        k.asm().out(port, al)?;
-    }
+    pit_rate_generator(k.asm(), 11932)?;
     wait_for(&mut k, pit, 5)?;
     ioapic_write(&mut k, 0x10 + 2 * 2, 0x1_0060)?; // masked
     k.asm().mov(eax, dword_ptr(pit))?;

@@ -12,7 +12,7 @@
 use iced_x86::code_asm::*;
 
 use super::handler_address;
-use crate::kit::{AsmResult, Kit, init_pics};
+use crate::kit::{AsmResult, Kit, init_pics, pit_rate_generator};
 
 /// Handler entries before the kernel exits.
 pub const ROUNDS: u32 = 64;
@@ -122,10 +122,7 @@ pub fn chaos(seed: u64) -> AsmResult<Vec<u8>> {
     k.asm().lidt(ptr(idtr))?;
     // IRQ 0 from the PIT at about 1 kHz (mode 2), the only line unmasked.
     init_pics(k.asm(), (0x20, 0x28), (0xFE, 0xFF))?;
-    for (port, v) in [(0x43u32, 0x34u32), (0x40, 1193 & 0xFF), (0x40, 1193 >> 8)] {
-        k.asm().mov(al, v)?;
-        k.asm().out(port, al)?;
-    }
+    pit_rate_generator(k.asm(), 1193)?;
     if seed % 2 == 1 {
         k.identity_map_4mib(PAGE_DIRECTORY)?;
         k.asm().mov(eax, PAGE_DIRECTORY)?;
