@@ -111,7 +111,8 @@ pub struct KvmVm {
     // Field order is drop order: the vCPU and VM descriptors close before the memory they map
     // can be unmapped.
     vcpu: VcpuFd,
-    /// Brings KVM_RUN back periodically; created on the thread that runs the vCPU.
+    /// Brings KVM_RUN back periodically while the guest runs (not while it is halted); created
+    /// on the thread that runs the vCPU.
     kicker: Option<Kicker>,
     /// Whether an interrupt can be injected now (valid after an exit).
     window: bool,
@@ -256,7 +257,16 @@ impl KvmVm {
                 }
             };
         }
+        if let Some(kicker) = &mut self.kicker
+            && let Err(e) = kicker.arm()
+        {
+            tracing::warn!("the kvm vCPU's periodic kick did not start ({e})");
+        }
         let exit = self.run_once(io);
+        if let (Ok(VmExit::Halt { .. }), Some(kicker)) = (&exit, &mut self.kicker) {
+            // The VM sleeps until an event: no kicks while the guest is halted.
+            kicker.disarm();
+        }
         let run = self.vcpu.get_kvm_run();
         self.window = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
         exit

@@ -312,10 +312,31 @@ fn host_err(what: &'static str) -> WorldError {
 }
 
 /// The context and its poll page: two pages of one anonymous mapping, freed when the last owner
-/// (the engine or an [`ExitRequester`]) lets go.
+/// (the engine or an [`ExitRequester`]) lets go. The exit-request flag lives in the context's
+/// page after the [`VcpuContext`] ([`REQUEST_FLAG`]), where the time-slice signal handler finds
+/// it from R15 alone, and where no `&mut VcpuContext` covers it while other threads set it.
 struct ContextMapping {
     base: *mut u8,
-    requested: AtomicBool,
+}
+
+/// Offset of the exit-request flag (an `AtomicBool`) in the context's page.
+const REQUEST_FLAG: usize = PAGE - 8;
+const _: () = assert!(std::mem::size_of::<VcpuContext>() <= REQUEST_FLAG);
+
+/// Asks translated code running with the context at `base` to leave at its next unit entry: sets
+/// the flag and revokes the poll page (once per request). Async-signal-safe (an atomic swap and
+/// mprotect).
+///
+/// # Safety
+/// `base` must be the start of a live context mapping.
+unsafe fn request_exit(base: *mut u8) {
+    // SAFETY: the caller guarantees the mapping is live; the flag is an AtomicBool-sized,
+    // aligned slot in its first page that only atomic operations touch.
+    let flag = unsafe { &*base.add(REQUEST_FLAG).cast::<AtomicBool>() };
+    if !flag.swap(true, Ordering::AcqRel) {
+        // SAFETY: revokes access to the mapping's own poll page; nothing in Rust reads it.
+        unsafe { libc::mprotect(base.add(PAGE).cast(), PAGE, libc::PROT_NONE) };
+    }
 }
 
 // SAFETY: the mapping is owned by this struct; the only cross-thread operation is mprotect of
@@ -336,6 +357,11 @@ impl ContextMapping {
         // SAFETY: the mapping is two pages long.
         unsafe { self.base.add(PAGE).cast() }
     }
+
+    fn requested(&self) -> &AtomicBool {
+        // SAFETY: see `request_exit`; the mapping lives as long as `self`.
+        unsafe { &*self.base.add(REQUEST_FLAG).cast::<AtomicBool>() }
+    }
 }
 
 /// A handle that makes translated code leave at its next unit boundary; usable from any thread.
@@ -345,10 +371,8 @@ pub struct ExitRequester(Arc<ContextMapping>);
 impl ExitRequester {
     /// Asks translated code to return to the monitor at the next unit entry.
     pub fn request(&self) {
-        if !self.0.requested.swap(true, Ordering::AcqRel) {
-            // SAFETY: revokes access to the poll page we own; nothing in Rust reads it.
-            unsafe { libc::mprotect(self.0.poll_page(), PAGE, libc::PROT_NONE) };
-        }
+        // SAFETY: our Arc keeps the mapping live.
+        unsafe { request_exit(self.0.base) };
     }
 }
 
@@ -375,10 +399,8 @@ impl Vcpu {
         if base == libc::MAP_FAILED {
             return Err(host_err("mmap of the vCPU context"));
         }
-        let mapping = Arc::new(ContextMapping {
-            base: base.cast(),
-            requested: AtomicBool::new(false),
-        });
+        // The fresh mapping is zero-filled: the request flag starts false.
+        let mapping = Arc::new(ContextMapping { base: base.cast() });
         // SAFETY: the poll page is ours; translated code only reads it.
         if unsafe { libc::mprotect(mapping.poll_page(), PAGE, libc::PROT_READ) } != 0 {
             return Err(host_err("mprotect of the poll page"));
@@ -454,7 +476,7 @@ impl Vcpu {
     pub fn clear_exit_request(&self) {
         // SAFETY: restores read access to our own poll page.
         unsafe { libc::mprotect(self.mapping.poll_page(), PAGE, libc::PROT_READ) };
-        self.mapping.requested.store(false, Ordering::Release);
+        self.mapping.requested().store(false, Ordering::Release);
     }
 
     /// Runs translated code at host address `entry` with GS.base = `gs_base`, until it exits.
@@ -728,123 +750,135 @@ extern "C" fn on_signal(signo: libc::c_int, info: *mut libc::siginfo_t, uctx: *m
     }
 }
 
-/// A host thread that asks translated code to leave every `period`, so the VM's run loop gets to
-/// service its timers and interrupt controller even while a guest spins in translated code
-/// (DESIGN.md §6). While the vCPU is halted the engine parks it ([`SliceTimer::park`]), so an
-/// idle guest costs no host wake-ups beyond its own timers. Stopped and joined when dropped.
+/// Time slices for translated code: a POSIX timer signals the vCPU's own thread every `period`
+/// while the guest runs, so the VM's run loop gets to service its timers and interrupt
+/// controller even while a guest spins in translated code (DESIGN.md §6).
+///
+/// - The signal's handler ([`on_slice`]) runs on the vCPU thread. If it interrupted translated
+///   code it finds the context through R15 and requests an exit (the next unit entry faults on
+///   the poll page); if it interrupted the monitor it marks the slice as due on this thread, and
+///   [`take_slice_due`] reports it before the monitor enters translated code again.
+/// - While the vCPU is halted the engine parks the timer ([`SliceTimer::park`]): an idle guest
+///   costs no host wake-ups beyond its own timer interrupts, and no helper thread is ever woken.
+/// - The timer is created on the thread that first unparks it, and again if another thread runs
+///   the vCPU later.
 pub struct SliceTimer {
-    shared: Arc<SliceShared>,
-    /// A copy of `shared.state.parked` the vCPU thread reads without the lock.
-    parked: AtomicBool,
-    thread: Option<std::thread::JoinHandle<()>>,
+    period: std::time::Duration,
+    timer: Option<crate::kick::ThreadTimer>,
 }
 
-struct SliceShared {
-    state: std::sync::Mutex<SliceState>,
-    wake: std::sync::Condvar,
+thread_local! {
+    /// A slice ended while this thread was in the monitor rather than in translated code.
+    static SLICE_DUE: Cell<bool> = const { Cell::new(false) };
 }
 
-#[derive(Default)]
-struct SliceState {
-    parked: bool,
-    stop: bool,
+/// The signal that ends a time slice (a real-time signal nothing else in bt86 uses).
+fn slice_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 4
+}
+
+/// Whether a time slice ended while this thread ran monitor code; clears the mark.
+pub fn take_slice_due() -> bool {
+    SLICE_DUE.with(|d| d.replace(false))
+}
+
+/// The time-slice signal's handler. Async-signal-safe: loads, an atomic swap, mprotect, and a
+/// store to a thread-local that needs no initialisation; errno is preserved.
+extern "C" fn on_slice(_: libc::c_int, _: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; reading and restoring it is what every handler must do.
+    let errno = unsafe { *libc::__errno_location() };
+    let uc = uctx.cast::<libc::ucontext_t>();
+    // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
+    let gregs = unsafe { &(*uc).uc_mcontext.gregs };
+    let rip = gregs[libc::REG_RIP as usize] as u64;
+    let ctx = gregs[libc::REG_R15 as usize] as *mut VcpuContext;
+    // SAFETY: translated code always runs with R15 = its context, which is live while it runs
+    // (the translator never writes R15); the magic check guards against anything else.
+    let in_translated = crate::codecache::zone_contains(rip)
+        && !ctx.is_null()
+        && unsafe { (*ctx).magic } == CONTEXT_MAGIC;
+    if in_translated {
+        // SAFETY: the context is the first page of its live mapping.
+        unsafe { request_exit(ctx.cast()) };
+    } else {
+        SLICE_DUE.with(|d| d.set(true));
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Installs [`on_slice`] once per process.
+fn install_slice_handler() -> io::Result<()> {
+    static INSTALL: Once = Once::new();
+    static FAILED: AtomicBool = AtomicBool::new(false);
+    INSTALL.call_once(|| {
+        // SAFETY: sigaction is plain data; every field that matters is set below, and
+        // `on_slice` has the SA_SIGINFO signature. SA_RESTART keeps the monitor's own system
+        // calls transparent; SA_ONSTACK runs the handler where the fault handler runs.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_slice as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(slice_signal(), &sa, ptr::null_mut())
+        };
+        FAILED.store(rc != 0, Ordering::Release);
+    });
+    if FAILED.load(Ordering::Acquire) {
+        return Err(io::Error::other(
+            "the host refused a handler for the time-slice signal",
+        ));
+    }
+    Ok(())
 }
 
 impl SliceTimer {
-    /// Starts the thread.
-    pub fn start(requester: ExitRequester, period: std::time::Duration) -> io::Result<Self> {
-        let shared = Arc::new(SliceShared {
-            state: std::sync::Mutex::new(SliceState::default()),
-            wake: std::sync::Condvar::new(),
-        });
-        let theirs = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("bt86-slice".into())
-            .spawn(move || {
-                let mut state = theirs
-                    .state
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                loop {
-                    if state.stop {
-                        return;
-                    }
-                    if state.parked {
-                        state = theirs
-                            .wake
-                            .wait(state)
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        continue;
-                    }
-                    let (next, timeout) = theirs
-                        .wake
-                        .wait_timeout(state, period)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    state = next;
-                    // A notification (park, unpark, stop) starts the period again.
-                    if timeout.timed_out() && !state.parked && !state.stop {
-                        requester.request();
-                    }
-                }
-            })?;
+    /// Time slices of `period`, parked until the first [`SliceTimer::unpark`].
+    pub fn new(period: std::time::Duration) -> io::Result<Self> {
+        install_slice_handler()?;
         Ok(Self {
-            shared,
-            parked: AtomicBool::new(false),
-            thread: Some(thread),
+            period,
+            timer: None,
         })
-    }
-
-    fn set_parked(&self, parked: bool) {
-        self.parked.store(parked, Ordering::Relaxed);
-        let mut state = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.parked = parked;
-        drop(state);
-        self.shared.wake.notify_one();
     }
 
     /// Stops the time slices until [`SliceTimer::unpark`] (the vCPU is halted: nothing runs in
     /// translated code that would need to leave).
-    pub fn park(&self) {
-        if !self.parked.load(Ordering::Relaxed) {
-            self.set_parked(true);
+    pub fn park(&mut self) {
+        if let Some(t) = &mut self.timer {
+            t.disarm();
         }
     }
 
-    /// Restarts the time slices; cheap (one relaxed load) when they run already.
-    pub fn unpark(&self) {
-        if self.parked.load(Ordering::Relaxed) {
-            self.set_parked(false);
+    /// Starts (or keeps running) the time slices for the calling thread, which runs the vCPU.
+    /// Cheap when they run already: a thread-local read and a flag.
+    pub fn unpark(&mut self) -> io::Result<()> {
+        match &mut self.timer {
+            Some(t) if t.is_current_thread() => t.arm(),
+            _ => {
+                self.timer = None;
+                let mut t =
+                    crate::kick::ThreadTimer::for_current_thread(slice_signal(), self.period)?;
+                t.arm()?;
+                self.timer = Some(t);
+                Ok(())
+            }
         }
     }
 
     /// Whether the time slices are parked.
     pub fn is_parked(&self) -> bool {
-        self.parked.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for SliceTimer {
-    fn drop(&mut self) {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .stop = true;
-        self.shared.wake.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        !self
+            .timer
+            .as_ref()
+            .is_some_and(crate::kick::ThreadTimer::is_armed)
     }
 }
 
 impl Vcpu {
     /// Whether an exit request is pending (set by [`ExitRequester::request`]).
     pub fn exit_requested(&self) -> bool {
-        self.mapping.requested.load(Ordering::Acquire)
+        self.mapping.requested().load(Ordering::Acquire)
     }
 }
 
@@ -853,34 +887,57 @@ mod tests {
     use super::*;
     use crate::codecache::CodeCache;
 
+    /// `mov r11d, [r15+4096]` (the poll) then `jmp` back to it: a unit that never leaves on
+    /// its own.
+    const SPIN_ON_POLL: [u8; 9] = [0x45, 0x8B, 0x9F, 0x00, 0x10, 0x00, 0x00, 0xEB, 0xF7];
+
     #[test]
-    fn a_parked_slice_timer_requests_no_exits_until_unparked() {
-        let vcpu = Vcpu::new().unwrap();
-        let period = std::time::Duration::from_millis(2);
-        let timer = SliceTimer::start(vcpu.exit_requester(), period).unwrap();
-        let wait_for_request = || {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while !vcpu.exit_requested() && std::time::Instant::now() < deadline {
-                std::thread::sleep(period);
-            }
-            vcpu.exit_requested()
-        };
-        assert!(wait_for_request(), "a running slice timer requests exits");
+    fn a_time_slice_ends_translated_code_that_never_leaves() {
+        let mut cache = CodeCache::new().unwrap();
+        let entry = cache.append(&SPIN_ON_POLL).unwrap();
+        let mut vcpu = Vcpu::new().unwrap();
+        let mut timer = SliceTimer::new(std::time::Duration::from_millis(2)).unwrap();
+        assert!(timer.is_parked());
+        timer.unpark().unwrap();
+        assert!(!timer.is_parked());
+        for _ in 0..3 {
+            // SAFETY: the code only reads the poll page until a slice revokes it.
+            unsafe { vcpu.enter(entry, 0) };
+            assert_eq!(vcpu.context().exit_reason, reason::SIGNAL);
+            assert!(vcpu.is_poll_address(vcpu.context().si_addr));
+            assert!(vcpu.exit_requested());
+            vcpu.clear_exit_request();
+        }
         timer.park();
         assert!(timer.is_parked());
-        // A request the thread made before it saw the park may still land: clear after it.
+    }
+
+    #[test]
+    fn a_slice_that_ends_in_the_monitor_is_reported_there_and_none_while_parked() {
+        let period = std::time::Duration::from_millis(2);
+        let mut timer = SliceTimer::new(period).unwrap();
+        let wait_for_slice = || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                if take_slice_due() {
+                    return true;
+                }
+                std::thread::sleep(period);
+            }
+            false
+        };
+        timer.unpark().unwrap();
+        assert!(wait_for_slice(), "a running slice timer marks slices due");
+        timer.park();
+        // A signal already on its way may still land: clear after it.
         std::thread::sleep(period * 5);
-        vcpu.clear_exit_request();
+        take_slice_due();
         std::thread::sleep(period * 25);
+        assert!(!take_slice_due(), "a parked slice timer ended a slice");
+        timer.unpark().unwrap();
         assert!(
-            !vcpu.exit_requested(),
-            "a parked slice timer requested an exit"
-        );
-        timer.unpark();
-        assert!(!timer.is_parked());
-        assert!(
-            wait_for_request(),
-            "an unparked slice timer requests exits again"
+            wait_for_slice(),
+            "an unparked slice timer marks slices due again"
         );
     }
 

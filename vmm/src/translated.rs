@@ -237,7 +237,7 @@ impl BtEngine {
         let mut translator = Translator::new()?;
         let mut vcpu = Vcpu::new().map_err(|e| setup(&e))?;
         vcpu.context_mut().lookup = translator.select_lookup(mode_of(&interp), interp.cpu().cpl());
-        let timer = SliceTimer::start(vcpu.exit_requester(), TIME_SLICE).map_err(|e| setup(&e))?;
+        let timer = SliceTimer::new(TIME_SLICE).map_err(|e| setup(&e))?;
         let seen = (
             interp.cpu().cr0,
             interp.cpu().cr4,
@@ -609,7 +609,9 @@ impl BtEngine {
 
     /// Runs until the VM must look: an I/O exit, a halt, a time slice's end.
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
-        self.timer.unpark();
+        self.timer
+            .unpark()
+            .map_err(|e| BtError::Setup(format!("the time-slice timer: {e}")))?;
         let exit = self.run_exits(io);
         if let Ok(VmExit::Halt { .. }) = exit {
             // The VM sleeps until an event: no time slices while nothing runs.
@@ -641,6 +643,12 @@ impl BtEngine {
     /// Runs one translated unit (or, where bt interprets, the interpreter: one instruction in
     /// lockstep mode) and handles its exit. Returns the exit for the VM, if there is one.
     pub fn step_unit(&mut self, io: &mut dyn IoHandler) -> Result<Option<VmExit>, BtError> {
+        if world::take_slice_due() {
+            // The slice ended while the monitor ran (a request made from translated code
+            // would have faulted its next poll instead).
+            self.counters.exits_request += 1;
+            return Ok(Some(VmExit::Interrupted));
+        }
         if self.vcpu.exit_requested() {
             self.vcpu.clear_exit_request();
             self.counters.exits_request += 1;
