@@ -3,7 +3,9 @@
 //! /dev/kvm opens (on bt86's build machines that is the PVM module, which runs exactly these) —
 //! and expects the same result from each.
 
-use bt86_tests::runner::{Guest, Outcome, engines, interrupt_engines, run_bt86, write_kit_kernel};
+use bt86_tests::runner::{
+    Guest, Outcome, engines, interrupt_engines, run_bt86, stat, write_kit_kernel,
+};
 
 fn run_on(engine: &str, kernel: &str, memory_mib: u64, extra: &[&str]) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
@@ -259,6 +261,17 @@ fn halted_guests_sleep_until_their_timer_interrupts() {
             o.stderr
         );
         assert!(o.stderr.contains("halt 10,"), "{e}: {}", o.stderr);
+        // Nothing wakes the halted VM but the guest's own timer: no time slices or kicks
+        // while it sleeps (a 1 ms slice signal left armed would add ~100 wake-ups to these ten
+        // 10 ms sleeps). Each sleep is one voluntary switch; a few more may come from the
+        // host's own blocking (console writes, thread start-up).
+        let (sleeps, woken) = (stat(&o, "halted sleeps"), stat(&o, "host switches vol"));
+        assert!(sleeps >= 10, "{e}: {}", o.stderr);
+        assert!(
+            woken <= sleeps + 5,
+            "{e}: {woken} host wake-ups for {sleeps} halted sleeps:\n{}",
+            o.stderr
+        );
     }
 }
 

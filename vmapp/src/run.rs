@@ -348,6 +348,9 @@ fn format_stats(s: &VmStats) -> String {
         s.timer_ticks,
         s.halted_time.as_secs_f64() * 1e3
     );
+    out += &format!("  halted sleeps        {}\n", s.halt_sleeps);
+    out += &format!("  host switches vol    {}\n", s.host_switches.0);
+    out += &format!("  host switches invol  {}\n", s.host_switches.1);
     match s.tsc_hz {
         Some(hz) => out += &format!("  guest TSC rate       {hz} Hz\n"),
         None => out += "  guest TSC rate       unknown\n",

@@ -196,6 +196,30 @@ pub struct VmStats {
     pub drives: Vec<DriveStats>,
     /// Disk completions that made the running engine return early to deliver them.
     pub io_wakeups: u64,
+    /// Times the halted CPU went to sleep on the host (each ends in one wake-up).
+    pub halt_sleeps: u64,
+    /// Host context switches of the thread that ran the VM: (voluntary, involuntary). A
+    /// voluntary one is a sleep; an idle guest should cost about one per [`VmStats::halt_sleeps`].
+    pub host_switches: (u64, u64),
+}
+
+/// The calling thread's context switches so far, (voluntary, involuntary), from
+/// /proc/thread-self/status; zeros where that is unavailable.
+fn thread_switches() -> (u64, u64) {
+    let Ok(status) = std::fs::read_to_string("/proc/thread-self/status") else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("voluntary_ctxt_switches:"),
+        field("nonvoluntary_ctxt_switches:"),
+    )
 }
 
 /// The port and MMIO buses and the local APIC, as the engines see them.
@@ -566,10 +590,14 @@ impl Vm {
     /// Runs the guest until it stops.
     pub fn run(&mut self) -> Result<RunOutcome, VmError> {
         let start = Instant::now();
+        let switches = thread_switches();
         self.clock.resume();
         let outcome = self.run_loop();
         self.clock.halt();
         self.stats.run_time += start.elapsed();
+        let now = thread_switches();
+        self.stats.host_switches.0 += now.0.saturating_sub(switches.0);
+        self.stats.host_switches.1 += now.1.saturating_sub(switches.1);
         outcome
     }
 
@@ -845,6 +873,7 @@ impl Vm {
                 .min(MAX_IDLE_SLEEP);
             // A disk completion or serial input ends the sleep early (while a disk request is
             // in flight the wait is on the disk, and input is taken right after).
+            self.stats.halt_sleeps += 1;
             if io {
                 self.chipset.wait_io(wait);
                 self.feed_serial(None);
