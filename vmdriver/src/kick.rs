@@ -15,7 +15,8 @@ use std::io;
 use std::sync::Once;
 use std::time::Duration;
 
-/// A POSIX timer that sends `signal` to the thread that created it every `period` while armed.
+/// A POSIX timer that sends `signal` to the thread that created it: every `period` while armed
+/// with [`ThreadTimer::arm`], or once with [`ThreadTimer::arm_once`].
 pub struct ThreadTimer {
     timer: libc::timer_t,
     thread: libc::pid_t,
@@ -63,14 +64,16 @@ impl ThreadTimer {
         })
     }
 
-    fn set(&mut self, period: Duration) -> io::Result<()> {
-        let spec = libc::timespec {
-            tv_sec: period.as_secs() as libc::time_t,
-            tv_nsec: period.subsec_nanos() as libc::c_long,
+    /// Programs the timer: the first signal `first` from now (zero disarms), then one every
+    /// `interval` (zero: none).
+    fn set(&mut self, first: Duration, interval: Duration) -> io::Result<()> {
+        let spec = |d: Duration| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
         };
         let value = libc::itimerspec {
-            it_interval: spec,
-            it_value: spec,
+            it_interval: spec(interval),
+            it_value: spec(first),
         };
         // SAFETY: `timer` is the timer created in `for_current_thread`; `value` is a valid
         // itimerspec read by the call.
@@ -83,9 +86,17 @@ impl ThreadTimer {
     /// Starts the periodic signal (the first one a full period from now); nothing if it runs.
     pub fn arm(&mut self) -> io::Result<()> {
         if !self.armed {
-            self.set(self.period)?;
+            self.set(self.period, self.period)?;
             self.armed = true;
         }
+        Ok(())
+    }
+
+    /// Sends one signal `after` from now (at least a microsecond), replacing whatever was
+    /// armed.
+    pub fn arm_once(&mut self, after: Duration) -> io::Result<()> {
+        self.set(after.max(Duration::from_micros(1)), Duration::ZERO)?;
+        self.armed = true;
         Ok(())
     }
 
@@ -94,12 +105,13 @@ impl ThreadTimer {
     pub fn disarm(&mut self) {
         if self.armed {
             // A zero it_value disarms; timer_settime cannot fail on a valid timer.
-            let _ = self.set(Duration::ZERO);
+            let _ = self.set(Duration::ZERO, Duration::ZERO);
             self.armed = false;
         }
     }
 
-    /// Whether the timer is sending signals.
+    /// Whether the timer was armed and not disarmed since (a one-shot that already fired
+    /// still counts).
     pub fn is_armed(&self) -> bool {
         self.armed
     }

@@ -750,22 +750,39 @@ extern "C" fn on_signal(signo: libc::c_int, info: *mut libc::siginfo_t, uctx: *m
     }
 }
 
-/// Time slices for translated code: a POSIX timer signals the vCPU's own thread every `period`
-/// while the guest runs, so the VM's run loop gets to service its timers and interrupt
-/// controller even while a guest spins in translated code (DESIGN.md §6).
+/// Time slices for translated code: a POSIX timer signals the vCPU's own thread when the slice
+/// ends, so the VM's run loop gets to service its timers and interrupt controller even while a
+/// guest spins in translated code (DESIGN.md §6).
 ///
 /// - The signal's handler ([`on_slice`]) runs on the vCPU thread. If it interrupted translated
 ///   code it finds the context through R15 and requests an exit (the next unit entry faults on
 ///   the poll page); if it interrupted the monitor it marks the slice as due on this thread, and
 ///   [`take_slice_due`] reports it before the monitor enters translated code again.
-/// - While the vCPU is halted the engine parks the timer ([`SliceTimer::park`]): an idle guest
-///   costs no host wake-ups beyond its own timer interrupts, and no helper thread is ever woken.
-/// - The timer is created on the thread that first unparks it, and again if another thread runs
+/// - A slice ends when the VM's next timer event is due ([`SliceTimer::end_within`]), so a
+///   spinning guest gets its timer interrupt on time, and with no timer event within
+///   [`MAX_SLICE`] at the latest. The one-shot timer is reprogrammed only when that moment moves.
+/// - While the vCPU is halted ([`SliceTimer::park`]) the timer stays armed only if it fires as
+///   the VM wakes up anyway: an idle guest costs no host wake-ups beyond its own timer
+///   interrupts, one timer programming per guest timer event, and no helper thread.
+///   (Reprogramming a host timer is not free: when it becomes or stops being the CPU's earliest,
+///   the host reprograms its clock-event device, a trap under a hypervisor.)
+/// - The timer is created on the thread that first arms it, and again if another thread runs
 ///   the vCPU later.
 pub struct SliceTimer {
-    period: std::time::Duration,
     timer: Option<crate::kick::ThreadTimer>,
+    /// When the armed one-shot fires.
+    due: Option<std::time::Instant>,
 }
+
+/// The longest time slice when no timer event comes sooner: how long a spinning guest can keep
+/// the VM from noticing serial input or a stop request.
+pub const MAX_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How far from the wanted moment an armed slice end may be and still be kept: later by at most
+/// this, earlier by at most [`SLICE_EARLY`] (an early end costs one spare exit; reprogramming
+/// costs a system call).
+const SLICE_LATE: std::time::Duration = std::time::Duration::from_micros(20);
+const SLICE_EARLY: std::time::Duration = std::time::Duration::from_millis(5);
 
 thread_local! {
     /// A slice ended while this thread was in the monitor rather than in translated code.
@@ -833,45 +850,69 @@ fn install_slice_handler() -> io::Result<()> {
 }
 
 impl SliceTimer {
-    /// Time slices of `period`, parked until the first [`SliceTimer::unpark`].
-    pub fn new(period: std::time::Duration) -> io::Result<Self> {
+    /// Time slices, not armed until the first [`SliceTimer::end_within`].
+    pub fn new() -> io::Result<Self> {
         install_slice_handler()?;
         Ok(Self {
-            period,
             timer: None,
+            due: None,
         })
     }
 
-    /// Stops the time slices until [`SliceTimer::unpark`] (the vCPU is halted: nothing runs in
-    /// translated code that would need to leave).
-    pub fn park(&mut self) {
-        if let Some(t) = &mut self.timer {
-            t.disarm();
-        }
-    }
-
-    /// Starts (or keeps running) the time slices for the calling thread, which runs the vCPU.
-    /// Cheap when they run already: a thread-local read and a flag.
-    pub fn unpark(&mut self) -> io::Result<()> {
-        match &mut self.timer {
-            Some(t) if t.is_current_thread() => t.arm(),
-            _ => {
-                self.timer = None;
-                let mut t =
-                    crate::kick::ThreadTimer::for_current_thread(slice_signal(), self.period)?;
-                t.arm()?;
-                self.timer = Some(t);
-                Ok(())
+    /// Makes the slice end `within` from now (at most [`MAX_SLICE`]): keeps the armed end if
+    /// it is close enough, else (re)programs the timer for the calling thread, which runs the
+    /// vCPU.
+    pub fn end_within(&mut self, within: std::time::Duration) -> io::Result<()> {
+        let within = within.min(MAX_SLICE);
+        let now = std::time::Instant::now();
+        let wanted = now + within;
+        let timer = match &mut self.timer {
+            Some(t) if t.is_current_thread() => {
+                if let Some(due) = self.due
+                    && due > now
+                    && due <= wanted + SLICE_LATE
+                    && due + SLICE_EARLY >= wanted
+                {
+                    return Ok(());
+                }
+                t
             }
+            _ => {
+                self.due = None;
+                self.timer = None;
+                self.timer
+                    .insert(crate::kick::ThreadTimer::for_current_thread(
+                        slice_signal(),
+                        MAX_SLICE,
+                    )?)
+            }
+        };
+        timer.arm_once(within)?;
+        self.due = Some(wanted);
+        Ok(())
+    }
+
+    /// The vCPU halts and the VM sleeps until `wake` from now (None: until some other event):
+    /// keeps the slice's end if it comes just as the VM wakes (it then lands while the VM
+    /// handles the wake-up, costing no extra host wake-up), else stops it.
+    pub fn park(&mut self, wake: Option<std::time::Duration>) {
+        let now = std::time::Instant::now();
+        let aligned = match (self.due, wake) {
+            (Some(due), Some(wake)) => {
+                let wake = now + wake;
+                due >= wake && due <= wake + SLICE_LATE
+            }
+            _ => false,
+        };
+        if !aligned && let Some(t) = &mut self.timer {
+            t.disarm();
+            self.due = None;
         }
     }
 
-    /// Whether the time slices are parked.
+    /// Whether no slice end is armed.
     pub fn is_parked(&self) -> bool {
-        !self
-            .timer
-            .as_ref()
-            .is_some_and(crate::kick::ThreadTimer::is_armed)
+        self.due.is_none()
     }
 }
 
@@ -896,11 +937,13 @@ mod tests {
         let mut cache = CodeCache::new().unwrap();
         let entry = cache.append(&SPIN_ON_POLL).unwrap();
         let mut vcpu = Vcpu::new().unwrap();
-        let mut timer = SliceTimer::new(std::time::Duration::from_millis(2)).unwrap();
+        let mut timer = SliceTimer::new().unwrap();
         assert!(timer.is_parked());
-        timer.unpark().unwrap();
-        assert!(!timer.is_parked());
         for _ in 0..3 {
+            timer
+                .end_within(std::time::Duration::from_millis(2))
+                .unwrap();
+            assert!(!timer.is_parked());
             // SAFETY: the code only reads the poll page until a slice revokes it.
             unsafe { vcpu.enter(entry, 0) };
             assert_eq!(vcpu.context().exit_reason, reason::SIGNAL);
@@ -908,37 +951,62 @@ mod tests {
             assert!(vcpu.exit_requested());
             vcpu.clear_exit_request();
         }
-        timer.park();
+        timer.park(None);
         assert!(timer.is_parked());
     }
 
     #[test]
     fn a_slice_that_ends_in_the_monitor_is_reported_there_and_none_while_parked() {
-        let period = std::time::Duration::from_millis(2);
-        let mut timer = SliceTimer::new(period).unwrap();
+        let slice = std::time::Duration::from_millis(2);
+        let mut timer = SliceTimer::new().unwrap();
         let wait_for_slice = || {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while std::time::Instant::now() < deadline {
                 if take_slice_due() {
                     return true;
                 }
-                std::thread::sleep(period);
+                std::thread::sleep(slice);
             }
             false
         };
-        timer.unpark().unwrap();
-        assert!(wait_for_slice(), "a running slice timer marks slices due");
-        timer.park();
-        // A signal already on its way may still land: clear after it.
-        std::thread::sleep(period * 5);
-        take_slice_due();
-        std::thread::sleep(period * 25);
+        timer.end_within(slice).unwrap();
+        assert!(wait_for_slice(), "an armed slice timer marks its end");
+        // A slice end that does not come as the VM wakes is stopped while it sleeps.
+        timer.end_within(slice * 5).unwrap();
+        timer.park(Some(slice * 50));
+        assert!(timer.is_parked());
+        std::thread::sleep(slice * 25);
         assert!(!take_slice_due(), "a parked slice timer ended a slice");
-        timer.unpark().unwrap();
-        assert!(
-            wait_for_slice(),
-            "an unparked slice timer marks slices due again"
-        );
+        // One that comes just as the VM wakes is kept.
+        timer.end_within(slice * 5).unwrap();
+        let due = timer.due.unwrap();
+        let before = std::time::Duration::from_micros(10);
+        timer.park(Some(
+            due.saturating_duration_since(std::time::Instant::now()) - before,
+        ));
+        assert!(!timer.is_parked());
+        assert!(wait_for_slice(), "a slice end kept for the wake-up arrives");
+    }
+
+    #[test]
+    fn a_slice_end_moves_only_when_the_wanted_moment_does() {
+        let mut timer = SliceTimer::new().unwrap();
+        timer
+            .end_within(std::time::Duration::from_millis(8))
+            .unwrap();
+        let first = timer.due.unwrap();
+        // Later asks for the same moment keep it.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let left = first.saturating_duration_since(std::time::Instant::now());
+        timer.end_within(left).unwrap();
+        assert_eq!(timer.due, Some(first));
+        // A sooner moment reprograms it.
+        timer
+            .end_within(std::time::Duration::from_micros(500))
+            .unwrap();
+        assert!(timer.due.unwrap() < first);
+        timer.park(None);
+        take_slice_due();
     }
 
     /// Hand-assembled 64-bit code: the world switch's contract without the translator.

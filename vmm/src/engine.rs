@@ -97,6 +97,12 @@ pub trait Engine {
     /// Asks the engine to return as soon as an interrupt can be delivered (engines that check
     /// for interrupts on every return anyway need nothing).
     fn request_interrupt_window(&mut self) {}
+    /// When the VM's next timer event is due, in nanoseconds of VM time from now (None: no
+    /// timer is armed): an engine that may run guest code for long without returning should
+    /// return by then, so the VM can raise the interrupt on time.
+    fn set_timer_deadline(&mut self, within_ns: Option<u64>) {
+        let _ = within_ns;
+    }
     /// The FERR# output: an x87 error waits to be reported outside the CPU (CR0.NE = 0).
     fn ferr(&self) -> bool {
         false
@@ -289,6 +295,10 @@ impl Engine for BtEngine {
 
     fn interrupt_window(&self) -> bool {
         self.interp().interrupt_window()
+    }
+
+    fn set_timer_deadline(&mut self, within_ns: Option<u64>) {
+        BtEngine::set_timer_deadline(self, within_ns);
     }
 
     fn request_interrupt_window(&mut self) {

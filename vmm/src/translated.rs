@@ -36,21 +36,19 @@
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bt::{CodeSource, Mode as UnitMode, Translator};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, Register};
 use shadow_mmu::space::DEFAULT_WINDOW_BUDGET;
 use shadow_mmu::{Fault, Mode, Paging, ShadowError, ShadowMmu};
 use vmdriver::fpu::x87_pending;
-use vmdriver::world::{self, SliceTimer, Vcpu, X87_RAN, reason};
+use vmdriver::world::{self, MAX_SLICE, SliceTimer, Vcpu, X87_RAN, reason};
 use vmdriver::{GuestMemory, IoHandler, VmExit};
 
 use crate::cpu::{MXCSR_MASK, SegReg, cr0, cr4, flags, fx};
 use crate::interp::{Interp, InterpError, TlbEvent};
 
-/// How often translated code is made to return so timers and interrupts are serviced.
-const TIME_SLICE: Duration = Duration::from_millis(1);
 /// Exits handled in one call of [`BtEngine::run`] before the VM gets a look.
 const EXITS_PER_RUN: u32 = 4096;
 /// CR0.AM: alignment checks at CPL 3 when EFLAGS.AC is set.
@@ -190,6 +188,8 @@ pub struct BtEngine {
     translator: Translator,
     /// Time slices; parked while the vCPU is halted.
     timer: SliceTimer,
+    /// The VM's next timer event, in nanoseconds from when the VM last said.
+    timer_deadline: Option<u64>,
     counters: Counters,
     /// CR0, CR4, CPL and translation mode the shadow and the lookup table were last brought
     /// up to date for.
@@ -237,7 +237,7 @@ impl BtEngine {
         let mut translator = Translator::new()?;
         let mut vcpu = Vcpu::new().map_err(|e| setup(&e))?;
         vcpu.context_mut().lookup = translator.select_lookup(mode_of(&interp), interp.cpu().cpl());
-        let timer = SliceTimer::new(TIME_SLICE).map_err(|e| setup(&e))?;
+        let timer = SliceTimer::new().map_err(|e| setup(&e))?;
         let seen = (
             interp.cpu().cr0,
             interp.cpu().cr4,
@@ -251,6 +251,7 @@ impl BtEngine {
             vcpu,
             translator,
             timer,
+            timer_deadline: None,
             counters: Counters::default(),
             seen,
             window_requested: false,
@@ -599,6 +600,12 @@ impl BtEngine {
         Ok(())
     }
 
+    /// When the VM's next timer event is due, in nanoseconds from now (None: no timer armed):
+    /// the time slice ends then.
+    pub fn set_timer_deadline(&mut self, within_ns: Option<u64>) {
+        self.timer_deadline = within_ns;
+    }
+
     /// A waker for I/O threads: translated code leaves at its next unit entry, as at the end of
     /// a time slice, so a guest polling or spinning sees a disk interrupt without waiting for
     /// the slice to end.
@@ -609,13 +616,19 @@ impl BtEngine {
 
     /// Runs until the VM must look: an I/O exit, a halt, a time slice's end.
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
+        let within = self.timer_deadline.map_or(MAX_SLICE, Duration::from_nanos);
+        let wake = Instant::now() + within;
         self.timer
-            .unpark()
+            .end_within(within)
             .map_err(|e| BtError::Setup(format!("the time-slice timer: {e}")))?;
         let exit = self.run_exits(io);
         if let Ok(VmExit::Halt { .. }) = exit {
-            // The VM sleeps until an event: no time slices while nothing runs.
-            self.timer.park();
+            // The VM sleeps until its next timer event (or another event): no slice may end
+            // in the middle of that sleep.
+            let wake = self
+                .timer_deadline
+                .map(|_| wake.saturating_duration_since(Instant::now()));
+            self.timer.park(wake);
         }
         // The VM asks again (before the next run) if the interrupt still waits.
         self.window_requested = false;

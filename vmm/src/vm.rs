@@ -603,6 +603,10 @@ impl Vm {
 
     fn run_loop(&mut self) -> Result<RunOutcome, VmError> {
         loop {
+            let now = self.clock.now_ns();
+            let deadline = self.next_timer_deadline();
+            self.engine
+                .set_timer_deadline(deadline.map(|d| d.saturating_sub(now)));
             let mut buses = Buses {
                 pio: &mut self.pio,
                 mmio: &mut self.mmio,
