@@ -215,7 +215,10 @@ pub const STEPS: &[Step] = &[
         // for the last completions and timers to settle. The console is already quiet (the
         // kernel logs to its buffer only) and nothing else runs in the guest.
         setup: "sync; sleep 2",
-        run: "sleep \"$N\"",
+        // A disk transfer during the sleep would mean the guest was not idle: the step then
+        // fails, saying so in the log, rather than report a busy guest's cost as idle.
+        run: "d=$(cat /proc/diskstats); sleep \"$N\"; [ \"$(cat /proc/diskstats)\" = \"$d\" ] || \
+              { echo 'disk I/O during the idle step' >&2; false; }",
         cleanup: "",
         // It measures the engine, which the native column does not have.
         native: false,
@@ -857,7 +860,10 @@ mod tests {
             calls.last(),
             Some(&format!("bench_step idle idle {IDLE_SECONDS}").as_str())
         );
-        assert!(s.contains("idle_run() { sleep \"$N\"; }"), "{s}");
+        assert!(
+            s.contains("idle_run() { d=$(cat /proc/diskstats); sleep \"$N\"; [ "),
+            "{s}"
+        );
         assert!(s.contains("idle_setup() { sync; sleep 2; }"), "{s}");
         let idle = find(IDLE).unwrap();
         assert_eq!(idle.measure, Measure::HostCpuShare);
