@@ -134,6 +134,11 @@ fn debian_guest() -> Option<PathBuf> {
 
 /// The table cell text bt86 bench prints for a median and a minimum.
 fn median_min(median: f64, min: f64) -> String {
+    median_min_in(median, min, "")
+}
+
+/// The same, each number followed by `suffix` (the idle row's "%").
+fn median_min_in(median: f64, min: f64, suffix: &str) -> String {
     let shown = |v: f64| {
         if v >= 100.0 {
             format!("{v:.0}")
@@ -143,7 +148,7 @@ fn median_min(median: f64, min: f64) -> String {
             format!("{v:.2}")
         }
     };
-    format!("{} ({})", shown(median), shown(min))
+    format!("{}{suffix} ({}{suffix})", shown(median), shown(min))
 }
 
 #[test]
@@ -166,6 +171,9 @@ fn linux_suite_on_bt_reports_every_step_and_json_matches_both_tables() {
             "bt",
             "--runs",
             "1",
+            // The idle step's length does not change what is checked here.
+            "--idle-seconds",
+            "2",
         ])
         .args(["--json", "out.json", "--guest"])
         .arg(&guest)
@@ -203,17 +211,26 @@ fn linux_suite_on_bt_reports_every_step_and_json_matches_both_tables() {
             "disk-seq-read-ide",
             "disk-rand-read-ide",
             "disk-rand-write-ide",
-            "disk-ext2-virtio"
+            "disk-ext2-virtio",
+            "idle"
         ]
     );
-    // The two tables, by their titles.
+    // The three tables, by their titles.
     let guest_at = stdout
         .find("ms per step, guest clock")
         .expect("guest-clock table");
     let host_at = stdout
         .find("ms per step, host clock")
         .expect("host-clock table");
-    let (guest_table, host_table) = (&stdout[guest_at..host_at], &stdout[host_at..]);
+    let cpu_at = stdout
+        .find("ms per step, host CPU time of the engine process")
+        .expect("host CPU table");
+    let (guest_table, host_table, cpu_table) = (
+        &stdout[guest_at..host_at],
+        &stdout[host_at..cpu_at],
+        &stdout[cpu_at..],
+    );
+    let host_cpus = std::thread::available_parallelism().unwrap().get() as f64;
     let row = |table: &str, name: &str| -> String {
         table
             .lines()
@@ -227,12 +244,28 @@ fn linux_suite_on_bt_reports_every_step_and_json_matches_both_tables() {
         match bt["status"].as_str().unwrap() {
             "ok" => {
                 let num = |k: &str| bt[k].as_f64().unwrap_or_else(|| panic!("{name} {k}: {bt}"));
-                assert_eq!(bt["samples_ms"].as_array().unwrap().len(), 1, "{bt}");
+                // The engine's host CPU time in the step: there, and no more than every host
+                // CPU busy for the whole step (1 ms for the two readings' own skew).
+                let (cpu, wall) = (num("cpu_median_ms"), num("host_median_ms"));
+                assert!(cpu >= 0.0 && cpu <= wall * host_cpus + 1.0, "{name}: {bt}");
+                let cpu_cell = median_min(cpu, num("cpu_min_ms"));
                 assert!(
-                    num("median_ms") > 0.0 && num("host_median_ms") > 0.0,
-                    "{bt}"
+                    row(cpu_table, name).contains(&cpu_cell),
+                    "{name}: {bt}\n{stdout}"
                 );
-                let guest_cell = median_min(num("median_ms"), num("min_ms"));
+                let guest_cell = if name == "idle" {
+                    // % of one host core: the CPU time over the wall time.
+                    assert_eq!(w["unit"], "% of one host core");
+                    let pct = num("median_pct");
+                    assert!((pct - cpu / wall * 100.0).abs() < 1e-6, "{bt}");
+                    assert!(pct >= 0.0 && pct <= 100.0 * host_cpus + 1.0, "{bt}");
+                    median_min_in(pct, num("min_pct"), "%")
+                } else {
+                    assert_eq!(w["unit"], "ms per step");
+                    assert_eq!(bt["samples_ms"].as_array().unwrap().len(), 1, "{bt}");
+                    assert!(num("median_ms") > 0.0 && wall > 0.0, "{bt}");
+                    median_min(num("median_ms"), num("min_ms"))
+                };
                 let host_cell = median_min(num("host_median_ms"), num("host_min_ms"));
                 assert!(
                     row(guest_table, name).contains(&guest_cell),

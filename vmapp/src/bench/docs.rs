@@ -104,4 +104,44 @@ mod tests {
         assert_eq!(again.matches(BEGIN).count(), 1, "{again}");
         assert_eq!(splice("", "S\n"), "S\n\n");
     }
+
+    #[test]
+    fn the_section_carries_the_idle_row_and_the_host_cpu_table() {
+        use super::super::engines::Availability;
+        use super::super::report::{Cell, Row, Unit};
+        let row = |workload: &str, cells: Vec<f64>, unit: Option<Unit>| Row {
+            workload: workload.into(),
+            operation: "op".into(),
+            iterations: 1,
+            cells: vec![Cell::Measured(cells)],
+            host: vec![vec![30_000.0]],
+            cpu: vec![vec![900.0]],
+            unit,
+        };
+        let report = Report::new(
+            "linux",
+            Unit::MS_PER_STEP,
+            1,
+            vec![("bt".into(), Availability::Runs("bt86 bt".into()))],
+            Some("bt".into()),
+            vec![
+                row("awk", vec![130.0], None),
+                row("idle", vec![3.0], Some(Unit::PERCENT_OF_CORE)),
+            ],
+            "test host".into(),
+        )
+        .with_notes(vec!["idle: what the row is.".into()]);
+        let s = section(&[&report], "bt86 bench --suite linux");
+        assert!(
+            s.starts_with(BEGIN) && s.ends_with(&format!("{END}\n")),
+            "{s}"
+        );
+        assert!(s.contains("| idle | 3.00% (3.00%) |"), "{s}");
+        assert!(
+            s.contains("ms per step, host CPU time of the engine process (all threads)"),
+            "{s}"
+        );
+        assert!(s.contains("| idle | 900 (900) |"), "{s}");
+        assert!(s.contains("- idle: what the row is."), "{s}");
+    }
 }

@@ -172,7 +172,7 @@ impl Runner {
             BenchEngine::Native => return self.native(workload, iterations),
         };
         cmd.current_dir(dir);
-        let run = match run_with_timeout(&mut cmd, self.timeout, dir, None) {
+        let run = match run_with_timeout(&mut cmd, self.timeout, dir, None, false) {
             Ok(run) => run,
             Err(e) => return failed(&format!("cannot start {engine}: {e}"), String::new()),
         };
@@ -346,6 +346,10 @@ impl Runner {
         let _remove_scratch = RemoveOnDrop(scratch);
         cmd.current_dir(dir);
         let done = |l: &str| linux::parse_marker(l) == Some(linux::Marker::Done);
+        // The engines are the process started here; the native column's work runs in the
+        // short-lived children of a shell, whose CPU time the host reports only once they are
+        // reaped, and then only in clock ticks: it is not followed.
+        let follow_cpu = engine != BenchEngine::Native;
         // After the last step only the guest's reboot is left; a guest that does not manage
         // it has still measured everything.
         let run = match run_with_timeout(
@@ -353,6 +357,7 @@ impl Runner {
             timeout,
             dir,
             Some((&done, Duration::from_secs(20))),
+            follow_cpu,
         ) {
             Ok(run) => run,
             Err(e) => return fail_all(&format!("cannot start {engine}: {e}")),
@@ -462,8 +467,9 @@ struct Finished {
     timed_out: bool,
     /// Standard output as text.
     stdout: String,
-    /// Standard output's lines with the time each arrived, from the start.
-    lines: Vec<(Duration, String)>,
+    /// Standard output's lines with the time each arrived, from the start (and the child's CPU
+    /// time by then, when followed).
+    lines: Vec<(linux::Stamp, String)>,
     stderr: String,
 }
 
@@ -474,14 +480,16 @@ type Finish<'a> = (&'a dyn Fn(&str) -> bool, Duration);
 const STDOUT_LIMIT: usize = 16 << 20;
 
 /// Runs `cmd` in its own process group, its standard output read line by line and stamped with
-/// each line's arrival time, its standard error in a file under `dir`. The whole group is
-/// killed after `timeout`, or `grace` after a line for which `finished` holds (the work is done
-/// and only the child's exit is awaited).
+/// each line's arrival time (and, with `follow_cpu`, the CPU time the child process, all its
+/// threads, had consumed when the line was read), its standard error in a file under `dir`. The
+/// whole group is killed after `timeout`, or `grace` after a line for which `finished` holds
+/// (the work is done and only the child's exit is awaited).
 fn run_with_timeout(
     cmd: &mut Command,
     timeout: Duration,
     dir: &Path,
     finished: Option<Finish<'_>>,
+    follow_cpu: bool,
 ) -> std::io::Result<Finished> {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
@@ -494,6 +502,7 @@ fn run_with_timeout(
         .process_group(0)
         .spawn()?;
     let group = rustix::process::Pid::from_child(&child);
+    let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     if let Some(out) = child.stdout.take() {
         std::thread::spawn(move || {
@@ -501,7 +510,13 @@ fn run_with_timeout(
             let mut kept = 0;
             let mut line = Vec::new();
             while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-                let at = start.elapsed();
+                // The child is not reaped before its output ends, so `pid` is still its own.
+                let at = linux::Stamp {
+                    wall: start.elapsed(),
+                    cpu_ns: follow_cpu
+                        .then(|| vmdriver::host::process_cpu_ns(pid))
+                        .flatten(),
+                };
                 kept += line.len();
                 if kept <= STDOUT_LIMIT {
                     let text = String::from_utf8_lossy(&line);
@@ -517,12 +532,18 @@ fn run_with_timeout(
     let mut lines = Vec::new();
     let mut deadline = start + timeout;
     let mut done_at = None;
-    let kill = |child: &mut std::process::Child| {
+    let kill_group = || {
         let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-        let _ = child.kill();
-        let _ = child.wait();
     };
-    let status = loop {
+    // The child is reaped only after its output has been read: until then its pid stays its
+    // own (a zombie's CPU-time clock still reads its final total), so no line is stamped with
+    // the CPU time of a process that reused the pid.
+    let exited = || {
+        use rustix::process::{WaitId, WaitIdOptions, waitid};
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT | WaitIdOptions::NOHANG;
+        waitid(WaitId::Pid(group), options).map(|s| s.is_some())
+    };
+    let killed = loop {
         while let Ok(l) = rx.try_recv() {
             if done_at.is_none()
                 && let Some((done, grace)) = finished
@@ -533,14 +554,15 @@ fn run_with_timeout(
             }
             lines.push(l);
         }
-        if let Some(status) = child.try_wait()? {
+        if exited()? {
             // Whatever of the group is left cannot keep the output pipe open.
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-            break status.code();
+            kill_group();
+            break false;
         }
         if Instant::now() > deadline {
-            kill(&mut child);
-            break None;
+            kill_group();
+            let _ = child.kill();
+            break true;
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -548,6 +570,9 @@ fn run_with_timeout(
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
         lines.push(l);
     }
+    drop(rx);
+    let waited = child.wait()?;
+    let status = if killed { None } else { waited.code() };
     let stderr = std::fs::read(&err_path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
@@ -650,12 +675,17 @@ mod tests {
             Duration::from_secs(600),
             dir.path(),
             Some((&done, Duration::from_millis(50))),
+            false,
         )
         .unwrap();
         let text: Vec<&str> = run.lines.iter().map(|(_, l)| l.as_str()).collect();
         assert_eq!(text, ["first", "done"]);
-        assert!(run.lines[1].0 > run.lines[0].0, "{:?}", run.lines);
+        assert!(run.lines[1].0.wall > run.lines[0].0.wall, "{:?}", run.lines);
         assert_eq!(run.stdout, "first\ndone\n");
+        assert!(
+            run.lines.iter().all(|(at, _)| at.cpu_ns.is_none()),
+            "not followed"
+        );
         // Killed after the grace, which is not the time limit.
         assert_eq!(run.status, None);
         assert!(!run.timed_out);
@@ -674,6 +704,7 @@ mod tests {
             Duration::from_millis(200),
             dir.path(),
             None,
+            false,
         )
         .unwrap();
         assert!(run.timed_out);
@@ -685,10 +716,43 @@ mod tests {
             Duration::from_secs(600),
             dir.path(),
             None,
+            false,
         )
         .unwrap();
         assert_eq!((run.status, run.timed_out), (Some(3), false));
         assert_eq!(run.stdout, "out\n");
+    }
+
+    #[test]
+    fn followed_lines_carry_the_child_cpu_time_when_they_arrived() {
+        let dir = tempfile::tempdir().unwrap();
+        // A single-threaded child: its CPU time never exceeds the wall time since it started.
+        let run = run_with_timeout(
+            Command::new("sh").args([
+                "-c",
+                "i=0; while [ $i -lt 20000 ]; do i=$((i + 1)); done; echo busy; sleep 0.1; \
+                 echo slept; exit 5",
+            ]),
+            Duration::from_secs(600),
+            dir.path(),
+            None,
+            true,
+        )
+        .unwrap();
+        assert_eq!(run.stdout, "busy\nslept\n");
+        assert_eq!(run.status, Some(5));
+        let cpu: Vec<u64> = run
+            .lines
+            .iter()
+            .map(|(at, l)| at.cpu_ns.unwrap_or_else(|| panic!("{l}: no CPU time")))
+            .collect();
+        assert!(cpu[0] > 0 && cpu[1] >= cpu[0], "{cpu:?}");
+        for (at, _) in &run.lines {
+            assert!(
+                u128::from(at.cpu_ns.unwrap()) <= at.wall.as_nanos(),
+                "{at:?}"
+            );
+        }
     }
 
     #[test]

@@ -38,6 +38,19 @@ pub struct Step {
     /// (`$BENCH_VIRTIO`, /dev/vda); the native column runs the same commands on the host
     /// against image files of the same size (the host-direct baseline).
     pub disk: bool,
+    /// What the step's row reports.
+    pub measure: Measure,
+}
+
+/// What a step's row reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// How long the step took (ms per step, by the guest's clock and by the host's), and the
+    /// engine's host CPU time in it.
+    Time,
+    /// The engine process's host CPU time over the step's host wall time, in % of one host
+    /// core: what the step costs the host while the guest waits (the idle row).
+    HostCpuShare,
 }
 
 /// The row for the kernel's boot: from power-on to the benchmark /init running with its file
@@ -59,6 +72,7 @@ macro_rules! disk_step {
             cleanup: "",
             native: true,
             disk: true,
+            measure: Measure::Time,
         }
     };
 }
@@ -74,6 +88,7 @@ pub const STEPS: &[Step] = &[
         cleanup: "",
         native: true,
         disk: false,
+        measure: Measure::Time,
     },
     Step {
         name: "md5sum",
@@ -84,6 +99,7 @@ pub const STEPS: &[Step] = &[
         cleanup: "rm -f /tmp/md5sum.in",
         native: true,
         disk: false,
+        measure: Measure::Time,
     },
     Step {
         name: "fork-exec",
@@ -94,6 +110,7 @@ pub const STEPS: &[Step] = &[
         cleanup: "",
         native: true,
         disk: false,
+        measure: Measure::Time,
     },
     Step {
         name: "fork",
@@ -104,6 +121,7 @@ pub const STEPS: &[Step] = &[
         cleanup: "",
         native: true,
         disk: false,
+        measure: Measure::Time,
     },
     Step {
         name: "dd",
@@ -114,6 +132,7 @@ pub const STEPS: &[Step] = &[
         cleanup: "",
         native: true,
         disk: false,
+        measure: Measure::Time,
     },
     Step {
         name: "page-touch",
@@ -124,6 +143,7 @@ pub const STEPS: &[Step] = &[
         cleanup: "rm -f /tmp/page-touch",
         native: true,
         disk: false,
+        measure: Measure::Time,
     },
     disk_step!(
         "disk-seq-write-virtio",
@@ -184,8 +204,34 @@ pub const STEPS: &[Step] = &[
         // Mounting a file system on the host's image file needs a loop device: guest only.
         native: false,
         disk: true,
+        measure: Measure::Time,
+    },
+    Step {
+        name: IDLE,
+        operation: "host CPU of the engine while the guest sleeps at the shell with nothing to do \
+                    (busybox sleep), % of one host core, seconds",
+        count: IDLE_SECONDS,
+        // Nothing left over from the steps before it: dirty pages written back, then a moment
+        // for the last completions and timers to settle. The console is already quiet (the
+        // kernel logs to its buffer only) and nothing else runs in the guest.
+        setup: "sync; sleep 2",
+        // A disk transfer during the sleep would mean the guest was not idle: the step then
+        // fails, saying so in the log, rather than report a busy guest's cost as idle.
+        run: "d=$(cat /proc/diskstats); sleep \"$N\"; [ \"$(cat /proc/diskstats)\" = \"$d\" ] || \
+              { echo 'disk I/O during the idle step' >&2; false; }",
+        cleanup: "",
+        // It measures the engine, which the native column does not have.
+        native: false,
+        disk: false,
+        measure: Measure::HostCpuShare,
     },
 ];
+
+/// The idle step: the guest sits where the shell would wait at its prompt.
+pub const IDLE: &str = "idle";
+
+/// How long the idle step sleeps by default (issue 6: "a guest left idle at the prompt for 30 s").
+pub const IDLE_SECONDS: u64 = 30;
 
 /// Size of each scratch disk in MiB; the sequential steps cover it whole (the write step
 /// first, so the reads after it never meet a hole in the host's image file).
@@ -576,7 +622,18 @@ pub fn parse_marker(line: &str) -> Option<Marker> {
     })
 }
 
-/// One row's result from one run: milliseconds by the guest's clock and by the host's.
+/// When a console line arrived on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Stamp {
+    /// Since the engine was started, by the host's monotonic clock.
+    pub wall: Duration,
+    /// The CPU time the engine process (all its threads) had consumed by then, in nanoseconds;
+    /// None where it is not followed (the native column) or could not be read.
+    pub cpu_ns: Option<u64>,
+}
+
+/// One row's result from one run: milliseconds by the guest's clock and by the host's, and the
+/// engine's host CPU time.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Measured.
@@ -585,9 +642,17 @@ pub enum Outcome {
         guest_ms: f64,
         /// Between the marker lines' arrival on the host.
         host_ms: f64,
+        /// Host CPU time the engine process consumed between the marker lines' arrival (for
+        /// the boot row: from its start), when known.
+        cpu_ms: Option<f64>,
     },
     /// Not measured, for this reason.
     Failed(String),
+}
+
+/// CPU time between two stamps in milliseconds, when both have it.
+fn cpu_between(from: Option<u64>, to: Option<u64>) -> Option<f64> {
+    Some(to?.checked_sub(from?)? as f64 / 1e6)
 }
 
 /// What one run's console said, row by row: the boot row first (when `boot`), then `steps`.
@@ -595,13 +660,13 @@ pub enum Outcome {
 /// why the run stopped when it did not finish (it becomes the reason of every row left
 /// unmeasured).
 pub fn outcomes(
-    lines: &[(Duration, String)],
+    lines: &[(Stamp, String)],
     boot: bool,
     steps: &[&Step],
     ended: Option<&str>,
 ) -> Vec<Outcome> {
     let mut ready = None;
-    let mut begun: Vec<Option<(f64, Duration)>> = vec![None; steps.len()];
+    let mut begun: Vec<Option<(f64, Stamp)>> = vec![None; steps.len()];
     let mut done: Vec<Option<Outcome>> = vec![None; steps.len()];
     let index = |name: &str| steps.iter().position(|s| s.name == name);
     for (at, line) in lines {
@@ -617,7 +682,8 @@ pub fn outcomes(
                     done[i] = Some(match begun[i] {
                         Some((t0, at0)) => Outcome::Timed {
                             guest_ms: (t - t0) * 1e3,
-                            host_ms: at.saturating_sub(at0).as_secs_f64() * 1e3,
+                            host_ms: at.wall.saturating_sub(at0.wall).as_secs_f64() * 1e3,
+                            cpu_ms: cpu_between(at0.cpu_ns, at.cpu_ns),
                         },
                         None => Outcome::Failed("an end line without a begin line".into()),
                     });
@@ -649,7 +715,8 @@ pub fn outcomes(
         out.push(match ready {
             Some((up, at)) => Outcome::Timed {
                 guest_ms: up * 1e3,
-                host_ms: at.as_secs_f64() * 1e3,
+                host_ms: at.wall.as_secs_f64() * 1e3,
+                cpu_ms: cpu_between(Some(0), at.cpu_ns),
             },
             None => missing(false),
         });
@@ -665,7 +732,7 @@ pub fn outcomes(
 }
 
 /// Whether the console shows the script's last line.
-pub fn finished(lines: &[(Duration, String)]) -> bool {
+pub fn finished(lines: &[(Stamp, String)]) -> bool {
     lines
         .iter()
         .any(|(_, l)| parse_marker(l) == Some(Marker::Done))
@@ -675,8 +742,14 @@ pub fn finished(lines: &[(Duration, String)]) -> bool {
 mod tests {
     use super::*;
 
-    fn at(ms: u64, line: &str) -> (Duration, String) {
-        (Duration::from_millis(ms), line.to_string())
+    /// A console line that arrived `ms` after the start, the engine having used `cpu_ms` of
+    /// host CPU by then.
+    fn at(ms: u64, cpu_ms: Option<u64>, line: &str) -> (Stamp, String) {
+        let stamp = Stamp {
+            wall: Duration::from_millis(ms),
+            cpu_ns: cpu_ms.map(|c| c * 1_000_000),
+        };
+        (stamp, line.to_string())
     }
 
     #[test]
@@ -707,13 +780,13 @@ mod tests {
     fn outcomes_time_each_step_by_both_clocks_and_name_what_is_missing() {
         let steps: Vec<&Step> = STEPS.iter().take(3).collect();
         let lines = vec![
-            at(100, "Linux version 6.1.0"),
-            at(4_000, "bt86-bench: ready 3.25"),
-            at(4_100, "bt86-bench: begin awk 100.5"),
-            at(6_100, "bt86-bench: end awk 102.25"),
-            at(6_200, "bt86-bench: begin md5sum 103.0"),
-            at(6_300, "bt86-bench: failed md5sum 1"),
-            at(6_400, "bt86-bench: begin fork-exec 104.0"),
+            at(100, Some(90), "Linux version 6.1.0"),
+            at(4_000, Some(3_500), "bt86-bench: ready 3.25"),
+            at(4_100, Some(3_550), "bt86-bench: begin awk 100.5"),
+            at(6_100, Some(5_500), "bt86-bench: end awk 102.25"),
+            at(6_200, Some(5_600), "bt86-bench: begin md5sum 103.0"),
+            at(6_300, Some(5_700), "bt86-bench: failed md5sum 1"),
+            at(6_400, Some(5_800), "bt86-bench: begin fork-exec 104.0"),
         ];
         let out = outcomes(&lines, true, &steps, Some("stopped after 10 s"));
         assert_eq!(out.len(), 4);
@@ -721,14 +794,16 @@ mod tests {
             out[0],
             Outcome::Timed {
                 guest_ms: 3250.0,
-                host_ms: 4000.0
+                host_ms: 4000.0,
+                cpu_ms: Some(3500.0)
             }
         );
         assert_eq!(
             out[1],
             Outcome::Timed {
                 guest_ms: 1750.0,
-                host_ms: 2000.0
+                host_ms: 2000.0,
+                cpu_ms: Some(1950.0)
             }
         );
         assert_eq!(
@@ -741,7 +816,26 @@ mod tests {
         );
         assert!(!finished(&lines));
 
-        let out = outcomes(&lines[..1], false, &steps[..1], None);
+        // Without the engine's CPU time (the native column), or with a clock that went
+        // backwards, the step is still timed, without CPU time.
+        let lines = vec![
+            at(4_100, None, "bt86-bench: begin awk 100.5"),
+            at(6_100, None, "bt86-bench: end awk 102.25"),
+            at(6_200, Some(900), "bt86-bench: begin md5sum 103.0"),
+            at(6_300, Some(800), "bt86-bench: end md5sum 103.1"),
+        ];
+        let out = outcomes(&lines, false, &steps[..2], None);
+        assert!(
+            matches!(out[0], Outcome::Timed { cpu_ms: None, host_ms, .. } if host_ms == 2000.0),
+            "{out:?}"
+        );
+        assert!(
+            matches!(out[1], Outcome::Timed { cpu_ms: None, .. }),
+            "{out:?}"
+        );
+
+        let lines = [at(100, None, "Linux version 6.1.0")];
+        let out = outcomes(&lines, false, &steps[..1], None);
         assert_eq!(
             out,
             vec![Outcome::Failed(
@@ -760,6 +854,27 @@ mod tests {
         assert!(s.contains("fork_exec_run() { i=0;"), "{s}");
         assert!(s.contains("awk_setup() { :; }"), "{s}");
         assert!(s.ends_with("bench_say done\n"), "{s}");
+        // The idle step comes last, after everything it could inherit work from, and only
+        // sleeps; its setup writes back what is dirty and lets the guest settle.
+        assert_eq!(
+            calls.last(),
+            Some(&format!("bench_step idle idle {IDLE_SECONDS}").as_str())
+        );
+        assert!(
+            s.contains("idle_run() { d=$(cat /proc/diskstats); sleep \"$N\"; [ "),
+            "{s}"
+        );
+        assert!(s.contains("idle_setup() { sync; sleep 2; }"), "{s}");
+        let idle = find(IDLE).unwrap();
+        assert_eq!(idle.measure, Measure::HostCpuShare);
+        assert!(!idle.native && !idle.disk, "{idle:?}");
+        assert_eq!(
+            STEPS
+                .iter()
+                .filter(|s| s.measure == Measure::HostCpuShare)
+                .count(),
+            1
+        );
         for step in STEPS {
             assert!(
                 step.name

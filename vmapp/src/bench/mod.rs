@@ -77,8 +77,16 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     iterations: Option<u32>,
 
+    /// How long the linux suite's idle step lets the guest sleep at the shell, in seconds (its
+    /// row is the engine's host CPU over that time, in % of one core). Every run of every engine
+    /// waits this long: lower it for a quicker suite.
+    #[arg(long, value_name = "SECONDS", default_value_t = linux::IDLE_SECONDS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    idle_seconds: u64,
+
     /// Seconds one sample may take before it is stopped and counted as failed (default: 300
-    /// for a nano kernel; for one run of the linux suite 900, and 3600 on interp).
+    /// for a nano kernel; for one run of the linux suite 900, and 3600 on interp, plus the idle
+    /// step's seconds).
     #[arg(long)]
     timeout: Option<u64>,
 
@@ -441,6 +449,8 @@ fn nano_report(
                 w.name,
             ),
             host: Vec::new(),
+            cpu: Vec::new(),
+            unit: None,
         })
         .collect();
     Ok(Report::new(
@@ -504,7 +514,18 @@ fn linux_report(
 ) -> anyhow::Result<Report> {
     let chosen = |name: &str| args.workloads.is_empty() || args.workloads.iter().any(|w| w == name);
     let boot = chosen(linux::BOOT);
-    let steps: Vec<&linux::Step> = linux::STEPS.iter().filter(|s| chosen(s.name)).collect();
+    let steps: Vec<linux::Step> = linux::STEPS
+        .iter()
+        .filter(|s| chosen(s.name))
+        .map(|s| match s.name {
+            linux::IDLE => linux::Step {
+                count: args.idle_seconds,
+                ..*s
+            },
+            _ => *s,
+        })
+        .collect();
+    let steps: Vec<&linux::Step> = steps.iter().collect();
     let mut columns = Columns::new(engines, |e| runner.linux_availability(e), args);
     let dir = guest_dir(args.guest.as_deref());
     let guest = match linux::Guest::prepare(&dir, &steps, work) {
@@ -535,6 +556,9 @@ fn linux_report(
         (e == BenchEngine::Native).then_some(())?;
         match step {
             None => Some("kernel-side: the native column runs only the user-space steps".into()),
+            Some(s) if s.measure == linux::Measure::HostCpuShare => {
+                Some("measures what an engine costs the host; native has no engine".into())
+            }
             Some(s) if !s.native => Some("needs the guest's devices".into()),
             Some(_) => None,
         }
@@ -544,14 +568,21 @@ fn linux_report(
     let progress = progress_bar(columns.samples_per_workload(|_| true));
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); running.len()]; rows_meta.len()];
     let mut host: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); running.len()]; rows_meta.len()];
+    let mut cpu: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); running.len()]; rows_meta.len()];
     if let Some(guest) = &guest {
         for run in 0..columns.rounds() {
             for ei in columns.rotation(run, run) {
                 let engine = running[ei];
                 progress.set_message(format!("run {} linux on {engine}", run + 1));
+                // The idle step's sleep comes on top of the work.
+                let idle: u64 = steps
+                    .iter()
+                    .filter(|s| s.measure == linux::Measure::HostCpuShare)
+                    .map(|s| s.count)
+                    .sum();
                 let timeout = Duration::from_secs(args.timeout.unwrap_or(match engine {
-                    BenchEngine::Interp => 3600,
-                    _ => 900,
+                    BenchEngine::Interp => 3600 + idle,
+                    _ => 900 + idle,
                 }));
                 let native = engine == BenchEngine::Native;
                 let (engine_boot, engine_steps) = if native {
@@ -570,10 +601,33 @@ fn linux_report(
                     let outcome = outcomes.next().unwrap_or_else(|| {
                         linux::Outcome::Failed("the engine gave no result for this row".into())
                     });
+                    let share = step.is_some_and(|s| s.measure == linux::Measure::HostCpuShare);
                     match outcome {
-                        linux::Outcome::Timed { guest_ms, host_ms } => {
-                            samples[ri][ei].push(Sample::Ok(guest_ms));
-                            host[ri][ei].push(host_ms);
+                        linux::Outcome::Timed {
+                            guest_ms,
+                            host_ms,
+                            cpu_ms,
+                        } => {
+                            // The idle row's value is the engine's CPU share, not a time.
+                            let value = if share {
+                                cpu_ms.and_then(|c| stats::percent(c, host_ms))
+                            } else {
+                                Some(guest_ms)
+                            };
+                            match value {
+                                Some(v) => {
+                                    samples[ri][ei].push(Sample::Ok(v));
+                                    host[ri][ei].push(host_ms);
+                                    cpu[ri][ei].extend(cpu_ms);
+                                }
+                                None => samples[ri][ei].push(Sample::Failed {
+                                    reason: format!(
+                                        "the host CPU time of the {engine} process could not \
+                                         be read"
+                                    ),
+                                    log: log.clone().unwrap_or_default(),
+                                }),
+                            }
                         }
                         linux::Outcome::Failed(reason) => samples[ri][ei].push(Sample::Failed {
                             reason,
@@ -588,7 +642,19 @@ fn linux_report(
     progress.finish_and_clear();
 
     let baseline = columns.baseline(args.baseline, &samples);
-    let rows = rows_meta
+    let by_column = |per_engine: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        columns
+            .all
+            .iter()
+            .map(|(e, _)| {
+                running
+                    .iter()
+                    .position(|r| r == e)
+                    .map_or_else(Vec::new, |ei| per_engine[ei].clone())
+            })
+            .collect()
+    };
+    let rows: Vec<Row> = rows_meta
         .iter()
         .enumerate()
         .map(|(ri, (name, operation, count, step))| Row {
@@ -601,18 +667,29 @@ fn linux_report(
                 &args.logs,
                 "linux",
             ),
-            host: columns
-                .all
-                .iter()
-                .map(|(e, _)| {
-                    running
-                        .iter()
-                        .position(|r| r == e)
-                        .map_or_else(Vec::new, |ei| host[ri][ei].clone())
-                })
-                .collect(),
+            host: by_column(&host[ri]),
+            cpu: by_column(&cpu[ri]),
+            unit: step
+                .filter(|s| s.measure == linux::Measure::HostCpuShare)
+                .map(|_| Unit::PERCENT_OF_CORE),
         })
         .collect();
+    let mut notes = Vec::new();
+    if rows.iter().any(|r| r.cpu.iter().any(|c| !c.is_empty())) {
+        notes.push(HOST_CPU_NOTE.to_string());
+    }
+    if let Some(idle) = steps
+        .iter()
+        .find(|s| s.measure == linux::Measure::HostCpuShare)
+    {
+        notes.push(format!(
+            "{}: the guest sleeps {} s (busybox sleep) with a quiet console, after a sync and a \
+             2 s settle (a disk transfer during the sleep fails the step); its cells are the \
+             engine process's host CPU time over the step's host wall time, in % of one host \
+             core, and its ratios compare those percentages.",
+            idle.name, idle.count
+        ));
+    }
     let mut host_text = engines::host_description();
     if let Some(g) = &guest {
         host_text += &format!("; guest: {} with a busybox benchmark /init", g.version);
@@ -625,8 +702,17 @@ fn linux_report(
         baseline.map(|b| b.to_string()),
         rows,
         host_text,
-    ))
+    )
+    .with_notes(notes))
 }
+
+/// What the linux suite's host CPU table is.
+const HOST_CPU_NOTE: &str = "Host CPU: the CPU time the engine's process (bt86 run, or \
+     qemu-system-i386) used on all its threads between the arrival of a step's marker lines \
+     (the boot row: from the engine's start), read from the kernel's per-process CPU clock \
+     (the scheduler's nanosecond run time, as in /proc/PID/task/*/schedstat, including threads \
+     that exited). native: n/a, its work runs in short-lived child processes the host accounts \
+     only in clock ticks once they are reaped.";
 
 fn select_workloads(names: &[String]) -> anyhow::Result<Vec<&'static nano::Workload>> {
     if names.is_empty() {
@@ -706,6 +792,14 @@ mod tests {
         assert!(parse_runs_of("interp=0").is_err());
         assert!(parse_runs_of("nosuch=1").is_err());
         assert_eq!(parse_runs_of("qemu-tcg=5"), Ok((BenchEngine::QemuTcg, 5)));
+    }
+
+    #[test]
+    fn the_idle_step_sleeps_thirty_seconds_unless_told() {
+        assert_eq!(args(&[]).idle_seconds, 30);
+        assert_eq!(args(&["--idle-seconds", "5"]).idle_seconds, 5);
+        let refused = |v: &str| Cli::try_parse_from(["bench", "--idle-seconds", v]).is_err();
+        assert!(refused("0") && refused("3601") && refused("x"));
     }
 
     #[test]

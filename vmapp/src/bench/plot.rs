@@ -165,6 +165,8 @@ mod tests {
                     },
                 ],
                 host: Vec::new(),
+                cpu: Vec::new(),
+                unit: None,
             }],
             "h".into(),
         );

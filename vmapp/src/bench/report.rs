@@ -51,6 +51,13 @@ pub struct Row {
     /// The same samples timed by the host's clock, per engine column (empty where a cell has
     /// none; an empty vector when the suite times only one way).
     pub host: Vec<Vec<f64>>,
+    /// The host CPU time the engine process used in the same samples, in the report's unit,
+    /// per engine column (empty where it was not measured; an empty vector when the suite does
+    /// not measure it).
+    pub cpu: Vec<Vec<f64>>,
+    /// The unit of this row's cells when it is not the report's (the linux suite's idle row
+    /// reports % of one host core); such rows stay out of the chart.
+    pub unit: Option<Unit>,
 }
 
 /// What a report's numbers are.
@@ -62,6 +69,8 @@ pub struct Unit {
     pub symbol: &'static str,
     /// Which clock the main table is timed with, when the report also has a host-clock table.
     pub clock: Option<&'static str>,
+    /// Written after each number in the tables ("%"), or nothing.
+    pub suffix: &'static str,
 }
 
 impl Unit {
@@ -70,17 +79,30 @@ impl Unit {
         what: "ns per operation",
         symbol: "ns",
         clock: None,
+        suffix: "",
     };
     /// Milliseconds per step, by the guest's clock and by the host's (the linux suite).
     pub const MS_PER_STEP: Unit = Unit {
         what: "ms per step",
         symbol: "ms",
         clock: Some("guest clock"),
+        suffix: "",
+    };
+    /// Host CPU time as a share of host wall time, in % of one host core (the linux suite's
+    /// idle row).
+    pub const PERCENT_OF_CORE: Unit = Unit {
+        what: "% of one host core",
+        symbol: "pct",
+        clock: None,
+        suffix: "%",
     };
 }
 
 /// The host clock's table title.
 const HOST_CLOCK: &str = "host clock: console line arrival";
+
+/// The host CPU table's title.
+const HOST_CPU: &str = "host CPU time of the engine process (all threads)";
 
 /// A whole bench run.
 #[derive(Debug, Clone)]
@@ -93,6 +115,8 @@ pub struct Report {
     engines: Vec<(String, Availability)>,
     baseline: Option<String>,
     rows: Vec<Row>,
+    /// What the reader should know about the numbers, printed under the tables.
+    notes: Vec<String>,
 }
 
 /// Formats a time with about three significant digits.
@@ -122,10 +146,10 @@ fn ratio_text(r: f64) -> String {
     }
 }
 
-/// "median (min)" of samples.
-fn median_min(samples: &[f64]) -> String {
+/// "median (min)" of samples, each number followed by `suffix`.
+fn median_min(samples: &[f64], suffix: &str) -> String {
     match (stats::median(samples), stats::min(samples)) {
-        (Some(m), Some(lo)) => format!("{} ({})", ns(m), ns(lo)),
+        (Some(m), Some(lo)) => format!("{}{suffix} ({}{suffix})", ns(m), ns(lo)),
         _ => "-".into(),
     }
 }
@@ -188,7 +212,14 @@ impl Report {
             engines,
             baseline,
             rows,
+            notes: Vec::new(),
         }
+    }
+
+    /// The report with `notes` printed under its tables.
+    pub fn with_notes(mut self, notes: Vec<String>) -> Self {
+        self.notes = notes;
+        self
     }
 
     /// The suite's name.
@@ -216,9 +247,9 @@ impl Report {
         self.engines.iter().map(|(n, _)| n.as_str())
     }
 
-    /// (workload, medians per engine column).
+    /// (workload, medians per engine column) of the rows in the report's unit.
     pub fn medians(&self) -> impl Iterator<Item = (&str, Vec<Option<f64>>)> {
-        self.rows.iter().map(|r| {
+        self.rows.iter().filter(|r| r.unit.is_none()).map(|r| {
             (
                 r.workload.as_str(),
                 r.cells.iter().map(Cell::median).collect(),
@@ -243,6 +274,50 @@ impl Report {
             .any(|r| r.host.iter().any(|h| !h.is_empty()))
     }
 
+    fn has_host_cpu(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.cpu.iter().any(|c| !c.is_empty()))
+    }
+
+    /// A table of per-sample numbers beside the main one (`pick` chooses them from a row):
+    /// "n/a" where a measured cell has none, failures as in the main table.
+    fn side_table(
+        &self,
+        title: String,
+        header: &[String],
+        failed_note: &[((usize, usize), usize)],
+        pick: impl Fn(&Row) -> &Vec<Vec<f64>>,
+        missing: &str,
+    ) -> Table {
+        let rows = self
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                let mut line = vec![row.workload.clone()];
+                for (i, cell) in row.cells.iter().enumerate() {
+                    let values = pick(row).get(i).map_or(&[][..], Vec::as_slice);
+                    line.push(match cell {
+                        Cell::Measured(_) if !values.is_empty() => median_min(values, ""),
+                        Cell::Measured(_) => missing.into(),
+                        Cell::Failed { .. } => failed_note
+                            .iter()
+                            .find(|(at, _)| *at == (r, i))
+                            .map_or("failed".into(), |(_, n)| format!("failed [{n}]")),
+                        Cell::Unavailable(_) => "n/a".into(),
+                    });
+                }
+                line
+            })
+            .collect();
+        Table {
+            title,
+            header: header.to_vec(),
+            rows,
+        }
+    }
+
     /// The report's tables (values, host clock when timed, ratios) and its footnotes.
     fn tables(&self) -> (Vec<Table>, Vec<String>) {
         let header: Vec<String> = std::iter::once("workload".to_string())
@@ -255,8 +330,9 @@ impl Report {
         for (r, row) in self.rows.iter().enumerate() {
             let mut line = vec![row.workload.clone()];
             for (i, (cell, (engine, _))) in row.cells.iter().zip(&self.engines).enumerate() {
+                let suffix = row.unit.unwrap_or(self.unit).suffix;
                 line.push(match cell {
-                    Cell::Measured(v) => median_min(v),
+                    Cell::Measured(v) => median_min(v, suffix),
                     Cell::Failed { reason, log } => {
                         // One footnote per engine, reason and log, naming every workload.
                         let key = (engine.as_str(), reason.as_str(), log.as_deref());
@@ -299,32 +375,22 @@ impl Report {
             rows: values,
         }];
         if self.has_host_clock() {
-            let rows = self
-                .rows
-                .iter()
-                .enumerate()
-                .map(|(r, row)| {
-                    let mut line = vec![row.workload.clone()];
-                    for (i, cell) in row.cells.iter().enumerate() {
-                        let host = row.host.get(i).map_or(&[][..], Vec::as_slice);
-                        line.push(match cell {
-                            Cell::Measured(_) if !host.is_empty() => median_min(host),
-                            Cell::Measured(_) => "-".into(),
-                            Cell::Failed { .. } => failed_note
-                                .iter()
-                                .find(|(at, _)| *at == (r, i))
-                                .map_or("failed".into(), |(_, n)| format!("failed [{n}]")),
-                            Cell::Unavailable(_) => "n/a".into(),
-                        });
-                    }
-                    line
-                })
-                .collect();
-            tables.push(Table {
-                title: format!("{}, {HOST_CLOCK}, median (min)", self.unit.what),
-                header: header.clone(),
-                rows,
-            });
+            tables.push(self.side_table(
+                format!("{}, {HOST_CLOCK}, median (min)", self.unit.what),
+                &header,
+                &failed_note,
+                |row| &row.host,
+                "-",
+            ));
+        }
+        if self.has_host_cpu() {
+            tables.push(self.side_table(
+                format!("{}, {HOST_CPU}, median (min)", self.unit.what),
+                &header,
+                &failed_note,
+                |row| &row.cpu,
+                "n/a",
+            ));
         }
         if let Some(b) = &self.baseline {
             let shown: Vec<usize> = (0..self.engines.len())
@@ -368,7 +434,8 @@ impl Report {
             };
             out += &format!("  {name:<10} {what}\n");
         }
-        let (tables, notes) = self.tables();
+        let (tables, mut notes) = self.tables();
+        notes.extend(self.notes.iter().cloned());
         for (i, t) in tables.iter().enumerate() {
             // The ratio table is narrower: ratios are short.
             let ratios = self.baseline.is_some() && i + 1 == tables.len();
@@ -405,7 +472,8 @@ impl Report {
                 row.workload, row.operation, row.iterations
             );
         }
-        let (tables, notes) = self.tables();
+        let (tables, mut notes) = self.tables();
+        notes.extend(self.notes.iter().cloned());
         for t in &tables {
             out += &t.markdown();
         }
@@ -437,19 +505,25 @@ impl Report {
             .iter()
             .map(|row| {
                 let mut results = serde_json::Map::new();
+                let ru = row.unit.unwrap_or(self.unit).symbol;
                 for (i, (cell, (engine, _))) in row.cells.iter().zip(&self.engines).enumerate() {
                     let v = match cell {
                         Cell::Measured(samples) => {
                             let mut v = serde_json::Map::new();
                             v.insert("status".into(), json!("ok"));
-                            v.insert(format!("samples_{u}"), json!(samples));
-                            v.insert(format!("median_{u}"), json!(cell.median()));
-                            v.insert(format!("min_{u}"), json!(cell.min()));
+                            v.insert(format!("samples_{ru}"), json!(samples));
+                            v.insert(format!("median_{ru}"), json!(cell.median()));
+                            v.insert(format!("min_{ru}"), json!(cell.min()));
                             v.insert("ratio_to_baseline".into(), json!(self.ratio(row, i)));
                             if let Some(host) = row.host.get(i).filter(|h| !h.is_empty()) {
                                 v.insert(format!("host_samples_{u}"), json!(host));
                                 v.insert(format!("host_median_{u}"), json!(stats::median(host)));
                                 v.insert(format!("host_min_{u}"), json!(stats::min(host)));
+                            }
+                            if let Some(cpu) = row.cpu.get(i).filter(|c| !c.is_empty()) {
+                                v.insert(format!("cpu_samples_{u}"), json!(cpu));
+                                v.insert(format!("cpu_median_{u}"), json!(stats::median(cpu)));
+                                v.insert(format!("cpu_min_{u}"), json!(stats::min(cpu)));
                             }
                             Value::Object(v)
                         }
@@ -467,6 +541,7 @@ impl Report {
                 }
                 json!({
                     "name": row.workload,
+                    "unit": row.unit.unwrap_or(self.unit).what,
                     "operation": row.operation,
                     "iterations": row.iterations,
                     "results": results,
@@ -481,6 +556,8 @@ impl Report {
             "unit": self.unit.what,
             "clock": self.unit.clock,
             "host_clock": self.has_host_clock().then_some(HOST_CLOCK),
+            "host_cpu": self.has_host_cpu().then_some(HOST_CPU),
+            "notes": self.notes,
             "baseline": self.baseline,
             "engines": engines,
             "workloads": workloads,
@@ -545,6 +622,8 @@ mod tests {
                         Cell::Measured(vec![500.0, 400.0, 600.0]),
                     ],
                     host: Vec::new(),
+                    cpu: Vec::new(),
+                    unit: None,
                 },
                 Row {
                     workload: "ptemod".into(),
@@ -559,6 +638,8 @@ mod tests {
                         Cell::Measured(vec![7.5]),
                     ],
                     host: Vec::new(),
+                    cpu: Vec::new(),
+                    unit: None,
                 },
             ],
             "test host".into(),
@@ -627,6 +708,8 @@ mod tests {
                         Cell::Unavailable("kernel-side".into()),
                     ],
                     host: vec![vec![8000.0, 9000.0], Vec::new(), Vec::new()],
+                    cpu: Vec::new(),
+                    unit: None,
                 },
                 Row {
                     workload: "fork".into(),
@@ -638,6 +721,8 @@ mod tests {
                         Cell::Measured(vec![10.0, 12.0]),
                     ],
                     host: vec![vec![130.0, 110.0], Vec::new(), vec![11.0, 13.0]],
+                    cpu: Vec::new(),
+                    unit: None,
                 },
             ],
             "test host".into(),
@@ -695,6 +780,147 @@ mod tests {
             2
         );
         assert!(fork["native"].get("median_ns").is_none(), "{fork}");
+    }
+
+    /// A linux-suite report with the host CPU column and the idle row (in % of a core).
+    fn idle_sample() -> Report {
+        Report::new(
+            "linux",
+            Unit::MS_PER_STEP,
+            3,
+            vec![
+                ("bt".into(), Availability::Runs("bt86 bt".into())),
+                ("qemu-tcg".into(), Availability::Runs("QEMU".into())),
+                ("native".into(), Availability::Runs("chroot".into())),
+            ],
+            Some("qemu-tcg".into()),
+            vec![
+                Row {
+                    workload: "fork".into(),
+                    operation: "fork".into(),
+                    iterations: 500,
+                    cells: vec![
+                        Cell::Measured(vec![120.0, 100.0, 110.0]),
+                        Cell::Measured(vec![40.0, 50.0, 45.0]),
+                        Cell::Measured(vec![10.0, 12.0, 11.0]),
+                    ],
+                    host: vec![
+                        vec![130.0, 110.0, 120.0],
+                        vec![41.0, 51.0, 46.0],
+                        vec![11.0, 13.0, 12.0],
+                    ],
+                    // Native: no CPU time followed.
+                    cpu: vec![
+                        vec![125.0, 105.0, 115.0],
+                        vec![60.0, 70.0, 65.0],
+                        Vec::new(),
+                    ],
+                    unit: None,
+                },
+                Row {
+                    workload: "idle".into(),
+                    operation: "host CPU while the guest sleeps, seconds".into(),
+                    iterations: 30,
+                    cells: vec![
+                        Cell::Measured(vec![2.5, 3.0, 2.4]),
+                        Cell::Measured(vec![1.2, 1.25, 1.3]),
+                        Cell::Unavailable("native has no engine".into()),
+                    ],
+                    host: vec![
+                        vec![30_000.0, 30_000.0, 30_000.0],
+                        vec![30_010.0, 30_000.0, 30_020.0],
+                        Vec::new(),
+                    ],
+                    cpu: vec![
+                        vec![750.0, 900.0, 720.0],
+                        vec![360.0, 375.0, 390.0],
+                        Vec::new(),
+                    ],
+                    unit: Some(Unit::PERCENT_OF_CORE),
+                },
+            ],
+            "test host".into(),
+        )
+        .with_notes(vec!["Host CPU: what it is.".into()])
+    }
+
+    #[test]
+    fn the_host_cpu_table_and_the_idle_row_in_percent_of_a_core() {
+        let r = idle_sample();
+        let t = r.text();
+        let cpu_at = t
+            .find("ms per step, host CPU time of the engine process (all threads), median (min)")
+            .expect(&t);
+        let ratio_at = t.find("ratio to qemu-tcg").expect(&t);
+        let cpu_table = &t[cpu_at..ratio_at];
+        let line = |table: &str, name: &str| -> String {
+            table
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .unwrap_or_else(|| panic!("no {name} row in {table}"))
+                .to_string()
+        };
+        // CPU time per engine; native's is not followed.
+        let fork = line(cpu_table, "fork");
+        assert!(
+            fork.contains("115 (105)") && fork.contains("65.0 (60.0)"),
+            "{t}"
+        );
+        assert!(fork.trim_end().ends_with("n/a"), "{t}");
+        assert!(line(cpu_table, "idle").contains("750 (720)"), "{t}");
+        // The idle row's cells are percentages in the main table, its ratio their quotient.
+        let main = &t[t.find("guest clock, median (min)").expect(&t)..];
+        let idle = line(main, "idle");
+        assert!(
+            idle.contains("2.50% (2.40%)") && idle.contains("1.25% (1.20%)"),
+            "{t}"
+        );
+        assert!(line(&t[ratio_at..], "idle").contains("2.00x"), "{t}");
+        assert!(line(main, "fork").contains("110 (100)") && !line(main, "fork").contains('%'));
+        assert!(t.contains("Host CPU: what it is."), "{t}");
+        // The chart leaves the row in another unit out.
+        let charted: Vec<&str> = r.medians().map(|(w, _)| w).collect();
+        assert_eq!(charted, ["fork"]);
+
+        let md = r.markdown();
+        assert!(
+            md.contains("| idle | 2.50% (2.40%) | 1.25% (1.20%) | n/a |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| fork | 115 (105) | 65.0 (60.0) | n/a |"),
+            "{md}"
+        );
+        assert!(md.contains("- Host CPU: what it is."), "{md}");
+
+        let v: Value = serde_json::from_str(&r.json()).unwrap();
+        assert_eq!(
+            v["host_cpu"],
+            "host CPU time of the engine process (all threads)"
+        );
+        assert_eq!(v["notes"][0], "Host CPU: what it is.");
+        let fork = &v["workloads"][0];
+        assert_eq!(fork["unit"], "ms per step");
+        assert_eq!(fork["results"]["bt"]["cpu_median_ms"], 115.0);
+        assert_eq!(fork["results"]["bt"]["cpu_min_ms"], 105.0);
+        assert_eq!(
+            fork["results"]["bt"]["cpu_samples_ms"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(fork["results"]["native"].get("cpu_median_ms").is_none());
+        let idle = &v["workloads"][1];
+        assert_eq!(idle["unit"], "% of one host core");
+        let bt = &idle["results"]["bt"];
+        assert_eq!(bt["median_pct"], 2.5);
+        assert_eq!(bt["min_pct"], 2.4);
+        assert_eq!(bt["ratio_to_baseline"], 2.0);
+        assert_eq!(bt["cpu_median_ms"], 750.0);
+        assert_eq!(bt["host_median_ms"], 30_000.0);
+        assert!(bt.get("median_ms").is_none(), "{bt}");
+        assert_eq!(idle["results"]["native"]["status"], "unavailable");
     }
 
     #[test]

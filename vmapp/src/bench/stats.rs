@@ -28,6 +28,12 @@ pub fn ratio(value: Option<f64>, baseline: Option<f64>) -> Option<f64> {
     }
 }
 
+/// `part` as a percentage of `whole` (CPU time over wall time: 100 is one core busy), when
+/// `whole` is positive.
+pub fn percent(part: f64, whole: f64) -> Option<f64> {
+    (whole > 0.0).then(|| part / whole * 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +53,16 @@ mod tests {
         assert_eq!(ratio(Some(6.0), Some(2.0)), Some(3.0));
         assert_eq!(ratio(Some(6.0), Some(0.0)), None);
         assert_eq!(ratio(None, Some(2.0)), None);
+    }
+
+    #[test]
+    fn percent_of_a_whole() {
+        // 750 ms of CPU over 30 s of wall time is 2.5% of one core.
+        assert_eq!(percent(750.0, 30_000.0), Some(2.5));
+        // Two busy threads over the same time: 200%.
+        assert_eq!(percent(2.0, 1.0), Some(200.0));
+        assert_eq!(percent(0.0, 5.0), Some(0.0));
+        assert_eq!(percent(1.0, 0.0), None);
+        assert_eq!(percent(1.0, -1.0), None);
     }
 }
