@@ -91,6 +91,10 @@ impl Mode {
     }
 }
 
+/// The exit unit of a callout from the middle of a unit (whose exit slot then holds the
+/// instruction's mnemonic, `Mnemonic as u32`).
+pub const MID_UNIT: u32 = u32::MAX;
+
 /// Most guest instructions in one unit.
 pub const MAX_INSTRUCTIONS: usize = 48;
 
@@ -312,9 +316,10 @@ impl Emitter {
     /// A callout for the instruction being translated from the middle of the unit, on a path
     /// the code after it does not take: the pending ESP delta is brought into R12D on this path
     /// only, and the unit's instructions from this one on are taken back off the retired count
-    /// (the unit counted them all at its entry; the interpreter counts this one). The monitor
-    /// decodes the instruction to count the callout (no unit names it).
-    fn mid_unit_callout(&mut self) {
+    /// (the unit counted them all at its entry; the interpreter counts this one). No unit
+    /// names the instruction: the exit carries [`MID_UNIT`] as its unit and the instruction's
+    /// mnemonic (`m`, as a number) as its slot, for the monitor's callout counters.
+    fn mid_unit_callout(&mut self, m: Mnemonic) {
         let (delta, updates) = (self.esp_delta, self.esp_updates);
         let idx = self.emit(Instruction::with2(
             Code::Lea_r64_m,
@@ -324,16 +329,17 @@ impl Emitter {
         self.uncounts.push((idx, self.tag.1));
         self.sync_esp();
         self.store_ctx(OFF_EXIT_EIP, self.tag.0);
-        self.store_ctx(OFF_EXIT_UNIT, u32::MAX);
+        self.store_ctx(OFF_EXIT_UNIT, MID_UNIT);
+        self.store_ctx(OFF_EXIT_SLOT, m as u32);
         self.store_ctx(OFF_EXIT_REASON, reason::CALLOUT);
         self.jmp_exit_stub();
         (self.esp_delta, self.esp_updates) = (delta, updates);
     }
 
     /// Goes on past this point only if RCX-free scratch `value` (a 64-bit register) is 0;
-    /// otherwise leaves with [`Emitter::mid_unit_callout`]. RFLAGS untouched (`jrcxz`, RCX
-    /// kept in R13); clobbers `value`.
-    fn callout_unless_zero(&mut self, value: Register) {
+    /// otherwise leaves with [`Emitter::mid_unit_callout`] for the instruction (mnemonic `m`).
+    /// RFLAGS untouched (`jrcxz`, RCX kept in R13); clobbers `value`.
+    fn callout_unless_zero(&mut self, value: Register, m: Mnemonic) {
         let zero = self.label();
         self.emit(Instruction::with2(
             Code::Mov_r64_rm64,
@@ -347,7 +353,7 @@ impl Emitter {
             Register::RCX,
             SAVE_Q,
         ));
-        self.mid_unit_callout();
+        self.mid_unit_callout(m);
         self.emit_at(
             Instruction::with2(Code::Mov_r64_rm64, Register::RCX, SAVE_Q),
             zero,
@@ -360,8 +366,8 @@ impl Emitter {
     /// armed [`vmdriver::world::SegmentReload`] only where a load of those at CPL 0 would then
     /// change nothing), the interpreter does the full load. The GDT read goes through the
     /// window like any guest access: a fault there restarts the instruction in the
-    /// interpreter. RFLAGS untouched; clobbers R9, R10.
-    fn segment_reload(&mut self, seg: Register) {
+    /// interpreter. `m` is the instruction's mnemonic. RFLAGS untouched; clobbers R9, R10.
+    fn segment_reload(&mut self, seg: Register, m: Mnemonic) {
         let at = OFF_RELOAD + RELOAD_SIZE * seg.number() as i32;
         self.emit(Instruction::with2(
             Code::Mov_r64_rm64,
@@ -374,7 +380,7 @@ impl Emitter {
             S2Q,
             MemoryOperand::new(S2Q, S1Q, 1, 1, 1, false, Register::None),
         ));
-        self.callout_unless_zero(S2Q);
+        self.callout_unless_zero(S2Q, m);
         self.emit(Instruction::with2(
             Code::Mov_r32_rm32,
             S1,
@@ -391,7 +397,7 @@ impl Emitter {
             S2Q,
             MemoryOperand::new(S1Q, S2Q, 1, 0, 0, false, Register::None),
         ));
-        self.callout_unless_zero(S2Q);
+        self.callout_unless_zero(S2Q, m);
         self.emit(Instruction::with2(
             Code::Mov_r64_rm64,
             S1Q,
@@ -1458,7 +1464,7 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
                     e.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, m));
                 }
             }
-            e.segment_reload(ins.op0_register());
+            e.segment_reload(ins.op0_register(), ins.mnemonic());
             Rewrite::Continue
         }
         _ if pop_sreg(ins.code()).is_some_and(|(r, _)| reloadable(e, r)) => {
@@ -1474,7 +1480,7 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             } else {
                 e.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, m));
             }
-            e.segment_reload(sreg);
+            e.segment_reload(sreg, ins.mnemonic());
             e.adjust_esp(size as i32);
             Rewrite::Continue
         }
@@ -2644,8 +2650,20 @@ mod tests {
             )
         );
         assert_eq!(
-            pop[12],
-            format!("mov dword ptr [r15+{}],3", hex(OFF_EXIT_REASON))
+            &pop[11..14],
+            [
+                format!(
+                    "mov dword ptr [r15+{}],{}",
+                    hex(OFF_EXIT_UNIT),
+                    hex(MID_UNIT)
+                ),
+                format!(
+                    "mov dword ptr [r15+{}],{}",
+                    hex(OFF_EXIT_SLOT),
+                    hex(Mnemonic::Pop as u32)
+                ),
+                format!("mov dword ptr [r15+{}],3", hex(OFF_EXIT_REASON)),
+            ]
         );
         // The 8 live descriptor bytes, read through the window, compared with the cached ones.
         let gdt = from_line(

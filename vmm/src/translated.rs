@@ -109,7 +109,15 @@ struct Counters {
 
 impl Counters {
     fn count_callout(&mut self, m: Mnemonic) {
-        let i = m as usize;
+        self.count_callout_index(m as usize);
+    }
+
+    /// Counts a callout by its mnemonic's number (`Mnemonic as usize`); the listing only
+    /// names the numbers that are mnemonics.
+    fn count_callout_index(&mut self, i: usize) {
+        if i >= Mnemonic::values().len() {
+            return;
+        }
         if i >= self.callouts.len() {
             self.callouts.resize(i + 1, 0);
         }
@@ -749,10 +757,16 @@ impl BtEngine {
             reason::CALLOUT => {
                 self.counters.exits_callout += 1;
                 self.interp.cpu_mut().eip = target;
-                let recorded = self.translator.unit(ctx.exit_unit).and_then(|u| u.callout);
-                match recorded {
-                    Some(m) => self.counters.count_callout(m),
-                    None => self.count_callout(target)?,
+                if ctx.exit_unit == bt::MID_UNIT {
+                    // A callout from inside a unit (a segment load the fast path left to the
+                    // interpreter): the exit says which mnemonic.
+                    self.counters.count_callout_index(ctx.exit_slot as usize);
+                } else {
+                    let recorded = self.translator.unit(ctx.exit_unit).and_then(|u| u.callout);
+                    match recorded {
+                        Some(m) => self.counters.count_callout(m),
+                        None => self.count_callout(target)?,
+                    }
                 }
                 return self.interpret_one(io);
             }
