@@ -16,4 +16,4 @@ mod encode;
 pub mod translate;
 
 pub use cache::{CacheError, CacheStats, Translator, Unit};
-pub use translate::{CodeSource, MAX_INSTRUCTIONS, Mode, TranslateError};
+pub use translate::{CodeSource, MAX_INSTRUCTIONS, MID_UNIT, Mode, TranslateError};

@@ -49,7 +49,8 @@ use iced_x86::{
 use vmdriver::world::{
     OFF_DF_STEP, OFF_DS_BASE, OFF_ES_BASE, OFF_EXIT_EIP, OFF_EXIT_REASON, OFF_EXIT_SLOT,
     OFF_EXIT_STUB, OFF_EXIT_UNIT, OFF_FS_BASE, OFF_GS_BASE, OFF_IRQ_PENDING, OFF_LOOKUP,
-    OFF_LOOKUP_HITS, OFF_POLL, OFF_SS_BASE, OFF_SYSFLAGS, OFF_VIF, reason,
+    OFF_LOOKUP_HITS, OFF_POLL, OFF_RELOAD, OFF_SEGMENT_RELOADS, OFF_SELECTORS, OFF_SS_BASE,
+    OFF_SYSFLAGS, OFF_VIF, RELOAD_ADDRESS, RELOAD_KEY, RELOAD_NEG_DESCRIPTOR, RELOAD_SIZE, reason,
 };
 
 /// What a unit may assume about the CPU it runs on: part of its key in the cache, so a unit
@@ -89,6 +90,10 @@ impl Mode {
         self.has(Self::DS_BASED | Self::ES_BASED | Self::SS_BASED)
     }
 }
+
+/// The exit unit of a callout from the middle of a unit (whose exit slot then holds the
+/// instruction's mnemonic, `Mnemonic as u32`).
+pub const MID_UNIT: u32 = u32::MAX;
 
 /// Most guest instructions in one unit.
 pub const MAX_INSTRUCTIONS: usize = 48;
@@ -214,6 +219,12 @@ struct Emitter {
     esp_updates: u32,
     /// [`SS_REG`] holds SS.base from here on in the unit.
     ss_loaded: bool,
+    /// The instruction being translated is in an inline STI's interrupt shadow.
+    in_shadow: bool,
+    /// Exits from inside the unit ([`Emitter::mid_unit_callout`]): (index of their
+    /// `lea r14` instruction, index of their guest instruction), for the count of guest
+    /// instructions that did not retire, known once the unit is complete.
+    uncounts: Vec<(usize, u32)>,
 }
 
 impl Emitter {
@@ -233,6 +244,8 @@ impl Emitter {
             esp_moves: 0,
             esp_updates: 0,
             ss_loaded: false,
+            in_shadow: false,
+            uncounts: Vec::new(),
         }
     }
 
@@ -241,6 +254,7 @@ impl Emitter {
         self.out.truncate(len);
         self.tags.truncate(len);
         self.slots.retain(|s| s.0 < len);
+        self.uncounts.retain(|u| u.0 < len);
     }
 
     fn label(&mut self) -> u64 {
@@ -297,6 +311,108 @@ impl Emitter {
         self.store_ctx(OFF_EXIT_UNIT, self.unit_id);
         self.store_ctx(OFF_EXIT_REASON, reason::CALLOUT);
         self.jmp_exit_stub();
+    }
+
+    /// A callout for the instruction being translated from the middle of the unit, on a path
+    /// the code after it does not take: the pending ESP delta is brought into R12D on this path
+    /// only, and the unit's instructions from this one on are taken back off the retired count
+    /// (the unit counted them all at its entry; the interpreter counts this one). No unit
+    /// names the instruction: the exit carries [`MID_UNIT`] as its unit and the instruction's
+    /// mnemonic (`m`, as a number) as its slot, for the monitor's callout counters.
+    fn mid_unit_callout(&mut self, m: Mnemonic) {
+        let (delta, updates) = (self.esp_delta, self.esp_updates);
+        let idx = self.emit(Instruction::with2(
+            Code::Lea_r64_m,
+            COUNT_Q,
+            MemoryOperand::with_base_displ(COUNT_Q, 0),
+        ));
+        self.uncounts.push((idx, self.tag.1));
+        self.sync_esp();
+        self.store_ctx(OFF_EXIT_EIP, self.tag.0);
+        self.store_ctx(OFF_EXIT_UNIT, MID_UNIT);
+        self.store_ctx(OFF_EXIT_SLOT, m as u32);
+        self.store_ctx(OFF_EXIT_REASON, reason::CALLOUT);
+        self.jmp_exit_stub();
+        (self.esp_delta, self.esp_updates) = (delta, updates);
+    }
+
+    /// Goes on past this point only if RCX-free scratch `value` (a 64-bit register) is 0;
+    /// otherwise leaves with [`Emitter::mid_unit_callout`] for the instruction (mnemonic `m`).
+    /// RFLAGS untouched (`jrcxz`, RCX kept in R13); clobbers `value`.
+    fn callout_unless_zero(&mut self, value: Register, m: Mnemonic) {
+        let zero = self.label();
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            SAVE_Q,
+            Register::RCX,
+        ));
+        self.emit(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, value));
+        self.emit(Instruction::with_branch(Code::Jrcxz_rel8_64, zero));
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RCX,
+            SAVE_Q,
+        ));
+        self.mid_unit_callout(m);
+        self.emit_at(
+            Instruction::with2(Code::Mov_r64_rm64, Register::RCX, SAVE_Q),
+            zero,
+        );
+    }
+
+    /// The reload fast path for a load of segment register `seg` (iced's DS, ES, FS or GS)
+    /// with the selector zero-extended in R9: unless the selector is the one the register
+    /// holds and the GDT still has the exact descriptor bytes it was loaded from (the monitor
+    /// armed [`vmdriver::world::SegmentReload`] only where a load of those at CPL 0 would then
+    /// change nothing), the interpreter does the full load. The GDT read goes through the
+    /// window like any guest access: a fault there restarts the instruction in the
+    /// interpreter. `m` is the instruction's mnemonic. RFLAGS untouched; clobbers R9, R10.
+    fn segment_reload(&mut self, seg: Register, m: Mnemonic) {
+        let at = OFF_RELOAD + RELOAD_SIZE * seg.number() as i32;
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            S2Q,
+            ctx(at + RELOAD_KEY),
+        ));
+        // key = !selector: key + selector + 1 is 0 exactly when they match.
+        self.emit(Instruction::with2(
+            Code::Lea_r64_m,
+            S2Q,
+            MemoryOperand::new(S2Q, S1Q, 1, 1, 1, false, Register::None),
+        ));
+        self.callout_unless_zero(S2Q, m);
+        self.emit(Instruction::with2(
+            Code::Mov_r32_rm32,
+            S1,
+            ctx(at + RELOAD_ADDRESS),
+        ));
+        self.emit(Instruction::with2(Code::Mov_r64_rm64, S1Q, gs_at(S1)));
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            S2Q,
+            ctx(at + RELOAD_NEG_DESCRIPTOR),
+        ));
+        self.emit(Instruction::with2(
+            Code::Lea_r64_m,
+            S2Q,
+            MemoryOperand::new(S1Q, S2Q, 1, 0, 0, false, Register::None),
+        ));
+        self.callout_unless_zero(S2Q, m);
+        self.emit(Instruction::with2(
+            Code::Mov_r64_rm64,
+            S1Q,
+            ctx(OFF_SEGMENT_RELOADS),
+        ));
+        self.emit(Instruction::with2(
+            Code::Lea_r64_m,
+            S1Q,
+            MemoryOperand::with_base_displ(S1Q, 1),
+        ));
+        self.emit(Instruction::with2(
+            Code::Mov_rm64_r64,
+            ctx(OFF_SEGMENT_RELOADS),
+            S1Q,
+        ));
     }
 
     /// An exit asking the monitor to execute the instruction at `eip` in an STI's interrupt
@@ -997,6 +1113,7 @@ pub fn translate(
         }
         let (mark, mark_delta, mark_ss) = (e.out.len(), e.esp_delta, e.ss_loaded);
         e.fop = fp::fop_of(&bytes[at.wrapping_sub(eip) as usize..decoder.position()]);
+        e.in_shadow = shadow;
         match rewrite(&mut e, &ins, next) {
             Rewrite::Continue if shadow => {
                 // The shadow is over: a waiting interrupt is due now.
@@ -1038,6 +1155,16 @@ pub fn translate(
     )
     .expect("a valid lea");
     e.out[count_idx].set_ip(count_ip);
+    for (idx, index) in std::mem::take(&mut e.uncounts) {
+        let ip = e.out[idx].ip();
+        e.out[idx] = Instruction::with2(
+            Code::Lea_r64_m,
+            COUNT_Q,
+            MemoryOperand::with_base_displ(COUNT_Q, -i64::from(count - index)),
+        )
+        .expect("a valid lea");
+        e.out[idx].set_ip(ip);
+    }
     // Every way out of the unit brought R12D up to date: the trampolines need no delta.
     if e.esp_delta != 0 {
         e.err
@@ -1258,6 +1385,105 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
             e.emit(Instruction::with2(Code::Mov_r8_rm8, Register::AL, m));
             Rewrite::Continue
         }
+        // ---- segment registers ----
+        _ if push_sreg(ins.code()).is_some() => {
+            // The selector, zero-extended to a dword in the 32-bit form as the interpreter
+            // stores it (recent Intel CPUs write only the low word there, SDM vol. 2 PUSH).
+            let Some((sreg, size)) = push_sreg(ins.code()) else {
+                return Rewrite::Callout;
+            };
+            e.emit(Instruction::with2(
+                Code::Mov_r32_rm32,
+                STR_BASE,
+                ctx(selector_offset(sreg)),
+            ));
+            if size == 4 {
+                e.store_stack(-4, Src::Reg(STR_BASE));
+            } else {
+                let m = e.stack(-2);
+                e.emit(Instruction::with2(Code::Mov_rm16_r16, m, Register::R10W));
+            }
+            e.adjust_esp(-(size as i32));
+            Rewrite::Continue
+        }
+        C::Mov_rm16_Sreg | C::Mov_r32m16_Sreg if !ins.has_lock_prefix() => {
+            let sel = ctx(selector_offset(ins.op1_register()));
+            match ins.op0_kind() {
+                // A 32-bit destination gets the selector zero-extended (P6 and later, SDM
+                // vol. 2 MOV), a 16-bit one only its low word.
+                OpKind::Register => {
+                    let r = map_reg(ins.op0_register());
+                    let code = if r.is_gpr32() {
+                        Code::Mov_r32_rm32
+                    } else {
+                        Code::Mov_r16_rm16
+                    };
+                    e.emit(Instruction::with2(code, r, sel));
+                }
+                _ => {
+                    let Some((m, based)) = guest_mem(ins, Some(Register::GS), e.mode, e.esp_delta)
+                    else {
+                        return Rewrite::Callout;
+                    };
+                    if let Some(off) = based {
+                        seg_address(e, ins, off);
+                    }
+                    e.emit(Instruction::with2(Code::Mov_r32_rm32, STR_BASE, sel));
+                    e.emit(Instruction::with2(Code::Mov_rm16_r16, m, Register::R10W));
+                }
+            }
+            Rewrite::Continue
+        }
+        C::Mov_Sreg_rm16 | C::Mov_Sreg_r32m16
+            if reloadable(e, ins.op0_register()) && !ins.has_lock_prefix() =>
+        {
+            match ins.op1_kind() {
+                OpKind::Register => {
+                    // The low word of the source (a 32-bit register names its low 16 bits).
+                    const WORDS: [Register; 8] = [
+                        Register::AX,
+                        Register::CX,
+                        Register::DX,
+                        Register::BX,
+                        Register::R12W,
+                        Register::BP,
+                        Register::SI,
+                        Register::DI,
+                    ];
+                    let r16 = WORDS[ins.op1_register().number() & 7];
+                    e.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, r16));
+                }
+                _ => {
+                    let Some((m, based)) = guest_mem(ins, Some(Register::GS), e.mode, e.esp_delta)
+                    else {
+                        return Rewrite::Callout;
+                    };
+                    if let Some(off) = based {
+                        seg_address(e, ins, off);
+                    }
+                    e.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, m));
+                }
+            }
+            e.segment_reload(ins.op0_register(), ins.mnemonic());
+            Rewrite::Continue
+        }
+        _ if pop_sreg(ins.code()).is_some_and(|(r, _)| reloadable(e, r)) => {
+            let Some((sreg, size)) = pop_sreg(ins.code()) else {
+                return Rewrite::Callout;
+            };
+            // The interpreter reads the whole operand (a dword in the 32-bit form), so a fault
+            // on its upper half is the interpreter's too.
+            let m = e.stack(0);
+            if size == 4 {
+                e.emit(Instruction::with2(Code::Mov_r32_rm32, S1, m));
+                e.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, Register::R9W));
+            } else {
+                e.emit(Instruction::with2(Code::Movzx_r32_rm16, S1, m));
+            }
+            e.segment_reload(sreg, ins.mnemonic());
+            e.adjust_esp(size as i32);
+            Rewrite::Continue
+        }
         // ---- stack ----
         C::Push_r32 | C::Push_rm32 if ins.op0_kind() == OpKind::Register => {
             e.store_stack(-4, Src::Reg(map_reg(ins.op0_register())));
@@ -1362,6 +1588,64 @@ fn rewrite(e: &mut Emitter, ins: &Instruction, next: u32) -> Rewrite {
 
 /// EFLAGS.IF.
 const IF: u32 = 0x200;
+
+/// The context offset of the selector of segment register `sreg` (iced's ES..GS).
+fn selector_offset(sreg: Register) -> i32 {
+    OFF_SELECTORS + 4 * sreg.number() as i32
+}
+
+/// The segment register and operand size (2 or 4) of a PUSH Sreg.
+fn push_sreg(code: Code) -> Option<(Register, u32)> {
+    use Code as C;
+    use Register as R;
+    Some(match code {
+        C::Pushw_ES => (R::ES, 2),
+        C::Pushd_ES => (R::ES, 4),
+        C::Pushw_CS => (R::CS, 2),
+        C::Pushd_CS => (R::CS, 4),
+        C::Pushw_SS => (R::SS, 2),
+        C::Pushd_SS => (R::SS, 4),
+        C::Pushw_DS => (R::DS, 2),
+        C::Pushd_DS => (R::DS, 4),
+        C::Pushw_FS => (R::FS, 2),
+        C::Pushd_FS => (R::FS, 4),
+        C::Pushw_GS => (R::GS, 2),
+        C::Pushd_GS => (R::GS, 4),
+        _ => return None,
+    })
+}
+
+/// The segment register and operand size of a POP Sreg (POP SS included: see [`reloadable`]).
+fn pop_sreg(code: Code) -> Option<(Register, u32)> {
+    use Code as C;
+    use Register as R;
+    Some(match code {
+        C::Popw_ES => (R::ES, 2),
+        C::Popd_ES => (R::ES, 4),
+        C::Popw_SS => (R::SS, 2),
+        C::Popd_SS => (R::SS, 4),
+        C::Popw_DS => (R::DS, 2),
+        C::Popd_DS => (R::DS, 4),
+        C::Popw_FS => (R::FS, 2),
+        C::Popd_FS => (R::FS, 4),
+        C::Popw_GS => (R::GS, 2),
+        C::Popd_GS => (R::GS, 4),
+        _ => return None,
+    })
+}
+
+/// Whether a load of `sreg` gets the reload fast path ([`Emitter::segment_reload`]): DS, ES,
+/// FS and GS only (an SS load holds off interrupts for an instruction and has its own
+/// privilege rules; CS is loaded by far transfers), in units for CPL 0 (what the monitor arms
+/// assumes those checks), and not in an STI's interrupt shadow (whose exit must be the
+/// monitor's shadow exit).
+fn reloadable(e: &Emitter, sreg: Register) -> bool {
+    matches!(
+        sreg,
+        Register::DS | Register::ES | Register::FS | Register::GS
+    ) && e.mode.has(Mode::CPL0)
+        && !e.in_shadow
+}
 
 /// The string instructions translated inline (INS/OUTS are I/O: callouts).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -2282,5 +2566,187 @@ mod tests {
         // nop, nop, add end the page; the second add is the next page's.
         assert_eq!(e.instructions, 3);
         assert_eq!(e.slots.last().unwrap().target, BASE + 0x1000);
+    }
+
+    #[test]
+    fn segment_register_stores_read_the_selector_from_the_context() {
+        let sel = |r: Register| hex(OFF_SELECTORS + 4 * r.number() as i32);
+        let (e, t) = unit(|a| {
+            a.push(ds)?; // the 32-bit form: a zero-extended dword
+            a.db(&[0x66, 0x0F, 0xA8])?; // pushw gs: a word, ESP - 2
+            a.push(cs)?;
+            a.mov(eax, fs)?;
+            a.mov(si, es)?; // 66 8C C6: only the low word
+            a.mov(word_ptr(ebx + 6), ss)?;
+            a.push(eax)?;
+            a.hlt()
+        });
+        assert_eq!(e.instructions, 7, "{t:#?}");
+        let expected = [
+            format!("mov r10d,[r15+{}]", sel(Register::DS)),
+            "mov gs:[r12d-4],r10d".to_string(),
+            format!("mov r10d,[r15+{}]", sel(Register::GS)),
+            "mov gs:[r12d-6],r10w".to_string(),
+            format!("mov r10d,[r15+{}]", sel(Register::CS)),
+            "mov gs:[r12d-0Ah],r10d".to_string(),
+            format!("mov eax,[r15+{}]", sel(Register::FS)),
+            format!("mov si,[r15+{}]", sel(Register::ES)),
+            format!("mov r10d,[r15+{}]", sel(Register::SS)),
+            "mov gs:[ebx+6],r10w".to_string(),
+            "mov gs:[r12d-0Eh],eax".to_string(),
+        ];
+        assert_eq!(&t[2..2 + expected.len()], expected);
+        // Nothing but the stores and the final ESP update: no callout before the hlt.
+        assert_eq!(e.callout, Some(Mnemonic::Hlt));
+        assert_eq!(e.esp_moves, 4);
+    }
+
+    /// The lines of the unit from the first that starts with `from`.
+    fn from_line<'a>(t: &'a [String], from: &str) -> &'a [String] {
+        let i = t
+            .iter()
+            .position(|l| l.starts_with(from))
+            .unwrap_or_else(|| panic!("no line starts with {from:?} in {t:#?}"));
+        &t[i..]
+    }
+
+    #[test]
+    fn segment_reloads_at_cpl0_compare_the_selector_and_the_live_gdt_bytes() {
+        let rel =
+            |r: Register, field: i32| hex(OFF_RELOAD + RELOAD_SIZE * r.number() as i32 + field);
+        let (e, t) = unit_in(Mode::CPL0, |a| {
+            a.push(eax)?;
+            a.pop(ds)?;
+            a.mov(fs, edx)?;
+            a.nop()?;
+            a.hlt()
+        });
+        assert_eq!(e.instructions, 4, "{t:#?}");
+        assert_eq!(e.callout, Some(Mnemonic::Hlt));
+        // pop ds: the dword at ESP (the pending push delta folded in), its low word, ...
+        let pop = from_line(&t, "mov r9d,gs:[r12d-4]");
+        assert_eq!(pop[1], "movzx r9d,r9w");
+        // ... the selector compared with the armed key (lea and jrcxz: no flags touched), ...
+        assert_eq!(
+            pop[2],
+            format!("mov r10,[r15+{}]", rel(Register::DS, RELOAD_KEY))
+        );
+        assert_eq!(pop[3], "lea r10,[r10+r9+1]");
+        assert_eq!(&pop[4..6], ["mov r13,rcx", "mov rcx,r10"]);
+        assert!(pop[6].starts_with("jrcxz"));
+        // ... or a callout: the interpreter does the full load, with ESP as before the pop
+        // (R12D brought up to date on this path only), and the unit's instructions from the
+        // pop on (3 of 4) taken back off the retired count.
+        assert_eq!(
+            &pop[7..10],
+            ["mov rcx,r13", "lea r14,[r14-3]", "lea r12d,[r12d-4]"]
+        );
+        assert_eq!(
+            pop[10],
+            format!(
+                "mov dword ptr [r15+{}],{}",
+                hex(OFF_EXIT_EIP),
+                hex(BASE + 1)
+            )
+        );
+        assert_eq!(
+            &pop[11..14],
+            [
+                format!(
+                    "mov dword ptr [r15+{}],{}",
+                    hex(OFF_EXIT_UNIT),
+                    hex(MID_UNIT)
+                ),
+                format!(
+                    "mov dword ptr [r15+{}],{}",
+                    hex(OFF_EXIT_SLOT),
+                    hex(Mnemonic::Pop as u32)
+                ),
+                format!("mov dword ptr [r15+{}],3", hex(OFF_EXIT_REASON)),
+            ]
+        );
+        // The 8 live descriptor bytes, read through the window, compared with the cached ones.
+        let gdt = from_line(
+            pop,
+            &format!("mov r9d,[r15+{}]", rel(Register::DS, RELOAD_ADDRESS)),
+        );
+        assert_eq!(gdt[1], "mov r9,gs:[r9d]");
+        assert_eq!(
+            gdt[2],
+            format!("mov r10,[r15+{}]", rel(Register::DS, RELOAD_NEG_DESCRIPTOR))
+        );
+        assert_eq!(gdt[3], "lea r10,[r9+r10]");
+        // Then the counter, and the pop's ESP move folds into the pending delta: the push and
+        // the pop cancel, no R12D update on the main path.
+        let count = from_line(gdt, &format!("mov r9,[r15+{}]", hex(OFF_SEGMENT_RELOADS)));
+        assert_eq!(count[1], "lea r9,[r9+1]");
+        // mov fs,edx: the low word of EDX, FS's key; its callout path uncounts 2 (mov, nop).
+        let mov = from_line(count, "movzx r9d,dx");
+        assert_eq!(
+            mov[1],
+            format!("mov r10,[r15+{}]", rel(Register::FS, RELOAD_KEY))
+        );
+        assert!(mov.contains(&"lea r14,[r14-2]".to_string()));
+        assert!(!mov.iter().any(|l| l.starts_with("lea r12d")), "{mov:#?}");
+        // The main path never touches RFLAGS (the guest's arithmetic flags live there).
+        for l in &t[2..] {
+            let m = l.split_whitespace().next().unwrap();
+            assert!(
+                ["mov", "movzx", "lea", "jrcxz", "jmp", "nop"].contains(&m),
+                "{l}"
+            );
+        }
+    }
+
+    #[test]
+    fn segment_loads_are_callouts_at_cpl3_for_ss_and_in_an_sti_shadow() {
+        let loads = |a: &mut CodeAssembler| {
+            a.pop(ds)?;
+            a.hlt()
+        };
+        // CPL 3 (any mode without CPL0): the load ends the unit with a callout.
+        let (e, t) = unit_in(Mode::FS_FLAT, loads);
+        assert_eq!(
+            (e.instructions, e.callout),
+            (0, Some(Mnemonic::Pop)),
+            "{t:#?}"
+        );
+        assert!(!t.iter().any(|l| l.contains(&hex(OFF_SEGMENT_RELOADS))));
+        let (e, _) = unit_in(Mode::FS_FLAT, |a| {
+            a.mov(gs, ax)?;
+            a.hlt()
+        });
+        assert_eq!((e.instructions, e.callout), (0, Some(Mnemonic::Mov)));
+        // SS at CPL 0, in either form.
+        for f in [
+            (|a: &mut CodeAssembler| {
+                a.pop(ss)?;
+                a.hlt()
+            }) as fn(&mut CodeAssembler) -> Result<(), IcedError>,
+            |a| {
+                a.mov(ss, ax)?;
+                a.hlt()
+            },
+        ] {
+            let (e, t) = unit_in(Mode::CPL0, f);
+            assert_eq!(e.instructions, 0, "{t:#?}");
+            assert!(matches!(e.callout, Some(Mnemonic::Pop | Mnemonic::Mov)));
+        }
+        // In an STI's shadow the monitor runs the load (with the shadow held).
+        let (e, t) = unit_in(Mode::CPL0, |a| {
+            a.sti()?;
+            a.mov(es, ax)?;
+            a.hlt()
+        });
+        assert_eq!((e.instructions, e.callout), (1, None));
+        assert!(!t.iter().any(|l| l.contains(&hex(OFF_SEGMENT_RELOADS))));
+        assert!(t.contains(&format!(
+            "mov dword ptr [r15+{}],{}",
+            hex(OFF_EXIT_REASON),
+            reason::STI_SHADOW
+        )));
+        // At CPL 0 the same loads of DS stay in the unit.
+        let (e, _) = unit_in(Mode::CPL0, loads);
+        assert_eq!((e.instructions, e.callout), (1, Some(Mnemonic::Hlt)));
     }
 }

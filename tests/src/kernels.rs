@@ -9,6 +9,7 @@ pub mod chaos;
 pub mod disk;
 mod modes;
 mod pit_calibration;
+mod segment_reloads;
 mod sensitive;
 pub mod virtio;
 
@@ -69,6 +70,12 @@ pub const CATALOG: &[Entry] = &[
         name: "descriptors",
         about: "loads its own GDT, LDT and TSS, and prints SGDT/SIDT/SLDT/STR/SMSW and LAR/LSL/VERR/VERW results, then LDS/LES/LFS/LGS/LSS and ARPL",
         build: descriptors,
+        firmware: false,
+    },
+    Entry {
+        name: "segment-reloads",
+        about: "reloads DS/ES/FS/GS with the selector they hold while the GDT entry changes (base, limit, type, DPL, accessed bit, not present), through the LDT, and with the GDT page unmapped; prints bases, faults and accessed bits",
+        build: segment_reloads::segment_reloads,
         firmware: false,
     },
     Entry {

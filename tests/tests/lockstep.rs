@@ -43,6 +43,7 @@ fn kit_kernels_run_in_lockstep_without_divergence() {
         "syscalls",
         "page-straddle",
         "segment-bases",
+        "segment-reloads",
         "spin-timer",
     ] {
         let dir = tempfile::tempdir().unwrap();

@@ -144,6 +144,45 @@ pub struct VcpuContext {
     pub x87_ds: u32,
     /// The guest's x87/SSE state (FXSAVE image) while translated code owns it.
     pub fx: FxImage,
+    /// The guest's segment selectors ES, CS, SS, DS, FS, GS (encoding order), zero-extended:
+    /// what inline PUSH Sreg and MOV r/m, Sreg store.
+    pub selectors: [u32; 6],
+    /// Per segment register (encoding order), what an inline reload of the selector it holds
+    /// needs to know to skip the full load (only DS, ES, FS and GS are ever armed).
+    pub reload: [SegmentReload; 6],
+    /// Segment loads that took the inline reload path.
+    pub segment_reloads: u64,
+}
+
+/// What lets translated code see that loading a data segment register with the selector it
+/// already holds changes nothing ([`VcpuContext::reload`]): the same selector, and the same 8
+/// descriptor bytes in the GDT as the register was loaded from. The monitor arms it only when
+/// those bytes would load exactly the current hidden part, pass every check at CPL 0, and
+/// have the accessed bit set (so a load would write nothing); with `key` 0 it never matches.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentReload {
+    /// `!selector` (64 bits) while armed, 0 otherwise: `key + selector + 1` is 0 exactly when
+    /// the selector matches, which translated code tests without touching flags.
+    pub key: u64,
+    /// Minus the descriptor's 8 bytes (modulo 2^64): adding the live bytes gives 0 exactly
+    /// when they are unchanged.
+    pub neg_descriptor: u64,
+    /// The descriptor's linear address (GDT base + selector index × 8).
+    pub address: u32,
+    _pad: u32,
+}
+
+impl SegmentReload {
+    /// Armed for `selector`, whose descriptor at linear `address` is `descriptor`.
+    pub fn armed(selector: u16, descriptor: u64, address: u32) -> Self {
+        Self {
+            key: !u64::from(selector),
+            neg_descriptor: descriptor.wrapping_neg(),
+            address,
+            _pad: 0,
+        }
+    }
 }
 
 /// Offset of [`VcpuContext::gpr`].
@@ -194,6 +233,20 @@ pub const OFF_X87_DP: i32 = offset_of!(VcpuContext, x87_dp) as i32;
 pub const OFF_X87_DS: i32 = offset_of!(VcpuContext, x87_ds) as i32;
 /// Offset of [`VcpuContext::fx`] (16-byte aligned, for FXRSTOR/FXSAVE).
 pub const OFF_FX: i32 = offset_of!(VcpuContext, fx) as i32;
+/// Offset of [`VcpuContext::selectors`].
+pub const OFF_SELECTORS: i32 = offset_of!(VcpuContext, selectors) as i32;
+/// Offset of [`VcpuContext::reload`].
+pub const OFF_RELOAD: i32 = offset_of!(VcpuContext, reload) as i32;
+/// Size of one [`SegmentReload`].
+pub const RELOAD_SIZE: i32 = std::mem::size_of::<SegmentReload>() as i32;
+/// Offset of [`SegmentReload::key`] in it.
+pub const RELOAD_KEY: i32 = offset_of!(SegmentReload, key) as i32;
+/// Offset of [`SegmentReload::neg_descriptor`] in it.
+pub const RELOAD_NEG_DESCRIPTOR: i32 = offset_of!(SegmentReload, neg_descriptor) as i32;
+/// Offset of [`SegmentReload::address`] in it.
+pub const RELOAD_ADDRESS: i32 = offset_of!(SegmentReload, address) as i32;
+/// Offset of [`VcpuContext::segment_reloads`].
+pub const OFF_SEGMENT_RELOADS: i32 = offset_of!(VcpuContext, segment_reloads) as i32;
 /// Offset of the poll page from the context: every unit starts with `mov r11d, [r15+OFF_POLL]`.
 pub const OFF_POLL: i32 = PAGE as i32;
 
@@ -442,6 +495,9 @@ impl Vcpu {
             x87_dp: 0,
             x87_ds: 0,
             fx: FxImage::default(),
+            selectors: [0; 6],
+            reload: [SegmentReload::default(); 6],
+            segment_reloads: 0,
         };
         // SAFETY: the first page is writable, page-aligned (so aligned for the struct) and ours.
         unsafe { ptr::write(mapping.base.cast::<VcpuContext>(), ctx) };

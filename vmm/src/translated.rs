@@ -43,10 +43,10 @@ use iced_x86::{Decoder, DecoderOptions, Mnemonic, Register};
 use shadow_mmu::space::DEFAULT_WINDOW_BUDGET;
 use shadow_mmu::{Fault, Mode, Paging, ShadowError, ShadowMmu};
 use vmdriver::fpu::x87_pending;
-use vmdriver::world::{self, MAX_SLICE, SliceTimer, Vcpu, X87_RAN, reason};
+use vmdriver::world::{self, MAX_SLICE, SegmentReload, SliceTimer, Vcpu, X87_RAN, reason};
 use vmdriver::{GuestMemory, IoHandler, VmExit};
 
-use crate::cpu::{MXCSR_MASK, SegReg, cr0, cr4, flags, fx};
+use crate::cpu::{MXCSR_MASK, SegReg, Segment, cr0, cr4, flags, fx};
 use crate::interp::{Interp, InterpError, TlbEvent};
 
 /// Exits handled in one call of [`BtEngine::run`] before the VM gets a look.
@@ -107,7 +107,15 @@ struct Counters {
 
 impl Counters {
     fn count_callout(&mut self, m: Mnemonic) {
-        let i = m as usize;
+        self.count_callout_index(m as usize);
+    }
+
+    /// Counts a callout by its mnemonic's number (`Mnemonic as usize`); the listing only
+    /// names the numbers that are mnemonics.
+    fn count_callout_index(&mut self, i: usize) {
+        if i >= Mnemonic::values().len() {
+            return;
+        }
         if i >= self.callouts.len() {
             self.callouts.resize(i + 1, 0);
         }
@@ -476,7 +484,16 @@ impl BtEngine {
         let (fs, gs) = (base(SegReg::Fs), base(SegReg::Gs));
         let (ds, es, ss) = (base(SegReg::Ds), base(SegReg::Es), base(SegReg::Ss));
         let pending = self.window_requested;
+        let selectors = cpu.seg.map(|s| u32::from(s.selector));
+        let mut reload = [SegmentReload::default(); 6];
+        if mode.0 & UnitMode::CPL0 != 0 {
+            for s in [SegReg::Ds, SegReg::Es, SegReg::Fs, SegReg::Gs] {
+                reload[s as usize] = reload_of(cpu, s, self.interp.loaded_descriptor(s));
+            }
+        }
         let ctx = self.vcpu.context_mut();
+        ctx.selectors = selectors;
+        ctx.reload = reload;
         ctx.gpr = gpr;
         ctx.rflags = u64::from(eflags & (flags::ARITH | flags::DF));
         ctx.df_step = if eflags & flags::DF != 0 { -1 } else { 1 };
@@ -753,10 +770,16 @@ impl BtEngine {
             reason::CALLOUT => {
                 self.counters.exits_callout += 1;
                 self.interp.cpu_mut().eip = target;
-                let recorded = self.translator.unit(ctx.exit_unit).and_then(|u| u.callout);
-                match recorded {
-                    Some(m) => self.counters.count_callout(m),
-                    None => self.count_callout(target)?,
+                if ctx.exit_unit == bt::MID_UNIT {
+                    // A callout from inside a unit (a segment load the fast path left to the
+                    // interpreter): the exit says which mnemonic.
+                    self.counters.count_callout_index(ctx.exit_slot as usize);
+                } else {
+                    let recorded = self.translator.unit(ctx.exit_unit).and_then(|u| u.callout);
+                    match recorded {
+                        Some(m) => self.counters.count_callout(m),
+                        None => self.count_callout(target)?,
+                    }
                 }
                 return self.interpret_one(io);
             }
@@ -871,6 +894,10 @@ impl BtEngine {
             ("translation time us", s.time.as_micros() as u64),
             ("chain patches", s.chain_patches),
             ("lookup hits", self.vcpu.context().lookup_hits),
+            (
+                "segment reloads inline",
+                self.vcpu.context().segment_reloads,
+            ),
             ("lookup misses", c.exits_lookup),
             ("units invalidated", s.invalidated),
             ("cache flushes", s.flushes),
@@ -932,6 +959,43 @@ const SIGNALS: [(i32, &str); 6] = {
 };
 const SIGSEGV: i32 = SIGNALS[0].0;
 const SIGSYS: i32 = SIGNALS[5].0;
+
+/// A descriptor's accessed bit (type bit 0).
+const ACCESSED: u64 = 1 << 40;
+
+/// How units translated for CPL 0 may reload segment register `s` with the selector it holds
+/// ([`SegmentReload`]), given the descriptor the interpreter last loaded it from (0 if none).
+/// Armed only if a full load at CPL 0 from those same 8 bytes would change nothing: a
+/// non-null GDT selector within the GDT limit, the bytes decode to exactly the register's
+/// current hidden part (so they are what it was loaded from, however it was loaded), the
+/// checks a data-segment load makes pass at CPL 0 (a readable segment, DPL >= RPL unless
+/// conforming code, present), and the accessed bit is set (a load would not write it).
+/// Translated code then compares the live GDT bytes with these: a write to the GDT, an LGDT
+/// (a callout: the next entry re-arms) or a load of another selector takes the full path.
+fn reload_of(cpu: &crate::cpu::CpuState, s: SegReg, raw: u64) -> SegmentReload {
+    let seg = cpu.seg(s);
+    let sel = seg.selector;
+    let decoded = Segment::from_descriptor(sel, raw);
+    let access = decoded.access;
+    let code = access & 0x08 != 0;
+    let readable = !code || access & 0x02 != 0;
+    let conforming = code && access & 0x04 != 0;
+    let rpl = (sel & 3) as u8;
+    let ok = raw & ACCESSED != 0
+        && sel & 4 == 0
+        && sel & !3 != 0
+        && u32::from(sel | 7) <= u32::from(cpu.gdtr.limit)
+        && decoded == *seg
+        && access & 0x10 != 0
+        && decoded.present()
+        && readable
+        && (conforming || decoded.dpl() >= rpl);
+    if !ok {
+        return SegmentReload::default();
+    }
+    let address = cpu.gdtr.base.wrapping_add(u32::from(sel & !7));
+    SegmentReload::armed(sel, raw, address)
+}
 
 /// The translation mode the CPU is in (see [`UnitMode`]).
 fn mode_of(interp: &Interp) -> UnitMode {

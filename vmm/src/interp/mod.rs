@@ -149,6 +149,8 @@ pub enum TlbEvent {
 
 /// Flush events kept before they collapse into [`TlbEvent::Overflow`].
 const TLB_EVENTS: usize = 64;
+/// A segment descriptor's accessed bit (type bit 0).
+const ACCESSED: u64 = 1 << 40;
 
 impl Tlb {
     fn note(&mut self, e: TlbEvent) {
@@ -214,6 +216,10 @@ pub struct Interp {
     undefined_flags: Option<u32>,
     /// Instructions decoded before, by address.
     decoded: RefCell<decode_cache::DecodeCache>,
+    /// The 8 descriptor bytes each segment register was last loaded from by a MOV/POP-style
+    /// load (accessed bit as the load left it), 0 if it was not (see
+    /// [`Interp::loaded_descriptor`]).
+    loaded: [u64; 6],
 }
 
 /// TSC values one interpreter read, for another to replay: the lockstep mode gives both
@@ -288,6 +294,7 @@ impl Interp {
             tsc_tape: None,
             undefined_flags: None,
             decoded: RefCell::default(),
+            loaded: [0; 6],
         }
     }
 
@@ -423,6 +430,15 @@ impl Interp {
                 self.raise(vector::PF, Some(error), io)
             }
         }
+    }
+
+    /// The descriptor (8 bytes, accessed bit as the load left it) segment register `s` was last
+    /// loaded from by a protected-mode MOV or POP to it (or LDS-style and task-switch loads that
+    /// share that code), or 0. A cache for the translator's reload fast path, which must check
+    /// it still explains the register: it is not updated by anything else that changes the
+    /// register (real-mode loads, far transfers, state set from outside).
+    pub fn loaded_descriptor(&self, s: SegReg) -> u64 {
+        self.loaded[s as usize]
     }
 
     /// The CPU state, for setting up tests and snippets.
@@ -1071,11 +1087,23 @@ impl Interp {
         Ok(u64::from_le_bytes(d))
     }
 
+    /// The linear address of the descriptor `selector` names (in the GDT or the LDT); its
+    /// table-limit check is [`Interp::descriptor`]'s.
+    fn descriptor_address(&self, selector: u16) -> u32 {
+        let base = if selector & 4 != 0 {
+            self.cpu.ldtr.base
+        } else {
+            self.cpu.gdtr.base
+        };
+        base.wrapping_add(u32::from(selector & !7))
+    }
+
     /// MOV/POP to a data or stack segment register.
     fn load_segment(&mut self, s: SegReg, selector: u16, io: &mut dyn IoHandler) -> Step {
         if !self.cpu.protected() || self.cpu.eflags & flags::VM != 0 {
             let access = self.cpu.seg(s).access;
             self.cpu.seg[s as usize] = Segment::real(selector, access);
+            self.loaded[s as usize] = 0;
             return Ok(());
         }
         if s == SegReg::Cs {
@@ -1089,9 +1117,11 @@ impl Interp {
                 selector,
                 ..Segment::default()
             };
+            self.loaded[s as usize] = 0;
             return Ok(());
         }
-        let seg = Segment::from_descriptor(selector, self.descriptor(selector, io)?);
+        let mut raw = self.descriptor(selector, io)?;
+        let seg = Segment::from_descriptor(selector, raw);
         let code = seg.access & 0x08 != 0;
         let readable = !code || seg.access & 0x02 != 0;
         let writable_data = !code && seg.access & 0x02 != 0;
@@ -1118,7 +1148,15 @@ impl Interp {
             };
             return Err(Fault::Exception(v, err));
         }
-        self.cpu.seg[s as usize] = seg;
+        // A load sets the descriptor's accessed bit in the table (Intel SDM vol. 3, 3.4.5.1),
+        // a write the load faults on if it cannot be made.
+        if raw & ACCESSED == 0 {
+            raw |= ACCESSED;
+            let at = self.descriptor_address(selector).wrapping_add(5);
+            self.write_lin(at, &[(raw >> 40) as u8], false, io)?;
+        }
+        self.cpu.seg[s as usize] = Segment::from_descriptor(selector, raw);
+        self.loaded[s as usize] = raw;
         Ok(())
     }
 
@@ -1459,8 +1497,10 @@ impl Interp {
                 } else {
                     4
                 };
+                // PUSH Sreg moves the stack by the operand size (a 0x66 prefix selects the
+                // other one), storing the selector zero-extended to a dword in 32-bit form.
                 let len = if ins.op0_register().is_segment_register() {
-                    if self.cpu.seg(SegReg::Cs).big { 4 } else { 2 }
+                    ins.stack_pointer_increment().unsigned_abs()
                 } else {
                     len
                 };
@@ -1470,7 +1510,7 @@ impl Interp {
             M::Pop => {
                 let len = Self::op_size(ins, 0);
                 let len = if ins.op0_register().is_segment_register() {
-                    if self.cpu.seg(SegReg::Cs).big { 4 } else { 2 }
+                    ins.stack_pointer_increment().unsigned_abs()
                 } else {
                     len
                 };

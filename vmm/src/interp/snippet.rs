@@ -294,6 +294,40 @@ mod tests {
     }
 
     #[test]
+    fn push_and_pop_sreg_move_esp_by_their_operand_size_on_both_engines() {
+        // PUSH DS (a dword: the selector zero-extended), 66 PUSH ES (a word), 66 POP FS (a
+        // word), then MOV to memory and to a 32-bit register (zero-extended).
+        let code = asm(|a| {
+            a.mov(dword_ptr(DATA_ADDR + 0xF0), 0xFFFF_FFFFu32)?;
+            a.mov(dword_ptr(DATA_ADDR + 0xF4), 0xFFFF_FFFFu32)?;
+            a.push(ds)?;
+            a.db(&[0x66, 0x06])?;
+            a.mov(word_ptr(DATA_ADDR + 0x10), ds)?;
+            a.mov(ebx, 0xFFFF_FFFFu32)?;
+            a.mov(ebx, ss)?;
+            a.db(&[0x66, 0x0F, 0xA1])?;
+            Ok(())
+        });
+        let mut gpr = [0u32; 8];
+        gpr[4] = DATA_ADDR + 0xF8;
+        let r = run(&code, gpr, 0, &fninit(), &[0; 0x100]).unwrap();
+        assert_eq!(r.end, SnippetEnd::Completed);
+        let b = run_bt(&code, gpr, 0, &fninit(), &[0; 0x100]).unwrap();
+        assert_eq!((b.end, b.gpr, &b.data[..]), (r.end, r.gpr, &r.data[..]));
+        // 4 + 2 pushed, 2 popped.
+        assert_eq!(r.gpr[4], DATA_ADDR + 0xF8 - 4);
+        let sel = u16::from_le_bytes([r.data[0x10], r.data[0x11]]);
+        assert_eq!(&r.data[0xF4..0xF8], &u32::from(sel).to_le_bytes());
+        // The word push of ES went just below, leaving the bytes under it alone (a dword
+        // push would have overwritten them).
+        assert_eq!(&r.data[0xF0..0xF2], &[0xFF, 0xFF]);
+        let es_sel = u16::from_le_bytes([r.data[0xF2], r.data[0xF3]]);
+        assert_eq!((es_sel, sel), (0x10, 0x10), "the snippet's data selector");
+        assert_eq!(r.data[0x12], 0, "MOV m16, Sreg stores a word");
+        assert_eq!(r.gpr[3] >> 16, 0, "MOV r32, Sreg zero-extends");
+    }
+
+    #[test]
     fn hlt_and_icebp_end_like_they_do_in_user_mode() {
         let hlt = asm(|a| {
             a.nop()?;
