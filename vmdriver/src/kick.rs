@@ -16,7 +16,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 /// A POSIX timer that sends `signal` to the thread that created it: every `period` while armed
-/// with [`ThreadTimer::arm`], or once with [`ThreadTimer::arm_once`].
+/// with [`ThreadTimer::arm`], or first after a chosen time with [`ThreadTimer::arm_after`].
 pub struct ThreadTimer {
     timer: libc::timer_t,
     thread: libc::pid_t,
@@ -92,10 +92,10 @@ impl ThreadTimer {
         Ok(())
     }
 
-    /// Sends one signal `after` from now (at least a microsecond), replacing whatever was
-    /// armed.
-    pub fn arm_once(&mut self, after: Duration) -> io::Result<()> {
-        self.set(after.max(Duration::from_micros(1)), Duration::ZERO)?;
+    /// Sends a signal `after` from now (at least a microsecond), then one every `period`,
+    /// replacing whatever was armed.
+    pub fn arm_after(&mut self, after: Duration) -> io::Result<()> {
+        self.set(after.max(Duration::from_micros(1)), self.period)?;
         self.armed = true;
         Ok(())
     }
@@ -110,8 +110,7 @@ impl ThreadTimer {
         }
     }
 
-    /// Whether the timer was armed and not disarmed since (a one-shot that already fired
-    /// still counts).
+    /// Whether the timer was armed and not disarmed since.
     pub fn is_armed(&self) -> bool {
         self.armed
     }

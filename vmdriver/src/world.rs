@@ -816,7 +816,11 @@ extern "C" fn on_signal(signo: libc::c_int, info: *mut libc::siginfo_t, uctx: *m
 ///   [`take_slice_due`] reports it before the monitor enters translated code again.
 /// - A slice ends when the VM's next timer event is due ([`SliceTimer::end_within`]), so a
 ///   spinning guest gets its timer interrupt on time, and with no timer event within
-///   [`MAX_SLICE`] at the latest. The one-shot timer is reprogrammed only when that moment moves.
+///   [`MAX_SLICE`] at the latest. The timer is reprogrammed only when that moment moves. After
+///   its first signal it goes on every [`MAX_SLICE`] until reprogrammed: a signal that lands
+///   where nothing acts on it (in the monitor just before it enters translated code, or as an
+///   exit request is being cleared) delays the VM by one `MAX_SLICE` instead of leaving a
+///   spinning guest running for ever.
 /// - While the vCPU is halted ([`SliceTimer::park`]) the timer stays armed only if it fires as
 ///   the VM wakes up anyway: an idle guest costs no host wake-ups beyond its own timer
 ///   interrupts, one timer programming per guest timer event, and no helper thread.
@@ -826,7 +830,7 @@ extern "C" fn on_signal(signo: libc::c_int, info: *mut libc::siginfo_t, uctx: *m
 ///   the vCPU later.
 pub struct SliceTimer {
     timer: Option<crate::kick::ThreadTimer>,
-    /// When the armed one-shot fires.
+    /// When the armed timer first fires.
     due: Option<std::time::Instant>,
 }
 
@@ -943,7 +947,7 @@ impl SliceTimer {
                     )?)
             }
         };
-        timer.arm_once(within)?;
+        timer.arm_after(within)?;
         self.due = Some(wanted);
         Ok(())
     }
@@ -1042,6 +1046,27 @@ mod tests {
         ));
         assert!(!timer.is_parked());
         assert!(wait_for_slice(), "a slice end kept for the wake-up arrives");
+    }
+
+    #[test]
+    fn a_slice_end_nothing_acted_on_comes_again_without_reprogramming() {
+        let mut timer = SliceTimer::new().unwrap();
+        timer
+            .end_within(std::time::Duration::from_millis(1))
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut seen = 0;
+        // The monitor "loses" each signal (takes the mark and does nothing, as a signal landing
+        // just before the world switch would be lost); the timer still comes back.
+        while seen < 3 && std::time::Instant::now() < deadline {
+            if take_slice_due() {
+                seen += 1;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(seen, 3, "a lost slice end was never repeated");
+        timer.park(None);
+        take_slice_due();
     }
 
     #[test]

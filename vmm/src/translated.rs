@@ -709,6 +709,12 @@ impl BtEngine {
         self.check_code_epochs();
         let base = self.shadow.activate(&p)?;
         self.load_context(mode);
+        if world::take_slice_due() {
+            // The slice ended while the unit was being looked up: the guest would not notice
+            // before the timer's next period.
+            self.counters.exits_request += 1;
+            return Ok(Some(VmExit::Interrupted));
+        }
         // SAFETY: `host` is the entry of a unit the translator built under the contract
         // (guest memory only through GS, exits only through the stub), and the window maps
         // only guest memory.
