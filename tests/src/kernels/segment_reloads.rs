@@ -5,6 +5,7 @@
 
 use iced_x86::code_asm::*;
 
+use crate::kernels::{handler_address, set_gate};
 use crate::kit::{AsmResult, KERNEL_BASE, Kit};
 
 /// The page directory (its page table follows it) identity-mapping the first 4 MiB.
@@ -238,22 +239,11 @@ fn install_fault_handlers(k: &mut Kit, idt: u32, skip: u32) -> AsmResult {
     let mut common = k.asm().create_label();
     let mut done = k.asm().create_label();
     for v in [11u32, 13, 14] {
-        let mut stub = k.asm().create_label();
-        let mut install = k.asm().create_label();
-        k.asm().call(install)?;
-        k.asm().set_label(&mut stub)?;
-        k.asm().push(v)?;
-        k.asm().jmp(common)?;
-        k.asm().set_label(&mut install)?;
-        // EAX = the stub's address (pushed by the call): an interrupt gate for it.
-        k.asm().pop(eax)?;
-        k.asm().mov(edx, eax)?;
-        k.asm().and(edx, 0xFFFF_0000u32)?;
-        k.asm().or(edx, 0x8E00u32)?;
-        k.asm().mov(dword_ptr(idt + v * 8 + 4), edx)?;
-        k.asm().and(eax, 0xFFFFu32)?;
-        k.asm().or(eax, 0x0008_0000u32)?;
-        k.asm().mov(dword_ptr(idt + v * 8), eax)?;
+        handler_address(k, |k| {
+            k.asm().push(v)?;
+            Ok(k.asm().jmp(common)?)
+        })?;
+        set_gate(k, idt, v, 0x8E)?;
     }
     k.asm().jmp(done)?;
 
