@@ -16,6 +16,8 @@
 
 use iced_x86::{Code, Encoder, Instruction, OpCodeOperandKind, OpKind};
 
+use crate::translate::RawSpan;
+
 /// Host code and, for each instruction, its offset from the start of the code (what
 /// `BlockEncoder` returns with `RETURN_NEW_INSTRUCTION_OFFSETS`).
 pub(crate) struct Block {
@@ -38,23 +40,40 @@ struct Fixup {
 }
 
 /// Encodes `instructions` for host address `rip`: each instruction's IP is its label, and a
-/// near branch's target is the label of the instruction it goes to. None if the block has
-/// any shape [the module documentation](self) lists as unsupported.
-pub(crate) fn encode(instructions: &[Instruction], rip: u64) -> Option<Block> {
-    let mut encoder = Encoder::try_with_capacity(64, instructions.len() * 8).ok()?;
+/// near branch's target is the label of the instruction it goes to. The instruction at each
+/// raw span's index is a placeholder for that span of `raw_bytes`, copied as it is (it must
+/// not depend on where it is placed). None if the block has any shape
+/// [the module documentation](self) lists as unsupported.
+pub(crate) fn encode(
+    instructions: &[Instruction],
+    raw: &[RawSpan],
+    raw_bytes: &[u8],
+    rip: u64,
+) -> Option<Block> {
+    let mut encoder =
+        Encoder::try_with_capacity(64, instructions.len() * 8 + raw_bytes.len()).ok()?;
     let mut offsets = Vec::with_capacity(instructions.len());
     let mut fixups = Vec::new();
     let mut labels: Vec<(u64, u32)> = Vec::with_capacity(instructions.len());
     let mut sorted = true;
     let mut at = 0usize;
-    for ins in instructions {
+    let mut spans = raw.iter().peekable();
+    for (i, ins) in instructions.iter().enumerate() {
         offsets.push(at as u32);
         if let Some(&(last, _)) = labels.last() {
             sorted &= last < ins.ip();
         }
         labels.push((ins.ip(), at as u32));
         let here = rip.wrapping_add(at as u64);
-        let len = if ins.op0_kind() == OpKind::NearBranch64 {
+        let len = if let Some(span) = spans.next_if(|s| s.index == i) {
+            let bytes = raw_bytes
+                .get(span.start as usize..)?
+                .get(..span.len as usize)?;
+            let mut buffer = encoder.take_buffer();
+            buffer.extend_from_slice(bytes);
+            encoder.set_buffer(buffer);
+            bytes.len()
+        } else if ins.op0_kind() == OpKind::NearBranch64 {
             let size = branch_size(ins.code())?;
             let mut aimed = *ins;
             aimed.set_near_branch64(here);
@@ -156,7 +175,7 @@ mod tests {
         ];
         list = labelled(list);
         let rip = 0x7f00_0000_1000;
-        let block = encode(&list, rip).expect("fixed-form branches to labels");
+        let block = encode(&list, &[], &[], rip).expect("fixed-form branches to labels");
         let host = decode(&block.code, rip);
         assert_eq!(host.len(), list.len());
         let at = |i: usize| rip + u64::from(block.offsets[i]);
@@ -196,7 +215,7 @@ mod tests {
             Instruction::with_declare_byte_5(0xE9, 0, 0, 0, 0),
         ]);
         let rip = 0x7f00_0000_2000;
-        let ours = encode(&list, rip).unwrap();
+        let ours = encode(&list, &[], &[], rip).unwrap();
         let theirs = BlockEncoder::encode(
             64,
             InstructionBlock::new(&list, rip),
@@ -205,6 +224,41 @@ mod tests {
         .unwrap();
         assert_eq!(ours.code, theirs.code_buffer);
         assert_eq!(ours.offsets, theirs.new_instruction_offsets);
+    }
+
+    #[test]
+    fn raw_spans_are_copied_in_place_and_branched_over() {
+        // 0: jmp rel32 ->2; 1: raw (int3 x 3); 2: nop, then 3: raw (ud2) at the end.
+        let list = labelled(vec![
+            Instruction::with_branch(Code::Jmp_rel32_64, 0x1003).unwrap(),
+            Instruction::default(),
+            Instruction::with(Code::Nopd),
+            Instruction::default(),
+        ]);
+        let raw = [
+            RawSpan {
+                index: 1,
+                start: 0,
+                len: 3,
+            },
+            RawSpan {
+                index: 3,
+                start: 3,
+                len: 2,
+            },
+        ];
+        let bytes = [0xCC, 0xCC, 0xCC, 0x0F, 0x0B];
+        let rip = 0x7f00_0000_3000;
+        let block = encode(&list, &raw, &bytes, rip).expect("raw spans are position-independent");
+        assert_eq!(block.offsets, [0, 5, 8, 9]);
+        assert_eq!(&block.code[5..8], &[0xCC; 3]);
+        assert_eq!(&block.code[9..], &[0x0F, 0x0B]);
+        let host = decode(&block.code, rip);
+        assert_eq!(
+            host[0].near_branch64(),
+            rip + 8,
+            "the jump lands past the span"
+        );
     }
 
     #[test]
@@ -220,11 +274,17 @@ mod tests {
         list = labelled(list);
         let last = list.last().unwrap().ip();
         list[0].set_near_branch64(last);
-        assert!(encode(&list, 0x1000).is_none(), "rel8 out of range");
+        assert!(
+            encode(&list, &[], &[], 0x1000).is_none(),
+            "rel8 out of range"
+        );
         // A branch to an address that is no label.
         let list = labelled(vec![
             Instruction::with_branch(Code::Jmp_rel32_64, 0xdead_0000).unwrap(),
         ]);
-        assert!(encode(&list, 0x1000).is_none(), "target outside the block");
+        assert!(
+            encode(&list, &[], &[], 0x1000).is_none(),
+            "target outside the block"
+        );
     }
 }

@@ -42,6 +42,8 @@
 
 mod fp;
 
+use std::sync::OnceLock;
+
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, Instruction,
     InstructionBlock, MemoryOperand, Mnemonic, OpKind, Register,
@@ -194,9 +196,61 @@ fn gs_mem(base: Register, disp: i32) -> MemoryOperand {
     )
 }
 
+/// Host code copied into a unit as it is: the placeholder instruction at `index` in the
+/// unit's list stands for `len` bytes from `start` of the unit's raw bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawSpan {
+    pub index: usize,
+    pub start: u32,
+    pub len: u32,
+}
+
+/// A host code sequence every unit emits the same way but for a few 32-bit immediates (the
+/// lookup after an indirect branch, a slot's trampoline), encoded once and copied into units
+/// as `db` pieces: most of a unit's host instructions are these sequences, and encoding them
+/// instruction by instruction was most of the cost of translating a unit.
+struct Template {
+    code: Vec<u8>,
+    /// Offsets of the imm32 fields to fill in, in the order of the values given.
+    patches: Vec<usize>,
+}
+
+impl Template {
+    /// Encodes what `build` emits (position-independent: branches only to its own labels);
+    /// `build` returns the indices of the instructions whose trailing imm32 are the patch
+    /// fields. None if the code is not of that shape: the callers then emit it directly.
+    fn build(build: impl FnOnce(&mut Emitter) -> Vec<usize>) -> Option<Template> {
+        let mut e = Emitter::new(0, Mode::default(), 0);
+        let indices = build(&mut e);
+        if e.err.is_some() {
+            return None;
+        }
+        let block = crate::encode::encode(&e.out, &[], &[], 0)?;
+        let mut patches = Vec::with_capacity(indices.len());
+        for idx in indices {
+            let start = *block.offsets.get(idx)? as usize;
+            let mut d = Decoder::with_ip(64, &block.code[start..], 0, DecoderOptions::NONE);
+            let ins = d.decode();
+            let c = d.get_constant_offsets(&ins);
+            if ins.is_invalid() || !c.has_immediate() || c.immediate_size() != 4 {
+                return None;
+            }
+            patches.push(start + c.immediate_offset());
+        }
+        Some(Template {
+            code: block.code,
+            patches,
+        })
+    }
+}
+
 /// The host instructions of a unit being built, each tagged with its guest instruction.
 struct Emitter {
     out: Vec<Instruction>,
+    /// Host code copied in rather than encoded (see [`Template`]): (index in `out` of its
+    /// placeholder, start in `raw_bytes`, length), in the order of `out`.
+    raw: Vec<RawSpan>,
+    raw_bytes: Vec<u8>,
     /// (guest EIP, index, pending ESP delta) of each host instruction.
     tags: Vec<(u32, u32, i32)>,
     next_ip: u64,
@@ -230,8 +284,10 @@ struct Emitter {
 impl Emitter {
     fn new(eip: u32, mode: Mode, unit_id: u32) -> Self {
         Self {
-            out: Vec::new(),
-            tags: Vec::new(),
+            out: Vec::with_capacity(128),
+            raw: Vec::new(),
+            raw_bytes: Vec::new(),
+            tags: Vec::with_capacity(128),
             next_ip: 0x1000,
             slots: Vec::new(),
             tag: (eip, 0),
@@ -253,6 +309,7 @@ impl Emitter {
     fn truncate(&mut self, len: usize) {
         self.out.truncate(len);
         self.tags.truncate(len);
+        self.raw.retain(|r| r.index < len);
         self.slots.retain(|s| s.0 < len);
         self.uncounts.retain(|u| u.0 < len);
     }
@@ -294,9 +351,9 @@ impl Emitter {
         }
     }
 
-    /// `mov dword [r15+off], imm`.
-    fn store_ctx(&mut self, off: i32, value: u32) {
-        self.emit(Instruction::with2(Code::Mov_rm32_imm32, ctx(off), value));
+    /// `mov dword [r15+off], imm` (the index of the instruction).
+    fn store_ctx(&mut self, off: i32, value: u32) -> usize {
+        self.emit(Instruction::with2(Code::Mov_rm32_imm32, ctx(off), value))
     }
 
     fn jmp_exit_stub(&mut self) {
@@ -472,40 +529,102 @@ impl Emitter {
     /// The trampolines the slots lead to until chained. Each tries the lookup table first:
     /// with paging on the monitor does not chain to another page (it may map elsewhere the
     /// next time) nor to a unit whose instruction runs on into the next page, so those
-    /// targets go through the table, as indirect ones do; only a miss leaves.
+    /// targets go through the table, as indirect ones do; only a miss leaves. Each is a copy
+    /// of one [`Template`] with its target, unit and slot filled in.
     fn trampolines(&mut self, unit_id: u32) {
+        static TRAMPOLINE: OnceLock<Option<Template>> = OnceLock::new();
+        let template = TRAMPOLINE.get_or_init(|| {
+            Template::build(|e| {
+                let target = e.emit(Instruction::with2(Code::Mov_r32_imm32, S0, 0u32));
+                let mut patches = vec![target];
+                patches.extend(e.lookup_or(Miss::Branch { unit: 0, slot: 0 }));
+                patches
+            })
+        });
         let slots = self.slots.clone();
         for (k, (_, _, tramp, target)) in slots.into_iter().enumerate() {
-            let miss = Miss::Branch {
-                unit: unit_id,
-                slot: k as u32,
-            };
-            self.emit_at(Instruction::with2(Code::Mov_r32_imm32, S0, target), tramp);
-            self.lookup_or(miss);
+            match template {
+                Some(t) => {
+                    self.sync_esp();
+                    self.ss_loaded = false;
+                    self.copy_template(t, &[target, unit_id, k as u32], Some(tramp));
+                }
+                None => {
+                    let miss = Miss::Branch {
+                        unit: unit_id,
+                        slot: k as u32,
+                    };
+                    self.emit_at(Instruction::with2(Code::Mov_r32_imm32, S0, target), tramp);
+                    self.lookup_or(miss);
+                }
+            }
         }
+    }
+
+    /// Emits `t`'s code with its patch fields set to `values` (in order), at label `at` if
+    /// given: one placeholder instruction in `out` whose bytes the encoder copies.
+    fn copy_template(&mut self, t: &Template, values: &[u32], at: Option<u64>) {
+        let start = self.raw_bytes.len();
+        self.raw_bytes.extend_from_slice(&t.code);
+        for (&field, value) in t.patches.iter().zip(values) {
+            self.raw_bytes[start + field..start + field + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        let ip = at.unwrap_or_else(|| self.label());
+        let index = self.push_at(Instruction::default(), ip);
+        self.raw.push(RawSpan {
+            index,
+            start: start as u32,
+            len: t.code.len() as u32,
+        });
     }
 
     /// Stores what a lookup miss or untaken slot needs and leaves (exit EIP already stored).
-    fn branch_exit(&mut self, miss: Miss) {
-        match miss {
-            Miss::Lookup => self.store_ctx(OFF_EXIT_REASON, reason::LOOKUP_MISS),
-            Miss::Branch { unit, slot } => {
-                self.store_ctx(OFF_EXIT_UNIT, unit);
-                self.store_ctx(OFF_EXIT_SLOT, slot);
-                self.store_ctx(OFF_EXIT_REASON, reason::BRANCH);
+    /// Returns the indices of the stores of a [`Miss::Branch`]'s unit and slot.
+    fn branch_exit(&mut self, miss: Miss) -> Vec<usize> {
+        let stores = match miss {
+            Miss::Lookup => {
+                self.store_ctx(OFF_EXIT_REASON, reason::LOOKUP_MISS);
+                Vec::new()
             }
-        }
+            Miss::Branch { unit, slot } => {
+                let stores = vec![
+                    self.store_ctx(OFF_EXIT_UNIT, unit),
+                    self.store_ctx(OFF_EXIT_SLOT, slot),
+                ];
+                self.store_ctx(OFF_EXIT_REASON, reason::BRANCH);
+                stores
+            }
+        };
         self.jmp_exit_stub();
+        stores
     }
 
     /// Jumps to the translation of the guest EIP in S0 (R8D) through the lookup table, leaving
-    /// RFLAGS untouched; a miss exits to the monitor.
+    /// RFLAGS untouched; a miss exits to the monitor. A copy of one [`Template`].
     fn lookup(&mut self) {
-        self.lookup_or(Miss::Lookup);
+        static LOOKUP: OnceLock<Option<Template>> = OnceLock::new();
+        let template = LOOKUP.get_or_init(|| {
+            Template::build(|e| {
+                e.lookup_or(Miss::Lookup);
+                Vec::new()
+            })
+        });
+        match template {
+            Some(t) => {
+                self.sync_esp();
+                self.ss_loaded = false;
+                self.copy_template(t, &[], None);
+            }
+            None => {
+                self.lookup_or(Miss::Lookup);
+            }
+        }
     }
 
-    /// [`Emitter::lookup`], with what a miss reports.
-    fn lookup_or(&mut self, miss: Miss) {
+    /// [`Emitter::lookup`], with what a miss reports. Returns the indices of the instructions
+    /// whose last four bytes are a [`Miss::Branch`]'s unit and slot (none for
+    /// [`Miss::Lookup`]).
+    fn lookup_or(&mut self, miss: Miss) -> Vec<usize> {
         self.sync_esp();
         // R11 (SS_REG) is the lookup's scratch.
         self.ss_loaded = false;
@@ -545,7 +664,7 @@ impl Emitter {
             ctx(OFF_EXIT_EIP),
             S0,
         ));
-        self.branch_exit(miss);
+        let stores = self.branch_exit(miss);
         self.emit_at(
             Instruction::with2(Code::Mov_r64_rm64, Register::RCX, SAVE_Q),
             hit,
@@ -569,6 +688,7 @@ impl Emitter {
             Code::Jmp_rm64,
             MemoryOperand::new(S2Q, S1Q, 8, 8, 1, false, Register::None),
         ));
+        stores
     }
 
     /// `gs:[guest ESP + disp]`: `[r12d + pending delta + disp]` (plus SS.base), modulo 4 GiB
@@ -1036,11 +1156,13 @@ pub fn translate(
     mode: Mode,
 ) -> Result<Encoded, TranslateError> {
     let page_end = (u64::from(eip) & !0xFFF) + 0x1000;
-    let avail = (page_end - u64::from(eip)) as usize;
+    // A unit covers at most MAX_INSTRUCTIONS instructions of at most 15 bytes, and the rest
+    // of the page if that is less.
+    let avail = ((page_end - u64::from(eip)) as usize).min(MAX_INSTRUCTIONS * 15);
     // Up to 14 more bytes, from the next page, for an instruction that runs on into it.
-    let mut bytes = vec![0u8; avail + 14];
-    let got = src.read_code(eip, &mut bytes);
-    bytes.truncate(got);
+    let mut buf = [0u8; MAX_INSTRUCTIONS * 15 + 14];
+    let got = src.read_code(eip, &mut buf[..avail + 14]);
+    let bytes = &buf[..got];
     let in_page = got.min(avail);
     let mut crosses = false;
 
@@ -1051,7 +1173,7 @@ pub fn translate(
         COUNT_Q,
         MemoryOperand::with_base_displ(COUNT_Q, 0),
     ));
-    let mut decoder = Decoder::with_ip(32, &bytes, u64::from(eip), DecoderOptions::NONE);
+    let mut decoder = Decoder::with_ip(32, bytes, u64::from(eip), DecoderOptions::NONE);
     let mut count = 0u32;
     let mut callout = None;
     let mut guest_end = eip;
@@ -1174,10 +1296,13 @@ pub fn translate(
     if let Some(message) = e.err.take() {
         return Err(TranslateError::Encode { eip, message });
     }
-    let (mut code, offsets) = match crate::encode::encode(&e.out, rip) {
+    let (mut code, offsets) = match crate::encode::encode(&e.out, &e.raw, &e.raw_bytes, rip) {
         Some(block) => (block.code, block.offsets),
         None => {
-            let block = InstructionBlock::new(&e.out, rip);
+            // BlockEncoder knows nothing of raw spans: they go in as `db` pieces, and the
+            // offsets are mapped back to one per instruction of `e.out`.
+            let (list, first) = with_raw_as_db(eip, &e.out, &e.raw, &e.raw_bytes)?;
+            let block = InstructionBlock::new(&list, rip);
             let result = BlockEncoder::encode(
                 64,
                 block,
@@ -1187,7 +1312,11 @@ pub fn translate(
                 eip,
                 message: err.to_string(),
             })?;
-            (result.code_buffer, result.new_instruction_offsets)
+            let offsets = first
+                .iter()
+                .map(|&i| result.new_instruction_offsets[i])
+                .collect();
+            (result.code_buffer, offsets)
         }
     };
     let offsets = &offsets;
@@ -1202,7 +1331,11 @@ pub fn translate(
             esp_delta: *esp_delta,
         })
         .collect();
-    map.sort_by_key(|m| m.host_offset);
+    // The instructions were laid out in order, so this is sorted already unless BlockEncoder
+    // moved something.
+    if !map.is_sorted_by_key(|m| m.host_offset) {
+        map.sort_by_key(|m| m.host_offset);
+    }
     let mut slots = Vec::new();
     for (idx, rel_at, tramp, target) in &e.slots {
         let slot_off = offsets[*idx] + rel_at;
@@ -1229,6 +1362,46 @@ pub fn translate(
         esp_moves: e.esp_moves,
         esp_updates: e.esp_updates,
     })
+}
+
+/// `out` with each raw span's placeholder replaced by `db` pieces of its bytes (for
+/// `BlockEncoder`), and for each instruction of `out` the index of its first instruction in
+/// the new list.
+fn with_raw_as_db(
+    eip: u32,
+    out: &[Instruction],
+    raw: &[RawSpan],
+    raw_bytes: &[u8],
+) -> Result<(Vec<Instruction>, Vec<usize>), TranslateError> {
+    let mut list = Vec::with_capacity(out.len() + raw_bytes.len() / 16);
+    let mut first = Vec::with_capacity(out.len());
+    let mut spans = raw.iter().peekable();
+    // Labels are small numbers counting up from 0x1000: the pieces after a span's first take
+    // IPs no label has.
+    let mut piece_ip = u64::MAX / 2;
+    for (i, ins) in out.iter().enumerate() {
+        first.push(list.len());
+        let Some(span) = spans.next_if(|s| s.index == i) else {
+            list.push(*ins);
+            continue;
+        };
+        let bytes = &raw_bytes[span.start as usize..][..span.len as usize];
+        for (k, piece) in bytes.chunks(16).enumerate() {
+            let mut db =
+                Instruction::with_declare_byte(piece).map_err(|err| TranslateError::Encode {
+                    eip,
+                    message: err.to_string(),
+                })?;
+            if k == 0 {
+                db.set_ip(ins.ip());
+            } else {
+                piece_ip += 1;
+                db.set_ip(piece_ip);
+            }
+            list.push(db);
+        }
+    }
+    Ok((list, first))
 }
 
 enum Rewrite {
@@ -2185,11 +2358,63 @@ mod tests {
         );
         assert_eq!(e.code[e.slots[1].rel32_offset as usize - 1], 0xE9);
         assert!(t.iter().any(|l| l == "mov r8d,100000h"), "{t:?}");
-        assert!(t.iter().any(|l| l
-            == &format!(
-                "mov dword ptr [r15+{off_exit_unit}],7",
-                off_exit_unit = hex(OFF_EXIT_UNIT)
-            )));
+        // Each slot leads to its own trampoline (a copy of one template): the slot's target in
+        // R8D for the lookup, and on a miss this unit and the slot's number for the monitor.
+        for (k, slot) in e.slots.iter().enumerate() {
+            let at = slot.rel32_offset as usize;
+            let rel = i32::from_le_bytes(e.code[at..at + 4].try_into().unwrap());
+            let tramp = (at as i64 + 4 + i64::from(rel)) as usize;
+            let t = text(&host(&e.code[tramp..]));
+            assert_eq!(t[0], format!("mov r8d,{}", hex(slot.target)), "slot {k}");
+            let exit = t.iter().position(|l| l.starts_with("jmp qword ptr [r15+"));
+            let miss = &t[..exit.unwrap_or_else(|| panic!("slot {k}: no exit in {t:#?}"))];
+            for (off, value) in [(OFF_EXIT_UNIT, 7), (OFF_EXIT_SLOT, k)] {
+                let store = format!("mov dword ptr [r15+{}],{value}", hex(off));
+                assert!(miss.contains(&store), "slot {k}: no {store:?} in {miss:#?}");
+            }
+        }
+    }
+
+    #[test]
+    fn block_encoder_fallback_lays_out_raw_spans_like_the_fast_path() {
+        // A unit's instruction list with a 20-byte raw span (two `db` pieces for
+        // BlockEncoder) between a forward branch and its target.
+        let mut out = vec![
+            Instruction::with_branch(Code::Jmp_rel32_64, 0x1003).unwrap(),
+            Instruction::default(),
+            Instruction::with(Code::Nopd),
+        ];
+        for (i, ins) in out.iter_mut().enumerate() {
+            ins.set_ip(0x1001 + i as u64);
+        }
+        let raw = [RawSpan {
+            index: 1,
+            start: 0,
+            len: 20,
+        }];
+        let bytes: Vec<u8> = (0..20).collect();
+        let fast = crate::encode::encode(&out, &raw, &bytes, RIP).unwrap();
+        let (list, first) = with_raw_as_db(BASE, &out, &raw, &bytes).unwrap();
+        assert_eq!(list.len(), 4);
+        let slow = BlockEncoder::encode(
+            64,
+            InstructionBlock::new(&list, RIP),
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .unwrap();
+        // BlockEncoder may pick a shorter jump, so compare what the code does: the span's
+        // bytes at its instruction's offset, and the jump landing on the instruction after.
+        let code = &slow.code_buffer;
+        let at: Vec<usize> = first
+            .iter()
+            .map(|&i| slow.new_instruction_offsets[i] as usize)
+            .collect();
+        assert_eq!(&code[at[1]..at[1] + 20], &bytes[..]);
+        assert_eq!(at[2], at[1] + 20);
+        assert_eq!(code[at[2]], 0x90, "the nop");
+        let jmp = host(code)[0];
+        assert_eq!(jmp.near_branch64(), RIP + at[2] as u64);
+        assert_eq!(&fast.code[fast.offsets[1] as usize..][..20], &bytes[..]);
     }
 
     #[test]
