@@ -147,6 +147,97 @@ pub struct Translated {
     pub page2: Option<u32>,
 }
 
+/// Entries of the monitor's own unit cache (a power of two).
+const ENTRY_CACHE: usize = 4096;
+
+/// One slot of [`EntryCache`].
+#[derive(Clone, Copy, Default)]
+struct CachedEntry {
+    eip: u32,
+    mode: Mode,
+    cpl: u8,
+    global: bool,
+    /// The generations it was entered in (see [`EntryCache`]).
+    global_gen: u32,
+    local_gen: u32,
+    /// 0 for an empty slot.
+    host: u64,
+}
+
+/// The monitor's cache of unit entries by (linear EIP, mode, CPL), direct-mapped by EIP: where
+/// the monitor goes on after a callout or an interrupt, without walking the guest's page
+/// tables for the code page and hashing (EIP, page, mode). It follows the lookup tables'
+/// rules (entries keyed by linear EIP stay valid while the code mappings do: the
+/// non-global ones until any change of the address space, global ones until a global mapping
+/// changes), with a generation number per kind instead of emptying the slots.
+struct EntryCache {
+    slots: Box<[CachedEntry]>,
+    global_gen: u32,
+    local_gen: u32,
+}
+
+impl EntryCache {
+    fn new() -> Self {
+        Self {
+            slots: vec![CachedEntry::default(); ENTRY_CACHE].into_boxed_slice(),
+            global_gen: 0,
+            local_gen: 0,
+        }
+    }
+
+    fn slot(eip: u32) -> usize {
+        eip as usize & (ENTRY_CACHE - 1)
+    }
+
+    fn get(&self, eip: u32, mode: Mode, cpl: u8) -> Option<u64> {
+        let e = &self.slots[Self::slot(eip)];
+        let live = e.host != 0
+            && e.eip == eip
+            && e.mode == mode
+            && e.cpl == cpl
+            && e.global_gen == self.global_gen
+            && (e.global || e.local_gen == self.local_gen);
+        live.then_some(e.host)
+    }
+
+    fn insert(&mut self, eip: u32, mode: Mode, cpl: u8, host: u64, global: bool) {
+        self.slots[Self::slot(eip)] = CachedEntry {
+            eip,
+            mode,
+            cpl,
+            global,
+            global_gen: self.global_gen,
+            local_gen: self.local_gen,
+            host,
+        };
+    }
+
+    /// Forgets the entries of a unit that is going away.
+    fn forget_unit(&mut self, eip: u32, host: u64) {
+        let e = &mut self.slots[Self::slot(eip)];
+        if e.host == host {
+            e.host = 0;
+        }
+    }
+
+    // A generation number coming round again after 2^32 flushes could revive a slot not
+    // touched since: the slots are emptied then.
+
+    fn forget_local(&mut self) {
+        self.local_gen = self.local_gen.wrapping_add(1);
+        if self.local_gen == 0 {
+            self.slots.fill(CachedEntry::default());
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.global_gen = self.global_gen.wrapping_add(1);
+        if self.global_gen == 0 {
+            self.slots.fill(CachedEntry::default());
+        }
+    }
+}
+
 /// The translation cache of one vCPU.
 pub struct Translator {
     cache: CodeCache,
@@ -164,6 +255,8 @@ pub struct Translator {
     lookup: usize,
     /// Table selections so far (the replacement clock).
     selections: u64,
+    /// The monitor's cache of unit entries.
+    entries: EntryCache,
     /// Counters.
     pub stats: CacheStats,
 }
@@ -180,6 +273,7 @@ impl Translator {
             lookups: (0..LOOKUP_TABLES).map(|_| LookupTable::new()).collect(),
             lookup: 0,
             selections: 0,
+            entries: EntryCache::new(),
             stats: CacheStats::default(),
         })
     }
@@ -213,6 +307,20 @@ impl Translator {
         self.lookups[i].last_used = self.selections;
         self.lookup = i;
         self.lookup_table()
+    }
+
+    /// Host entry of the unit at linear `eip` for `mode` at `cpl` the monitor entered there
+    /// last, if the code mappings have not changed since (the caller reports their changes
+    /// with [`Translator::forget_indirect`] and [`Translator::forget_local_indirect`], as for
+    /// the lookup tables) and the unit is still there.
+    pub fn cached_entry(&self, eip: u32, mode: Mode, cpl: u8) -> Option<u64> {
+        self.entries.get(eip, mode, cpl)
+    }
+
+    /// Notes that the unit at linear `eip` for `mode` at `cpl` is at `host`, for
+    /// [`Translator::cached_entry`]; `global` as for [`Translator::remember_indirect`].
+    pub fn cache_entry(&mut self, eip: u32, mode: Mode, cpl: u8, host: u64, global: bool) {
+        self.entries.insert(eip, mode, cpl, host, global);
     }
 
     /// Host entry of the unit at guest `eip` whose code is in guest-physical `page`, translated
@@ -364,6 +472,7 @@ impl Translator {
     /// space changed; global translations stay, as in a TLB).
     pub fn forget_local_indirect(&mut self) {
         self.stats.lookup_local_flushes += 1;
+        self.entries.forget_local();
         for t in &mut self.lookups {
             t.clear_local();
         }
@@ -373,6 +482,7 @@ impl Translator {
     /// they go whenever the code's address space may have changed).
     pub fn forget_indirect(&mut self) {
         self.stats.lookup_flushes += 1;
+        self.entries.forget_all();
         for t in &mut self.lookups {
             t.clear();
         }
@@ -448,6 +558,7 @@ impl Translator {
             self.by_eip.remove(&key);
         }
         self.by_host.remove(&unit.host);
+        self.entries.forget_unit(unit.eip, unit.host);
         for t in &mut self.lookups {
             let entry = &mut t.entries[(unit.eip & 0xFFFF) as usize];
             if entry[0] == !u64::from(unit.eip) {
@@ -479,6 +590,7 @@ impl Translator {
         self.by_eip.clear();
         self.by_page.clear();
         self.by_host.clear();
+        self.entries = EntryCache::new();
         for t in &mut self.lookups {
             t.entries.fill([0, 0]);
             t.used.clear();
@@ -531,6 +643,40 @@ mod tests {
         t.forget_indirect();
         t.select_lookup(Mode(Mode::CPL0), 0);
         assert_eq!(entry(&t, 0xC000_1000), [0, 0], "everything");
+    }
+
+    #[test]
+    fn the_entry_cache_forgets_what_the_lookup_tables_forget_and_dropped_units() {
+        let mut code = vec![0x90u8; 0x2000];
+        code[0..4].copy_from_slice(&[0x40, 0x40, 0x40, 0xC3]); // inc eax x3; ret
+        code[0x10..0x14].copy_from_slice(&[0x40, 0x40, 0x40, 0xC3]);
+        let src = TwoPages(code);
+        let mut t = Translator::new().unwrap();
+        let k = Mode(Mode::CPL0);
+        let a = t.translate(&src, 0x1000, 7, None, k).unwrap().host;
+        let b = t.translate(&src, 0x1010, 7, None, k).unwrap().host;
+        t.cache_entry(0x1000, k, 0, a, true);
+        t.cache_entry(0x1010, k, 0, b, false);
+        assert_eq!(t.cached_entry(0x1000, k, 0), Some(a));
+        assert_eq!(t.cached_entry(0x1010, k, 0), Some(b));
+        assert_eq!(t.cached_entry(0x1000, Mode(0), 0), None, "another mode");
+        assert_eq!(t.cached_entry(0x1000, k, 3), None, "another CPL");
+        assert_eq!(t.cached_entry(0x1000 + ENTRY_CACHE as u32, k, 0), None);
+        t.forget_local_indirect();
+        assert_eq!(t.cached_entry(0x1000, k, 0), Some(a), "global");
+        assert_eq!(t.cached_entry(0x1010, k, 0), None, "non-global");
+        t.cache_entry(0x1010, k, 0, b, false);
+        t.forget_indirect();
+        assert_eq!(t.cached_entry(0x1000, k, 0), None, "everything");
+        assert_eq!(t.cached_entry(0x1010, k, 0), None, "everything");
+        // A unit dropped (its code written) is no longer entered.
+        t.cache_entry(0x1000, k, 0, a, true);
+        t.cache_entry(0x1010, k, 0, b, true);
+        assert!(t.invalidate_range(7, 0x13, 0x14));
+        assert_eq!(t.cached_entry(0x1010, k, 0), None, "dropped");
+        assert_eq!(t.cached_entry(0x1000, k, 0), Some(a), "not written");
+        t.flush();
+        assert_eq!(t.cached_entry(0x1000, k, 0), None, "flushed");
     }
 
     /// Guest code: one page at linear 0x1000 (guest-physical page 7), and the one after it.

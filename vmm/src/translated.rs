@@ -90,6 +90,8 @@ pub enum BtError {
 struct Counters {
     exits_branch: u64,
     exits_lookup: u64,
+    /// Units the monitor entered through its entry cache rather than the cache's maps.
+    entry_cache_hits: u64,
     exits_callout: u64,
     exits_signal: u64,
     exits_request: u64,
@@ -701,12 +703,27 @@ impl BtEngine {
         // The paging state and translation mode, once for the lookup, the window and the
         // context.
         let (p, mode) = (self.paging(), mode_of(&self.interp));
-        let Some(host) = self.unit_in(eip, &p, mode)? else {
-            // The fetch faults (or runs from device memory): the interpreter raises the
-            // #PF or executes it.
-            return self.interpret_one(io);
-        };
+        // The monitor's entry cache first (once stale entries are gone): a callout's next
+        // instruction is usually there, and it saves the code-page walk and the cache's hash
+        // lookup.
         self.check_code_epochs();
+        let cpl = self.interp.cpu().cpl();
+        let host = match self.translator.cached_entry(eip, mode, cpl) {
+            Some(host) => {
+                self.counters.entry_cache_hits += 1;
+                host
+            }
+            None => {
+                let Some(host) = self.unit_in(eip, &p, mode)? else {
+                    // The fetch faults (or runs from device memory): the interpreter raises
+                    // the #PF or executes it.
+                    return self.interpret_one(io);
+                };
+                let global = eip & 0xFFF <= 0x1000 - 15 && self.shadow.code_is_global(eip);
+                self.translator.cache_entry(eip, mode, cpl, host, global);
+                host
+            }
+        };
         let base = self.shadow.activate(&p)?;
         self.load_context(mode);
         if world::take_slice_due() {
@@ -905,6 +922,7 @@ impl BtEngine {
                 self.vcpu.context().segment_reloads,
             ),
             ("lookup misses", c.exits_lookup),
+            ("entry cache hits", c.entry_cache_hits),
             ("units invalidated", s.invalidated),
             ("cache flushes", s.flushes),
             ("lookup flushes", s.lookup_flushes),
