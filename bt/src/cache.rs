@@ -126,6 +126,8 @@ pub struct CacheStats {
     pub time: Duration,
     /// Exit jumps patched to lead straight to their target.
     pub chain_patches: u64,
+    /// Of those, jumps to code in another page, a global one (paging on).
+    pub global_chains: u64,
     /// Units dropped because their guest page was written.
     pub invalidated: u64,
     /// Times the code cache filled up and was emptied.
@@ -146,6 +148,9 @@ pub struct Translated {
     /// The second page the unit's instruction runs on into, if it does.
     pub page2: Option<u32>,
 }
+
+/// Global chains listed before the list is cleared of the ones dropped units left.
+const GLOBAL_CHAINS_COMPACT: usize = 1 << 16;
 
 /// Entries of the monitor's own unit cache (a power of two).
 const ENTRY_CACHE: usize = 4096;
@@ -257,6 +262,11 @@ pub struct Translator {
     selections: u64,
     /// The monitor's cache of unit entries.
     entries: EntryCache,
+    /// Chains made across pages to code on global pages (with paging on): (unit, slot). They
+    /// hold while global mappings do, and are undone with the lookup tables.
+    global_chains: Vec<(u32, u32)>,
+    /// The length at which `global_chains` is next cleared of stale pairs.
+    global_chains_limit: usize,
     /// Counters.
     pub stats: CacheStats,
 }
@@ -274,6 +284,8 @@ impl Translator {
             lookup: 0,
             selections: 0,
             entries: EntryCache::new(),
+            global_chains: Vec::new(),
+            global_chains_limit: GLOBAL_CHAINS_COMPACT,
             stats: CacheStats::default(),
         })
     }
@@ -418,6 +430,43 @@ impl Translator {
     /// runs; a target whose instruction runs on into the next page is only chained to when
     /// `crossing` says the next page cannot map elsewhere either (paging off).
     pub fn chain(&mut self, from: u32, slot: u32, target: u32, page: u32, crossing: bool) -> bool {
+        self.patch_chain(from, slot, target, page, crossing)
+    }
+
+    /// [`Translator::chain`] for a `target` in another page than `from`'s, a global one
+    /// (paging on): `target` maps to `page` in every address space until a global mapping
+    /// changes, and [`Translator::forget_indirect`], which the caller runs then, undoes the
+    /// chain. Never to a unit whose instruction runs on into the next page.
+    pub fn chain_global(&mut self, from: u32, slot: u32, target: u32, page: u32) -> bool {
+        let chained = self.patch_chain(from, slot, target, page, false);
+        if chained {
+            if self.global_chains.len() >= self.global_chains_limit {
+                // Units dropped since (their code written) left stale pairs: keep the list
+                // to the chains that still stand.
+                let units = &self.units;
+                self.global_chains.retain(|&(f, k)| {
+                    units
+                        .get(f as usize)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|u| u.chained[k as usize].is_some())
+                });
+                self.global_chains_limit =
+                    (2 * self.global_chains.len()).max(GLOBAL_CHAINS_COMPACT);
+            }
+            self.global_chains.push((from, slot));
+            self.stats.global_chains += 1;
+        }
+        chained
+    }
+
+    fn patch_chain(
+        &mut self,
+        from: u32,
+        slot: u32,
+        target: u32,
+        page: u32,
+        crossing: bool,
+    ) -> bool {
         let Some(mode) = self.unit(from).map(|u| u.mode) else {
             return false;
         };
@@ -483,6 +532,9 @@ impl Translator {
     pub fn forget_indirect(&mut self) {
         self.stats.lookup_flushes += 1;
         self.entries.forget_all();
+        for (from, slot) in std::mem::take(&mut self.global_chains) {
+            self.unchain(from, slot);
+        }
         for t in &mut self.lookups {
             t.clear();
         }
@@ -547,6 +599,23 @@ impl Translator {
         live
     }
 
+    /// Restores exit `slot` of unit `from` to its trampoline, if it is chained (and both units
+    /// live).
+    fn unchain(&mut self, from: u32, slot: u32) {
+        let Some(Some(u)) = self.units.get_mut(from as usize) else {
+            return;
+        };
+        let Some(to) = u.chained.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        let at = u.host + u64::from(u.slots[slot as usize].rel32_offset);
+        let original = u.original[slot as usize];
+        self.cache.write_i32(at, original);
+        if let Some(Some(t)) = self.units.get_mut(to as usize) {
+            t.incoming.retain(|&f| f != (from, slot));
+        }
+    }
+
     /// Drops unit `id` (if live): out of the maps and the lookup tables, its predecessors'
     /// chained jumps restored.
     fn drop_unit(&mut self, id: u32) {
@@ -591,6 +660,7 @@ impl Translator {
         self.by_page.clear();
         self.by_host.clear();
         self.entries = EntryCache::new();
+        self.global_chains.clear();
         for t in &mut self.lookups {
             t.entries.fill([0, 0]);
             t.used.clear();
@@ -677,6 +747,37 @@ mod tests {
         assert_eq!(t.cached_entry(0x1000, k, 0), Some(a), "not written");
         t.flush();
         assert_eq!(t.cached_entry(0x1000, k, 0), None, "flushed");
+    }
+
+    #[test]
+    fn global_chains_are_undone_with_the_lookup_tables() {
+        let mut code = vec![0x90u8; 0x2000];
+        // 0x1000: jmp 0x2000 (rel32, into the next page); 0x2000: ret.
+        code[0..5].copy_from_slice(&[0xE9, 0xFB, 0x0F, 0, 0]);
+        code[0x1000] = 0xC3;
+        let src = TwoPages(code);
+        let mut t = Translator::new().unwrap();
+        let k = Mode(Mode::CPL0);
+        let from = t.translate(&src, 0x1000, 7, None, k).unwrap().host;
+        let to = t.translate(&src, 0x2000, 8, None, k).unwrap().host;
+        let id = t.unit_id(0x1000, 7, k).unwrap();
+        let slot = t.unit(id).unwrap().slots[0];
+        assert_eq!(slot.target, 0x2000);
+        let at = from + u64::from(slot.rel32_offset);
+        let unchained = t.cache.read_i32(at);
+        assert!(t.chain_global(id, 0, 0x2000, 8));
+        assert_eq!(i64::from(t.cache.read_i32(at)), to as i64 - (at as i64 + 4));
+        t.forget_local_indirect();
+        assert_ne!(t.cache.read_i32(at), unchained, "a CR3 switch keeps it");
+        t.forget_indirect();
+        assert_eq!(t.cache.read_i32(at), unchained, "back to its trampoline");
+        assert!(
+            t.unit(t.unit_id(0x2000, 8, k).unwrap())
+                .unwrap()
+                .incoming
+                .is_empty()
+        );
+        assert_eq!(t.stats.global_chains, 1);
     }
 
     /// Guest code: one page at linear 0x1000 (guest-physical page 7), and the one after it.

@@ -247,6 +247,12 @@ pub const CATALOG: &[Entry] = &[
         firmware: false,
     },
     Entry {
+        name: "global-chains",
+        about: "direct calls into a global page, chained, then the page remapped (INVLPG) and back (CR4.PGE toggle)",
+        build: tk::global_chains,
+        firmware: false,
+    },
+    Entry {
         name: "spin-timer",
         about: "takes 10 timer interrupts at 100 Hz while spinning in a tight loop (no HLT)",
         build: tk::spin_timer,

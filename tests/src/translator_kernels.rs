@@ -1018,6 +1018,66 @@ pub fn page_straddle() -> AsmResult<Vec<u8>> {
     k.build()
 }
 
+/// Direct calls from one page into code on a global page (CR4.PGE on, G set in its PTE),
+/// made often enough in a loop that bt chains them straight to the target's unit; then the
+/// page remapped to another frame (PTE write and INVLPG) and back (PTE write and a CR4.PGE
+/// toggle, which flushes global translations: Intel SDM vol. 3, 4.10.4.1). Each loop must
+/// run the code the mapping shows at the time: a chain to code on another page is only
+/// good while that mapping lasts. Exits with value 0x2A.
+pub fn global_chains() -> AsmResult<Vec<u8>> {
+    use edges::{PD, PT0};
+    const TARGET: u32 = 0x32_0000;
+    const OTHER_FRAME: u32 = 0x33_1000;
+    const PTE: u32 = PT0 + 4 * (TARGET >> 12);
+    const GLOBAL: u32 = 0x103; // present, writable, global
+    let mut k = Kit::new()?;
+    k.identity_map_4mib(PD)?;
+    // `mov eax, imm32; ret` in both frames.
+    for (frame, value) in [(TARGET, 0x1111_1111u32), (OTHER_FRAME, 0x2222_2222)] {
+        k.asm().mov(byte_ptr(frame), 0xB8u32)?;
+        k.asm().mov(dword_ptr(frame + 1), value)?;
+        k.asm().mov(byte_ptr(frame + 5), 0xC3u32)?;
+    }
+    k.asm().mov(dword_ptr(PTE), TARGET | GLOBAL)?;
+    k.asm().mov(eax, PD)?;
+    k.asm().mov(cr3, eax)?;
+    k.asm().mov(eax, cr4)?;
+    k.asm().or(eax, 0x80u32)?;
+    k.asm().mov(cr4, eax)?;
+    k.asm().mov(eax, cr0)?;
+    k.asm().or(eax, 0x8001_0000u32)?;
+    k.asm().mov(cr0, eax)?;
+    // One call site for every round: its chain must follow the mapping.
+    let (mut calls, mut start) = (k.asm().create_label(), k.asm().create_label());
+    k.asm().jmp(start)?;
+    let mut again = k.asm().create_label();
+    k.asm().set_label(&mut calls)?;
+    k.asm().mov(ecx, 50u32)?;
+    k.asm().set_label(&mut again)?;
+    k.asm().call(u64::from(TARGET))?;
+    k.asm().dec(ecx)?;
+    k.asm().jnz(again)?;
+    k.asm().ret()?;
+    k.asm().set_label(&mut start)?;
+    let calls = |k: &mut Kit, label: &str| -> AsmResult {
+        k.asm().call(calls)?;
+        k.print_field(label, eax)
+    };
+    calls(&mut k, "global")?;
+    k.asm().mov(dword_ptr(PTE), OTHER_FRAME | GLOBAL)?;
+    k.asm().invlpg(byte_ptr(TARGET))?;
+    calls(&mut k, "remapped")?;
+    k.asm().mov(dword_ptr(PTE), TARGET | GLOBAL)?;
+    k.asm().mov(eax, cr4)?;
+    k.asm().and(eax, !0x80u32)?;
+    k.asm().mov(cr4, eax)?;
+    k.asm().or(eax, 0x80u32)?;
+    k.asm().mov(cr4, eax)?;
+    calls(&mut k, "back")?;
+    k.exit(0x2A)?;
+    k.build()
+}
+
 /// Layout of [`segment_bases`].
 mod based {
     /// DS's base (selector 0x18).

@@ -299,6 +299,19 @@ fn an_instruction_across_two_pages_follows_both() {
 }
 
 #[test]
+fn chains_into_a_global_page_follow_its_remapping() {
+    let o = compare("global-chains", &protected_mode_engines());
+    assert_eq!(
+        o.serial_text(),
+        "global=11111111\nremapped=22222222\nback=11111111\n"
+    );
+    assert_eq!(o.status, Some(0x2A * 2 + 1));
+    translated_and_safe(&o);
+    // The calls were chained across pages, and again after each remapping.
+    assert!(stat(&o, "chains to global pages") >= 3, "{}", o.stderr);
+}
+
+#[test]
 fn an_instruction_that_keeps_reaching_device_memory_becomes_a_callout() {
     // The apic kernel polls and writes local APIC and IOAPIC registers from loops: after a
     // few host faults on the unmapped device pages, bt translates those instructions as

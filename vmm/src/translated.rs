@@ -756,9 +756,19 @@ impl BtEngine {
                         Some((_, page)) if same_page => page,
                         _ => target >> 12,
                     };
-                    let paging = self.paging().enabled;
-                    let chained = (same_page || !paging)
-                        && self.translator.chain(unit, slot, target, page, !paging);
+                    let p = self.paging();
+                    let chained = if same_page || !p.enabled {
+                        self.translator.chain(unit, slot, target, page, !p.enabled)
+                    } else if target & 0xFFF <= 0x1000 - 15 && self.shadow.code_is_global(target) {
+                        // Code on a global page maps the same in every address space until a
+                        // global mapping changes, when the chain goes with the lookups.
+                        match self.shadow.code_page(&p, target)? {
+                            Some(page) => self.translator.chain_global(unit, slot, target, page),
+                            None => false,
+                        }
+                    } else {
+                        false
+                    };
                     if !chained {
                         // Another page, which may map elsewhere next time, or an instruction
                         // running on into one: the slot's trampoline looks the target up
@@ -916,6 +926,7 @@ impl BtEngine {
             ),
             ("translation time us", s.time.as_micros() as u64),
             ("chain patches", s.chain_patches),
+            ("chains to global pages", s.global_chains),
             ("lookup hits", self.vcpu.context().lookup_hits),
             (
                 "segment reloads inline",
