@@ -244,8 +244,9 @@ impl Interp {
             }
         } else {
             let v = self.accumulator(size).to_le_bytes();
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = v[i % size as usize];
+            // Each element lies whole in the buffer (it starts at the step's lowest offset).
+            for element in buf.chunks_exact_mut(size as usize) {
+                element.copy_from_slice(&v[..size as usize]);
             }
         }
         if self.memory.write(d_phys, buf).is_err() {
