@@ -95,6 +95,8 @@ struct Counters {
     exits_callout: u64,
     exits_signal: u64,
     exits_request: u64,
+    /// Time slices that ended between the iterations of a translated REP string instruction.
+    exits_request_rep: u64,
     exits_irq_window: u64,
     exits_sti_shadow: u64,
     interpreted_runs: u64,
@@ -848,10 +850,23 @@ impl BtEngine {
         cpu.eip = eip;
         cpu.gpr[ESP] = cpu.gpr[ESP].wrapping_add(entry.esp_delta as u32);
         if signo == SIGSEGV && self.vcpu.is_poll_address(addr) {
-            // A time slice ended: the unit had not started (the poll is its first instruction,
-            // before it counts its instructions).
+            // A time slice ended. At the unit's first instruction the unit had not started (it
+            // counts its instructions after that poll). Anywhere else it is the poll between
+            // two iterations of a REP string instruction: the registers say what is left of it
+            // (as the CPU leaves them when it takes an interrupt there), EIP is on it, and it
+            // and the unit's later instructions have not retired.
             self.vcpu.clear_exit_request();
             self.counters.exits_request += 1;
+            if rip != unit.host {
+                self.counters.exits_request_rep += 1;
+                self.vcpu.context_mut().retired -= not_retired;
+                if self.lockstep {
+                    // Lockstep compares whole instructions: the interpreter finishes it.
+                    return self
+                        .interpret_one(io)
+                        .map(|e| e.or(Some(VmExit::Interrupted)));
+                }
+            }
             return Ok(Some(VmExit::Interrupted));
         }
         // The unit counted all its instructions at entry; those from the faulting one on did
@@ -943,6 +958,7 @@ impl BtEngine {
             ("exit: callout", c.exits_callout),
             ("exit: fault", c.exits_signal),
             ("exit: time slice", c.exits_request),
+            ("exit: time slice in a REP", c.exits_request_rep),
             ("exit: irq window", c.exits_irq_window),
             ("exit: sti shadow", c.exits_sti_shadow),
             ("exit: interp mode", c.interpreted_runs),
