@@ -262,9 +262,11 @@ pub struct Translator {
     selections: u64,
     /// The monitor's cache of unit entries.
     entries: EntryCache,
-    /// Chains made across pages to code on global pages (with paging on): (unit, slot). They
-    /// hold while global mappings do, and are undone with the lookup tables.
-    global_chains: Vec<(u32, u32)>,
+    /// Chains made across pages to code on global pages (with paging on), by the target's
+    /// linear page: (unit, slot). They hold while that page's global mapping does.
+    global_chains: HashMap<u32, Vec<(u32, u32)>>,
+    /// How many pairs `global_chains` holds.
+    global_chain_count: usize,
     /// The length at which `global_chains` is next cleared of stale pairs.
     global_chains_limit: usize,
     /// Counters.
@@ -284,7 +286,8 @@ impl Translator {
             lookup: 0,
             selections: 0,
             entries: EntryCache::new(),
-            global_chains: Vec::new(),
+            global_chains: HashMap::default(),
+            global_chain_count: 0,
             global_chains_limit: GLOBAL_CHAINS_COMPACT,
             stats: CacheStats::default(),
         })
@@ -434,29 +437,55 @@ impl Translator {
     }
 
     /// [`Translator::chain`] for a `target` in another page than `from`'s, a global one
-    /// (paging on): `target` maps to `page` in every address space until a global mapping
-    /// changes, and [`Translator::forget_indirect`], which the caller runs then, undoes the
-    /// chain. Never to a unit whose instruction runs on into the next page.
+    /// (paging on): `target` maps to `page` in every address space until that global mapping
+    /// changes, when the caller undoes the chain with [`Translator::unchain_global`]. Never to
+    /// a unit whose instruction runs on into the next page.
     pub fn chain_global(&mut self, from: u32, slot: u32, target: u32, page: u32) -> bool {
         let chained = self.patch_chain(from, slot, target, page, false);
         if chained {
-            if self.global_chains.len() >= self.global_chains_limit {
-                // Units dropped since (their code written) left stale pairs: keep the list
+            if self.global_chain_count >= self.global_chains_limit {
+                // Units dropped since (their code written) left stale pairs: keep the lists
                 // to the chains that still stand.
                 let units = &self.units;
-                self.global_chains.retain(|&(f, k)| {
-                    units
-                        .get(f as usize)
-                        .and_then(Option::as_ref)
-                        .is_some_and(|u| u.chained[k as usize].is_some())
+                let mut count = 0;
+                self.global_chains.retain(|_, list| {
+                    list.retain(|&(f, k)| {
+                        units
+                            .get(f as usize)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|u| u.chained[k as usize].is_some())
+                    });
+                    count += list.len();
+                    !list.is_empty()
                 });
-                self.global_chains_limit =
-                    (2 * self.global_chains.len()).max(GLOBAL_CHAINS_COMPACT);
+                self.global_chain_count = count;
+                self.global_chains_limit = (2 * count).max(GLOBAL_CHAINS_COMPACT);
             }
-            self.global_chains.push((from, slot));
+            self.global_chains
+                .entry(target >> 12)
+                .or_default()
+                .push((from, slot));
+            self.global_chain_count += 1;
             self.stats.global_chains += 1;
         }
         chained
+    }
+
+    /// Undoes the chains [`Translator::chain_global`] made into the linear pages `pages`
+    /// (address >> 12), or into every page with `all`: their global mappings changed.
+    pub fn unchain_global(&mut self, all: bool, pages: &[u32]) {
+        let lists: Vec<Vec<(u32, u32)>> = if all {
+            self.global_chains.drain().map(|(_, l)| l).collect()
+        } else {
+            pages
+                .iter()
+                .filter_map(|p| self.global_chains.remove(p))
+                .collect()
+        };
+        for (from, slot) in lists.into_iter().flatten() {
+            self.global_chain_count -= 1;
+            self.unchain(from, slot);
+        }
     }
 
     fn patch_chain(
@@ -532,9 +561,6 @@ impl Translator {
     pub fn forget_indirect(&mut self) {
         self.stats.lookup_flushes += 1;
         self.entries.forget_all();
-        for (from, slot) in std::mem::take(&mut self.global_chains) {
-            self.unchain(from, slot);
-        }
         for t in &mut self.lookups {
             t.clear();
         }
@@ -661,6 +687,7 @@ impl Translator {
         self.by_host.clear();
         self.entries = EntryCache::new();
         self.global_chains.clear();
+        self.global_chain_count = 0;
         for t in &mut self.lookups {
             t.entries.fill([0, 0]);
             t.used.clear();
@@ -750,7 +777,7 @@ mod tests {
     }
 
     #[test]
-    fn global_chains_are_undone_with_the_lookup_tables() {
+    fn global_chains_are_undone_when_their_target_page_changes() {
         let mut code = vec![0x90u8; 0x2000];
         // 0x1000: jmp 0x2000 (rel32, into the next page); 0x2000: ret.
         code[0..5].copy_from_slice(&[0xE9, 0xFB, 0x0F, 0, 0]);
@@ -768,16 +795,26 @@ mod tests {
         assert!(t.chain_global(id, 0, 0x2000, 8));
         assert_eq!(i64::from(t.cache.read_i32(at)), to as i64 - (at as i64 + 4));
         t.forget_local_indirect();
-        assert_ne!(t.cache.read_i32(at), unchained, "a CR3 switch keeps it");
         t.forget_indirect();
-        assert_eq!(t.cache.read_i32(at), unchained, "back to its trampoline");
-        assert!(
-            t.unit(t.unit_id(0x2000, 8, k).unwrap())
-                .unwrap()
-                .incoming
-                .is_empty()
+        assert_ne!(t.cache.read_i32(at), unchained, "the lookups alone go");
+        t.unchain_global(false, &[0x3]);
+        assert_ne!(
+            t.cache.read_i32(at),
+            unchained,
+            "another page's mapping changed"
         );
-        assert_eq!(t.stats.global_chains, 1);
+        t.unchain_global(false, &[0x2]);
+        assert_eq!(t.cache.read_i32(at), unchained, "back to its trampoline");
+        let target = t.unit(t.unit_id(0x2000, 8, k).unwrap()).unwrap();
+        assert!(target.incoming.is_empty());
+        assert!(t.chain_global(id, 0, 0x2000, 8));
+        t.unchain_global(true, &[]);
+        assert_eq!(
+            t.cache.read_i32(at),
+            unchained,
+            "every global mapping changed"
+        );
+        assert_eq!(t.stats.global_chains, 2);
     }
 
     /// Guest code: one page at linear 0x1000 (guest-physical page 7), and the one after it.

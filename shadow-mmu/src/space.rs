@@ -184,6 +184,9 @@ impl PhysMem for WalkMem<'_> {
     }
 }
 
+/// Global code pages listed by [`ShadowMmu::take_global_code_changes`] before it says "all".
+const GLOBAL_CODE_DROPS: usize = 1024;
+
 /// The shadow MMU of one vCPU.
 pub struct ShadowMmu {
     memory: Arc<GuestMemory>,
@@ -207,6 +210,10 @@ pub struct ShadowMmu {
     code_tlb_cr3: Option<u32>,
     code_epoch: u64,
     local_code_epoch: u64,
+    /// The global code pages (linear page numbers) whose cached fetch went since
+    /// [`ShadowMmu::take_global_code_changes`], unless `global_code_all` says every one did.
+    global_code_dropped: Vec<u32>,
+    global_code_all: bool,
     /// Window pages whose entry lost its A or D bit: dropped at the next CR3 load or INVLPG.
     pending: HashSet<(u32, u32)>,
     /// Live single-page mappings (an upper bound on the host VMAs they need).
@@ -274,6 +281,8 @@ impl ShadowMmu {
             code_tlb_cr3: None,
             code_epoch: 0,
             local_code_epoch: 0,
+            global_code_dropped: Vec::new(),
+            global_code_all: false,
             pending: HashSet::default(),
             live_pages: 0,
             revoked_pages: 0,
@@ -296,6 +305,15 @@ impl ShadowMmu {
     /// cached by linear EIP must then be forgotten.
     pub fn code_epoch(&self) -> u64 {
         self.code_epoch
+    }
+
+    /// What changed among the global code-fetch translations since the last call: `(true, _)`
+    /// when they may all have (a global flush, or too many to list), else the linear pages
+    /// (address >> 12) whose translation went. Every bump of [`ShadowMmu::code_epoch`] is
+    /// one of these.
+    pub fn take_global_code_changes(&mut self) -> (bool, Vec<u32>) {
+        let all = std::mem::take(&mut self.global_code_all);
+        (all, std::mem::take(&mut self.global_code_dropped))
     }
 
     /// Bumped when the non-global code-fetch translations went (a CR3 load): lookups cached
@@ -513,6 +531,11 @@ impl ShadowMmu {
                 // Lookups for code on a non-global page go with the other non-global ones.
                 if global {
                     self.code_epoch += 1;
+                    if self.global_code_dropped.len() < GLOBAL_CODE_DROPS {
+                        self.global_code_dropped.push(lin);
+                    } else {
+                        self.global_code_all = true;
+                    }
                 } else {
                     self.local_code_epoch += 1;
                 }
@@ -1119,6 +1142,7 @@ impl ShadowMmu {
         }
         self.code_tlb_cr3 = None;
         self.code_epoch += 1;
+        self.global_code_all = true;
     }
 
     /// A new CR3: the non-global fetch translations go (global ones stay, as in a TLB).
@@ -1447,7 +1471,13 @@ mod tests {
             s.code_epoch() > epochs.0,
             "global lookups go when their entry changes"
         );
+        // ... and it says which page (the chains into it go, not every global chain).
+        assert_eq!(s.take_global_code_changes(), (false, vec![HI >> 12]));
+        assert_eq!(s.take_global_code_changes(), (false, vec![]), "taken");
         assert_eq!(s.code_page(&q, HI).unwrap(), Some((DATA >> 12) + 3));
+        // A global flush (CR4.PGE toggled) is a change of every global page.
+        s.flush_global().unwrap();
+        assert!(s.take_global_code_changes().0);
     }
 
     /// A space whose page table at PT was written often enough to stop being traced.

@@ -399,6 +399,9 @@ impl BtEngine {
         let epochs = (self.shadow.code_epoch(), self.shadow.local_code_epoch());
         if epochs.0 != self.code_epoch.0 {
             self.translator.forget_indirect();
+            // Chains into global pages go only where a global mapping changed.
+            let (all, pages) = self.shadow.take_global_code_changes();
+            self.translator.unchain_global(all, &pages);
         } else if epochs.1 != self.code_epoch.1 {
             self.translator.forget_local_indirect();
         }
