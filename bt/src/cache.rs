@@ -62,6 +62,30 @@ impl LookupTable {
         }
         self.local.clear();
     }
+
+    /// Empties the entries for code in linear pages `pages` (address >> 12), and for the last
+    /// 14 bytes of the page before each, whose instructions may run on into it. An entry for
+    /// page P sits at index `eip & 0xFFFF`, among the 4 Ki slots for P's low 4 bits.
+    fn clear_pages(&mut self, pages: &[u32]) {
+        for &p in pages {
+            for (page, first) in [(p, 0), (p.wrapping_sub(1), 0x1000 - 14)] {
+                let base = ((page & 0xF) << 12) as usize;
+                for i in base + first..base + 0x1000 {
+                    let key = self.entries[i][0];
+                    if key != 0 && (!key as u32) >> 12 == page {
+                        self.entries[i] = [0, 0];
+                    }
+                }
+            }
+        }
+        // Slots emptied here are listed again when refilled: keep the lists bounded.
+        if self.used.len() > 2 * LOOKUP_ENTRIES || self.local.len() > 2 * LOOKUP_ENTRIES {
+            self.used.sort_unstable();
+            self.used.dedup();
+            self.local.sort_unstable();
+            self.local.dedup();
+        }
+    }
 }
 
 /// Errors from the translation cache.
@@ -136,6 +160,9 @@ pub struct CacheStats {
     pub lookup_flushes: u64,
     /// Times the lookup entries for non-global code were emptied (an address-space switch).
     pub lookup_local_flushes: u64,
+    /// Times the lookup entries for a few global code pages were emptied (their mappings
+    /// changed).
+    pub lookup_page_flushes: u64,
 }
 
 /// What [`Translator::translate`] did.
@@ -227,6 +254,25 @@ impl EntryCache {
 
     // A generation number coming round again after 2^32 flushes could revive a slot not
     // touched since: the slots are emptied then.
+
+    /// Forgets the entries for code in linear pages `pages` (and the last bytes of the page
+    /// before each, as [`LookupTable::clear_pages`]).
+    fn forget_pages(&mut self, pages: &[u32]) {
+        if pages.len() > 16 {
+            self.forget_all();
+            return;
+        }
+        for e in self.slots.iter_mut().filter(|e| e.host != 0) {
+            let page = e.eip >> 12;
+            let tail = e.eip & 0xFFF >= 0x1000 - 14;
+            if pages
+                .iter()
+                .any(|&p| page == p || (tail && page == p.wrapping_sub(1)))
+            {
+                e.host = 0;
+            }
+        }
+    }
 
     fn forget_local(&mut self) {
         self.local_gen = self.local_gen.wrapping_add(1);
@@ -556,6 +602,21 @@ impl Translator {
         }
     }
 
+    /// Empties the lookup entries (and the monitor's entry cache) for code in linear pages
+    /// `pages` (address >> 12), whose global mappings changed: every table's other entries
+    /// stay. Many pages at once empty everything.
+    pub fn forget_indirect_pages(&mut self, pages: &[u32]) {
+        if pages.len() > 64 {
+            self.forget_indirect();
+            return;
+        }
+        self.stats.lookup_page_flushes += 1;
+        self.entries.forget_pages(pages);
+        for t in &mut self.lookups {
+            t.clear_pages(pages);
+        }
+    }
+
     /// Empties every indirect-branch lookup table (their entries are keyed by linear EIP, so
     /// they go whenever the code's address space may have changed).
     pub fn forget_indirect(&mut self) {
@@ -740,6 +801,35 @@ mod tests {
         t.forget_indirect();
         t.select_lookup(Mode(Mode::CPL0), 0);
         assert_eq!(entry(&t, 0xC000_1000), [0, 0], "everything");
+    }
+
+    #[test]
+    fn a_global_page_whose_mapping_changed_takes_only_its_own_lookups() {
+        let mut t = Translator::new().unwrap();
+        let k = Mode(Mode::CPL0);
+        t.select_lookup(k, 0);
+        // In page 0xC0001, just before it (an instruction that may run on into it), and in
+        // another page.
+        for eip in [0xC000_1010, 0xC000_0FF8, 0xC000_0FF0, 0xC001_2010] {
+            t.remember_indirect(eip, 0x1111, true);
+            t.cache_entry(eip, k, 0, 0x2222, true);
+        }
+        t.forget_indirect_pages(&[0xC0001]);
+        assert_eq!(entry(&t, 0xC000_1010), [0, 0], "the page's own");
+        assert_eq!(entry(&t, 0xC000_0FF8), [0, 0], "may run on into it");
+        for eip in [0xC000_1010, 0xC000_0FF8] {
+            assert_eq!(t.cached_entry(eip, k, 0), None, "{eip:#x}");
+        }
+        for eip in [0xC000_0FF0, 0xC001_2010] {
+            assert_eq!(entry(&t, eip), [!u64::from(eip), 0x1111], "{eip:#x} stays");
+            assert_eq!(t.cached_entry(eip, k, 0), Some(0x2222), "{eip:#x} stays");
+        }
+        // Another page's entry in the slot the changed page's would use stays too.
+        t.remember_indirect(0xC001_1010, 0x3333, true);
+        t.forget_indirect_pages(&[0xC0001]);
+        assert_eq!(entry(&t, 0xC001_1010), [!0xC001_1010u64, 0x3333]);
+        assert_eq!(t.stats.lookup_page_flushes, 2);
+        assert_eq!(t.stats.lookup_flushes, 0);
     }
 
     #[test]

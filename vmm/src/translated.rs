@@ -398,9 +398,13 @@ impl BtEngine {
     fn check_code_epochs(&mut self) {
         let epochs = (self.shadow.code_epoch(), self.shadow.local_code_epoch());
         if epochs.0 != self.code_epoch.0 {
-            self.translator.forget_indirect();
-            // Chains into global pages go only where a global mapping changed.
+            // Lookups and chains for global pages go only where a global mapping changed.
             let (all, pages) = self.shadow.take_global_code_changes();
+            if all {
+                self.translator.forget_indirect();
+            } else {
+                self.translator.forget_indirect_pages(&pages);
+            }
             self.translator.unchain_global(all, &pages);
         } else if epochs.1 != self.code_epoch.1 {
             self.translator.forget_local_indirect();
@@ -956,6 +960,7 @@ impl BtEngine {
             ("cache flushes", s.flushes),
             ("lookup flushes", s.lookup_flushes),
             ("lookup flushes: non-global", s.lookup_local_flushes),
+            ("lookup flushes: pages", s.lookup_page_flushes),
             ("exit: branch", c.exits_branch),
             ("exit: lookup miss", c.exits_lookup),
             ("exit: callout", c.exits_callout),
