@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use vmdriver::codecache::{CodeCache, CodeCacheError};
 
-use crate::translate::{self, CodeSource, MapEntry, Mode, Slot, TranslateError};
+use crate::translate::{
+    self, CROSS_FROM, CodeSource, MapEntry, Mode, Slot, TranslateError, may_cross_page,
+};
 
 /// Entries of an indirect-branch lookup table (indexed by the guest EIP's low 16 bits).
 const LOOKUP_ENTRIES: usize = 1 << 16;
@@ -68,7 +70,7 @@ impl LookupTable {
     /// page P sits at index `eip & 0xFFFF`, among the 4 Ki slots for P's low 4 bits.
     fn clear_pages(&mut self, pages: &[u32]) {
         for &p in pages {
-            for (page, first) in [(p, 0), (p.wrapping_sub(1), 0x1000 - 14)] {
+            for (page, first) in [(p, 0), (p.wrapping_sub(1), CROSS_FROM as usize)] {
                 let base = ((page & 0xF) << 12) as usize;
                 for i in base + first..base + 0x1000 {
                     let key = self.entries[i][0];
@@ -264,7 +266,7 @@ impl EntryCache {
         }
         for e in self.slots.iter_mut().filter(|e| e.host != 0) {
             let page = e.eip >> 12;
-            let tail = e.eip & 0xFFF >= 0x1000 - 14;
+            let tail = may_cross_page(e.eip);
             if pages
                 .iter()
                 .any(|&p| page == p || (tail && page == p.wrapping_sub(1)))

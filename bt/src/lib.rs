@@ -16,4 +16,6 @@ mod encode;
 pub mod translate;
 
 pub use cache::{CacheError, CacheStats, Translator, Unit};
-pub use translate::{CodeSource, MAX_INSTRUCTIONS, MID_UNIT, Mode, TranslateError};
+pub use translate::{
+    CROSS_FROM, CodeSource, MAX_INSTRUCTIONS, MID_UNIT, Mode, TranslateError, may_cross_page,
+};

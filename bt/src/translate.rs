@@ -104,6 +104,16 @@ pub const MID_UNIT: u32 = u32::MAX;
 /// Most guest instructions in one unit.
 pub const MAX_INSTRUCTIONS: usize = 48;
 
+/// The first offset in a page from which an instruction (at most 15 bytes) may run on into
+/// the next page.
+pub const CROSS_FROM: u32 = 0x1000 - 14;
+
+/// Whether an instruction at `eip` may run on into the next page: code there depends on that
+/// page's mapping too.
+pub fn may_cross_page(eip: u32) -> bool {
+    eip & 0xFFF >= CROSS_FROM
+}
+
 /// Errors translating a unit (bugs in the translator, never guest behaviour).
 #[derive(Debug, thiserror::Error)]
 pub enum TranslateError {
@@ -214,7 +224,7 @@ pub(crate) struct RawSpan {
 
 /// A host code sequence every unit emits the same way but for a few 32-bit immediates (the
 /// lookup after an indirect branch, a slot's trampoline), encoded once and copied into units
-/// as `db` pieces: most of a unit's host instructions are these sequences, and encoding them
+/// as raw byte spans: most of a unit's host instructions are these sequences, and encoding them
 /// instruction by instruction was most of the cost of translating a unit.
 struct Template {
     code: Vec<u8>,
@@ -225,29 +235,33 @@ struct Template {
 impl Template {
     /// Encodes what `build` emits (position-independent: branches only to its own labels);
     /// `build` returns the indices of the instructions whose trailing imm32 are the patch
-    /// fields. None if the code is not of that shape: the callers then emit it directly.
-    fn build(build: impl FnOnce(&mut Emitter) -> Vec<usize>) -> Option<Template> {
+    /// fields. The sequences are fixed host code, so one that does not encode that way is a
+    /// bug in the translator (every unit test translating a branch would fail), not something
+    /// a guest can cause.
+    fn build(build: impl FnOnce(&mut Emitter) -> Vec<usize>) -> Template {
         let mut e = Emitter::new(0, Mode::default(), 0);
         let indices = build(&mut e);
-        if e.err.is_some() {
-            return None;
-        }
-        let block = crate::encode::encode(&e.out, &[], &[], 0)?;
-        let mut patches = Vec::with_capacity(indices.len());
-        for idx in indices {
-            let start = *block.offsets.get(idx)? as usize;
-            let mut d = Decoder::with_ip(64, &block.code[start..], 0, DecoderOptions::NONE);
-            let ins = d.decode();
-            let c = d.get_constant_offsets(&ins);
-            if ins.is_invalid() || !c.has_immediate() || c.immediate_size() != 4 {
-                return None;
-            }
-            patches.push(start + c.immediate_offset());
-        }
-        Some(Template {
+        assert!(e.err.is_none(), "a template failed to encode: {:?}", e.err);
+        let block = crate::encode::encode(&e.out, &[], &[], 0)
+            .expect("a template is position-independent, its branches to its own labels");
+        let patches = indices
+            .into_iter()
+            .map(|idx| {
+                let start = block.offsets[idx] as usize;
+                let mut d = Decoder::with_ip(64, &block.code[start..], 0, DecoderOptions::NONE);
+                let ins = d.decode();
+                let c = d.get_constant_offsets(&ins);
+                assert!(
+                    c.has_immediate() && c.immediate_size() == 4,
+                    "a template's patch field is not an imm32: {ins}"
+                );
+                start + c.immediate_offset()
+            })
+            .collect();
+        Template {
             code: block.code,
             patches,
-        })
+        }
     }
 }
 
@@ -539,7 +553,7 @@ impl Emitter {
     /// targets go through the table, as indirect ones do; only a miss leaves. Each is a copy
     /// of one [`Template`] with its target, unit and slot filled in.
     fn trampolines(&mut self, unit_id: u32) {
-        static TRAMPOLINE: OnceLock<Option<Template>> = OnceLock::new();
+        static TRAMPOLINE: OnceLock<Template> = OnceLock::new();
         let template = TRAMPOLINE.get_or_init(|| {
             Template::build(|e| {
                 let target = e.emit(Instruction::with2(Code::Mov_r32_imm32, S0, 0u32));
@@ -550,27 +564,16 @@ impl Emitter {
         });
         let slots = self.slots.clone();
         for (k, (_, _, tramp, target)) in slots.into_iter().enumerate() {
-            match template {
-                Some(t) => {
-                    self.sync_esp();
-                    self.ss_loaded = false;
-                    self.copy_template(t, &[target, unit_id, k as u32], Some(tramp));
-                }
-                None => {
-                    let miss = Miss::Branch {
-                        unit: unit_id,
-                        slot: k as u32,
-                    };
-                    self.emit_at(Instruction::with2(Code::Mov_r32_imm32, S0, target), tramp);
-                    self.lookup_or(miss);
-                }
-            }
+            self.copy_template(template, &[target, unit_id, k as u32], Some(tramp));
         }
     }
 
     /// Emits `t`'s code with its patch fields set to `values` (in order), at label `at` if
-    /// given: one placeholder instruction in `out` whose bytes the encoder copies.
+    /// given: one placeholder instruction in `out` whose bytes the encoder copies. Every
+    /// template is a lookup, so R12D is brought up to date first and R11 (SS.base) is lost.
     fn copy_template(&mut self, t: &Template, values: &[u32], at: Option<u64>) {
+        self.sync_esp();
+        self.ss_loaded = false;
         let start = self.raw_bytes.len();
         self.raw_bytes.extend_from_slice(&t.code);
         for (&field, value) in t.patches.iter().zip(values) {
@@ -609,23 +612,14 @@ impl Emitter {
     /// Jumps to the translation of the guest EIP in S0 (R8D) through the lookup table, leaving
     /// RFLAGS untouched; a miss exits to the monitor. A copy of one [`Template`].
     fn lookup(&mut self) {
-        static LOOKUP: OnceLock<Option<Template>> = OnceLock::new();
+        static LOOKUP: OnceLock<Template> = OnceLock::new();
         let template = LOOKUP.get_or_init(|| {
             Template::build(|e| {
                 e.lookup_or(Miss::Lookup);
                 Vec::new()
             })
         });
-        match template {
-            Some(t) => {
-                self.sync_esp();
-                self.ss_loaded = false;
-                self.copy_template(t, &[], None);
-            }
-            None => {
-                self.lookup_or(Miss::Lookup);
-            }
-        }
+        self.copy_template(template, &[], None);
     }
 
     /// [`Emitter::lookup`], with what a miss reports. Returns the indices of the instructions
@@ -2856,56 +2850,52 @@ mod tests {
         }
 
         // REPE stops on a difference, REPNE on a match; F2 on MOVS/STOS/LODS is a plain REP.
-        let (e, t) = unit_in(0, |a| {
-            a.repe().cmpsb()?;
-            a.hlt()
-        });
-        let (l, _) = rep_loop(&e, &t);
-        let expected = [
-            "Jecxz -> 9",
-            poll.as_str(),
-            "mov r8b,gs:[esi]",
-            "cmp r8b,gs:[edi]",
-            "lea esi,[esi+r9d]",
-            "lea edi,[edi+r9d]",
-            "lea ecx,[ecx-1]",
-            "Jne -> 9",
-            "Jmp -> 0",
-            "nop",
-        ];
-        assert_eq!(l[..expected.len()], expected, "{t:#?}");
-        let (e, t) = unit_in(0, |a| {
-            a.repne().scasw()?;
-            a.hlt()
-        });
-        let (l, _) = rep_loop(&e, &t);
-        let expected = [
-            "Jecxz -> 7",
-            poll.as_str(),
-            "cmp ax,gs:[edi]",
-            "lea edi,[edi+r9d*2]",
-            "lea ecx,[ecx-1]",
-            "Je -> 7",
-            "Jmp -> 0",
-            "nop",
-        ];
-        assert_eq!(l[..expected.len()], expected, "{t:#?}");
-        let (e, t) = unit_in(0, |a| {
-            a.db(&[0xF2, 0xAC])?; // repne lodsb
-            a.hlt()
-        });
-        let (l, _) = rep_loop(&e, &t);
-        assert_eq!(
-            l[..6],
-            [
+        let rep_loop_is = |code: &[u8], expected: &[&str]| {
+            let (e, t) = unit_in(0, |a| {
+                a.db(code)?;
+                a.hlt()
+            });
+            let (l, _) = rep_loop(&e, &t);
+            assert_eq!(l[..expected.len()], *expected, "{t:#?}");
+        };
+        rep_loop_is(
+            &[0xF3, 0xA6], // repe cmpsb
+            &[
+                "Jecxz -> 9",
+                poll.as_str(),
+                "mov r8b,gs:[esi]",
+                "cmp r8b,gs:[edi]",
+                "lea esi,[esi+r9d]",
+                "lea edi,[edi+r9d]",
+                "lea ecx,[ecx-1]",
+                "Jne -> 9",
+                "Jmp -> 0",
+                "nop",
+            ],
+        );
+        rep_loop_is(
+            &[0x66, 0xF2, 0xAF], // repne scasw
+            &[
+                "Jecxz -> 7",
+                poll.as_str(),
+                "cmp ax,gs:[edi]",
+                "lea edi,[edi+r9d*2]",
+                "lea ecx,[ecx-1]",
+                "Je -> 7",
+                "Jmp -> 0",
+                "nop",
+            ],
+        );
+        rep_loop_is(
+            &[0xF2, 0xAC], // repne lodsb
+            &[
                 "Jecxz -> 6",
                 poll.as_str(),
                 "mov al,gs:[esi]",
                 "lea esi,[esi+r9d]",
                 "lea ecx,[ecx-1]",
-                "Jmp -> 0"
+                "Jmp -> 0",
             ],
-            "{t:#?}"
         );
         // The loop counts ECX, not CX, and addresses with ESI/EDI: 16-bit addressing is the
         // interpreter's.

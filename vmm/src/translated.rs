@@ -415,8 +415,14 @@ impl BtEngine {
     /// Enters `eip → host` in the lookup table, as global when the code's page is global (an
     /// instruction that may run on into the next page counts as local).
     fn remember(&mut self, eip: u32, host: u64) {
-        let global = eip & 0xFFF <= 0x1000 - 15 && self.shadow.code_is_global(eip);
+        let global = self.global_code(eip);
         self.translator.remember_indirect(eip, host, global);
+    }
+
+    /// Whether the code at `eip` stays mapped as it is across CR3 loads: its page is global
+    /// and the instruction cannot run on into the next page (which may not be).
+    fn global_code(&self, eip: u32) -> bool {
+        !bt::may_cross_page(eip) && self.shadow.code_is_global(eip)
     }
 
     /// Drops the units of guest-physical page `page` and gives the page back its normal access.
@@ -458,7 +464,7 @@ impl BtEngine {
             return Ok(Some(host));
         }
         // An instruction near the page's end may run on into the next page.
-        let next_phys = if eip & 0xFFF > 0x1000 - 15 {
+        let next_phys = if bt::may_cross_page(eip) {
             self.shadow.code_page(p, next_linear)?
         } else {
             None
@@ -728,7 +734,7 @@ impl BtEngine {
                     // the #PF or executes it.
                     return self.interpret_one(io);
                 };
-                let global = eip & 0xFFF <= 0x1000 - 15 && self.shadow.code_is_global(eip);
+                let global = self.global_code(eip);
                 self.translator.cache_entry(eip, mode, cpl, host, global);
                 host
             }
@@ -768,9 +774,9 @@ impl BtEngine {
                     let p = self.paging();
                     let chained = if same_page || !p.enabled {
                         self.translator.chain(unit, slot, target, page, !p.enabled)
-                    } else if target & 0xFFF <= 0x1000 - 15 && self.shadow.code_is_global(target) {
-                        // Code on a global page maps the same in every address space until a
-                        // global mapping changes, when the chain goes with the lookups.
+                    } else if self.global_code(target) {
+                        // Code on a global page maps the same in every address space until
+                        // that page's global mapping changes, when the chain is undone.
                         match self.shadow.code_page(&p, target)? {
                             Some(page) => self.translator.chain_global(unit, slot, target, page),
                             None => false,
