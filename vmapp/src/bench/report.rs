@@ -318,7 +318,8 @@ impl Report {
         }
     }
 
-    /// The report's tables (values, host clock when timed, ratios) and its footnotes.
+    /// The report's tables (values, host clock when timed, ratios) and its footnotes, the
+    /// report's own notes last.
     fn tables(&self) -> (Vec<Table>, Vec<String>) {
         let header: Vec<String> = std::iter::once("workload".to_string())
             .chain(self.engines.iter().map(|(n, _)| n.clone()))
@@ -352,7 +353,7 @@ impl Report {
             }
             values.push(line);
         }
-        let notes: Vec<String> = failures
+        let mut notes: Vec<String> = failures
             .iter()
             .enumerate()
             .map(|(n, ((engine, reason, log), workloads))| {
@@ -417,6 +418,7 @@ impl Report {
                 rows,
             });
         }
+        notes.extend(self.notes.iter().cloned());
         (tables, notes)
     }
 
@@ -434,8 +436,7 @@ impl Report {
             };
             out += &format!("  {name:<10} {what}\n");
         }
-        let (tables, mut notes) = self.tables();
-        notes.extend(self.notes.iter().cloned());
+        let (tables, notes) = self.tables();
         for (i, t) in tables.iter().enumerate() {
             // The ratio table is narrower: ratios are short.
             let ratios = self.baseline.is_some() && i + 1 == tables.len();
@@ -472,8 +473,7 @@ impl Report {
                 row.workload, row.operation, row.iterations
             );
         }
-        let (tables, mut notes) = self.tables();
-        notes.extend(self.notes.iter().cloned());
+        let (tables, notes) = self.tables();
         for t in &tables {
             out += &t.markdown();
         }
@@ -515,15 +515,12 @@ impl Report {
                             v.insert(format!("median_{ru}"), json!(cell.median()));
                             v.insert(format!("min_{ru}"), json!(cell.min()));
                             v.insert("ratio_to_baseline".into(), json!(self.ratio(row, i)));
-                            if let Some(host) = row.host.get(i).filter(|h| !h.is_empty()) {
-                                v.insert(format!("host_samples_{u}"), json!(host));
-                                v.insert(format!("host_median_{u}"), json!(stats::median(host)));
-                                v.insert(format!("host_min_{u}"), json!(stats::min(host)));
-                            }
-                            if let Some(cpu) = row.cpu.get(i).filter(|c| !c.is_empty()) {
-                                v.insert(format!("cpu_samples_{u}"), json!(cpu));
-                                v.insert(format!("cpu_median_{u}"), json!(stats::median(cpu)));
-                                v.insert(format!("cpu_min_{u}"), json!(stats::min(cpu)));
+                            for (side, samples) in [("host", &row.host), ("cpu", &row.cpu)] {
+                                if let Some(s) = samples.get(i).filter(|s| !s.is_empty()) {
+                                    v.insert(format!("{side}_samples_{u}"), json!(s));
+                                    v.insert(format!("{side}_median_{u}"), json!(stats::median(s)));
+                                    v.insert(format!("{side}_min_{u}"), json!(stats::min(s)));
+                                }
                             }
                             Value::Object(v)
                         }
