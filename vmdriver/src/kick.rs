@@ -1,9 +1,8 @@
 //! Periodic signals to one thread: a POSIX timer (`SIGEV_THREAD_ID`) that the kernel delivers to
 //! the thread that runs a vCPU, with no helper thread to wake.
 //!
-//! - [`ThreadTimer`] is the timer itself. It is armed while the vCPU runs guest code and
-//!   disarmed while the vCPU is halted, so an idle guest costs no host wake-ups beyond its own
-//!   timer interrupts.
+//! - [`ThreadTimer`] is the timer itself. Its users keep it from firing while the vCPU is
+//!   halted, so an idle guest costs no host wake-ups beyond its own timer interrupts.
 //! - [`Kicker`] is the kvm engine's use of it: the signal's handler does nothing and is installed
 //!   with `SA_RESTART`, so ordinary system calls on the thread restart transparently, while a
 //!   blocking `KVM_RUN` returns (`EINTR`) and the VM's run loop can service its timers and

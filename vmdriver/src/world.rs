@@ -821,11 +821,15 @@ extern "C" fn on_signal(signo: libc::c_int, info: *mut libc::siginfo_t, uctx: *m
 ///   where nothing acts on it (in the monitor just before it enters translated code, or as an
 ///   exit request is being cleared) delays the VM by one `MAX_SLICE` instead of leaving a
 ///   spinning guest running for ever.
-/// - While the vCPU is halted ([`SliceTimer::park`]) the timer stays armed only if it fires as
-///   the VM wakes up anyway: an idle guest costs no host wake-ups beyond its own timer
-///   interrupts, one timer programming per guest timer event, and no helper thread.
-///   (Reprogramming a host timer is not free: when it becomes or stops being the CPU's earliest,
-///   the host reprograms its clock-event device, a trap under a hypervisor.)
+/// - While the vCPU is halted ([`SliceTimer::park`]) the slice end moves to just after the VM's
+///   planned wake-up ([`PARK_MARGIN`] later), or stops when the VM sleeps with no timer armed.
+///   So the signal does not fire while the VM sleeps nor as it wakes (a signal costs more than a
+///   timer programming: the kernel saves the FPU state to the handler's frame), and the short run
+///   that follows the wake-up keeps that end ([`SliceTimer::end_within`] accepts an end before
+///   the moment it wants). An idle guest whose timer interrupts come at a steady rate costs one
+///   timer programming per interrupt, no signal and no helper thread. (Reprogramming a host
+///   timer is not free either: when it becomes or stops being the CPU's earliest, the host
+///   reprograms its clock-event device, a trap under a hypervisor.)
 /// - The timer is created on the thread that first arms it, and again if another thread runs
 ///   the vCPU later.
 pub struct SliceTimer {
@@ -843,6 +847,12 @@ pub const MAX_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 /// costs a system call).
 const SLICE_LATE: std::time::Duration = std::time::Duration::from_micros(20);
 const SLICE_EARLY: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// How long after the VM's planned wake-up a parked slice ends: far enough that the host's
+/// timer slack on the VM's sleep (50 us by default) and the wake-up's own work do not meet the
+/// signal, near enough that the run after the wake-up keeps it when the guest's timer comes
+/// every few milliseconds.
+pub const PARK_MARGIN: std::time::Duration = std::time::Duration::from_millis(1);
 
 thread_local! {
     /// A slice ended while this thread was in the monitor rather than in translated code.
@@ -921,8 +931,10 @@ impl SliceTimer {
 
     /// Makes the slice end `within` from now (at most [`MAX_SLICE`]): keeps the armed end if
     /// it is close enough, else (re)programs the timer for the calling thread, which runs the
-    /// vCPU.
+    /// vCPU. With nothing due within [`MAX_SLICE`], any armed end before that is close enough
+    /// (an end that comes first costs one spare exit, and the run after it reprograms).
     pub fn end_within(&mut self, within: std::time::Duration) -> io::Result<()> {
+        let no_deadline = within >= MAX_SLICE;
         let within = within.min(MAX_SLICE);
         let now = std::time::Instant::now();
         let wanted = now + within;
@@ -931,7 +943,7 @@ impl SliceTimer {
                 if let Some(due) = self.due
                     && due > now
                     && due <= wanted + SLICE_LATE
-                    && due + SLICE_EARLY >= wanted
+                    && (no_deadline || due + SLICE_EARLY >= wanted)
                 {
                     return Ok(());
                 }
@@ -953,21 +965,30 @@ impl SliceTimer {
     }
 
     /// The vCPU halts and the VM sleeps until `wake` from now (None: until some other event):
-    /// keeps the slice's end if it comes just as the VM wakes (it then lands while the VM
-    /// handles the wake-up, costing no extra host wake-up), else stops it.
-    pub fn park(&mut self, wake: Option<std::time::Duration>) {
-        let now = std::time::Instant::now();
-        let aligned = match (self.due, wake) {
-            (Some(due), Some(wake)) => {
-                let wake = now + wake;
-                due >= wake && due <= wake + SLICE_LATE
-            }
-            _ => false,
+    /// the slice ends [`PARK_MARGIN`] after the wake-up (kept if it already ends at least half
+    /// that late), or not at all while the VM sleeps with no wake-up planned.
+    pub fn park(&mut self, wake: Option<std::time::Duration>) -> io::Result<()> {
+        let Some(timer) = &mut self.timer else {
+            return Ok(());
         };
-        if !aligned && let Some(t) = &mut self.timer {
-            t.disarm();
-            self.due = None;
+        let now = std::time::Instant::now();
+        match wake {
+            Some(wake) if timer.is_current_thread() => {
+                let wake = now + wake;
+                if let Some(due) = self.due
+                    && due >= wake + PARK_MARGIN / 2
+                {
+                    return Ok(());
+                }
+                timer.arm_after(wake + PARK_MARGIN - now)?;
+                self.due = Some(wake + PARK_MARGIN);
+            }
+            _ => {
+                timer.disarm();
+                self.due = None;
+            }
         }
+        Ok(())
     }
 
     /// Whether no slice end is armed.
@@ -1011,7 +1032,7 @@ mod tests {
             assert!(vcpu.exit_requested());
             vcpu.clear_exit_request();
         }
-        timer.park(None);
+        timer.park(None).unwrap();
         assert!(timer.is_parked());
     }
 
@@ -1031,21 +1052,47 @@ mod tests {
         };
         timer.end_within(slice).unwrap();
         assert!(wait_for_slice(), "an armed slice timer marks its end");
-        // A slice end that does not come as the VM wakes is stopped while it sleeps.
+        // A VM that sleeps with no wake-up planned gets no slice end while it sleeps.
         timer.end_within(slice * 5).unwrap();
-        timer.park(Some(slice * 50));
+        timer.park(None).unwrap();
         assert!(timer.is_parked());
-        std::thread::sleep(slice * 25);
+        std::thread::sleep(slice * 10);
         assert!(!take_slice_due(), "a parked slice timer ended a slice");
-        // One that comes just as the VM wakes is kept.
+        // One that sleeps until its next timer event gets the slice end just after it wakes,
+        // not while it sleeps.
         timer.end_within(slice * 5).unwrap();
+        let wake = slice * 15;
+        let parked = std::time::Instant::now();
+        timer.park(Some(wake)).unwrap();
+        let due = timer
+            .due
+            .expect("a slice end for the run after the wake-up");
+        assert!(due >= parked + wake + PARK_MARGIN / 2);
+        assert!(due <= std::time::Instant::now() + wake + PARK_MARGIN);
+        std::thread::sleep(wake / 2);
+        assert!(!take_slice_due(), "the slice ended while the VM slept");
+        // The short run after the wake-up keeps that end, whether or not a timer event is due
+        // within the longest slice, and it arrives.
+        timer.park(None).unwrap();
+        timer.park(Some(slice * 3)).unwrap();
         let due = timer.due.unwrap();
-        let before = std::time::Duration::from_micros(10);
-        timer.park(Some(
-            due.saturating_duration_since(std::time::Instant::now()) - before,
-        ));
-        assert!(!timer.is_parked());
-        assert!(wait_for_slice(), "a slice end kept for the wake-up arrives");
+        timer.end_within(MAX_SLICE).unwrap();
+        assert_eq!(timer.due, Some(due));
+        timer
+            .end_within(due.saturating_duration_since(std::time::Instant::now()) + slice)
+            .unwrap();
+        assert_eq!(timer.due, Some(due));
+        assert!(
+            wait_for_slice(),
+            "the slice end kept after the wake-up arrives"
+        );
+        // A park that already ends late enough keeps its end.
+        timer.end_within(slice * 10).unwrap();
+        let due = timer.due.unwrap();
+        timer.park(Some(slice)).unwrap();
+        assert_eq!(timer.due, Some(due));
+        timer.park(None).unwrap();
+        take_slice_due();
     }
 
     #[test]
@@ -1065,7 +1112,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(seen, 3, "a lost slice end was never repeated");
-        timer.park(None);
+        timer.park(None).unwrap();
         take_slice_due();
     }
 
@@ -1086,7 +1133,7 @@ mod tests {
             .end_within(std::time::Duration::from_micros(500))
             .unwrap();
         assert!(timer.due.unwrap() < first);
-        timer.park(None);
+        timer.park(None).unwrap();
         take_slice_due();
     }
 

@@ -650,19 +650,19 @@ impl BtEngine {
 
     /// Runs until the VM must look: an I/O exit, a halt, a time slice's end.
     pub fn run(&mut self, io: &mut dyn IoHandler) -> Result<VmExit, BtError> {
+        let slice_error = |e: std::io::Error| BtError::Setup(format!("the time-slice timer: {e}"));
+        let start = Instant::now();
         let within = self.timer_deadline.map_or(MAX_SLICE, Duration::from_nanos);
-        let wake = Instant::now() + within;
-        self.timer
-            .end_within(within)
-            .map_err(|e| BtError::Setup(format!("the time-slice timer: {e}")))?;
+        self.timer.end_within(within).map_err(slice_error)?;
         let exit = self.run_exits(io);
         if let Ok(VmExit::Halt { .. }) = exit {
-            // The VM sleeps until its next timer event (or another event): no slice may end
-            // in the middle of that sleep.
-            let wake = self
-                .timer_deadline
-                .map(|_| wake.saturating_duration_since(Instant::now()));
-            self.timer.park(wake);
+            // The VM sleeps until its next timer event (or another event): the slice may not
+            // end during that sleep. (A run that ends in HLT touched no device, so the deadline
+            // still holds.)
+            let wake = self.timer_deadline.map(|d| {
+                (start + Duration::from_nanos(d)).saturating_duration_since(Instant::now())
+            });
+            self.timer.park(wake).map_err(slice_error)?;
         }
         // The VM asks again (before the next run) if the interrupt still waits.
         self.window_requested = false;
