@@ -87,6 +87,12 @@ pub const WORKLOADS: &[Workload] = &[
         iterations: 20_000,
     },
     Workload {
+        name: "rdtsc",
+        operation: "a time-stamp counter read (RDTSC), as clock reads and sched_clock do",
+        ring: Ring::Kernel,
+        iterations: 100_000,
+    },
+    Workload {
         name: "cli-sti",
         operation: "a CLI/STI pair",
         ring: Ring::Kernel,
@@ -402,6 +408,7 @@ fn operation(a: &mut CodeAssembler, name: &str, resume_slot: u32, f: &Functions)
             a.mov(edx, 0x3FDu32)?;
             a.in_(al, dx)?;
         }
+        "rdtsc" => a.rdtsc()?,
         "cli-sti" => {
             a.cli()?;
             a.sti()?;
