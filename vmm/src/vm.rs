@@ -604,7 +604,7 @@ impl Vm {
     fn run_loop(&mut self) -> Result<RunOutcome, VmError> {
         loop {
             let now = self.clock.now_ns();
-            let deadline = self.next_timer_deadline();
+            let deadline = self.next_timer_deadline(now);
             self.engine
                 .set_timer_deadline(deadline.map(|d| d.saturating_sub(now)));
             let mut buses = Buses {
@@ -763,8 +763,8 @@ impl Vm {
     }
 
     /// The earliest time any timer device (PIT, RTC, the PM timer's overflow, the local APIC
-    /// timer) can next interrupt, if one is armed.
-    fn next_timer_deadline(&self) -> Option<u64> {
+    /// timer) can next interrupt, if one is armed; `now` is the VM clock's time.
+    fn next_timer_deadline(&self, now: u64) -> Option<u64> {
         let pit = self
             .pit
             .lock()
@@ -779,7 +779,7 @@ impl Vm {
             .acpi_pm
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .next_deadline(self.clock.now_ns());
+            .next_deadline(now);
         let lapic = self
             .apics
             .lock()
@@ -864,12 +864,12 @@ impl Vm {
             if self.control.pending().is_some() {
                 break true;
             }
-            let deadline = self.next_timer_deadline();
+            let now = self.clock.now_ns();
+            let deadline = self.next_timer_deadline(now);
             let io = self.chipset.io_in_flight();
             if deadline.is_none() && !io && !self.serial_can_interrupt() {
                 break false;
             }
-            let now = self.clock.now_ns();
             let wait = deadline
                 .map_or(MAX_IDLE_SLEEP, |d| {
                     Duration::from_nanos(d.saturating_sub(now))

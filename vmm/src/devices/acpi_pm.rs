@@ -51,12 +51,12 @@ const TIMER_BITS: u32 = 24;
 
 /// The PM timer's count at `now_ns` nanoseconds, not yet truncated to 24 bits.
 fn timer_ticks(now_ns: u64) -> u64 {
-    ((u128::from(now_ns) * u128::from(PM_TIMER_HZ)) / 1_000_000_000) as u64
+    super::clock::scale(now_ns, PM_TIMER_HZ, 1_000_000_000)
 }
 
 /// The first instant at which the PM timer reads at least `ticks`.
 fn ticks_to_ns(ticks: u64) -> u64 {
-    (u128::from(ticks) * 1_000_000_000).div_ceil(u128::from(PM_TIMER_HZ)) as u64
+    super::clock::scale_ceil(ticks, 1_000_000_000, PM_TIMER_HZ)
 }
 
 /// The power-management registers' state.

@@ -26,6 +26,25 @@ use std::time::Instant;
 
 use super::pit::Clock;
 
+/// `value * num / den` rounded down, in 64-bit arithmetic: `value` is split at multiples of
+/// `den` so no product exceeds `num * den`, which must fit in a u64 (the device clocks convert
+/// nanoseconds to and from ticks at every VM exit, and a 128-bit division is a library call
+/// costing tens of nanoseconds). Saturates where the result would not fit.
+#[inline]
+pub const fn scale(value: u64, num: u64, den: u64) -> u64 {
+    (value / den)
+        .saturating_mul(num)
+        .saturating_add(value % den * num / den)
+}
+
+/// [`scale`] rounded up.
+#[inline]
+pub const fn scale_ceil(value: u64, num: u64, den: u64) -> u64 {
+    (value / den)
+        .saturating_mul(num)
+        .saturating_add((value % den * num).div_ceil(den))
+}
+
 /// The shortest gap between two readings after which the clock checks the vCPU thread's CPU
 /// time: host scheduling gaps shorter than this are counted as guest time. A CPU-time reading
 /// costs ~0.4 us, so this bounds its cost at 2% of a guest that reads the clock constantly.
@@ -153,6 +172,39 @@ impl Clock for VmClock {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn scaling_matches_128_bit_arithmetic() {
+        let wide = |v: u64, n: u64, d: u64| (u128::from(v) * u128::from(n) / u128::from(d)) as u64;
+        let wide_ceil =
+            |v: u64, n: u64, d: u64| (u128::from(v) * u128::from(n)).div_ceil(u128::from(d)) as u64;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for (n, d) in [
+            (1_193_182, 1_000_000_000),
+            (1_000_000_000, 1_193_182),
+            (3_579_545, 1_000_000_000),
+            (1_000_000_000, 3_579_545),
+        ] {
+            for i in 0..10_000u64 {
+                // Small values, values near multiples of the divisor, and large ones (hours to
+                // years of nanoseconds).
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let v = match i % 3 {
+                    0 => i,
+                    1 => (i * d).saturating_sub(1),
+                    _ => x >> 10,
+                };
+                assert_eq!(scale(v, n, d), wide(v, n, d), "{v} * {n} / {d}");
+                assert_eq!(
+                    scale_ceil(v, n, d),
+                    wide_ceil(v, n, d),
+                    "{v} * {n} / {d} up"
+                );
+            }
+        }
+    }
 
     #[test]
     fn halted_time_counts_and_running_time_counts() {

@@ -257,8 +257,10 @@ impl LocalApic {
         1 << ((code + 1) & 7)
     }
 
-    fn tick_ns(&self) -> u128 {
-        u128::from(self.divisor()) * 1_000_000_000 / u128::from(APIC_BUS_HZ)
+    /// One count of the timer in nanoseconds (the divisor, at most 128, times the bus
+    /// clock's 10 ns: 64-bit arithmetic throughout).
+    fn tick_ns(&self) -> u64 {
+        self.divisor() * 1_000_000_000 / APIC_BUS_HZ
     }
 
     fn periodic(&self) -> bool {
@@ -266,7 +268,7 @@ impl LocalApic {
     }
 
     fn period_ns(&self) -> u64 {
-        (u128::from(self.initial_count) * self.tick_ns()).min(u128::from(u64::MAX)) as u64
+        u64::from(self.initial_count) * self.tick_ns()
     }
 
     /// The timer's current count at `now`.
@@ -274,8 +276,8 @@ impl LocalApic {
         if self.initial_count == 0 {
             return 0;
         }
-        let elapsed = u128::from(now.saturating_sub(self.timer_start)) / self.tick_ns();
-        let initial = u128::from(self.initial_count);
+        let elapsed = now.saturating_sub(self.timer_start) / self.tick_ns();
+        let initial = u64::from(self.initial_count);
         if self.periodic() {
             (initial - elapsed % initial) as u32
         } else if elapsed >= initial {
@@ -428,7 +430,7 @@ impl LocalApic {
                 self.divide = value & 0xB;
                 if self.timer_deadline.is_some() {
                     let done = u64::from(self.initial_count - count);
-                    let back = (u128::from(done) * self.tick_ns()) as u64;
+                    let back = done * self.tick_ns();
                     self.timer_start = now.saturating_sub(back);
                     self.timer_deadline = Some(self.timer_start + self.period_ns());
                 }

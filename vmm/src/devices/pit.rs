@@ -51,11 +51,11 @@ impl Clock for HostClock {
 }
 
 fn ns_to_ticks(ns: u64) -> u64 {
-    ((u128::from(ns) * u128::from(PIT_HZ)) / 1_000_000_000) as u64
+    super::clock::scale(ns, PIT_HZ, 1_000_000_000)
 }
 
 fn ticks_to_ns(ticks: u64) -> u64 {
-    (u128::from(ticks) * 1_000_000_000).div_ceil(u128::from(PIT_HZ)) as u64
+    super::clock::scale_ceil(ticks, 1_000_000_000, PIT_HZ)
 }
 
 #[derive(Debug, Clone, Default)]
