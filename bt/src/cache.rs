@@ -2,6 +2,7 @@
 //! [`CodeCache`], chaining of direct exits, the indirect-branch lookup table, locating a host
 //! RIP's guest instruction, and invalidation.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap as HashMap;
@@ -291,6 +292,88 @@ impl EntryCache {
     }
 }
 
+/// Slots of [`UnitIndex`]'s direct-mapped front (a power of two: 128 KiB of slots, against the
+/// megabytes of the full map once a boot has translated its ~90 K units).
+const UNIT_FRONT: usize = 8192;
+
+/// One slot of [`UnitIndex`]'s front: a key and its unit number plus one (0: empty).
+#[derive(Clone, Copy, Default)]
+struct FrontSlot {
+    eip: u32,
+    page: u32,
+    mode: Mode,
+    id_plus_one: u32,
+}
+
+/// Units by (linear EIP, guest-physical page of the code, mode), with a small direct-mapped
+/// front that the recent lookups fill: the monitor looks units up at every lookup miss and
+/// branch exit, and a hash map of every unit translated is mostly cold in the host's caches.
+struct UnitIndex {
+    map: HashMap<(u32, u32, Mode), u32>,
+    front: Box<[Cell<FrontSlot>]>,
+}
+
+impl UnitIndex {
+    fn new() -> Self {
+        Self {
+            map: HashMap::default(),
+            front: vec![Cell::new(FrontSlot::default()); UNIT_FRONT].into_boxed_slice(),
+        }
+    }
+
+    fn slot(&self, (eip, page, mode): (u32, u32, Mode)) -> &Cell<FrontSlot> {
+        let h = eip ^ (eip >> 13) ^ page.rotate_left(7) ^ u32::from(mode.0).rotate_left(21);
+        &self.front[h as usize & (UNIT_FRONT - 1)]
+    }
+
+    fn get(&self, key: (u32, u32, Mode)) -> Option<u32> {
+        let slot = self.slot(key);
+        let s = slot.get();
+        if s.id_plus_one != 0 && (s.eip, s.page, s.mode) == key {
+            return Some(s.id_plus_one - 1);
+        }
+        let id = *self.map.get(&key)?;
+        slot.set(FrontSlot {
+            eip: key.0,
+            page: key.1,
+            mode: key.2,
+            id_plus_one: id + 1,
+        });
+        Some(id)
+    }
+
+    fn insert(&mut self, key: (u32, u32, Mode), id: u32) {
+        self.map.insert(key, id);
+        // A stale slot for the key (its unit was replaced) would otherwise win.
+        self.forget_slot(key);
+    }
+
+    /// Removes `key` if it names unit `id`.
+    fn remove(&mut self, key: (u32, u32, Mode), id: u32) {
+        if self.map.get(&key) == Some(&id) {
+            self.map.remove(&key);
+            self.forget_slot(key);
+        }
+    }
+
+    fn forget_slot(&self, key: (u32, u32, Mode)) {
+        let slot = self.slot(key);
+        let s = slot.get();
+        if (s.eip, s.page, s.mode) == key {
+            slot.set(FrontSlot::default());
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.front.fill(Cell::new(FrontSlot::default()));
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 /// The translation cache of one vCPU.
 pub struct Translator {
     cache: CodeCache,
@@ -298,7 +381,7 @@ pub struct Translator {
     /// Units by (linear EIP, guest-physical page of the code, mode): a unit translated under
     /// one address space is only found under another that maps its code to the same page, and
     /// only in the mode it was translated for.
-    by_eip: HashMap<(u32, u32, Mode), u32>,
+    by_eip: UnitIndex,
     by_page: HashMap<u32, Vec<u32>>,
     by_host: BTreeMap<u64, u32>,
     /// Indirect-branch lookup tables, one per recent (mode, CPL): a switch between user and
@@ -327,7 +410,7 @@ impl Translator {
         Ok(Self {
             cache: CodeCache::new()?,
             units: Vec::new(),
-            by_eip: HashMap::default(),
+            by_eip: UnitIndex::new(),
             by_page: HashMap::default(),
             by_host: BTreeMap::new(),
             lookups: (0..LOOKUP_TABLES).map(|_| LookupTable::new()).collect(),
@@ -389,14 +472,14 @@ impl Translator {
     /// Host entry of the unit at guest `eip` whose code is in guest-physical `page`, translated
     /// for `mode`, if there is one.
     pub fn entry(&self, eip: u32, page: u32, mode: Mode) -> Option<u64> {
-        let id = *self.by_eip.get(&(eip, page, mode))?;
+        let id = self.by_eip.get((eip, page, mode))?;
         self.units[id as usize].as_ref().map(|u| u.host)
     }
 
     /// The unit number at guest `eip` with its code in guest-physical `page`, translated for
     /// `mode`, if there is one.
     pub fn unit_id(&self, eip: u32, page: u32, mode: Mode) -> Option<u32> {
-        self.by_eip.get(&(eip, page, mode)).copied()
+        self.by_eip.get((eip, page, mode))
     }
 
     /// A live unit.
@@ -547,7 +630,7 @@ impl Translator {
         let Some(mode) = self.unit(from).map(|u| u.mode) else {
             return false;
         };
-        let Some(&to) = self.by_eip.get(&(target, page, mode)) else {
+        let Some(to) = self.by_eip.get((target, page, mode)) else {
             return false;
         };
         if !crossing && self.unit(to).is_some_and(|u| u.page2.is_some()) {
@@ -711,10 +794,7 @@ impl Translator {
         let Some(unit) = self.units[id as usize].take() else {
             return;
         };
-        let key = (unit.eip, unit.page, unit.mode);
-        if self.by_eip.get(&key) == Some(&id) {
-            self.by_eip.remove(&key);
-        }
+        self.by_eip.remove((unit.eip, unit.page, unit.mode), id);
         self.by_host.remove(&unit.host);
         self.entries.forget_unit(unit.eip, unit.host);
         for t in &mut self.lookups {
@@ -777,6 +857,36 @@ mod tests {
 
     fn entry(t: &Translator, eip: u32) -> [u64; 2] {
         t.lookups[t.lookup].entries[(eip & 0xFFFF) as usize]
+    }
+
+    #[test]
+    fn the_unit_index_front_never_outlives_the_map() {
+        let mut ix = UnitIndex::new();
+        let (a, b) = ((0x1000, 7, Mode(1)), (0x1000, 8, Mode(1)));
+        // Keys that share a front slot push each other out but are still found.
+        let same_slot = (0..u32::MAX)
+            .map(|e| (e, 7, Mode(1)))
+            .find(|&k| k != a && std::ptr::eq(ix.slot(k), ix.slot(a)))
+            .unwrap();
+        ix.insert(a, 1);
+        ix.insert(b, 2);
+        ix.insert(same_slot, 3);
+        for _ in 0..2 {
+            assert_eq!(ix.get(a), Some(1));
+            assert_eq!(ix.get(same_slot), Some(3));
+            assert_eq!(ix.get(b), Some(2));
+        }
+        // A replaced unit's number goes from the front too.
+        ix.insert(a, 4);
+        assert_eq!(ix.get(a), Some(4));
+        // Removing another unit's key leaves it; removing its own takes it out.
+        ix.remove(a, 1);
+        assert_eq!(ix.get(a), Some(4));
+        ix.remove(a, 4);
+        assert_eq!(ix.get(a), None);
+        assert_eq!(ix.get(b), Some(2));
+        ix.clear();
+        assert_eq!((ix.get(b), ix.get(same_slot), ix.len()), (None, None, 0));
     }
 
     #[test]
