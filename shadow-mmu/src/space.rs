@@ -195,7 +195,7 @@ pub struct ShadowMmu {
     clock: u64,
     current: Option<(Key, usize)>,
     /// Guest-physical page -> window pages mapping it.
-    rmap: HashMap<u32, HashSet<(u32, u32)>>,
+    rmap: ReverseMap,
     /// Guest-physical entry address -> window pages (or code pages) depending on it.
     deps: HashMap<u64, HashSet<(u32, u32)>>,
     traces: HashMap<u32, Trace>,
@@ -223,6 +223,57 @@ pub struct ShadowMmu {
     map_limit: u64,
     /// Counters.
     pub stats: ShadowStats,
+}
+
+/// Guest-physical page -> the window pages (window, linear page) that map it: a list per page,
+/// in an array over RAM (a large page maps 1024 consecutive frames, which then sit side by side,
+/// and the lists are short: one entry per window that maps the frame), and a map for the rest
+/// (firmware).
+struct ReverseMap {
+    ram: Vec<Vec<(u32, u32)>>,
+    other: HashMap<u32, Vec<(u32, u32)>>,
+}
+
+impl ReverseMap {
+    fn new(ram_bytes: u64) -> Self {
+        Self {
+            ram: vec![Vec::new(); (ram_bytes / PAGE) as usize],
+            other: HashMap::default(),
+        }
+    }
+
+    fn get(&self, page: u32) -> &[(u32, u32)] {
+        match self.ram.get(page as usize) {
+            Some(v) => v,
+            None => self.other.get(&page).map_or(&[], |v| v),
+        }
+    }
+
+    fn insert(&mut self, page: u32, who: (u32, u32)) {
+        let v = match self.ram.get_mut(page as usize) {
+            Some(v) => v,
+            None => self.other.entry(page).or_default(),
+        };
+        if !v.contains(&who) {
+            v.push(who);
+        }
+    }
+
+    fn remove(&mut self, page: u32, who: (u32, u32)) {
+        let v = match self.ram.get_mut(page as usize) {
+            Some(v) => v,
+            None => match self.other.get_mut(&page) {
+                Some(v) => v,
+                None => return,
+            },
+        };
+        if let Some(i) = v.iter().position(|&w| w == who) {
+            v.swap_remove(i);
+        }
+        if v.is_empty() && page as usize >= self.ram.len() {
+            self.other.remove(&page);
+        }
+    }
 }
 
 impl std::fmt::Debug for ShadowMmu {
@@ -262,6 +313,7 @@ fn map_count_limit() -> u64 {
 impl ShadowMmu {
     /// A shadow MMU over `memory` keeping at most `budget` windows (at least 2).
     pub fn new(memory: Arc<GuestMemory>, budget: usize) -> Self {
+        let ram_bytes = memory.layout().ram_bytes();
         let map_limit = map_count_limit();
         // Each window needs a few VMAs even when empty; leave room for the rest of bt86.
         let by_limit = (map_limit / 4096).max(2) as usize;
@@ -272,7 +324,7 @@ impl ShadowMmu {
             budget,
             clock: 0,
             current: None,
-            rmap: HashMap::default(),
+            rmap: ReverseMap::new(ram_bytes),
             deps: HashMap::default(),
             traces: HashMap::default(),
             unsynced: Default::default(),
@@ -444,12 +496,7 @@ impl ShadowMmu {
     /// Removes the bookkeeping of mapping (`id`, `lin`) (not the host mapping itself).
     fn forget(&mut self, id: u32, lin: u32, m: &PageMap) {
         self.live_pages = self.live_pages.saturating_sub(1);
-        if let Some(v) = self.rmap.get_mut(&m.gpa_page) {
-            v.remove(&(id, lin));
-            if v.is_empty() {
-                self.rmap.remove(&m.gpa_page);
-            }
-        }
+        self.rmap.remove(m.gpa_page, (id, lin));
         self.pending.remove(&(id, lin));
         for e in m.entries.iter().flatten() {
             self.release_dep(*e, (id, lin));
@@ -506,16 +553,14 @@ impl ShadowMmu {
 
     /// Makes every window mapping of guest-physical `page` read-only.
     fn write_protect(&mut self, page: u32) -> Result<(), ShadowError> {
-        if let Some(list) = self.rmap.get(&page).cloned() {
-            for (id, lin) in list {
-                let s = &mut self.spaces[id as usize];
-                if let Some(m) = s.pages.get_mut(&lin)
-                    && m.writable
-                {
-                    m.writable = false;
-                    s.window.protect(lin << 12, PAGE, false)?;
-                    self.stats.mprotect_calls += 1;
-                }
+        for &(id, lin) in self.rmap.get(page) {
+            let s = &mut self.spaces[id as usize];
+            if let Some(m) = s.pages.get_mut(&lin)
+                && m.writable
+            {
+                m.writable = false;
+                s.window.protect(lin << 12, PAGE, false)?;
+                self.stats.mprotect_calls += 1;
             }
         }
         Ok(())
@@ -788,10 +833,7 @@ impl ShadowMmu {
                 self.revoked_pages -= 1;
             }
             self.spaces[id].pages.insert(lin, *m);
-            self.rmap
-                .entry(m.gpa_page)
-                .or_default()
-                .insert((id as u32, lin));
+            self.rmap.insert(m.gpa_page, (id as u32, lin));
         }
         self.stats.eager_pages += n - 1;
         Ok(())
