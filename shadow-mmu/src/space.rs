@@ -149,10 +149,78 @@ struct PageMap {
     entries: [Option<u64>; 2],
 }
 
+/// A window's mapped pages by linear page number: a two-level array like the page tables it
+/// shadows (1024 groups of 1024 pages, a group allocated when a page in its 4 MiB is mapped),
+/// so a large page's 1024 entries are filled and dropped side by side instead of hashed.
+#[derive(Default)]
+struct PageTable {
+    groups: Vec<Option<Box<[Option<PageMap>; 1024]>>>,
+    len: usize,
+}
+
+impl PageTable {
+    fn split(lin: u32) -> (usize, usize) {
+        ((lin >> 10) as usize & 0x3FF, lin as usize & 0x3FF)
+    }
+
+    fn get(&self, lin: &u32) -> Option<&PageMap> {
+        let (g, i) = Self::split(*lin);
+        self.groups.get(g)?.as_ref()?[i].as_ref()
+    }
+
+    fn get_mut(&mut self, lin: &u32) -> Option<&mut PageMap> {
+        let (g, i) = Self::split(*lin);
+        self.groups.get_mut(g)?.as_mut()?[i].as_mut()
+    }
+
+    fn contains_key(&self, lin: &u32) -> bool {
+        self.get(lin).is_some()
+    }
+
+    fn insert(&mut self, lin: u32, m: PageMap) {
+        let (g, i) = Self::split(lin);
+        if self.groups.len() <= g {
+            self.groups.resize_with(g + 1, || None);
+        }
+        let group = self.groups[g].get_or_insert_with(|| Box::new([None; 1024]));
+        if group[i].replace(m).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, lin: &u32) -> Option<PageMap> {
+        let (g, i) = Self::split(*lin);
+        let m = self.groups.get_mut(g)?.as_mut()?[i].take()?;
+        self.len -= 1;
+        Some(m)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every mapped page, in linear order; the table is left empty.
+    fn drain(&mut self) -> Vec<(u32, PageMap)> {
+        let mut all = Vec::with_capacity(self.len);
+        for (g, group) in self.groups.iter_mut().enumerate() {
+            if let Some(group) = group.take() {
+                all.extend(
+                    group
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, m)| Some(((g << 10 | i) as u32, (*m)?))),
+                );
+            }
+        }
+        self.len = 0;
+        all
+    }
+}
+
 struct Space {
     window: Window,
     key: Key,
-    pages: HashMap<u32, PageMap>,
+    pages: PageTable,
     /// Dropped pages whose host mapping was only made inaccessible ([`Window::revoke`]): each
     /// still takes a host VMA until something is mapped over it or the window is emptied.
     revoked: HashSet<u32>,
@@ -427,7 +495,7 @@ impl ShadowMmu {
             self.spaces.push(Space {
                 window,
                 key,
-                pages: HashMap::default(),
+                pages: PageTable::default(),
                 revoked: HashSet::default(),
                 last_used: 0,
                 pdptes: [0; 4],
@@ -482,7 +550,7 @@ impl ShadowMmu {
 
     /// Empties window `id`: every mapping and every dependency of it goes, nothing is mapped.
     fn empty_space(&mut self, id: usize) -> Result<(), ShadowError> {
-        let pages: Vec<(u32, PageMap)> = self.spaces[id].pages.drain().collect();
+        let pages = self.spaces[id].pages.drain();
         for (lin, m) in pages {
             self.forget(id as u32, lin, &m);
         }
