@@ -1309,11 +1309,17 @@ impl ShadowMmu {
                 self.release_dep(*e, (CODE, lin));
             }
         }
-        for e in t.entries.iter().flatten() {
+        // A global translation is kept as a TLB keeps it: until the guest flushes it (INVLPG,
+        // CR4.PGE toggled, a paging-mode change), not until the entries it was read from
+        // change. Those are often in the page directory of whichever process ran when it was
+        // walked, which goes when that process exits and its directory page is reused, though
+        // the kernel's mapping is the same in every address space. A guest that changes a
+        // global mapping flushes it, as real TLBs require.
+        let entries = if t.global { [None, None] } else { t.entries };
+        for e in entries.iter().flatten() {
             self.add_dep(*e, (CODE, lin))?;
         }
-        self.code_tlb
-            .insert(lin, (gpa, t.user, t.entries, t.global));
+        self.code_tlb.insert(lin, (gpa, t.user, entries, t.global));
         Ok(Some(gpa))
     }
 
@@ -1574,13 +1580,19 @@ mod tests {
         assert!(s.local_code_epoch() > epochs.1, "non-global lookups go");
         assert!(s.code_is_global(HI), "kept, as a TLB keeps it");
         assert!(!s.code_is_global(HI + 0x2000), "dropped with the old CR3");
-        // A change of the global page's entry is a change for every address space.
+        // A change of the global page's entry is seen once the guest flushes it, as a TLB's
+        // global entry: until then the fetch follows the old mapping.
         put(&mem, PT, (DATA + 0x3000) | 0x107);
         s.table_written((PT >> 12) as u32).unwrap();
-        assert!(
-            s.code_epoch() > epochs.0,
-            "global lookups go when their entry changes"
-        );
+        assert_eq!(s.code_epoch(), epochs.0, "kept until flushed");
+        assert_eq!(s.code_page(&q, HI).unwrap(), Some(DATA >> 12));
+        // The old address space's directory going (rewritten for something else) changes
+        // nothing for the kernel's global code either.
+        put(&mem, PD + 4 * 0x300, 0);
+        s.table_written((PD >> 12) as u32).unwrap();
+        assert_eq!(s.code_epoch(), epochs.0);
+        s.invlpg(&q, HI).unwrap();
+        assert!(s.code_epoch() > epochs.0, "global lookups go at the flush");
         // ... and it says which page (the chains into it go, not every global chain).
         assert_eq!(s.take_global_code_changes(), (false, vec![HI >> 12]));
         assert_eq!(s.take_global_code_changes(), (false, vec![]), "taken");
