@@ -967,6 +967,7 @@ impl BtEngine {
             ("lookup flushes", s.lookup_flushes),
             ("lookup flushes: non-global", s.lookup_local_flushes),
             ("lookup flushes: pages", s.lookup_page_flushes),
+            ("lookup tables recycled", s.lookup_recycles),
             ("exit: branch", c.exits_branch),
             ("exit: lookup miss", c.exits_lookup),
             ("exit: callout", c.exits_callout),
