@@ -1102,8 +1102,15 @@ impl ShadowMmu {
         let Some(t) = self.traces.get_mut(&page) else {
             return Ok(false);
         };
-        let mut buf = [0u8; PAGE as usize];
-        let now = &mut buf[first..last];
+        // Most writes are one entry: read only the range, without clearing a page-sized buffer.
+        let (mut small, mut whole);
+        let now: &mut [u8] = if last - first <= 64 {
+            small = [0u8; 64];
+            &mut small[..last - first]
+        } else {
+            whole = vec![0u8; last - first];
+            &mut whole
+        };
         if self
             .memory
             .read((u64::from(page) << 12) + first as u64, now)
@@ -1132,17 +1139,21 @@ impl ShadowMmu {
             let lost_ad = u64::from(old) & diff != 0;
             // The dword belongs to a 4-byte entry (legacy) or an 8-byte one (PAE).
             for entry in [base + 4 * i as u64, base + 8 * (i as u64 / 2)] {
+                if !only_ad {
+                    // Every page that depends on the entry goes: the set goes with them at
+                    // once, instead of one removal per page as each is forgotten (a large
+                    // page's entry has 1024).
+                    if let Some(list) = self.deps.remove(&entry) {
+                        dropped.extend(list);
+                    }
+                    continue;
+                }
                 let Some(list) = self.deps.get(&entry) else {
                     continue;
                 };
-                for &who in list {
-                    if only_ad {
-                        if lost_ad && who.0 != CODE {
-                            self.pending.insert(who);
-                        }
-                    } else {
-                        dropped.push(who);
-                    }
+                if lost_ad {
+                    self.pending
+                        .extend(list.iter().filter(|who| who.0 != CODE).copied());
                 }
             }
         }
