@@ -54,7 +54,7 @@ const PAGE: u64 = 4096;
 /// all of a 4 MiB page. Each page mapped costs bookkeeping when mapped and again when dropped,
 /// and a short-lived process touches little of each 4 MiB of the kernel's direct map: 300
 /// fork+execs mapped 12.2K pages each with whole large pages, 5.6K with 1 MiB runs, for two
-/// more hidden faults each (and 15.6K pages for 21 more with 256 KiB runs).
+/// more hidden faults each (and ~4K pages for 21 more with 256 KiB runs).
 const LARGE_RUN: u32 = 256;
 
 /// Errors of the shadow MMU.
