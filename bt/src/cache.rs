@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use rustc_hash::FxHashMap as HashMap;
 use std::time::{Duration, Instant};
 
-use vmdriver::codecache::{CodeCache, CodeCacheError};
+use vmdriver::codecache::{CodeCache, CodeCacheError, LookupMemory};
 
 use crate::translate::{
     self, CROSS_FROM, CodeSource, MapEntry, Mode, Slot, TranslateError, may_cross_page,
@@ -31,7 +31,7 @@ type LookupKey = (Mode, u8);
 struct LookupTable {
     /// The (mode, CPL) its entries are valid for; None while unused.
     key: Option<LookupKey>,
-    entries: Box<[[u64; 2]]>,
+    entries: LookupMemory,
     /// Slots filled since it was last cleared.
     used: Vec<u16>,
     /// Slots filled for code on non-global pages since they were last cleared.
@@ -41,14 +41,14 @@ struct LookupTable {
 }
 
 impl LookupTable {
-    fn new() -> Self {
-        Self {
+    fn new() -> Result<Self, CacheError> {
+        Ok(Self {
             key: None,
-            entries: vec![[0u64; 2]; LOOKUP_ENTRIES].into_boxed_slice(),
+            entries: LookupMemory::new(LOOKUP_ENTRIES)?,
             used: Vec::new(),
             local: Vec::new(),
             last_used: 0,
-        }
+        })
     }
 
     fn clear(&mut self) {
@@ -419,7 +419,9 @@ impl Translator {
             by_eip: UnitIndex::new(),
             by_page: HashMap::default(),
             by_host: BTreeMap::new(),
-            lookups: (0..LOOKUP_TABLES).map(|_| LookupTable::new()).collect(),
+            lookups: (0..LOOKUP_TABLES)
+                .map(|_| LookupTable::new())
+                .collect::<Result<_, _>>()?,
             lookup: 0,
             selections: 0,
             entries: EntryCache::new(),

@@ -277,6 +277,112 @@ impl std::fmt::Debug for CodeCache {
     }
 }
 
+/// The host's transparent huge page size on x86-64.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Zeroed host memory for the translator's indirect-branch lookup tables, which translated code
+/// reads at every indirect branch: entries are spread over the table by EIP, so a few hundred
+/// lookups touch a few hundred 4 KiB pages, each a TLB miss once the vCPU thread has slept (an
+/// idle guest's timer tick). The memory is one anonymous mapping aligned to and sized in 2 MiB
+/// and advised for transparent huge pages, so the tables take a few TLB entries where the host
+/// allows it (`transparent_hugepage` set to `madvise` or `always`); otherwise it is plain memory.
+pub struct LookupMemory {
+    base: ptr::NonNull<[u64; 2]>,
+    entries: usize,
+    map_len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone (nothing else holds its address but the
+// translated code of the translator that owns it, which runs on the owner's thread).
+unsafe impl Send for LookupMemory {}
+
+impl LookupMemory {
+    /// `entries` zeroed entries.
+    pub fn new(entries: usize) -> Result<Self, CodeCacheError> {
+        let len = (entries * std::mem::size_of::<[u64; 2]>()).max(1);
+        let map_len = len.div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks, with room
+        // to align it to a huge page.
+        let raw = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                map_len + HUGE_PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(host_err("mmap of the lookup tables"));
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(HUGE_PAGE);
+        let (head, tail) = (aligned - start, start + HUGE_PAGE - aligned);
+        // SAFETY: the head and tail trimmed off lie inside the mapping just made, which nothing
+        // else uses; the aligned `map_len` bytes between them stay.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + map_len) as *mut libc::c_void, tail);
+            }
+            // Advice only: a host without transparent huge pages keeps 4 KiB pages.
+            libc::madvise(aligned as *mut libc::c_void, map_len, libc::MADV_HUGEPAGE);
+        }
+        let base = ptr::NonNull::new(aligned as *mut [u64; 2]).expect("mmap never returns null");
+        Ok(Self {
+            base,
+            entries,
+            map_len,
+        })
+    }
+
+    /// The entries.
+    pub fn entries(&self) -> &[[u64; 2]] {
+        // SAFETY: `entries` entries of zero-initialised (anonymous) memory owned by `self`,
+        // aligned for u64, borrowed for as long as `self` is.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.entries) }
+    }
+
+    /// The entries, to change.
+    pub fn entries_mut(&mut self) -> &mut [[u64; 2]] {
+        // SAFETY: as in `entries`, borrowed exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.entries) }
+    }
+}
+
+impl std::ops::Deref for LookupMemory {
+    type Target = [[u64; 2]];
+    fn deref(&self) -> &Self::Target {
+        self.entries()
+    }
+}
+
+impl std::ops::DerefMut for LookupMemory {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.entries_mut()
+    }
+}
+
+impl Drop for LookupMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping `new` made and kept; no borrow of it outlives `self`.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.map_len);
+        }
+    }
+}
+
+impl std::fmt::Debug for LookupMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LookupMemory")
+            .field("entries", &self.entries)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +411,30 @@ mod tests {
             .find(|l| l.starts_with(&format!("{:x}-", c.exec_base())))
             .expect("the executable view is mapped");
         assert!(line.contains("r-xs"), "{line}");
+    }
+
+    #[test]
+    fn lookup_memory_is_zeroed_huge_page_aligned_and_advised() {
+        let mut m = LookupMemory::new(1 << 16).unwrap();
+        assert_eq!(m.len(), 1 << 16);
+        assert!(m.iter().all(|e| *e == [0, 0]));
+        m[0xFFFF] = [1, 2];
+        assert_eq!(m.entries()[0xFFFF], [1, 2]);
+        let base = m.as_ptr() as usize;
+        assert_eq!(base % HUGE_PAGE, 0, "{base:#x}");
+        // The advice shows as the "hg" flag of its mapping, where the host has huge pages.
+        if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            let mapping = smaps
+                .split_inclusive("VmFlags:")
+                .skip_while(|part| {
+                    !part.contains(&format!("\n{base:x}-"))
+                        && !part.starts_with(&format!("{base:x}-"))
+                })
+                .nth(1)
+                .expect("the mapping is listed");
+            let flags = mapping.lines().next().unwrap_or_default();
+            assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+        }
     }
 }
