@@ -338,31 +338,22 @@ impl LookupMemory {
             map_len,
         })
     }
-
-    /// The entries.
-    pub fn entries(&self) -> &[[u64; 2]] {
-        // SAFETY: `entries` entries of zero-initialised (anonymous) memory owned by `self`,
-        // aligned for u64, borrowed for as long as `self` is.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.entries) }
-    }
-
-    /// The entries, to change.
-    pub fn entries_mut(&mut self) -> &mut [[u64; 2]] {
-        // SAFETY: as in `entries`, borrowed exclusively.
-        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.entries) }
-    }
 }
 
+/// The entries, as a slice.
 impl std::ops::Deref for LookupMemory {
     type Target = [[u64; 2]];
     fn deref(&self) -> &Self::Target {
-        self.entries()
+        // SAFETY: `entries` entries of zero-initialised (anonymous) memory owned by `self`,
+        // aligned for u64, borrowed for as long as `self` is.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.entries) }
     }
 }
 
 impl std::ops::DerefMut for LookupMemory {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        self.entries_mut()
+        // SAFETY: as in `deref`, borrowed exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.entries) }
     }
 }
 
@@ -419,21 +410,18 @@ mod tests {
         assert_eq!(m.len(), 1 << 16);
         assert!(m.iter().all(|e| *e == [0, 0]));
         m[0xFFFF] = [1, 2];
-        assert_eq!(m.entries()[0xFFFF], [1, 2]);
+        assert_eq!(m[0xFFFF], [1, 2]);
         let base = m.as_ptr() as usize;
         assert_eq!(base % HUGE_PAGE, 0, "{base:#x}");
         // The advice shows as the "hg" flag of its mapping, where the host has huge pages.
         if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
             let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-            let mapping = smaps
-                .split_inclusive("VmFlags:")
-                .skip_while(|part| {
-                    !part.contains(&format!("\n{base:x}-"))
-                        && !part.starts_with(&format!("{base:x}-"))
-                })
-                .nth(1)
+            let header = format!("{base:x}-");
+            let flags = smaps
+                .lines()
+                .skip_while(|l| !l.starts_with(&header))
+                .find(|l| l.starts_with("VmFlags:"))
                 .expect("the mapping is listed");
-            let flags = mapping.lines().next().unwrap_or_default();
             assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
         }
     }
